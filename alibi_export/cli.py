@@ -1,0 +1,264 @@
+"""`alibi-export`: thin click commands over the library; every error a user can cause is one line."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import AlibiExportError
+
+_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = _ROOT / "models" / "alibi-small"
+DEFAULT_TEXT = _ROOT / "data" / "books-test-excerpt.txt"
+
+
+def _lengths(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        lengths = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}") from None
+    if not lengths or any(n < 1 for n in lengths):
+        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}")
+    return lengths
+
+
+def _one_line_errors(fn):
+    """Turn the library's errors into `Error: ...` and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (AlibiExportError, ValueError, OSError) as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="alibi-export")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress of the library.")
+def main(verbose: bool):
+    """Export ALiBi language models to ONNX and TensorRT, and prove they still extrapolate."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--corpus", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder with train.txt and valid.txt.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--position", default="alibi", show_default=True,
+              type=click.Choice(["alibi", "sinusoidal", "rotary", "learned", "t5"]))
+@click.option("--train-len", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--layers", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--heads", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--d-model", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--d-ff", default=768, show_default=True, type=click.IntRange(min=1))
+@click.option("--vocab-size", default=4096, show_default=True, type=click.IntRange(min=300))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--warmup", default=100, show_default=True, type=click.IntRange(min=0))
+@click.option("--eval-every", default=250, show_default=True, type=click.IntRange(min=1))
+@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=None,
+              help="cpu or cuda (default: cuda when available).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="Reuse this tokenizer.json.")
+@click.option("--save-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--no-optimizer", is_flag=True, help="Do not store optimizer state (smaller; no resume).")
+@click.option("--resume", is_flag=True, help="Continue the run stored in --out.")
+@_one_line_errors
+def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_size, batch_size, steps, lr,
+          warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume):
+    """Train an LM with the chosen position method; checkpoints are safetensors."""
+    import torch
+
+    from .model import ModelConfig
+    from .train import TrainConfig, train as run_training
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
+                            position=position, train_len=train_len, max_positions=train_len)
+    cfg = TrainConfig(corpus=corpus, out=out, model=model_cfg, batch_size=batch_size, steps=steps, lr=lr,
+                      min_lr=lr / 10, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed,
+                      device=device, tokenizer=tokenizer, save_dtype=save_dtype, save_optimizer=not no_optimizer)
+    with click.progressbar(length=steps, label=f"training {position}", show_pos=True,
+                           item_show_func=lambda s: s, file=sys.stderr) as bar:
+        state = {"val": ""}
+
+        def on_progress(p):
+            if p.val_ppl is not None:
+                state["val"] = f" val_ppl {p.val_ppl:.2f}"
+                click.echo(f"\nstep {p.step}: loss {p.loss:.3f}{state['val']}", err=True)
+            bar.update(1, f"loss {p.loss:.3f} {p.tokens_per_s:,.0f} tok/s{state['val']}")
+
+        run_training(cfg, resume=resume, on_progress=on_progress)
+    click.echo(f"wrote {out}")
+
+
+def _default_model(model):
+    if model:
+        return Path(model)
+    if not DEFAULT_MODEL.is_dir():
+        raise click.ClickException(f"no MODEL given and the default model {DEFAULT_MODEL} is missing. "
+                                   "Note: pass a checkpoint folder")
+    return DEFAULT_MODEL
+
+
+def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
+    has_ppl = ppl_onnx is not None
+    head = f"{'length':>7} {'x train':>7} {'max|dlogit|':>11} {'rel err':>8} {'argmax':>7}"
+    head += f" {'ppl ORT':>9} {'ppl torch':>9}" if has_ppl else ""
+    click.echo(head)
+    for i, r in enumerate(result.lengths):
+        mult = f"{r.length / train_len:g}x" if train_len else ""
+        line = f"{r.length:>7} {mult:>7} {r.max_abs:>11.2e} {r.max_rel:>8.1e} {r.argmax_agreement:>7.2%}"
+        if has_ppl:
+            line += f" {ppl_onnx[i].ppl:>9.2f} {ppl_torch[i].ppl:>9.2f}"
+        click.echo(line + ("" if r.passed else "  FAIL"))
+    verdict = "PASS" if result else "FAIL"
+    click.echo(f"parity {verdict} (Polygraphy, atol {result.atol:g}, rtol {result.rtol:g})")
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="ONNX file to write (default: MODEL_NAME.onnx).")
+@click.option("--dynamic-len/--fixed-len", default=False,
+              help="Dynamic batch and sequence, ALiBi bias built from the runtime length (recommended).")
+@click.option("--opset", default=18, show_default=True, type=int)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--attention", default="decomposed", show_default=True, type=click.Choice(["decomposed", "plugin"]),
+              help="plugin: one AlibiAttention node per block (with its ONNX function body).")
+@click.option("--seq-len", type=click.IntRange(min=1), help="Fixed-length export: sequence length (default: training length).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Fixed-length export: batch.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Check parity and perplexity against PyTorch after export.")
+@click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16).")
+@click.option("--text", type=click.Path(), default=None, help="Text for perplexity (default: the shipped excerpt).")
+@_one_line_errors
+def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, validate, lengths, text):
+    """Export MODEL (default: models/alibi-small) to ONNX, then prove parity and perplexity across lengths."""
+    import time
+
+    from ._io import check_writable_dir
+    from .checkpoint import load
+    from .export.onnx import export_onnx
+
+    model = _default_model(model)
+    out = Path(out or f"{model.name}.onnx")
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    ckpt = load(model)
+    train_len = ckpt.config.train_len
+    t0 = time.perf_counter()
+    result = export_onnx(ckpt, out, dynamic_len=dynamic_len, opset=opset, dtype=dtype, attention=attention,
+                         batch=batch, seq_len=seq_len)
+    size = out.stat().st_size / 1e6
+    shape = "dynamic batch x sequence" if dynamic_len else f"fixed input shape ({batch}, {seq_len or train_len})"
+    click.echo(f"exported {model} -> {out} ({shape}, opset {opset}, {dtype}, {attention} attention, "
+               f"{size:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+    if not dynamic_len:
+        click.echo("note: this is a FIXED-LENGTH export; pass --dynamic-len for one file that runs at any length")
+    if not validate:
+        return
+    lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if dynamic_len else [seq_len or train_len])
+    _validate_and_report(out, ckpt, lengths, text, train_len, batch=1 if dynamic_len else batch)
+
+
+def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, seed=None, provider="cpu"):
+    from .data import encode_text, read_text
+    from .perplexity import perplexity
+    from .runtime import make_runner
+    from .runtime.pytorch import TorchRunner
+    from .validate import compare
+
+    reference = TorchRunner(ckpt.model, name="pytorch")
+    result = compare(onnx_path, reference, lengths, batch=batch, seed=seed, provider=provider)
+    ppl_onnx = ppl_torch = None
+    text = Path(text) if text else DEFAULT_TEXT
+    if text.is_file() or text != DEFAULT_TEXT:
+        # Four windows at the longest length keep the check quick; `alibi-export ppl` evaluates whole texts.
+        tokens = encode_text(ckpt.tokenizer, read_text(text))[: 4 * max(lengths) + 1]
+        ppl_onnx = perplexity(make_runner(onnx_path, provider=provider), tokens, lengths)
+        ppl_torch = perplexity(reference, tokens, lengths)
+        click.echo(f"perplexity on the first {len(tokens) - 1} tokens of {text} (non-overlapping windows)")
+    _print_parity(result, ppl_onnx, ppl_torch, train_len)
+    if not result:
+        raise click.ClickException("parity check failed: ONNX Runtime logits differ from PyTorch beyond tolerance")
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("--model", "model", type=click.Path(), help="Source checkpoint (default: the one recorded in the file).")
+@click.option("--lengths", callback=_lengths, default="64,256,1024,4096", show_default=True)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", type=int, help="Seed for the random token ids (default: fresh).")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--text", type=click.Path(), help="Also compare perplexity on this text.")
+@_one_line_errors
+def validate(onnx_file, model, lengths, batch, seed, provider, text):
+    """Compare ONNX Runtime against PyTorch on random tokens at each length; exit 1 beyond tolerance."""
+    from .checkpoint import load
+    from .runtime.onnxruntime import read_metadata
+
+    meta = read_metadata(onnx_file)
+    model = model or meta.get("alibi_export.source")
+    if not model:
+        raise click.ClickException(f"{onnx_file} records no source checkpoint: pass --model")
+    ckpt = load(model)
+    if meta.get("alibi_export.source_sha256") not in (None, ckpt.sha256):
+        click.echo(f"warning: {model} is not the checkpoint {onnx_file} was exported from (SHA-256 differs)", err=True)
+    _validate_and_report(Path(onnx_file), ckpt, lengths, text or "", ckpt.config.train_len, batch=batch, seed=seed,
+                         provider=provider)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--text", required=True, type=click.Path(), help="UTF-8 text to evaluate on.")
+@click.option("--lengths", callback=_lengths, required=True, help="Comma-separated evaluation lengths.")
+@click.option("--stride", type=click.IntRange(min=1), help="Sliding window: score only the last STRIDE tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Evaluate on the first N tokens only.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--json", "json_path", default="ppl.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default="ppl.png", show_default=True, type=click.Path(dir_okay=False))
+@_one_line_errors
+def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path):
+    """Perplexity per evaluation length for each MODEL (.onnx in ONNX Runtime, folder in PyTorch)."""
+    from ._io import check_writable_dir
+    from .perplexity import evaluate_model, plot_perplexity, write_json
+
+    for p in (json_path, plot_path):
+        check_writable_dir(Path(p).parent if str(Path(p).parent) else Path("."))
+    results = {}
+    for m in models:
+        results[Path(m).name] = evaluate_model(m, text, lengths, stride=stride, max_tokens=max_tokens,
+                                               provider=provider)
+    click.echo(f"{'length':>7} " + " ".join(f"{name:>18}" for name in results))
+    for i, length in enumerate(lengths):
+        click.echo(f"{length:>7} " + " ".join(f"{rows[i].ppl:>18.2f}" for rows in results.values()))
+    write_json(results, json_path, text=str(text), stride=stride, protocol="sliding" if stride else "non-overlapping")
+    plot_perplexity(results, plot_path, train_len=_train_len(models[0]))
+    click.echo(f"wrote {json_path} and {plot_path}")
+
+
+def _train_len(model) -> int | None:
+    try:
+        if str(model).endswith(".onnx"):
+            from .runtime.onnxruntime import model_config_of
+
+            return model_config_of(model).train_len
+        from .checkpoint import _read_config
+
+        return _read_config(Path(model)).train_len
+    except AlibiExportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""PyTorch checkpoint -> ONNX file whose ALiBi bias is built from the runtime sequence length."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnx.inliner
+import torch
+
+from .._io import atomic_path
+from ..alibi import alibi_slopes
+from ..checkpoint import Checkpoint
+from ..errors import ExportError
+from ..model import AlibiLM, T5Bias, attend_eager
+from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, OP_TYPE, OP_VERSION, attention_function
+
+__all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_OPSETS = range(17, 24)
+DEFAULT_OPSET = 18
+ATTENTION_FORMS = ("decomposed", "plugin")
+_TWO_GB = 2**31 - 1
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_len: bool
+    opset: int
+    dtype: str
+    attention: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _attention_node(model: AlibiLM):
+    """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0)."""
+    cfg = model.config
+    slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
+    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
+                 scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
+
+    def attend(q, k, v, pos, past_len):
+        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", (q, k, v), attrs, dtype=q.dtype, shape=q.shape,
+                                       version=OP_VERSION)
+
+    return attend
+
+
+@contextlib.contextmanager
+def _export_attention(model: AlibiLM):
+    """Swap every block's attention for the ONNX node during export; restore on exit."""
+    saved = [b.attn.attend for b in model.blocks]
+    # T5's learned bias is not a function of the slopes: it keeps the decomposed math.
+    attend = attend_eager if isinstance(model.pos, T5Bias) else _attention_node(model)
+    try:
+        for b in model.blocks:
+            b.attn.attend = attend
+        yield
+    finally:
+        for b, fn in zip(model.blocks, saved):
+            b.attn.attend = fn
+
+
+def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int) -> onnx.ModelProto:
+    example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+    dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
+    with _export_attention(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                    input_names=["input_ids"], output_names=["logits"], optimize=True,
+                                    verbose=False)
+    return program.model_proto
+
+
+def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
+    if any(n.op_type == OP_TYPE for n in proto.graph.node):
+        proto.functions.append(attention_function(opset, q_chunk=q_chunk))
+        if inline:
+            proto = onnx.inliner.inline_local_functions(proto)
+            kept = [o for o in proto.opset_import if o.domain != DOMAIN]
+            del proto.opset_import[:]
+            proto.opset_import.extend(kept)
+    # onnx 1.23 writes IR 14, which onnxruntime <= 1.31 refuses: write the lowest IR the opset allows.
+    proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)], True)
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    proto.producer_name = "alibi-export"
+    return proto
+
+
+def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int = DEFAULT_OPSET,
+                dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
+                q_chunk: int = DEFAULT_Q_CHUNK) -> ExportResult:
+    """Export ``checkpoint`` to ``out``.
+
+    With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
+    from the input's runtime shape; the only position constant in the file is the H slopes. Without
+    it the graph is fixed to ``(batch, seq_len)`` (``seq_len`` defaults to the training length).
+    ``attention="plugin"`` keeps one AlibiAttention node per block (with its function body) for
+    TensorRT's plugin; ``"decomposed"`` inlines standard operators.
+    """
+    from .. import __version__
+
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"unsupported opset {opset}. Note: expected {SUPPORTED_OPSETS.start}.."
+                          f"{SUPPORTED_OPSETS.stop - 1}")
+    if dtype not in ("float32", "float16"):
+        raise ExportError(f"unsupported dtype {dtype!r}. Note: expected float32 or float16")
+    if attention not in ATTENTION_FORMS:
+        raise ExportError(f"unknown attention form {attention!r}. Note: expected one of {ATTENTION_FORMS}")
+    out = Path(out)
+    cfg = checkpoint.config
+    seq_len = seq_len or cfg.train_len
+    if batch < 1 or seq_len < 1:
+        raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
+    model = AlibiLM(cfg)
+    model.load_state_dict(checkpoint.model.state_dict())
+    model = model.to(getattr(torch, dtype)).eval()
+    # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
+    trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
+    proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
+                   opset=opset)
+    metadata = {
+        "alibi_export.version": __version__,
+        "alibi_export.position": cfg.position,
+        "alibi_export.slopes": json.dumps(alibi_slopes(cfg.n_head) if cfg.position == "alibi" else []),
+        "alibi_export.train_len": str(cfg.train_len),
+        "alibi_export.source_sha256": checkpoint.sha256,
+        "alibi_export.source": str(checkpoint.path),
+        "alibi_export.dynamic_len": str(dynamic_len).lower(),
+        "alibi_export.dtype": dtype,
+        "alibi_export.attention": attention,
+        "alibi_export.config": json.dumps(cfg.to_dict()),
+        # The tokenizer travels inside the file, so a served model needs nothing beside it.
+        "alibi_export.tokenizer": checkpoint.tokenizer.to_str(),
+    }
+    proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk, metadata=metadata)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from None
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
+    with atomic_path(out) as tmp:
+        if large:  # protobuf cannot hold more than 2 GB: weights go to a side file
+            data = out.with_name(out.name + ".data")
+            onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        else:
+            onnx.save(proto, tmp)
+    log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
+    return ExportResult(out, ["input_ids"], ["logits"], dynamic_len, opset, dtype, attention, metadata)

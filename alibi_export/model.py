@@ -1,0 +1,321 @@
+"""A small decoder-only transformer LM whose position method is one swappable strategy.
+
+Read top to bottom in the order data flows: config, position methods, attention, block, LM.
+ALiBi is the point of the project; ``sinusoidal``, ``rotary``, ``learned`` and ``t5`` are the
+paper's comparison set, kept so that extrapolation can be measured against them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .alibi import alibi_bias, alibi_slopes
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS"]
+
+POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
+ATTENTION_IMPLS = ("eager", "sdpa", "triton")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 8
+    d_model: int = 256
+    d_ff: int = 768
+    position: str = "alibi"
+    train_len: int = 256
+    max_positions: int = 256  # only the `learned` method has a maximum length
+    t5_num_buckets: int = 32
+    t5_max_distance: int = 128
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.position not in POSITION_METHODS:
+            raise ConfigError(f"unknown position method {self.position!r}. Note: expected one of {POSITION_METHODS}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "train_len", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.position == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ConfigError("rotary needs an even head dimension")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}. Note: expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- position methods
+class PositionMethod(nn.Module):
+    """Identity strategy: each hook returns its input unchanged, subclasses override one."""
+
+    def __init__(self, cfg: "ModelConfig"):
+        super().__init__()
+
+    def head_slopes(self) -> torch.Tensor | None:
+        """(H,) ALiBi slopes, or None: what a fused kernel needs instead of a dense bias."""
+        return None
+
+    def embed(self, x: torch.Tensor, past_len: int) -> torch.Tensor:
+        return x
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+    def bias(self, q_len: int, k_len: int, past_len: int) -> torch.Tensor | None:
+        """Additive (H, q_len, k_len) bias including the causal mask, or None for plain causal."""
+        return None
+
+
+class Alibi(PositionMethod):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.n_head)), persistent=False)
+
+    def head_slopes(self):
+        return self.slopes
+
+    def bias(self, q_len, k_len, past_len):
+        return alibi_bias(self.slopes, q_len, k_len, past_len=past_len)
+
+
+class Sinusoidal(PositionMethod):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        inv_freq = torch.exp(torch.arange(0, cfg.d_model, 2) * (-math.log(10000.0) / cfg.d_model))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def embed(self, x, past_len):
+        pos = torch.arange(x.shape[1], device=x.device, dtype=torch.float32) + past_len
+        angles = pos[:, None] * self.inv_freq[None, :]  # (L, d/2)
+        pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # (L, d), sin/cos interleaved
+        return x + pe.to(x.dtype)
+
+
+class Learned(PositionMethod):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+
+    def embed(self, x, past_len):
+        end = past_len + x.shape[1]
+        if not torch.compiler.is_compiling() and end > self.wpe.num_embeddings:
+            raise ValueError(
+                f"learned positions stop at {self.wpe.num_embeddings} tokens, got {end}. "
+                "Note: only alibi, rotary, t5 and sinusoidal models run past their maximum length"
+            )
+        return x + self.wpe(torch.arange(past_len, end, device=x.device))
+
+
+class Rotary(PositionMethod):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        d = cfg.head_dim
+        self.register_buffer("inv_freq", 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d)), persistent=False)
+
+    def rotate(self, q, k, past_len):
+        k_pos = torch.arange(k.shape[2], device=k.device, dtype=torch.float32)
+        angles = k_pos[:, None] * self.inv_freq[None, :]  # (Lk, D/2)
+        cos, sin = torch.cat((angles.cos(),) * 2, -1), torch.cat((angles.sin(),) * 2, -1)  # (Lk, D)
+
+        def apply(x, c, s):
+            x1, x2 = x.chunk(2, dim=-1)
+            return (x * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype)
+
+        q_len = q.shape[2]
+        return apply(q, cos[-q_len:], sin[-q_len:]), apply(k, cos, sin)
+
+
+class T5Bias(PositionMethod):
+    """Learned bias per head and per bucket of the (causal) relative distance, shared by all layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.num_buckets, self.max_distance = cfg.t5_num_buckets, cfg.t5_max_distance
+        self.rel_bias = nn.Embedding(self.num_buckets, cfg.n_head)
+
+    def _bucket(self, distance: torch.Tensor) -> torch.Tensor:
+        # distance = i - j >= 0; half the buckets are exact, the rest log-spaced up to max_distance.
+        exact = self.num_buckets // 2
+        log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+        large = (exact + log_ratio * (self.num_buckets - exact)).long().clamp(max=self.num_buckets - 1)
+        return torch.where(distance < exact, distance, large)
+
+    def bias(self, q_len, k_len, past_len):
+        q_pos = torch.arange(q_len, device=self.rel_bias.weight.device) + past_len
+        k_pos = torch.arange(k_len, device=self.rel_bias.weight.device)
+        distance = q_pos[:, None] - k_pos[None, :]  # (q, k)
+        values = self.rel_bias(self._bucket(distance.clamp(min=0))).permute(2, 0, 1)  # (H, q, k)
+        return values.masked_fill(distance[None] < 0, float("-inf"))
+
+
+_POSITION_CLASSES = {"alibi": Alibi, "sinusoidal": Sinusoidal, "rotary": Rotary, "learned": Learned, "t5": T5Bias}
+
+
+# ----------------------------------------------------------------------------- attention
+# Above this many score elements (H x q x k) the eager and SDPA paths run query chunk by query chunk,
+# so that a 16k-token forward on CPU holds O(L) rather than O(L^2) floats; later keys are skipped.
+CHUNK_SCORES = 1 << 26
+
+
+def _chunked(attend):
+    def wrapper(q, k, v, pos, past_len):
+        heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+        if not isinstance(q_len, int) or heads * q_len * k_len <= CHUNK_SCORES:
+            return attend(q, k, v, pos, past_len)
+        step = max(1, CHUNK_SCORES // (heads * k_len))
+        outs = []
+        for start in range(0, q_len, step):
+            end = min(start + step, q_len)
+            kend = k_len - q_len + end  # the last key the chunk's last query may see
+            outs.append(attend(q[:, :, start:end], k[:, :, :kend], v[:, :, :kend], pos, past_len + start))
+        return torch.cat(outs, dim=2)  # (B, H, q_len, D)
+
+    wrapper.__name__ = attend.__name__
+    return wrapper
+
+
+@_chunked
+def attend_eager(q, k, v, pos: PositionMethod, past_len: int):
+    """The explicit math: the reference every other implementation is tested against."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, q, k)
+    bias = pos.bias(q_len, k_len, past_len)
+    if bias is None:
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    else:
+        scores = scores + bias.float()  # the bias is not scaled by 1/sqrt(d)
+    return (scores.softmax(-1).to(v.dtype)) @ v
+
+
+@_chunked
+def attend_sdpa(q, k, v, pos: PositionMethod, past_len: int):
+    """PyTorch's fastest portable path: a fused kernel with the bias passed as a float mask."""
+    bias = pos.bias(q.shape[2], k.shape[2], past_len)
+    if bias is None and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if bias is None:
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+        bias = torch.zeros(visible.shape, device=q.device).masked_fill(~visible, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+
+def attend_triton(q, k, v, pos: PositionMethod, past_len: int):
+    """The fused kernel computes the ALiBi term from the slopes; it never builds an L x L bias."""
+    if isinstance(pos, T5Bias) or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return attend_sdpa(q, k, v, pos, past_len)
+    from .kernels import alibi_attention
+
+    slopes = pos.head_slopes()
+    if slopes is None:  # absolute or rotary positions: plain causal attention is ALiBi with zero slopes
+        slopes = torch.zeros(q.shape[1], device=q.device)
+    return alibi_attention(q, k, v, slopes, causal=True, past_len=past_len)
+
+
+_ATTEND = {"eager": attend_eager, "sdpa": attend_sdpa, "triton": attend_triton}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attend = attend_sdpa  # swapped by AlibiLM.set_attention and, during export, by the exporter
+
+    def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, L, C = x.shape
+        qkv = self.qkv(x)  # slices, not split(): opset 17's Split has no num_outputs attribute
+        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+        q, k, v = (t.view(B, L, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        past_len = 0
+        if past is not None:
+            past_len = past[0].shape[2]
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, H, past+L, D)
+        present = (k, v)
+        q, k = pos.rotate(q, k, past_len)
+        y = self.attend(q, k, v, pos, past_len)  # (B, H, L, D)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C)), present
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos, past=None):
+        a, present = self.attn(self.ln_1(x), pos, past)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.ln_2(x))), present
+
+
+class AlibiLM(nn.Module):
+    """Pre-LayerNorm decoder-only LM with tied input/output embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = _POSITION_CLASSES[cfg.position](cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):  # GPT-2's residual scaling
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_attention(self, impl: str) -> "AlibiLM":
+        if impl not in _ATTEND:
+            raise ValueError(f"unknown attention implementation {impl!r}. Note: expected one of {ATTENTION_IMPLS}")
+        for block in self.blocks:
+            block.attn.attend = _ATTEND[impl]
+        return self
+
+    def forward(self, input_ids: torch.Tensor, past_key_values=None):
+        """Logits (B, L, V); with ``past_key_values`` (one (k, v) per layer) also the new cache."""
+        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        x = self.drop(self.pos.embed(self.wte(input_ids), past_len))  # (B, L, d)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, self.pos, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        logits = self.ln_f(x) @ self.wte.weight.T  # (B, L, V), tied embeddings
+        return logits if past_key_values is None else (logits, presents)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

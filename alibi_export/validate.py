@@ -1,0 +1,76 @@
+"""Parity of an exported model with its PyTorch source, on Polygraphy's Comparator.
+
+At each length, both runners see the same fresh random token ids; Polygraphy compares the logits
+against per-dtype tolerances. The result carries the numbers; the CLI decides the exit code.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AlibiExportError
+
+__all__ = ["LengthResult", "CompareResult", "compare", "TOLERANCES"]
+
+log = logging.getLogger(__name__)
+
+# Logits of the shipped models reach |20|. float32: rounding through a few layers stays near
+# 1e-5 absolute. float16: one ulp at |16..32| is 0.0156 and the residual stream adds a few
+# roundings per layer, so a few ulps of absolute error is the honest bar.
+TOLERANCES = {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=0.08, rtol=1e-2)}
+
+
+@dataclass
+class LengthResult:
+    length: int
+    max_abs: float
+    max_rel: float  # max |a - b| over max |b|: relative to the logits' scale
+    argmax_agreement: float
+    passed: bool
+
+
+@dataclass
+class CompareResult:
+    lengths: list[LengthResult]
+    atol: float
+    rtol: float
+
+    def __bool__(self) -> bool:
+        return all(r.passed for r in self.lengths)
+
+
+def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int = 1, seed: int | None = None,
+            provider: str = "cpu", tolerance: dict | None = None, threads: int | None = None) -> CompareResult:
+    """Compare ``onnx_path`` in ONNX Runtime with ``reference`` (a TorchRunner or any Polygraphy runner)."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    from .runtime.onnxruntime import OrtRunner, model_config_of, read_metadata
+
+    cfg = model_config_of(onnx_path)
+    dtype = read_metadata(onnx_path).get("alibi_export.dtype", "float32")
+    tol = tolerance or TOLERANCES[dtype]
+    fixed = read_metadata(onnx_path).get("alibi_export.dynamic_len") == "false"
+    if fixed and len(set(lengths)) > 1:
+        raise AlibiExportError(f"{str(onnx_path)!r} is a fixed-length export: validate it at its own length only")
+    rng = np.random.default_rng(seed)
+    ort_runner = OrtRunner(onnx_path, provider=provider, threads=threads)
+    results = []
+    for length in lengths:
+        if length < 1:
+            raise AlibiExportError(f"lengths must be positive, got {length}")
+        feed = [{"input_ids": rng.integers(0, cfg.vocab_size, size=(batch, length), dtype=np.int64)}]
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy logs every tensor at INFO
+            runs = Comparator.run([reference, ort_runner], data_loader=feed)
+            accuracy = Comparator.compare_accuracy(runs, compare_func=SimpleCompareFunc(**tol), fail_fast=False)
+        verdict = next(iter(accuracy[0].values()))[0]["logits"]
+        ref = runs[0][1][0]["logits"].astype(np.float32)
+        got = runs[1][1][0]["logits"].astype(np.float32)
+        max_abs = float(verdict.max_absdiff)
+        results.append(LengthResult(length, max_abs, max_abs / float(np.abs(ref).max()),
+                                    float((ref.argmax(-1) == got.argmax(-1)).mean()), bool(verdict)))
+        log.info("length %d: max abs %.3g, argmax %.4f", length, max_abs, results[-1].argmax_agreement)
+    return CompareResult(results, **tol)

@@ -1,0 +1,146 @@
+"""Export -> ONNX Runtime: parity with PyTorch, the graph's contents, metadata, forms."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from alibi_export import alibi_slopes, load
+from alibi_export.errors import ExportError
+from alibi_export.export.attention_function import DOMAIN, OP_TYPE
+from alibi_export.export.onnx import export_onnx
+from alibi_export.runtime.onnxruntime import create_session
+from alibi_export.runtime.pytorch import TorchRunner
+from alibi_export.validate import TOLERANCES, compare
+
+TRAIN_LEN = 256
+
+
+def test_fp32_parity_far_beyond_training_length(shipped, shipped_onnx):
+    # 1 token, a non-multiple of the query chunk, the training length, 4x, 10x.
+    lengths = [1, 77, TRAIN_LEN, 4 * TRAIN_LEN + 3, 10 * TRAIN_LEN]
+    result = compare(shipped_onnx, TorchRunner(shipped.model), lengths, batch=1)
+    worst = max(r.max_abs for r in result.lengths)
+    assert result, f"max abs error {worst}"
+    assert worst < 1e-3  # float32 through 4 layers: observed ~2e-5
+    assert all(r.argmax_agreement == 1.0 for r in result.lengths)
+
+
+def test_fp32_parity_batched(shipped, shipped_onnx):
+    result = compare(shipped_onnx, TorchRunner(shipped.model), [300], batch=3)
+    assert result and result.lengths[0].argmax_agreement == 1.0
+
+
+def test_fp16_parity_at_8x_training_length(shipped, shipped_onnx_fp16):
+    """fp16 I/O and weights; the ALiBi term (up to m*L = 1024 at 8x) stays in float32 inside attention.
+
+    Tolerance: |logits| reach ~20, where one fp16 ulp is 0.0156; TOLERANCES allows ~5 ulps absolute.
+    A bias computed in fp16 would be off by whole units at these positions and fail by far."""
+    lengths = [16, TRAIN_LEN, 8 * TRAIN_LEN]
+    result = compare(shipped_onnx_fp16, TorchRunner(shipped.model), lengths)
+    assert result, result
+    assert TOLERANCES["float16"]["atol"] <= 0.08
+    assert all(r.argmax_agreement > 0.99 for r in result.lengths)
+    session = create_session(shipped_onnx_fp16)
+    assert session.get_outputs()[0].type == "tensor(float16)"
+
+
+def _constants(graph: onnx.GraphProto):
+    """Every initializer and Constant tensor in the graph and its subgraphs (Loop bodies)."""
+    for init in graph.initializer:
+        yield init.name, onnx.numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield node.output[0], onnx.numpy_helper.to_array(attr.t)
+                elif attr.type == onnx.AttributeProto.FLOATS:
+                    yield node.output[0], np.array(attr.floats)
+                elif attr.type == onnx.AttributeProto.INTS:
+                    yield node.output[0], np.array(attr.ints)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _constants(attr.g)
+
+
+def test_no_tensor_depends_on_a_maximum_length(shipped, shipped_onnx):
+    model = onnx.load(shipped_onnx)
+    weights = {tuple(p.shape) for p in shipped.model.state_dict().values()}
+    weights |= {tuple(reversed(s)) for s in weights}  # the exporter may store a transposed weight
+    slopes = np.array(alibi_slopes(shipped.config.n_head), dtype=np.float32)
+    n_slopes = 0
+    for name, value in _constants(model.graph):
+        if value.shape in weights and value.size > 64:
+            continue  # a learned weight: its shape is set by d_model, d_ff, vocab, never by a length
+        assert value.size <= 8, f"{name} has {value.size} elements {value.shape}: not a weight, not small"
+        if value.dtype == np.float32 and value.size == len(slopes) and np.allclose(value.ravel(), slopes):
+            n_slopes += 1
+    assert n_slopes >= 1, "the H slopes must be in the graph"
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert inputs == {"input_ids": ["batch", "sequence"]}
+
+
+def test_model_metadata_and_versions(shipped, shipped_onnx):
+    model = onnx.load(shipped_onnx)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["alibi_export.position"] == "alibi"
+    assert json.loads(meta["alibi_export.slopes"]) == pytest.approx(alibi_slopes(8))
+    assert meta["alibi_export.train_len"] == "256"
+    assert meta["alibi_export.source_sha256"] == shipped.sha256
+    assert meta["alibi_export.version"]
+    assert model.ir_version <= 13
+    assert {o.domain for o in model.opset_import} == {""}
+    onnx.checker.check_model(model, full_check=True)
+
+
+@pytest.mark.parametrize("opset", [17, 21])
+def test_opsets(tiny_dir, tmp_path, opset):
+    ck = load(tiny_dir)
+    res = export_onnx(ck, tmp_path / "m.onnx", opset=opset)
+    model = onnx.load(res.path)
+    assert [o.version for o in model.opset_import if o.domain == ""] == [opset]
+    assert compare(res.path, TorchRunner(ck.model), [5, 100])
+
+
+@pytest.mark.parametrize("opset", [11, 16, 99])
+def test_unsupported_opset(tiny_dir, tmp_path, opset):
+    with pytest.raises(ExportError, match="unsupported opset"):
+        export_onnx(load(tiny_dir), tmp_path / "m.onnx", opset=opset)
+    assert not list(tmp_path.iterdir())
+
+
+def test_fixed_length_export(tiny_dir, tmp_path):
+    ck = load(tiny_dir)
+    res = export_onnx(ck, tmp_path / "fixed.onnx", dynamic_len=False, batch=2, seq_len=48)
+    session = create_session(res.path)
+    assert session.get_inputs()[0].shape == [2, 48]
+    ids = np.random.default_rng().integers(0, 300, (2, 48))
+    got = session.run(None, {"input_ids": ids})[0]
+    with torch.no_grad():
+        want = ck.model(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_plugin_form_matches_default_export(shipped, shipped_onnx, tmp_path):
+    """One AlibiAttention node per block with a local function body: ONNX Runtime runs the same file."""
+    res = export_onnx(shipped, tmp_path / "plugin.onnx", attention="plugin")
+    model = onnx.load(res.path)
+    nodes = [n for n in model.graph.node if n.op_type == OP_TYPE]
+    assert len(nodes) == shipped.config.n_layer and all(n.domain == DOMAIN for n in nodes)
+    attrs = {a.name for a in nodes[0].attribute}
+    assert {"num_heads", "head_dim", "slopes", "scale", "causal"} <= attrs
+    assert [f.name for f in model.functions] == [OP_TYPE]
+    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, 700))
+    plugin = create_session(res.path).run(None, {"input_ids": ids})[0]
+    default = create_session(shipped_onnx).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(plugin, default, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "rotary", "t5"])
+def test_other_position_methods_export(tiny_tokenizer, tmp_path, position):
+    from tests.conftest import make_tiny
+
+    ck = load(make_tiny(tmp_path / "ck", tiny_tokenizer, position=position))
+    res = export_onnx(ck, tmp_path / "m.onnx")
+    assert compare(res.path, TorchRunner(ck.model), [7, 64])

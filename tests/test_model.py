@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+import alibi_export.model as model_mod
+from alibi_export import AlibiLM, ModelConfig
+from alibi_export.errors import ConfigError
+
+METHODS = ["alibi", "sinusoidal", "rotary", "learned", "t5"]
+
+
+def tiny(position, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, position=position, train_len=16,
+                      max_positions=64, **kw)
+    return AlibiLM(cfg).eval()
+
+
+@pytest.mark.parametrize("position", METHODS)
+def test_sdpa_matches_eager(position):
+    model = tiny(position)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        eager = model.set_attention("eager")(ids)
+        sdpa = model.set_attention("sdpa")(ids)
+    assert eager.shape == (2, 40, 97)
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", METHODS)
+def test_kv_cache_matches_full_forward(position):
+    model = tiny(position).set_attention("eager")
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        full = model(ids)
+        empty = [(torch.zeros(1, 4, 0, 8), torch.zeros(1, 4, 0, 8)) for _ in range(2)]
+        first, cache = model(ids[:, :20], past_key_values=empty)
+        steps = [first]
+        for t in range(20, 30):
+            step, cache = model(ids[:, t:t + 1], past_key_values=cache)
+            steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_query_chunking_is_exact(monkeypatch, impl):
+    model = tiny("alibi").set_attention(impl)
+    ids = torch.randint(0, 97, (1, 300))
+    with torch.no_grad():
+        whole = model(ids)
+        monkeypatch.setattr(model_mod, "CHUNK_SCORES", 4 * 300 * 37)  # forces chunks of 37 queries
+        chunked = model(ids)
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_has_no_position_parameters():
+    names = [n for n, _ in tiny("alibi").named_parameters()]
+    assert not any("wpe" in n or "rel_bias" in n for n in names)
+
+
+def test_alibi_attention_uses_unscaled_bias():
+    """One head, zero keys: the scores are exactly the bias m*(j-i), not m*(j-i)/sqrt(d)."""
+    from alibi_export.model import Alibi, attend_eager
+
+    cfg = ModelConfig(vocab_size=10, n_layer=1, n_head=1, d_model=64, d_ff=8, train_len=8)
+    q = torch.randn(1, 1, 3, 64)
+    k = torch.zeros(1, 1, 3, 64)
+    v = torch.eye(3).reshape(1, 1, 3, 3)
+    out = attend_eager(q, k, v, Alibi(cfg), 0)  # row i: softmax over j <= i of m*(j-i), m = 1/2^8
+    m = 2.0 ** -8
+    expected = torch.softmax(torch.tensor([-2 * m, -m, 0.0]), 0)
+    torch.testing.assert_close(out[0, 0, 2], expected)
+
+
+def test_learned_positions_refuse_past_maximum():
+    model = tiny("learned")
+    with pytest.raises(ValueError, match="learned positions"):
+        model(torch.randint(0, 97, (1, 65)))
+
+
+@pytest.mark.parametrize("bad", [dict(position="xpos"), dict(n_head=3), dict(n_layer=0), dict(vocab_size="9")])
+def test_config_validation(bad):
+    base = dict(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64)
+    with pytest.raises(ConfigError):
+        ModelConfig(**{**base, **bad})
+
+
+def test_config_rejects_unknown_fields():
+    with pytest.raises(ConfigError, match="unknown config field"):
+        ModelConfig.from_dict({"vocab_size": 10, "n_layers": 3})
