@@ -40,7 +40,23 @@ def _one_line_errors(fn):
     return wrapper
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Usage errors too are one line (click would add the usage text and a hint)."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=_OneLineErrors)
 @click.version_option(package_name="alibi-export")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress of the library.")
 def main(verbose: bool):

@@ -19,7 +19,7 @@ from .errors import ConfigError
 __all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS"]
 
 POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
-ATTENTION_IMPLS = ("eager", "sdpa", "triton")
+ATTENTION_IMPLS = ("auto", "eager", "sdpa", "triton")
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,20 @@ def attend_triton(q, k, v, pos: PositionMethod, past_len: int):
     return alibi_attention(q, k, v, slopes, causal=True, past_len=past_len)
 
 
-_ATTEND = {"eager": attend_eager, "sdpa": attend_sdpa, "triton": attend_triton}
+def attend_auto(q, k, v, pos: PositionMethod, past_len: int):
+    """The default: the fused kernel on CUDA in fp16/bf16 when Triton is there, SDPA otherwise.
+
+    The kernel has no backward pass, so training (inputs that need gradients) stays on SDPA."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not needs_grad and not isinstance(pos, T5Bias):
+        from .kernels import triton_available
+
+        if triton_available():
+            return attend_triton(q, k, v, pos, past_len)
+    return attend_sdpa(q, k, v, pos, past_len)
+
+
+_ATTEND = {"auto": attend_auto, "eager": attend_eager, "sdpa": attend_sdpa, "triton": attend_triton}
 
 
 class CausalSelfAttention(nn.Module):
@@ -244,7 +257,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.attend = attend_sdpa  # swapped by AlibiLM.set_attention and, during export, by the exporter
+        self.attend = attend_auto  # swapped by AlibiLM.set_attention and, during export, by the exporter
 
     def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, L, C = x.shape

@@ -1,0 +1,549 @@
+"""Fused causal ALiBi attention (forward only) in Triton.
+
+    out = softmax(q @ k^T * scale + m_h * (j - i)) @ v          (causal: keys j <= i)
+    out = softmax(q @ k^T * scale - m_h * |j - i|) @ v          (causal=False)
+
+Query row i sits at absolute position ``past_len + i`` (``past_len = Lk - Lq`` by default: prefill
+with a KV cache, decode with ``Lq == 1``). The bias is computed in the kernel from the slopes and
+the positions and never materialised. fp32 accumulation, fp16 / bf16 / fp32 inputs.
+
+Two schedules:
+
+* ``_alibi_fwd_kernel`` (prefill): FA2-style, one program per (query block, batch*head); the
+  causal key range is split into off-diagonal tiles (no mask, no bounds checks) and the few
+  diagonal tiles (masked). Longest query blocks are launched first. exp2 with log2(e) folded into
+  the scale and the slopes. In causal mode the ALiBi term is applied per *column*,
+  ``m_h * (j - i0)`` with ``i0`` the block's first query position: the dropped part
+  ``-m_h * (i - i0)`` is constant along a row and cancels in the softmax; ``j - i0`` is an exact
+  integer before the single fp32 multiply, so no precision is lost for long sequences.
+* ``_alibi_split_kernel`` + ``_alibi_combine_kernel`` (decode / short queries): flash-decoding.
+  The rows of one program are all (query head of the KV group) x (query) pairs, so K/V are read
+  once per KV head under GQA/MQA; the key range is split over enough programs to fill the SMs;
+  partial (m, l, acc) are merged by the combine kernel.
+
+This module imports triton at import time; ``alibi_export.kernels`` imports it lazily.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk, slope,
+              qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax. Scores are in log2 units.
+
+    ``k_src``/``v_src``: TMA descriptors of this (batch, kv head) [Lk, D] (rows past Lk read as
+    zeros), or pointer tiles already offset to ``start_n``."""
+    cols = start_n + offs_n
+    if USE_TMA:
+        k = k_src.load([start_n, 0])
+        v = v_src.load([start_n, 0])
+    elif MASKED:
+        kv_ok = cols < Lk
+        k = tl.load(k_src, mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_src, mask=kv_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_src)
+        v = tl.load(v_src)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if CAUSAL:
+        # column form of the bias (see module docstring)
+        cb = slope * (cols - q_pos0).to(tl.float32)
+        s = qk * qk_scale + cb[None, :]
+        if MASKED:
+            ok = (cols[None, :] <= rowpos[:, None]) & (cols[None, :] < Lk)
+            s = tl.where(ok, s, float("-inf"))
+    else:
+        rel = tl.abs(cols[None, :] - rowpos[:, None]).to(tl.float32)
+        s = qk * qk_scale - slope * rel
+        if MASKED:
+            s = tl.where((cols < Lk)[None, :], s, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "num_m_blocks"])
+def _alibi_fwd_kernel(
+    Q, K, V, O, Slopes,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    H, GROUP, Lq, Lk, past_len, qk_scale, num_m_blocks,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if CAUSAL:
+        # longest query blocks (most key tiles) first, for load balance
+        pid_m = num_m_blocks - 1 - pid_m
+    start_m = pid_m * BLOCK_M
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+
+    slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_pos0 = past_len + start_m
+    rowpos = past_len + offs_m
+
+    q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
+    q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m < Lq)[:, None], other=0.0)
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :] * svd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        # keys [0, n_full) are visible to every row of the block and in bounds
+        n_full = (q_pos0 + 1) // BLOCK_N * BLOCK_N
+        n_full = tl.minimum(n_full, Lk // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(q_pos0 + BLOCK_M, Lk)
+    else:
+        n_full = Lk // BLOCK_N * BLOCK_N
+        hi = Lk
+    if USE_TMA:
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos,
+                                      q_pos0, Lk, slope, qk_scale, CAUSAL, False, True, DOT_PREC)
+        for start_n in range(n_full, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos,
+                                      q_pos0, Lk, slope, qk_scale, CAUSAL, True, True, DOT_PREC)
+    else:
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs + start_n * skn,
+                                      v_ptrs + start_n * svn, start_n, offs_n, rowpos, q_pos0, Lk,
+                                      slope, qk_scale, CAUSAL, False, False, DOT_PREC)
+        for start_n in range(n_full, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs + start_n * skn,
+                                      v_ptrs + start_n * svn, start_n, offs_n, rowpos, q_pos0, Lk,
+                                      slope, qk_scale, CAUSAL, True, False, DOT_PREC)
+
+    out = acc / l_i[:, None]
+    o_ptrs = O + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+
+
+@triton.jit(do_not_specialize=["H", "H_KV", "GROUP", "Lq", "Lk", "past_len", "split_len",
+                               "num_splits"])
+def _alibi_split_kernel(
+    Q, K, V, O, OP, MP, LP, Slopes,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, som, sod,
+    H, H_KV, GROUP, Lq, Lk, past_len, qk_scale, split_len, num_splits,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Rows = (head g of the KV group, query i) pairs, r = g * Lq + i; keys of one split."""
+    pid_s = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = pid_bk // H_KV
+    hk = pid_bk % H_KV
+    b64 = b.to(tl.int64)
+
+    r = tl.arange(0, BLOCK_M)
+    r_ok = r < GROUP * Lq
+    g = r // Lq
+    i = r % Lq
+    h = hk * GROUP + g
+    h = tl.where(r_ok, h, 0)
+    slope = tl.load(Slopes + h, mask=r_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    rowpos = past_len + i
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64)[:, None] * sqh + i[:, None] * sqm
+                + offs_d[None, :] * sqd, mask=r_ok[:, None], other=0.0)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
+
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_DIM], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    n_lo = pid_s * split_len
+    n_hi = tl.minimum(n_lo + split_len, Lk)
+    if CAUSAL:
+        n_hi = tl.minimum(n_hi, past_len + Lq)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = cols < n_hi
+        if USE_TMA:  # rows >= Lk read as zeros; rows in [n_hi, Lk) get p = 0 below
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=c_ok[:, None],
+                        other=0.0)
+            v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=c_ok[:, None],
+                        other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        rel = cols[None, :] - rowpos[:, None]
+        if CAUSAL:
+            s = qk * qk_scale + slope[:, None] * rel.to(tl.float32)
+            ok = c_ok[None, :] & (rel <= 0)
+        else:
+            s = qk * qk_scale - slope[:, None] * tl.abs(rel).to(tl.float32)
+            ok = c_ok[None, :] & (rel > -2147483647)
+        s = tl.where(ok, s, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows with no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_ij
+
+    if SPLIT:
+        # partials: (B*H, num_splits, Lq[, D]) fp32, unnormalised
+        prow = ((b64 * H + h) * num_splits + pid_s) * Lq + i
+        tl.store(MP + prow, m_i, mask=r_ok)
+        tl.store(LP + prow, l_i, mask=r_ok)
+        tl.store(OP + prow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_ok[:, None])
+    else:
+        out = acc / l_i[:, None]
+        o_ptrs = O + b64 * sob + h.to(tl.int64)[:, None] * soh + i[:, None] * som \
+            + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["H", "Lq", "num_splits"])
+def _alibi_combine_kernel(
+    O, OP, MP, LP, sob, soh, som, sod, H, Lq, num_splits,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b*H + h) * Lq + i
+    bh = pid // Lq
+    i = pid % Lq
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < num_splits
+    prow = (bh.to(tl.int64) * num_splits + offs_s) * Lq + i
+    m = tl.load(MP + prow, mask=s_ok, other=float("-inf"))
+    l = tl.load(LP + prow, mask=s_ok, other=0.0)
+    acc = tl.load(OP + prow[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)  # finite: split 0 holds key 0, visible to every row
+    w = tl.math.exp2(m - m_max)
+    w = tl.where(m == float("-inf"), 0.0, w)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = num / den
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i * som + offs_d * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype, q_len: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize); from tools/bench_attention.py
+    sweeps on an H100 (see tools/kernel_notes.md)."""
+    if dtype == torch.float32:
+        return (64, 32, 4, 2, False) if head_dim >= 128 else (64, 64, 4, 2, False)
+    if q_len <= 64:
+        return (64, 64, 4, 3, False)
+    if head_dim >= 128:
+        return (128, 128, 8, 3, False)
+    if head_dim == 64:
+        return (128, 64, 4, 3, False)
+    return (128, 64, 4, 3, False)
+
+
+# Test / benchmark hook: force the prefill kernel and its config
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize).
+_CONFIG_OVERRIDE: tuple | None = None
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int]:
+    block_m = max(16, triton.next_power_of_2(rows))
+    if dtype == torch.float32:
+        return block_m, 32, 4, 2
+    if head_dim >= 128:
+        return block_m, 64, 4, 3
+    return block_m, 128, 4, 3
+
+
+_DECODE_MAX_ROWS = 64
+# Test / benchmark hook: None = automatic, False = never use TMA descriptors.
+_TMA_OVERRIDE: bool | None = None
+
+
+def _tma_ok(t, strides, device) -> bool:
+    """TMA needs sm_90+, a 16-byte aligned base, unit last stride, 16-byte aligned other strides."""
+    if _TMA_OVERRIDE is not None:
+        return _TMA_OVERRIDE
+    if device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    es = t.dtype.itemsize
+    return (t.data_ptr() % 16 == 0 and strides[3] == 1
+            and all((s * es) % 16 == 0 for s in strides[:3]))
+
+
+def _ensure_allocator() -> None:
+    # device-side tensor descriptors need a small global scratch buffer per launch
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
+            q_strides, k_strides, v_strides, o_strides, device):
+    """Pick a schedule and launch on torch's current stream. All checks done by callers."""
+    group = H // H_kv
+    qk_scale = float(scale) * LOG2E
+    use_tma = _tma_ok(k, k_strides, device) and _tma_ok(v, v_strides, device)
+    if use_tma and not _INTERPRET:
+        _ensure_allocator()
+    # fp32 inputs: 3-pass TF32 (error ~1e-6) instead of plain TF32 (~1e-3 relative here)
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
+    rows = group * Lq
+    if rows <= _DECODE_MAX_ROWS and _CONFIG_OVERRIDE is None:
+        block_m, block_n, warps, stages = _decode_config(D, q.dtype, rows)
+        eff = min(Lk, past_len + Lq) if causal else Lk
+        eff = max(eff, 1)
+        n_prog = B * H_kv
+        want = -(-4 * _sm_count(device) // n_prog)
+        max_splits = -(-eff // 128)
+        splits = max(1, min(want, max_splits, 256))
+        split_len = -(-eff // splits)
+        split_len = -(-split_len // block_n) * block_n
+        splits = -(-eff // split_len)
+        if splits > 1:
+            op = torch.empty((B * H * splits * Lq * D,), device=device, dtype=torch.float32)
+            mp = torch.empty((B * H * splits * Lq,), device=device, dtype=torch.float32)
+            lp = torch.empty_like(mp)
+        else:
+            op = mp = lp = out  # unused
+        _alibi_split_kernel[(splits, B * H_kv)](
+            q, k, v, out, op, mp, lp, slopes,
+            *q_strides, *k_strides, *v_strides, *o_strides,
+            H, H_kv, group, Lq, Lk, past_len, qk_scale, split_len, splits,
+            CAUSAL=causal, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
+            USE_TMA=use_tma, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+        )
+        if splits > 1:
+            _alibi_combine_kernel[(B * H * Lq,)](
+                out, op, mp, lp, *o_strides, H, Lq, splits,
+                BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DIM=D, num_warps=4,
+            )
+        return out
+    cfg = _CONFIG_OVERRIDE or _prefill_config(D, q.dtype, Lq)
+    block_m, block_n, warps, stages = cfg[:4]
+    ws = bool(cfg[4]) if len(cfg) > 4 else False
+    num_m = triton.cdiv(Lq, block_m)
+    _alibi_fwd_kernel[(num_m, B * H)](
+        q, k, v, out, slopes,
+        *q_strides, *k_strides, *v_strides, *o_strides,
+        H, group, Lq, Lk, past_len, qk_scale, num_m,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, WARP_SPEC=ws,
+        USE_TMA=use_tma, DOT_PREC=prec,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def _check_head_dim(D: int) -> None:
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"alibi_attention: head_dim must be one of 16, 32, 64, 128, got {D}")
+
+
+def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, *,
+                    causal: bool = True, scale: float | None = None,
+                    past_len: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused ALiBi attention. q: (B, H, Lq, D); k, v: (B, H_kv, Lk, D), any strides.
+
+    ``slopes``: (H,) per-query-head slopes (e.g. ``torch.tensor(alibi_slopes(H))``), cast to fp32.
+    Query i has absolute position ``past_len + i``; ``past_len`` defaults to ``Lk - Lq``.
+    ``scale`` defaults to ``1/sqrt(D)``. Returns (B, H, Lq, D) in q's dtype (or writes ``out``).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"alibi_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"alibi_attention: {name} must be 4-D (B, H, L, D), got shape "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED:
+            raise ValueError(f"alibi_attention: {name} dtype must be float16, bfloat16 or float32, "
+                             f"got {t.dtype}")
+        if t.device.type != "cuda" and not _INTERPRET:
+            raise ValueError(f"alibi_attention: {name} must be on a CUDA device, got {t.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"alibi_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"alibi_attention: q, k, v must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}")
+    B, H, Lq, D = q.shape
+    Bk, H_kv, Lk, Dk = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"alibi_attention: k and v shapes differ: {tuple(k.shape)} vs "
+                         f"{tuple(v.shape)}")
+    if Bk != B or Dk != D:
+        raise ValueError(f"alibi_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on "
+                         f"batch or head_dim")
+    if H_kv < 1 or H % H_kv != 0:
+        raise ValueError(f"alibi_attention: query heads ({H}) must be a multiple of kv heads "
+                         f"({H_kv})")
+    _check_head_dim(D)
+    if Lk < 1:
+        raise ValueError("alibi_attention: kv_len must be >= 1")
+    if past_len is None:
+        past_len = Lk - Lq
+        if past_len < 0:
+            raise ValueError(f"alibi_attention: q_len ({Lq}) > kv_len ({Lk}); pass past_len "
+                             f"explicitly")
+    if int(past_len) < 0:
+        raise ValueError(f"alibi_attention: past_len must be >= 0, got {past_len}")
+    past_len = int(past_len)
+    if not isinstance(slopes, torch.Tensor):
+        slopes = torch.tensor(list(slopes), dtype=torch.float32)
+    if slopes.numel() != H:
+        raise ValueError(f"alibi_attention: need one slope per query head ({H}), got "
+                         f"{slopes.numel()}")
+    slopes = slopes.reshape(H).to(device=q.device, dtype=torch.float32).contiguous()
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    elif tuple(out.shape) != (B, H, Lq, D) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"alibi_attention: out must be {(B, H, Lq, D)} {q.dtype} on {q.device}")
+    if B == 0 or H == 0 or Lq == 0:
+        return out
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+        _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, bool(causal), scale,
+                q.stride(), k.stride(), v.stride(), out.stride(), q.device)
+    return out
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+class _DevicePtr:
+    """A raw device pointer that Triton accepts as a tensor argument (data_ptr() and dtype)."""
+
+    __slots__ = ("ptr", "dtype")
+
+    def __init__(self, ptr: int, dtype: torch.dtype):
+        self.ptr = int(ptr)
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def launch_alibi_attention(q_ptr: int, k_ptr: int, v_ptr: int, out_ptr: int, slopes_ptr: int, *,
+                           batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int,
+                           head_dim: int, past_len: int | None = None,
+                           dtype: torch.dtype | str = torch.float16, stream: int = 0,
+                           causal: bool = True, scale: float | None = None,
+                           device: int | None = None) -> None:
+    """Pointer-level launch for a TensorRT plugin: contiguous q (B,H,Lq,D), k/v (B,H_kv,Lk,D),
+    out (B,H,Lq,D) of ``dtype``; slopes (H,) float32; all raw device pointers (int). Launches on
+    the CUDA stream handle ``stream`` (int, 0 = legacy default) of device ``device`` (default:
+    current). Asynchronous. The split-KV decode path allocates a small fp32 workspace through
+    PyTorch's caching allocator.
+    """
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"launch_alibi_attention: unknown dtype {dtype!r}")
+        dtype = _DTYPES[dtype]
+    if dtype not in _SUPPORTED:
+        raise ValueError(f"launch_alibi_attention: dtype must be float16, bfloat16 or float32, "
+                         f"got {dtype}")
+    for name, val in (("batch", batch), ("heads", heads), ("kv_heads", kv_heads),
+                      ("q_len", q_len), ("kv_len", kv_len)):
+        if int(val) < 1:
+            raise ValueError(f"launch_alibi_attention: {name} must be >= 1, got {val}")
+    if heads % kv_heads:
+        raise ValueError(f"launch_alibi_attention: heads ({heads}) must be a multiple of kv_heads "
+                         f"({kv_heads})")
+    _check_head_dim(head_dim)
+    for name, p in (("q_ptr", q_ptr), ("k_ptr", k_ptr), ("v_ptr", v_ptr), ("out_ptr", out_ptr),
+                    ("slopes_ptr", slopes_ptr)):
+        if not int(p):
+            raise ValueError(f"launch_alibi_attention: {name} is null")
+    if past_len is None:
+        past_len = kv_len - q_len
+    if past_len < 0:
+        raise ValueError(f"launch_alibi_attention: past_len must be >= 0, got {past_len}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    B, H, Hk, Lq, Lk, D = batch, heads, kv_heads, q_len, kv_len, head_dim
+    dev = torch.device("cuda", torch.cuda.current_device() if device is None else device)
+    q = _DevicePtr(q_ptr, dtype)
+    k = _DevicePtr(k_ptr, dtype)
+    v = _DevicePtr(v_ptr, dtype)
+    o = _DevicePtr(out_ptr, dtype)
+    s = _DevicePtr(slopes_ptr, torch.float32)
+    with torch.cuda.device(dev), torch.cuda.stream(torch.cuda.ExternalStream(int(stream), device=dev)):
+        _launch(q, k, v, o, s, B, H, Hk, Lq, Lk, D, int(past_len), bool(causal), scale,
+                (H * Lq * D, Lq * D, D, 1), (Hk * Lk * D, Lk * D, D, 1),
+                (Hk * Lk * D, Lk * D, D, 1), (H * Lq * D, Lq * D, D, 1), dev)
