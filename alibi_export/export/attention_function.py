@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 __all__ = ["DOMAIN", "OP_TYPE", "OP_VERSION", "attention_function", "DEFAULT_Q_CHUNK"]
 
 DOMAIN, OP_TYPE, OP_VERSION = "alibi_export", "AlibiAttention", 1
-DEFAULT_Q_CHUNK = 128
+DEFAULT_Q_CHUNK = 256
 ATTRIBUTES = ("num_heads", "head_dim", "slopes", "scale", "causal")
 
 

@@ -1,0 +1,156 @@
+"""CPU benchmark: export time, ONNX Runtime vs PyTorch forward latency, and peak memory per length.
+
+Every measurement runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own.
+Subprocesses are capped at --mem-cap-gb of address space: a peer that would not fit fails cleanly
+instead of taking the machine down.
+
+Rows:
+  ort          our dynamic-length export (query-chunked ALiBi attention, bias from runtime shapes)
+  ort-naive    the naive dynamic export: the same model with attention written out as one
+               (B, H, L, L) score tensor + materialized bias (the peer the issue names)
+  torch-sdpa   PyTorch eager with F.scaled_dot_product_attention and a materialized ALiBi float bias,
+               over the whole sequence at once (PyTorch's fastest CPU path; the latency reference)
+  torch-chunk  the same SDPA call run query-chunk by query-chunk (this project's PyTorch reference)
+
+usage: python tools/bench_cpu.py [--model models/alibi-small] [--threads 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(kind: str, model: str, onnx_path: str, length: int, threads: int, repeats: int) -> dict:
+    """Runs in the subprocess: load, warm up once, time ``repeats`` forwards of batch 1."""
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, 4096, size=(1, length), dtype=np.int64)
+    if kind.startswith("ort"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        run = lambda: sess.run(None, {"input_ids": ids})  # noqa: E731
+    else:
+        import torch
+
+        import alibi_export.model as M
+        from alibi_export import load
+
+        torch.set_num_threads(threads)
+        if kind == "torch-sdpa":
+            M.CHUNK_SCORES = 1 << 62  # one SDPA call over the whole sequence
+        lm = load(model).model.set_attention("sdpa")
+        x = torch.from_numpy(ids)
+
+        def run():
+            with torch.inference_mode():
+                return lm(x)
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return {"ms": 1000 * statistics.median(times), "rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this process's own peak (ru_maxrss would carry over the parent's peak through fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(kind, model, onnx_path, length, threads, repeats, cap_gb) -> dict:
+    code = (f"import json,sys; sys.path.insert(0,{str(ROOT / 'tools')!r}); sys.path.insert(0,{str(ROOT)!r});"
+            f"import resource; cap={cap_gb} << 30; resource.setrlimit(resource.RLIMIT_AS,(cap,cap));"
+            f"from bench_cpu import child; print(json.dumps(child({kind!r},{model!r},{onnx_path!r},{length},"
+            f"{threads},{repeats})))")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"error": last[:160]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def export_variants(model: str, out_dir: Path) -> dict:
+    import alibi_export.export.onnx as exp
+    from alibi_export import load
+    from alibi_export.model import attend_eager
+
+    ck = load(model)
+    t = time.perf_counter()
+    exp.export_onnx(ck, out_dir / "ours.onnx")
+    export_s = time.perf_counter() - t
+    real = exp._attention_node
+    exp._attention_node = lambda m: attend_eager  # the naive export: attention written out whole
+    try:
+        exp.export_onnx(ck, out_dir / "naive.onnx")
+    finally:
+        exp._attention_node = real
+    return {"export_s": export_s}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "models" / "alibi-small"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency-lengths", default="256,512,1024,2048,4096")
+    ap.add_argument("--memory-lengths", default="1024,4096,8192,16384")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mem-cap-gb", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    lat = [int(x) for x in args.latency_lengths.split(",")]
+    mem = [int(x) for x in args.memory_lengths.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        info = export_variants(args.model, tmp)
+        onnx_of = {"ort": str(tmp / "ours.onnx"), "ort-naive": str(tmp / "naive.onnx")}
+        results = {"export_s": info["export_s"], "threads": args.threads, "latency": {}, "memory": {}}
+        print(f"export (dynamic, fp32): {info['export_s']:.1f} s", flush=True)
+        for length in lat:
+            row = {}
+            for kind in ("torch-sdpa", "torch-chunk", "ort-naive", "ort"):
+                row[kind] = measure(kind, args.model, onnx_of.get(kind, ""), length, args.threads, args.repeats,
+                                    args.mem_cap_gb)
+            results["latency"][length] = row
+            print(length, json.dumps(row), flush=True)
+        for length in mem:
+            row = {}
+            for kind in ("ort", "ort-naive", "torch-chunk"):
+                row[kind] = measure(kind, args.model, onnx_of.get(kind, ""), length, args.threads, 1,
+                                    args.mem_cap_gb)
+            results["memory"][length] = row
+            print(length, json.dumps(row), flush=True)
+    print("\nlatency (ms, batch 1, median) and ratio to torch-sdpa")
+    print(f"{'L':>6} {'torch-sdpa':>11} {'torch-chunk':>12} {'ort-naive':>10} {'ort':>8} {'ort/sdpa':>9} {'naive/sdpa':>10}")
+    for length, row in results["latency"].items():
+        ms = {k: v.get("ms", float("nan")) for k, v in row.items()}
+        print(f"{length:>6} {ms['torch-sdpa']:>11.1f} {ms['torch-chunk']:>12.1f} {ms['ort-naive']:>10.1f} "
+              f"{ms['ort']:>8.1f} {ms['ort'] / ms['torch-sdpa']:>9.2f} {ms['ort-naive'] / ms['torch-sdpa']:>10.2f}")
+    print("\npeak RSS (MB, one forward of batch 1; 'fail' = over the address-space cap or killed)")
+    print(f"{'L':>6} {'ort':>8} {'ort-naive':>10} {'torch-chunk':>12}")
+    for length, row in results["memory"].items():
+        cell = lambda r: f"{r['rss_mb']:.0f}" if "rss_mb" in r else "fail"  # noqa: E731
+        print(f"{length:>6} {cell(row['ort']):>8} {cell(row['ort-naive']):>10} {cell(row['torch-chunk']):>12}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
