@@ -276,5 +276,45 @@ def _train_len(model) -> int | None:
         return None
 
 
+def _batch_range(ctx, param, value):
+    try:
+        parts = [int(v) for v in str(value).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or any(n < 1 for n in parts):
+        raise click.BadParameter(f"expected MIN:OPT:MAX positive integers (or one N), got {value!r}")
+    return tuple(parts)
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Engine to write (default: ONNX_FILE with .engine).")
+@click.option("--min-len", default=1, show_default=True, type=int, help="Shortest sequence of the profile.")
+@click.option("--opt-len", default=512, show_default=True, type=int, help="Sequence length TensorRT tunes for.")
+@click.option("--max-len", default=8192, show_default=True, type=int, help="Longest sequence of the profile.")
+@click.option("--batch", default="1:1:1", show_default=True, callback=_batch_range, help="Batch MIN:OPT:MAX.")
+@click.option("--fp16", "precision", flag_value="fp16", help="fp16 engine (default: the ONNX file's dtype).")
+@click.option("--bf16", "precision", flag_value="bf16", help="bf16 engine (full TensorRT, float32 ONNX).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache to read and update.")
+@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]),
+              help="TensorRT family (default: the installed one, full TensorRT first).")
+@_one_line_errors
+def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cache, backend):
+    """Build a TensorRT engine from an exported ONNX file, with a JSON sidecar beside it."""
+    from .runtime.tensorrt import build_engine
+
+    out = Path(out or Path(onnx_file).with_suffix(".engine"))
+    r = build_engine(onnx_file, out, min_len=min_len, opt_len=opt_len, max_len=max_len, batch=batch,
+                     precision=precision, timing_cache=timing_cache, backend=backend)
+    click.echo(f"parsed network: {sum(r.layer_types.values())} layers: "
+               + ", ".join(f"{k} {v}" for k, v in r.layer_types.items()))
+    click.echo(f"built {out} ({r.backend} {r.backend_version}, {r.precision}, {r.attention}, lengths "
+               f"{min_len}..{opt_len}..{max_len}, batch {':'.join(map(str, batch))}) in {r.build_seconds:.1f}s "
+               f"({out.stat().st_size / 1e6:.1f} MB)")
+    click.echo(f"sidecar: {r.sidecar_path}")
+
+
 if __name__ == "__main__":
     main()

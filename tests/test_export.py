@@ -18,7 +18,7 @@ TRAIN_LEN = 256
 
 
 def test_fp32_parity_far_beyond_training_length(shipped, shipped_onnx):
-    # 1 token, a non-multiple of the query chunk, the training length, 4x, 10x.
+    # 1 token, the training length (whole-score path), then 4x+3 and 10x (query-chunk Loop path).
     lengths = [1, 77, TRAIN_LEN, 4 * TRAIN_LEN + 3, 10 * TRAIN_LEN]
     result = compare(shipped_onnx, TorchRunner(shipped.model), lengths, batch=1)
     worst = max(r.max_abs for r in result.lengths)

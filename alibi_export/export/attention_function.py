@@ -4,8 +4,10 @@ The exporter emits every attention block as one ``alibi_export::AlibiAttention``
 module gives that node a model-local function, so ONNX Runtime runs the node as it is and a
 TensorRT plugin can replace it; the default export inlines the function.
 
-Why a Loop over query chunks: a plain graph materializes (B, H, L, L) float tensors, which
-needs gigabytes at 16k tokens and overflows int32 element counts in ORT CUDA. Each chunk of
+Short sequences (up to 1024² query-key pairs) compute the scores whole, where a Loop's cost
+per iteration would dominate. Longer ones take a Loop over query chunks: a plain graph
+materializes (B, H, L, L) float tensors, which needs gigabytes at 16k tokens and overflows
+int32 element counts in ORT CUDA. Each chunk of
 ``q_chunk`` queries only sees keys up to its own last position (causal), so memory is
 O(B·H·q_chunk·L), linear in L, and half of the L² products are never computed. The bias is
 built from the runtime positions in float32 whatever the I/O dtype: the ALiBi term reaches
@@ -16,10 +18,11 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_VERSION", "attention_function", "DEFAULT_Q_CHUNK"]
+__all__ = ["DOMAIN", "OP_TYPE", "OP_VERSION", "attention_function", "DEFAULT_Q_CHUNK", "DEFAULT_WHOLE_LEN"]
 
 DOMAIN, OP_TYPE, OP_VERSION = "alibi_export", "AlibiAttention", 1
 DEFAULT_Q_CHUNK = 256
+DEFAULT_WHOLE_LEN = 1024
 ATTRIBUTES = ("num_heads", "head_dim", "slopes", "scale", "causal")
 
 
@@ -36,54 +39,99 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
     return node
 
 
-def _loop_body() -> onnx.GraphProto:
-    """One chunk of queries [c0, c0 + C) against keys [0, kend); outer-scope names are read directly."""
+def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str) -> list[onnx.NodeProto]:
+    """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend).
+
+    The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
+    it. Names are prefixed with ``p``: a subgraph may not redefine a name of its outer scope."""
+    n = helper.make_node
+    return [
+        n("Slice", ["k_t", "zero1", kend, "axis3"], [p + "k"]),  # (B, H, D, kend)
+        n("Slice", ["v_f", "zero1", kend, "axis2"], [p + "v"]),  # (B, H, kend, D)
+        n("Slice", ["k_pos_all", "zero1", kend, "axis0"], [p + "k_pos"]),  # (kend,)
+        n("Squeeze", [q_start, "axis0"], [p + "q_start_s"]),
+        n("Squeeze", [q_end, "axis0"], [p + "q_end_s"]),
+        n("Range", [p + "q_start_s", p + "q_end_s", "one_s"], [p + "q_pos_i"]),
+        n("Cast", [p + "q_pos_i"], [p + "q_pos"], to=TensorProto.FLOAT),  # (C,) absolute query positions
+        n("Unsqueeze", [p + "k_pos", "axis0"], [p + "k_row"]),
+        n("Unsqueeze", [p + "q_pos", "axis1"], [p + "q_col"]),
+        n("Sub", [p + "k_row", p + "q_col"], [p + "rel"]),  # (C, kend): j - i
+        n("Abs", [p + "rel"], [p + "rel_abs"]),
+        n("Neg", [p + "rel_abs"], [p + "rel_sym"]),
+        n("Where", ["causal_b", p + "rel", p + "rel_sym"], [p + "rel_used"]),
+        n("Mul", ["slopes3", p + "rel_used"], [p + "bias"]),  # (H, C, kend): m_h (j - i), not scaled by 1/sqrt(d)
+        n("Greater", [p + "rel", "zero_f"], [p + "future"]),
+        n("And", ["causal_b", p + "future"], [p + "masked"]),
+        n("Where", [p + "masked", "neg_inf", p + "bias"], [p + "bias_masked"]),
+        n("MatMul", [q, p + "k"], [p + "scores"]),  # (B, H, C, kend); q is already scaled
+        n("Add", [p + "scores", p + "bias_masked"], [p + "logits"]),
+        n("Softmax", [p + "logits"], [p + "probs"], axis=-1),
+        n("MatMul", [p + "probs", p + "v"], [out]),  # (B, H, C, D)
+    ]
+
+
+def _graph(name: str, nodes, inputs, outputs) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [helper.make_tensor_value_info(*i) for i in inputs],
+                             [helper.make_tensor_value_info(*o) for o in outputs])
+
+
+def _whole_branch() -> onnx.GraphProto:
+    """All queries at once: fastest while the (B, H, Lq, Lk) scores are small."""
+    nodes = [helper.make_node("Add", ["q_len", "past"], ["w_q_end"])]
+    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", "k_len", "w_out")
+    return _graph("alibi_attention_whole", nodes, [], [("w_out", TensorProto.FLOAT, None)])
+
+
+def _chunk_body() -> onnx.GraphProto:
+    """One Loop iteration: queries [c0, c0 + C) against keys [0, kend)."""
     n = helper.make_node
     nodes = [
         n("Unsqueeze", ["iter", "axis0"], ["i1"]),
         n("Mul", ["i1", "chunk"], ["c0"]),
         n("Add", ["c0", "chunk"], ["c1"]),
-        n("Slice", ["q_pad", "c0", "c1", "axis2"], ["q_c"]),  # (B, H, C, D), already scaled
+        n("Slice", ["q_pad", "c0", "c1", "axis2"], ["q_c"]),  # (B, H, C, D)
+        n("Add", ["c0", "past"], ["q_start"]),
         n("Add", ["c1", "past"], ["q_end"]),
         n("Min", ["q_end", "k_len"], ["kend_causal"]),
         n("Where", ["causal_b", "kend_causal", "k_len"], ["kend"]),  # causal: later keys are never read
-        n("Slice", ["k_t", "zero1", "kend", "axis3"], ["k_c"]),  # (B, H, D, kend)
-        n("Slice", ["v_f", "zero1", "kend", "axis2"], ["v_c"]),  # (B, H, kend, D)
-        n("Slice", ["k_pos_all", "zero1", "kend", "axis0"], ["k_pos"]),  # (kend,)
-        n("Add", ["c0", "past"], ["q_start"]),
-        n("Squeeze", ["q_start", "axis0"], ["q_start_s"]),
-        n("Squeeze", ["q_end", "axis0"], ["q_end_s"]),
-        n("Range", ["q_start_s", "q_end_s", "one_s"], ["q_pos_i"]),
-        n("Cast", ["q_pos_i"], ["q_pos"], to=TensorProto.FLOAT),  # (C,) absolute query positions
-        n("Unsqueeze", ["k_pos", "axis0"], ["k_row"]),
-        n("Unsqueeze", ["q_pos", "axis1"], ["q_col"]),
-        n("Sub", ["k_row", "q_col"], ["rel"]),  # (C, kend): j - i
-        n("Abs", ["rel"], ["rel_abs"]),
-        n("Neg", ["rel_abs"], ["rel_sym"]),
-        n("Where", ["causal_b", "rel", "rel_sym"], ["rel_used"]),
-        n("Mul", ["slopes3", "rel_used"], ["bias"]),  # (H, C, kend): m_h (j - i), not scaled by 1/sqrt(d)
-        n("Greater", ["rel", "zero_f"], ["future"]),
-        n("And", ["causal_b", "future"], ["masked"]),
-        n("Where", ["masked", "neg_inf", "bias"], ["bias_masked"]),
-        n("MatMul", ["q_c", "k_c"], ["scores"]),  # (B, H, C, kend)
-        n("Add", ["scores", "bias_masked"], ["logits"]),
-        n("Softmax", ["logits"], ["probs"], axis=-1),
-        n("MatMul", ["probs", "v_c"], ["out_c"]),  # (B, H, C, D)
+        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c"),
         n("Identity", ["cond_in"], ["cond_out"]),
     ]
-    return helper.make_graph(
-        nodes, "alibi_attention_chunk",
-        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("out_c", TensorProto.FLOAT, None)])
+    return _graph("alibi_attention_chunk", nodes, [("iter", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, [])],
+                  [("cond_out", TensorProto.BOOL, []), ("out_c", TensorProto.FLOAT, None)])
 
 
-def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK) -> onnx.FunctionProto:
+def _chunked_branch() -> onnx.GraphProto:
+    """A Loop over query chunks: memory O(B·H·C·Lk) instead of O(B·H·Lq·Lk)."""
+    n = helper.make_node
+    nodes = [
+        n("Min", ["chunk_max", "q_len"], ["chunk_raw"]),
+        n("Max", ["chunk_raw", "one1"], ["chunk"]),
+        n("Add", ["q_len", "chunk"], ["q_len_c"]),
+        n("Sub", ["q_len_c", "one1"], ["q_len_c1"]),
+        n("Div", ["q_len_c1", "chunk"], ["n_chunks"]),  # ceil(Lq / C)
+        n("Squeeze", ["n_chunks", "axis0"], ["trip"]),
+        n("Mul", ["n_chunks", "chunk"], ["q_padded"]),
+        n("Sub", ["q_padded", "q_len"], ["pad_len"]),
+        n("Concat", ["zeros6", "pad_len", "zero1"], ["pads"], axis=0),
+        n("Pad", ["q_scaled", "pads"], ["q_pad"]),  # (B, H, n*C, D); padded rows are dropped below
+        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body()),  # (n, B, H, C, D)
+        n("Transpose", ["chunks"], ["chunks_t"], perm=[1, 2, 0, 3, 4]),  # (B, H, n, C, D)
+        n("Concat", ["reshape_tail", "head_dim"], ["out_shape"], axis=0),
+        n("Reshape", ["chunks_t", "out_shape"], ["out_padded"]),  # (B, H, n*C, D)
+        n("Slice", ["out_padded", "zero1", "q_len", "axis2"], ["l_out"]),
+    ]
+    return _graph("alibi_attention_chunked", nodes, [], [("l_out", TensorProto.FLOAT, None)])
+
+
+def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK,
+                       whole_len: int = DEFAULT_WHOLE_LEN) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
 
     Query i sits at absolute position ``Lk - Lq + i`` (so a KV cache of past keys works unchanged).
     Attributes: num_heads, head_dim, slopes (H floats), scale, causal (1, or 0 for -m|j - i|).
+    Up to ``whole_len``² query-key pairs the scores are computed whole (a Loop has a cost per
+    iteration that dominates short sequences); beyond, in chunks of ``q_chunk`` queries.
     """
     if q_chunk < 1:
         raise ValueError(f"q_chunk must be positive, got {q_chunk}")
@@ -101,6 +149,8 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK) -> onnx.Fu
         n("Constant", [], ["zero_f"], value=helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0])),
         n("Constant", [], ["neg_inf"], value=helper.make_tensor("neg_inf", TensorProto.FLOAT, [], [float("-inf")])),
         n("Constant", [], ["true"], value=helper.make_tensor("true", TensorProto.BOOL, [], [True])),
+        n("Constant", [], ["whole_max"],
+          value=helper.make_tensor("whole_max", TensorProto.INT64, [], [whole_len * whole_len])),
         n("Constant", [], ["reshape_tail"], value=helper.make_tensor("reshape_tail", TensorProto.INT64, [3], [0, 0, -1])),
         n("Reshape", ["slopes", "shape_h11"], ["slopes3"]),  # (H, 1, 1)
         # Everything below runs in float32, whatever the I/O dtype.
@@ -113,26 +163,15 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK) -> onnx.Fu
         n("Slice", ["q_shape", "three1", "four1"], ["head_dim"]),
         n("Slice", ["k_shape", "axis2", "three1"], ["k_len"]),
         n("Sub", ["k_len", "q_len"], ["past"]),  # queries sit after the cached keys
-        n("Min", ["chunk_max", "q_len"], ["chunk_raw"]),
-        n("Max", ["chunk_raw", "one1"], ["chunk"]),
-        n("Add", ["q_len", "chunk"], ["q_len_c"]),
-        n("Sub", ["q_len_c", "one1"], ["q_len_c1"]),
-        n("Div", ["q_len_c1", "chunk"], ["n_chunks"]),  # ceil(Lq / C)
-        n("Squeeze", ["n_chunks", "axis0"], ["trip"]),
-        n("Mul", ["n_chunks", "chunk"], ["q_padded"]),
-        n("Sub", ["q_padded", "q_len"], ["pad_len"]),
-        n("Concat", ["zeros6", "pad_len", "zero1"], ["pads"], axis=0),
         n("Mul", ["q_f", "scale"], ["q_scaled"]),  # scale the (B, H, L, D) queries, not the L x L scores
-        n("Pad", ["q_scaled", "pads"], ["q_pad"]),  # (B, H, n*C, D); padded rows are dropped below
         n("Transpose", ["k_f"], ["k_t"], perm=[0, 1, 3, 2]),  # (B, H, D, Lk)
         n("Squeeze", ["k_len", "axis0"], ["k_len_s"]),
         n("Range", ["zero_s", "k_len_s", "one_s"], ["k_pos_i"]),
         n("Cast", ["k_pos_i"], ["k_pos_all"], to=TensorProto.FLOAT),
-        n("Loop", ["trip", "true"], ["chunks"], body=_loop_body()),  # (n, B, H, C, D)
-        n("Transpose", ["chunks"], ["chunks_t"], perm=[1, 2, 0, 3, 4]),  # (B, H, n, C, D)
-        n("Concat", ["reshape_tail", "head_dim"], ["out_shape"], axis=0),
-        n("Reshape", ["chunks_t", "out_shape"], ["out_padded"]),  # (B, H, n*C, D)
-        n("Slice", ["out_padded", "zero1", "q_len", "axis2"], ["out_f"]),
+        n("Mul", ["q_len", "k_len"], ["n_scores"]),
+        n("Squeeze", ["n_scores", "axis0"], ["n_scores_s"]),
+        n("LessOrEqual", ["n_scores_s", "whole_max"], ["short"]),
+        n("If", ["short"], ["out_f"], then_branch=_whole_branch(), else_branch=_chunked_branch()),
         n("CastLike", ["out_f", "q"], ["out"]),
     ]
     nodes.insert(5, _i64("one1", [1]))

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(17, 24)
 DEFAULT_OPSET = 18
-ATTENTION_FORMS = ("decomposed", "plugin")
+ATTENTION_FORMS = ("decomposed", "plugin", "onnx")
+ONNX_ATTENTION_OPSET = 23  # the standard Attention operator
 _TWO_GB = 2**31 - 1
 
 
@@ -56,12 +57,26 @@ def _attention_node(model: AlibiLM):
     return attend
 
 
+def _attention_op(model: AlibiLM):
+    """An attend() that emits the standard ONNX Attention op; the ALiBi bias (with -inf above the diagonal)
+    is built in float32 from the runtime shapes and passed as a float additive mask."""
+    scale = 1.0 / math.sqrt(model.config.head_dim)
+
+    def attend(q, k, v, pos, past_len):
+        bias = pos.bias(q.shape[2], k.shape[2], past_len)  # (H, Lq, Lk) or None
+        if bias is None:
+            return torch.onnx.ops.attention(q, k, v, is_causal=True, scale=scale)[0]
+        return torch.onnx.ops.attention(q, k, v, bias.to(q.dtype)[None], scale=scale)[0]
+
+    return attend
+
+
 @contextlib.contextmanager
-def _export_attention(model: AlibiLM):
+def _export_attention(model: AlibiLM, form: str = "plugin"):
     """Swap every block's attention for the ONNX node during export; restore on exit."""
     saved = [b.attn.attend for b in model.blocks]
     # T5's learned bias is not a function of the slopes: it keeps the decomposed math.
-    attend = attend_eager if isinstance(model.pos, T5Bias) else _attention_node(model)
+    attend = attend_eager if isinstance(model.pos, T5Bias) else (_attention_op if form == "onnx" else _attention_node)(model)
     try:
         for b in model.blocks:
             b.attn.attend = attend
@@ -71,10 +86,11 @@ def _export_attention(model: AlibiLM):
             b.attn.attend = fn
 
 
-def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int) -> onnx.ModelProto:
+def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
+           form: str = "plugin") -> onnx.ModelProto:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
-    with _export_attention(model), warnings.catch_warnings():
+    with _export_attention(model, form), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
@@ -99,7 +115,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
     return proto
 
 
-def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int = DEFAULT_OPSET,
+def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
                 q_chunk: int = DEFAULT_Q_CHUNK) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
@@ -108,10 +124,16 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     from the input's runtime shape; the only position constant in the file is the H slopes. Without
     it the graph is fixed to ``(batch, seq_len)`` (``seq_len`` defaults to the training length).
     ``attention="plugin"`` keeps one AlibiAttention node per block (with its function body) for
-    TensorRT's plugin; ``"decomposed"`` inlines standard operators.
+    TensorRT's plugin; ``"decomposed"`` inlines standard operators; ``"onnx"`` uses the standard
+    Attention operator (opset 23, its default there) with the bias as a float mask. ``opset`` defaults to
+    18 for the other forms.
     """
     from .. import __version__
 
+    opset = opset or (ONNX_ATTENTION_OPSET if attention == "onnx" else DEFAULT_OPSET)
+    if attention == "onnx" and opset < ONNX_ATTENTION_OPSET:
+        raise ExportError(f"the onnx attention form needs opset {ONNX_ATTENTION_OPSET}. Note: expected opset >= "
+                          f"{ONNX_ATTENTION_OPSET}, got {opset}")
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"unsupported opset {opset}. Note: expected {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1}")
@@ -130,7 +152,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
     proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
-                   opset=opset)
+                   opset=opset, form=attention)
     metadata = {
         "alibi_export.version": __version__,
         "alibi_export.position": cfg.position,

@@ -80,20 +80,59 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_n, rowpos, q_pos0, L
     return acc, l_i, m_ij
 
 
-@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "num_m_blocks"])
+@triton.jit
+def _fwd_tile_merged(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos, q_pos0, Lk,
+                     n_full, slope, qk_scale, DOT_PREC: tl.constexpr):
+    """Causal TMA tile for the single (merged) key loop: the loads are unconditional, so the
+    pipeliner prefetches the diagonal tiles during the last off-diagonal ones; only the mask is
+    under a (uniform, scalar) branch."""
+    cols = start_n + offs_n
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    cb = slope * (cols - q_pos0).to(tl.float32)
+    s = qk * qk_scale + cb[None, :]
+    if start_n >= n_full:
+        ok = (cols[None, :] <= rowpos[:, None]) & (cols[None, :] < Lk)
+        s = tl.where(ok, s, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "num_m_blocks", "BH",
+                               "GROUP_BH"])
 def _alibi_fwd_kernel(
     Q, K, V, O, Slopes,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    H, GROUP, Lq, Lk, past_len, qk_scale, num_m_blocks,
+    H, GROUP, Lq, Lk, past_len, qk_scale, num_m_blocks, BH, GROUP_BH,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, ORDER: tl.constexpr, MERGE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 1-D grid of num_m_blocks * BH programs, launched in program-id order.
+    pid = tl.program_id(0)
+    if ORDER == 0:
+        # one (batch, head) after the other; inside it the longest query blocks first
+        pid_bh = pid // num_m_blocks
+        pid_m = pid % num_m_blocks
+    else:
+        # groups of GROUP_BH (batch, head) pairs (K/V of a group stay in L2); inside a group the
+        # longest query blocks of all its pairs first (LPT order: short blocks fill the tail)
+        per_grp = GROUP_BH * num_m_blocks
+        grp = pid // per_grp
+        base = grp * GROUP_BH
+        g_sz = tl.minimum(GROUP_BH, BH - base)
+        r = pid - grp * per_grp
+        pid_m = r // g_sz
+        pid_bh = base + r % g_sz
     if CAUSAL:
         # longest query blocks (most key tiles) first, for load balance
         pid_m = num_m_blocks - 1 - pid_m
@@ -136,7 +175,12 @@ def _alibi_fwd_kernel(
     else:
         n_full = Lk // BLOCK_N * BLOCK_N
         hi = Lk
-    if USE_TMA:
+    if USE_TMA and MERGE and CAUSAL:
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+            acc, l_i, m_i = _fwd_tile_merged(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n,
+                                             rowpos, q_pos0, Lk, n_full, slope, qk_scale,
+                                             DOT_PREC)
+    elif USE_TMA:
         for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos,
                                       q_pos0, Lk, slope, qk_scale, CAUSAL, False, True, DOT_PREC)
@@ -153,7 +197,9 @@ def _alibi_fwd_kernel(
                                       v_ptrs + start_n * svn, start_n, offs_n, rowpos, q_pos0, Lk,
                                       slope, qk_scale, CAUSAL, True, False, DOT_PREC)
 
-    out = acc / l_i[:, None]
+    # one reciprocal per row, then multiplies: the per-element divide costs an MUFU op per output
+    # element in the epilogue, which nothing overlaps (l_i >= 1: the row max contributes 1)
+    out = acc * (1.0 / l_i)[:, None]
     o_ptrs = O + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None])
 
@@ -241,7 +287,7 @@ def _alibi_split_kernel(
         tl.store(LP + prow, l_i, mask=r_ok)
         tl.store(OP + prow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_ok[:, None])
     else:
-        out = acc / l_i[:, None]
+        out = acc * (1.0 / l_i)[:, None]
         o_ptrs = O + b64 * sob + h.to(tl.int64)[:, None] * soh + i[:, None] * som \
             + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None])
@@ -269,7 +315,7 @@ def _alibi_combine_kernel(
     w = tl.where(m == float("-inf"), 0.0, w)
     num = tl.sum(acc * w[:, None], 0)
     den = tl.sum(l * w, 0)
-    out = num / den
+    out = num * (1.0 / den)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + i * som + offs_d * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty))
 
@@ -290,12 +336,20 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, q_len: int):
+def _prefill_config(head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int | None = None,
+                    causal: bool = True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize); from tools/bench_attention.py
     sweeps on an H100 (see tools/kernel_notes.md)."""
     if dtype == torch.float32:
         return (64, 32, 4, 2, False) if head_dim >= 128 else (64, 64, 4, 2, False)
     if q_len <= 64:
+        return (64, 64, 4, 3, False)
+    kv_len = q_len if kv_len is None else kv_len
+    keys_per_row = kv_len - q_len // 2 if causal else kv_len  # mean visible keys of a query row
+    if head_dim >= 128 and keys_per_row < 1536:
+        # short programs (causal L <= ~2048): BLOCK_M 64 / 4 warps / 112 KB smem runs 2 CTAs per
+        # SM, so one CTA's prologue (Q load, first K/V tiles) and epilogue overlap the other's
+        # loop; 128x128 / 8 warps needs 225 KB smem and 240 registers: 1 CTA per SM
         return (64, 64, 4, 3, False)
     if head_dim >= 128:
         return (128, 128, 8, 3, False)
@@ -305,8 +359,12 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, q_len: int):
 
 
 # Test / benchmark hook: force the prefill kernel and its config
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize, order, merge, maxnreg]);
+# missing trailing fields take _CFG_DEFAULTS. order: 0 = (batch, head) pairs one after the other,
+# 1 = LPT inside groups of pairs; merge: one pipelined key loop with the diagonal mask under a
+# branch (TMA + causal only); maxnreg: register cap per thread (0 = none).
 _CONFIG_OVERRIDE: tuple | None = None
+_CFG_DEFAULTS = (128, 64, 4, 3, False, 0, False, 0)
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int]:
@@ -385,17 +443,20 @@ def _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale
                 BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DIM=D, num_warps=4,
             )
         return out
-    cfg = _CONFIG_OVERRIDE or _prefill_config(D, q.dtype, Lq)
-    block_m, block_n, warps, stages = cfg[:4]
-    ws = bool(cfg[4]) if len(cfg) > 4 else False
+    cfg = tuple(_CONFIG_OVERRIDE or _prefill_config(D, q.dtype, Lq, Lk, causal))
+    cfg = cfg + _CFG_DEFAULTS[len(cfg):]
+    block_m, block_n, warps, stages, ws, order, merge, maxnreg = cfg
     num_m = triton.cdiv(Lq, block_m)
-    _alibi_fwd_kernel[(num_m, B * H)](
+    # ORDER 1: LPT inside groups of (batch, head) pairs holding about one wave of programs
+    group_bh = max(1, -(-_sm_count(device) // num_m)) if order == 1 else 1
+    extra = {"maxnreg": int(maxnreg)} if maxnreg else {}
+    _alibi_fwd_kernel[(num_m * B * H,)](
         q, k, v, out, slopes,
         *q_strides, *k_strides, *v_strides, *o_strides,
-        H, group, Lq, Lk, past_len, qk_scale, num_m,
-        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, WARP_SPEC=ws,
-        USE_TMA=use_tma, DOT_PREC=prec,
-        num_warps=warps, num_stages=stages,
+        H, group, Lq, Lk, past_len, qk_scale, num_m, B * H, group_bh,
+        CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, WARP_SPEC=bool(ws),
+        USE_TMA=use_tma, DOT_PREC=prec, ORDER=int(order), MERGE=bool(merge),
+        num_warps=warps, num_stages=stages, **extra,
     )
     return out
 

@@ -13,8 +13,12 @@ __all__ = ["make_runner"]
 
 
 def make_runner(model: str | Path, *, provider: str = "cpu", threads: int | None = None, attention: str = "sdpa"):
-    """A runner for an ``.onnx`` file (ONNX Runtime) or a checkpoint folder (PyTorch)."""
+    """A runner for an ``.onnx`` file (ONNX Runtime), an ``.engine`` file (TensorRT) or a checkpoint folder."""
     path = Path(model)
+    if path.suffix == ".engine":
+        from .tensorrt.runner import TrtEngineRunner
+
+        return TrtEngineRunner(path)
     if path.suffix == ".onnx":
         from .onnxruntime import OrtRunner
 
@@ -24,4 +28,4 @@ def make_runner(model: str | Path, *, provider: str = "cpu", threads: int | None
         from .pytorch import TorchRunner
 
         return TorchRunner(load(path).model.set_attention(attention), name=path.name)
-    raise AlibiExportError(f"model {str(path)!r} not found. Note: expected an .onnx file or a checkpoint folder")
+    raise AlibiExportError(f"model {str(path)!r} not found. Note: expected an .onnx or .engine file or a checkpoint folder")
