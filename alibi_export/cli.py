@@ -148,10 +148,11 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="ONNX file to write (default: MODEL_NAME.onnx).")
 @click.option("--dynamic-len/--fixed-len", default=False,
               help="Dynamic batch and sequence, ALiBi bias built from the runtime length (recommended).")
-@click.option("--opset", default=18, show_default=True, type=int)
+@click.option("--opset", type=int, help="ONNX opset (default: 18; 23 for --attention onnx).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
-@click.option("--attention", default="decomposed", show_default=True, type=click.Choice(["decomposed", "plugin"]),
-              help="plugin: one AlibiAttention node per block (with its ONNX function body).")
+@click.option("--attention", default="decomposed", show_default=True, type=click.Choice(["decomposed", "plugin", "onnx"]),
+              help="plugin: one AlibiAttention node per block (with its ONNX function body); onnx: the standard "
+                   "Attention operator (opset 23) with the ALiBi bias as a float mask, for TensorRT-RTX.")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Fixed-length export: sequence length (default: training length).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Fixed-length export: batch.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
@@ -177,7 +178,7 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, valid
                          batch=batch, seq_len=seq_len)
     size = out.stat().st_size / 1e6
     shape = "dynamic batch x sequence" if dynamic_len else f"fixed input shape ({batch}, {seq_len or train_len})"
-    click.echo(f"exported {model} -> {out} ({shape}, opset {opset}, {dtype}, {attention} attention, "
+    click.echo(f"exported {model} -> {out} ({shape}, opset {result.opset}, {dtype}, {attention} attention, "
                f"{size:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     if not dynamic_len:
         click.echo("note: this is a FIXED-LENGTH export; pass --dynamic-len for one file that runs at any length")
@@ -219,7 +220,7 @@ def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, see
 @click.option("--text", type=click.Path(), help="Also compare perplexity on this text.")
 @_one_line_errors
 def validate(onnx_file, model, lengths, batch, seed, provider, text):
-    """Compare ONNX Runtime against PyTorch on random tokens at each length; exit 1 beyond tolerance."""
+    """Compare an .onnx (ONNX Runtime) or .engine (TensorRT) file with PyTorch at each length; exit 1 beyond tolerance."""
     from .checkpoint import load
     from .runtime.onnxruntime import read_metadata
 

@@ -86,7 +86,7 @@ def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, s
     from .runtime import make_runner
 
     path = Path(model)
-    if path.suffix == ".onnx":
+    if path.suffix in (".onnx", ".engine"):
         from .runtime.onnxruntime import tokenizer_of
 
         tokenizer = tokenizer_of(path)

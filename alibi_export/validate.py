@@ -44,11 +44,13 @@ class CompareResult:
 
 def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int = 1, seed: int | None = None,
             provider: str = "cpu", tolerance: dict | None = None, threads: int | None = None) -> CompareResult:
-    """Compare ``onnx_path`` in ONNX Runtime with ``reference`` (a TorchRunner or any Polygraphy runner)."""
+    """Compare ``onnx_path`` (an ``.onnx`` file in ONNX Runtime or an ``.engine`` in TensorRT) with
+    ``reference`` (a TorchRunner or any Polygraphy runner)."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    from .runtime.onnxruntime import OrtRunner, model_config_of, read_metadata
+    from .runtime import make_runner
+    from .runtime.onnxruntime import model_config_of, read_metadata
 
     cfg = model_config_of(onnx_path)
     dtype = read_metadata(onnx_path).get("alibi_export.dtype", "float32")
@@ -57,7 +59,7 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
     if fixed and len(set(lengths)) > 1:
         raise AlibiExportError(f"{str(onnx_path)!r} is a fixed-length export: validate it at its own length only")
     rng = np.random.default_rng(seed)
-    ort_runner = OrtRunner(onnx_path, provider=provider, threads=threads)
+    ort_runner = make_runner(onnx_path, provider=provider, threads=threads)  # ONNX Runtime, or TensorRT
     results = []
     for length in lengths:
         if length < 1:

@@ -38,7 +38,15 @@ def create_session(path: str | Path, *, provider: str = "cpu", threads: int | No
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
+    """alibi-export metadata of an exported ``.onnx`` file, or of the ONNX an ``.engine`` was built from."""
     path = Path(path)
+    if path.suffix == ".engine" and path.is_file():
+        from .tensorrt.builder import read_sidecar
+
+        source = read_sidecar(path).get("onnx")
+        if not source or not Path(source).is_file():
+            raise AlibiExportError(f"the ONNX file {source!r} that {str(path)!r} was built from is missing")
+        path = Path(source)
     if not path.is_file():
         raise AlibiExportError(f"ONNX file {str(path)!r} not found")
     return dict(_metadata(str(path), path.stat().st_mtime_ns))
