@@ -37,7 +37,85 @@ from alibi_export.kernels import triton_alibi as ka  # noqa: E402
 DEV = "cuda"
 DT = torch.bfloat16
 CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-           (128, 64, 8, 3, True)]
+           (128, 64, 8, 3, True), (64, 64, 4, 3), (64, 64, 4, 3, False, 1, False),
+           (64, 64, 4, 3, False, 1, True), (128, 64, 4, 3, False, 1, False),
+           (128, 128, 8, 3, False, 1, False)]
+
+
+# candidate prefill variants, (BLOCK_M, BLOCK_N, warps, stages, warp_specialize, order, merge,
+# maxnreg): see triton_alibi._CONFIG_OVERRIDE; timed by --variants
+VARIANTS = {
+    128: [(128, 128, 8, 3, False, 1, False), (128, 128, 8, 3, False, 0, True),
+          (128, 128, 8, 3, False, 1, True), (128, 128, 8, 2, False, 1, True),
+          (128, 64, 8, 3, False, 1, True), (128, 64, 8, 2, False, 1, True, 128),
+          (64, 64, 4, 3, False, 1, True), (64, 64, 4, 2, False, 1, True),
+          (128, 128, 8, 3, True, 1, True)],
+    64: [(128, 64, 4, 3, False, 1, False), (128, 64, 4, 3, False, 0, True),
+         (128, 64, 4, 3, False, 1, True), (128, 64, 4, 4, False, 1, True),
+         (128, 64, 4, 2, False, 1, True), (128, 64, 8, 3, False, 1, True),
+         (64, 64, 4, 3, False, 1, True), (128, 128, 8, 3, False, 1, True),
+         (128, 64, 4, 3, True, 1, True)],
+}
+
+
+def variants(dims, lengths, flex_lengths, flex, H=16):
+    """Time the candidate variants next to the default config (timed first and last: spread)."""
+    m = torch.tensor(alibi_slopes(H), device=DEV, dtype=torch.float32)
+    rows = []
+    for D in dims:
+        for L in lengths:
+            B = max(1, 16384 // L)
+            q, k, v = (torch.randn(B, H, L, D, device=DEV, dtype=DT) for _ in range(3))
+            flops = 2 * B * H * L * L * D
+            tf = lambda ms: flops / ms / 1e9  # noqa: E731
+            r = {"D": D, "L": L, "B": B}
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                r["flash"] = tf(bench(lambda: F.scaled_dot_product_attention(q, k, v,
+                                                                             is_causal=True)))
+            r["flex"] = float("nan")
+            if L in flex_lengths:
+                def score_mod(score, b, h, qi, kv):
+                    return score + m[h] * (kv - qi)
+                bm = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, L,
+                                       device=DEV)
+                try:
+                    flex(q, k, v, score_mod=score_mod, block_mask=bm)
+                    r["flex"] = tf(bench(lambda: flex(q, k, v, score_mod=score_mod,
+                                                      block_mask=bm)))
+                except Exception as e:  # noqa: BLE001
+                    print("flex failed", repr(e)[:200])
+            ka._CONFIG_OVERRIDE = None
+            o = ka.alibi_attention(q, k, v, m)
+            r["default"] = tf(bench(lambda: ka.alibi_attention(q, k, v, m)))
+            for cfg in VARIANTS[D]:
+                ka._CONFIG_OVERRIDE = cfg
+                try:
+                    oc = ka.alibi_attention(q, k, v, m)
+                    e = rel_err(oc, o)
+                    t = tf(bench(lambda: ka.alibi_attention(q, k, v, m)))
+                    r[str(cfg)] = t if e < 2e-2 else -1.0
+                    if e >= 2e-2:
+                        print("WRONG", cfg, e)
+                except Exception as ex:  # noqa: BLE001
+                    print("variant", cfg, "failed:", repr(ex)[:300])
+                    r[str(cfg)] = float("nan")
+                finally:
+                    ka._CONFIG_OVERRIDE = None
+            r["default_again"] = tf(bench(lambda: ka.alibi_attention(q, k, v, m)))
+            rows.append(r)
+            print(json.dumps({k_: (round(v_, 1) if isinstance(v_, float) else v_)
+                              for k_, v_ in r.items()}), flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    print(f"\nvariants, TFLOP/s, {torch.cuda.get_device_name()} (x flex / x flash in brackets)")
+    for r in rows:
+        print(f"D={r['D']} L={r['L']} B={r['B']}: flash {r['flash']:.1f} flex {r['flex']:.1f} "
+              f"default {r['default']:.1f} / again {r['default_again']:.1f}")
+        for key, val in r.items():
+            if key.startswith("("):
+                print(f"   {key:<42} {val:7.1f}  [{val / r['flex']:.3f} / {val / r['flash']:.3f}]"
+                      f"  vs default {val / r['default']:.3f}")
+    return rows
 
 
 def bench(fn):
@@ -186,6 +264,9 @@ def main():
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", action="store_true",
+                    help="time the VARIANTS candidates only (Flex at --flex-lengths)")
+    ap.add_argument("--flex-lengths", default="2048")
     a = ap.parse_args()
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64  # one compile per (L, D) shape
@@ -197,6 +278,14 @@ def main():
     print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"D2D copy {bw:.0f} GB/s (read+write)", flush=True)
     lengths = [int(x) for x in a.lengths.split(",")]
+    if a.variants:
+        rows = variants([int(x) for x in a.dims.split(",")], lengths,
+                        [int(x) for x in a.flex_lengths.split(",")], flex)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        print(f"total {time.time() - t0:.0f} s")
+        return
     res = {"device": torch.cuda.get_device_name(), "copy_GBps": bw, "prefill": [], "decode": []}
     for D in [int(x) for x in a.dims.split(",")]:
         res["prefill"] += prefill(D, lengths, 16, a.sweep, not a.no_peers, flex)

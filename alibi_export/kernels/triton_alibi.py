@@ -11,8 +11,10 @@ Two schedules:
 
 * ``_alibi_fwd_kernel`` (prefill): FA2-style, one program per (query block, batch*head); the
   causal key range is split into off-diagonal tiles (no mask, no bounds checks) and the few
-  diagonal tiles (masked). Longest query blocks are launched first. exp2 with log2(e) folded into
-  the scale and the slopes. In causal mode the ALiBi term is applied per *column*,
+  diagonal tiles (masked). Longest query blocks are launched first (1-D grid, one (batch, head)
+  after the other). For short causal programs at head_dim 128 (L <= ~2048) the config switches
+  to BLOCK_M 64 so that two CTAs share an SM (see ``_prefill_config``). exp2 with log2(e)
+  folded into the scale and the slopes. In causal mode the ALiBi term is applied per *column*,
   ``m_h * (j - i0)`` with ``i0`` the block's first query position: the dropped part
   ``-m_h * (i - i0)`` is constant along a row and cancels in the softmax; ``j - i0`` is an exact
   integer before the single fp32 multiply, so no precision is lost for long sequences.
