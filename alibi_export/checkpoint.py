@@ -23,7 +23,7 @@ WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json
 @dataclass
 class Checkpoint:
     model: AlibiLM
-    tokenizer: "tokenizers.Tokenizer"  # noqa: F821
+    tokenizer: object  # a tokenizers.Tokenizer
     path: Path
     sha256: str  # of the weights file, recorded in exported ONNX metadata
 

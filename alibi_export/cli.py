@@ -155,12 +155,14 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
                    "Attention operator (opset 23) with the ALiBi bias as a float mask, for TensorRT-RTX.")
 @click.option("--seq-len", type=click.IntRange(min=1), help="Fixed-length export: sequence length (default: training length).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Fixed-length export: batch.")
+@click.option("--kv-cache", is_flag=True, help="Decoder with attention_mask and past/present tensors, for "
+                                               "`alibi-export generate` (needs --dynamic-len).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity and perplexity against PyTorch after export.")
 @click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16).")
 @click.option("--text", type=click.Path(), default=None, help="Text for perplexity (default: the shipped excerpt).")
 @_one_line_errors
-def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, validate, lengths, text):
+def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_cache, validate, lengths, text):
     """Export MODEL (default: models/alibi-small) to ONNX, then prove parity and perplexity across lengths."""
     import time
 
@@ -175,7 +177,7 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, valid
     train_len = ckpt.config.train_len
     t0 = time.perf_counter()
     result = export_onnx(ckpt, out, dynamic_len=dynamic_len, opset=opset, dtype=dtype, attention=attention,
-                         batch=batch, seq_len=seq_len)
+                         batch=batch, seq_len=seq_len, kv_cache=kv_cache)
     size = out.stat().st_size / 1e6
     shape = "dynamic batch x sequence" if dynamic_len else f"fixed input shape ({batch}, {seq_len or train_len})"
     click.echo(f"exported {model} -> {out} ({shape}, opset {result.opset}, {dtype}, {attention} attention, "
@@ -185,6 +187,9 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, valid
     if not validate:
         return
     lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if dynamic_len else [seq_len or train_len])
+    if kv_cache:
+        _validate_kv_cache(out, ckpt, lengths, train_len)
+        return
     _validate_and_report(out, ckpt, lengths, text, train_len, batch=1 if dynamic_len else batch)
 
 
@@ -315,6 +320,57 @@ def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cach
                f"{min_len}..{opt_len}..{max_len}, batch {':'.join(map(str, batch))}) in {r.build_seconds:.1f}s "
                f"({out.stat().st_size / 1e6:.1f} MB)")
     click.echo(f"sidecar: {r.sidecar_path}")
+
+
+def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8):
+    from .validate import compare_kv_cache
+
+    click.echo(f"KV-cache parity: prefill L-{steps} tokens, decode {steps} one at a time, vs one PyTorch forward")
+    result = compare_kv_cache(onnx_path, ckpt.model, lengths, steps=steps)
+    _print_parity(result, train_len=train_len)
+    if not result:
+        raise click.ClickException("parity check failed: ONNX Runtime logits differ from PyTorch beyond tolerance")
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("-p", "--prompt", "prompts", multiple=True, required=True,
+              help="Text to continue; repeat for a batch (left-padded).")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", type=float, help="Sample at this temperature (default: greedy decoding).")
+@click.option("--top-k", type=int, help="Sample from the K most likely tokens.")
+@click.option("--top-p", type=float, help="Sample from the smallest set of tokens whose probability reaches P.")
+@click.option("--seed", type=int, help="Seed for sampling (default: fresh).")
+@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
+@_one_line_errors
+def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, threads):
+    """Continue each --prompt with a KV-cache export (`onnx --dynamic-len --kv-cache`) in ONNX Runtime."""
+    from .runtime.generate import GenerationSession
+
+    session = GenerationSession(onnx_file, provider=provider, threads=threads)
+    sampling = temperature is not None or top_k is not None or top_p is not None
+    options = dict(greedy=not sampling, seed=seed)
+    if sampling:
+        options.update(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p)
+    rows = session.encode(list(prompts))  # errors (empty prompt) before anything is printed
+    if len(prompts) == 1:  # one prompt streams as it is generated; the prompt once its options are accepted
+        unprinted = [prompts[0]]
+
+        def on_token(row, token, text):
+            click.echo("".join(unprinted) + text, nl=False)
+            unprinted.clear()
+
+        result = session.generate_ids(rows, max_new_tokens, on_token=on_token, **options)
+        click.echo("".join(unprinted))
+    else:
+        result = session.generate_ids(rows, max_new_tokens, **options)
+        for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
+            click.echo(f"[{i}] {prompt}{text}")
+    click.echo(f"{result.new_tokens} new tokens for {len(prompts)} prompt(s) in "
+               f"{result.prefill_seconds + result.decode_seconds:.2f}s: {result.tokens_per_s:.1f} tokens/s "
+               f"(prefill {1e3 * result.prefill_seconds:.1f} ms, decode {result.decode_ms_per_step:.2f} ms/step, "
+               f"{provider})", err=True)
 
 
 if __name__ == "__main__":

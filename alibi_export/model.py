@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .alibi import alibi_bias, alibi_slopes
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS"]
+__all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE"]
 
 POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
 ATTENTION_IMPLS = ("auto", "eager", "sdpa", "triton")
@@ -178,19 +178,28 @@ _POSITION_CLASSES = {"alibi": Alibi, "sinusoidal": Sinusoidal, "rotary": Rotary,
 # Above this many score elements (H x q x k) the eager and SDPA paths run query chunk by query chunk,
 # so that a 16k-token forward on CPU holds O(L) rather than O(L^2) floats; later keys are skipped.
 CHUNK_SCORES = 1 << 26
+# Additive value for padded keys: finite, so that a query row whose keys are all padding (left padding)
+# still softmaxes to finite numbers instead of NaN, and large enough to outweigh any ALiBi term (m*L).
+KEY_MASK_VALUE = -1e9
+
+
+def key_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, Lk) 1/0 -> additive float32 (B, 1, 1, Lk): 0 for real keys, KEY_MASK_VALUE for padding."""
+    return ((1 - attention_mask.to(torch.float32)) * KEY_MASK_VALUE)[:, None, None, :]
 
 
 def _chunked(attend):
-    def wrapper(q, k, v, pos, past_len):
+    def wrapper(q, k, v, pos, past_len, key_mask=None):
         heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
         if not isinstance(q_len, int) or heads * q_len * k_len <= CHUNK_SCORES:
-            return attend(q, k, v, pos, past_len)
+            return attend(q, k, v, pos, past_len, key_mask)
         step = max(1, CHUNK_SCORES // (heads * k_len))
         outs = []
         for start in range(0, q_len, step):
             end = min(start + step, q_len)
             kend = k_len - q_len + end  # the last key the chunk's last query may see
-            outs.append(attend(q[:, :, start:end], k[:, :, :kend], v[:, :, :kend], pos, past_len + start))
+            mask = None if key_mask is None else key_mask[..., :kend]
+            outs.append(attend(q[:, :, start:end], k[:, :, :kend], v[:, :, :kend], pos, past_len + start, mask))
         return torch.cat(outs, dim=2)  # (B, H, q_len, D)
 
     wrapper.__name__ = attend.__name__
@@ -198,8 +207,10 @@ def _chunked(attend):
 
 
 @_chunked
-def attend_eager(q, k, v, pos: PositionMethod, past_len: int):
-    """The explicit math: the reference every other implementation is tested against."""
+def attend_eager(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
+    """The explicit math: the reference every other implementation is tested against.
+
+    ``key_mask``: optional additive float (B, 1, 1, Lk) from :func:`key_padding_mask`."""
     q_len, k_len = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, q, k)
     bias = pos.bias(q_len, k_len, past_len)
@@ -208,13 +219,21 @@ def attend_eager(q, k, v, pos: PositionMethod, past_len: int):
         scores = scores.masked_fill(~causal, float("-inf"))
     else:
         scores = scores + bias.float()  # the bias is not scaled by 1/sqrt(d)
+    if key_mask is not None:
+        scores = scores + key_mask.float()
     return (scores.softmax(-1).to(v.dtype)) @ v
 
 
 @_chunked
-def attend_sdpa(q, k, v, pos: PositionMethod, past_len: int):
+def attend_sdpa(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
     """PyTorch's fastest portable path: a fused kernel with the bias passed as a float mask."""
     bias = pos.bias(q.shape[2], k.shape[2], past_len)
+    if key_mask is not None:
+        if bias is None:
+            bias = alibi_bias(torch.zeros(1, device=q.device), q.shape[2], k.shape[2], past_len=past_len)
+        # Summed in float32, then kept finite in q's dtype: -1e9 is -inf in fp16, and an all -inf row is NaN.
+        mask = (bias.float() + key_mask.float()).clamp(min=torch.finfo(q.dtype).min)  # (B, H, q, k)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
     if bias is None and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if bias is None:
@@ -223,10 +242,13 @@ def attend_sdpa(q, k, v, pos: PositionMethod, past_len: int):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
 
 
-def attend_triton(q, k, v, pos: PositionMethod, past_len: int):
-    """The fused kernel computes the ALiBi term from the slopes; it never builds an L x L bias."""
-    if isinstance(pos, T5Bias) or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return attend_sdpa(q, k, v, pos, past_len)
+def attend_triton(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
+    """The fused kernel computes the ALiBi term from the slopes; it never builds an L x L bias.
+
+    It has no key mask: padded batches take SDPA."""
+    if (key_mask is not None or isinstance(pos, T5Bias) or q.device.type != "cuda"
+            or q.dtype not in (torch.float16, torch.bfloat16)):
+        return attend_sdpa(q, k, v, pos, past_len, key_mask)
     from .kernels import alibi_attention
 
     slopes = pos.head_slopes()
@@ -235,17 +257,18 @@ def attend_triton(q, k, v, pos: PositionMethod, past_len: int):
     return alibi_attention(q, k, v, slopes, causal=True, past_len=past_len)
 
 
-def attend_auto(q, k, v, pos: PositionMethod, past_len: int):
+def attend_auto(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
     """The default: the fused kernel on CUDA in fp16/bf16 when Triton is there, SDPA otherwise.
 
     The kernel has no backward pass, so training (inputs that need gradients) stays on SDPA."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not needs_grad and not isinstance(pos, T5Bias):
+    if (key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not needs_grad
+            and not isinstance(pos, T5Bias)):
         from .kernels import triton_available
 
         if triton_available():
             return attend_triton(q, k, v, pos, past_len)
-    return attend_sdpa(q, k, v, pos, past_len)
+    return attend_sdpa(q, k, v, pos, past_len, key_mask)
 
 
 _ATTEND = {"auto": attend_auto, "eager": attend_eager, "sdpa": attend_sdpa, "triton": attend_triton}
@@ -259,7 +282,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.attend = attend_auto  # swapped by AlibiLM.set_attention and, during export, by the exporter
 
-    def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None):
         B, L, C = x.shape
         qkv = self.qkv(x)  # slices, not split(): opset 17's Split has no num_outputs attribute
         q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
@@ -270,7 +294,8 @@ class CausalSelfAttention(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, H, past+L, D)
         present = (k, v)
         q, k = pos.rotate(q, k, past_len)
-        y = self.attend(q, k, v, pos, past_len)  # (B, H, L, D)
+        # Only padded batches pass a key mask, so attends without that parameter keep working.
+        y = self.attend(q, k, v, pos, past_len) if key_mask is None else self.attend(q, k, v, pos, past_len, key_mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, C)), present
 
 
@@ -283,8 +308,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, pos, past=None):
-        a, present = self.attn(self.ln_1(x), pos, past)
+    def forward(self, x, pos, past=None, key_mask=None):
+        a, present = self.attn(self.ln_1(x), pos, past, key_mask)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln_2(x))), present
 
@@ -319,13 +344,24 @@ class AlibiLM(nn.Module):
             block.attn.attend = _ATTEND[impl]
         return self
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None):
-        """Logits (B, L, V); with ``past_key_values`` (one (k, v) per layer) also the new cache."""
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None):
+        """Logits (B, L, V); with ``past_key_values`` (one (k, v) per layer) also the new cache.
+
+        ``attention_mask`` (B, past_len + L), 1 for real tokens and 0 for padding (left padding for
+        prompts of different lengths), masks padded keys. ALiBi depends only on j - i, so a left-padded
+        row gives the same logits as the row alone; absolute position methods do not have that property."""
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        key_mask = None
+        if attention_mask is not None:
+            if not torch.compiler.is_compiling() and tuple(attention_mask.shape) != (input_ids.shape[0],
+                                                                                     past_len + input_ids.shape[1]):
+                raise ValueError(f"attention_mask must have shape (batch, past + sequence) = ({input_ids.shape[0]}, "
+                                 f"{past_len + input_ids.shape[1]}), got {tuple(attention_mask.shape)}")
+            key_mask = key_padding_mask(attention_mask)  # (B, 1, 1, past + L)
         x = self.drop(self.pos.embed(self.wte(input_ids), past_len))  # (B, L, d)
         presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, self.pos, None if past_key_values is None else past_key_values[i])
+            x, present = block(x, self.pos, None if past_key_values is None else past_key_values[i], key_mask)
             presents.append(present)
         logits = self.ln_f(x) @ self.wte.weight.T  # (B, L, V), tied embeddings
         return logits if past_key_values is None else (logits, presents)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_dir
-from .checkpoint import CONFIG, TOKENIZER, WEIGHTS, save
+from .checkpoint import TOKENIZER, WEIGHTS, save
 from .data import corpus_split, encode_text, read_text, train_tokenizer
 from .errors import CheckpointError, ConfigError
 from .model import AlibiLM, ModelConfig

@@ -144,3 +144,15 @@ def test_other_position_methods_export(tiny_tokenizer, tmp_path, position):
     ck = load(make_tiny(tmp_path / "ck", tiny_tokenizer, position=position))
     res = export_onnx(ck, tmp_path / "m.onnx")
     assert compare(res.path, TorchRunner(ck.model), [7, 64])
+
+
+def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit the weights go to a side file; exercised here by lowering the limit."""
+    import alibi_export.export.onnx as exp
+
+    monkeypatch.setattr(exp, "_TWO_GB", 64 << 20)  # every model is "large" now
+    ck = load(tiny_dir)
+    res = export_onnx(ck, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
+    assert compare(res.path, TorchRunner(ck.model), [9])

@@ -1,6 +1,3 @@
-import json
-
-import numpy as np
 import pytest
 
 from alibi_export.data import encode_text, read_text

@@ -12,15 +12,21 @@ int32 element counts in ORT CUDA. Each chunk of
 O(B·H·q_chunk·L), linear in L, and half of the L² products are never computed. The bias is
 built from the runtime positions in float32 whatever the I/O dtype: the ALiBi term reaches
 m·L in magnitude, which fp16 cannot hold to the precision softmax needs.
+
+The KV-cache export uses a second op, ``AlibiAttentionMasked(q, k, v, key_mask)``, with the
+same body plus an additive float key mask (B, 1, 1, Lk) for left-padded batches; both ops share
+:func:`_attend_block`, and the 3-input op is unchanged by the masked one.
 """
 from __future__ import annotations
 
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_VERSION", "attention_function", "DEFAULT_Q_CHUNK", "DEFAULT_WHOLE_LEN"]
+__all__ = ["DOMAIN", "OP_TYPE", "MASKED_OP_TYPE", "OP_VERSION", "attention_function", "DEFAULT_Q_CHUNK",
+           "DEFAULT_WHOLE_LEN"]
 
 DOMAIN, OP_TYPE, OP_VERSION = "alibi_export", "AlibiAttention", 1
+MASKED_OP_TYPE = "AlibiAttentionMasked"
 DEFAULT_Q_CHUNK = 256
 DEFAULT_WHOLE_LEN = 1024
 ATTRIBUTES = ("num_heads", "head_dim", "slopes", "scale", "causal")
@@ -39,12 +45,19 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
     return node
 
 
-def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str) -> list[onnx.NodeProto]:
+def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str,
+                  masked: bool = False) -> list[onnx.NodeProto]:
     """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend).
 
     The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
-    it. Names are prefixed with ``p``: a subgraph may not redefine a name of its outer scope."""
+    it. Names are prefixed with ``p``: a subgraph may not redefine a name of its outer scope.
+    With ``masked`` the function's float32 ``key_mask_f`` (B, 1, 1, Lk) is added to the scores."""
     n = helper.make_node
+    logits = p + "logits_alibi" if masked else p + "logits"
+    mask = [
+        n("Slice", ["key_mask_f", "zero1", kend, "axis3"], [p + "key_mask"]),  # (B, 1, 1, kend)
+        n("Add", [logits, p + "key_mask"], [p + "logits"]),  # finite for padding: all-padding rows stay finite
+    ] if masked else []
     return [
         n("Slice", ["k_t", "zero1", kend, "axis3"], [p + "k"]),  # (B, H, D, kend)
         n("Slice", ["v_f", "zero1", kend, "axis2"], [p + "v"]),  # (B, H, kend, D)
@@ -64,7 +77,8 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str)
         n("And", ["causal_b", p + "future"], [p + "masked"]),
         n("Where", [p + "masked", "neg_inf", p + "bias"], [p + "bias_masked"]),
         n("MatMul", [q, p + "k"], [p + "scores"]),  # (B, H, C, kend); q is already scaled
-        n("Add", [p + "scores", p + "bias_masked"], [p + "logits"]),
+        n("Add", [p + "scores", p + "bias_masked"], [logits]),
+        *mask,
         n("Softmax", [p + "logits"], [p + "probs"], axis=-1),
         n("MatMul", [p + "probs", p + "v"], [out]),  # (B, H, C, D)
     ]
@@ -75,14 +89,14 @@ def _graph(name: str, nodes, inputs, outputs) -> onnx.GraphProto:
                              [helper.make_tensor_value_info(*o) for o in outputs])
 
 
-def _whole_branch() -> onnx.GraphProto:
+def _whole_branch(masked: bool) -> onnx.GraphProto:
     """All queries at once: fastest while the (B, H, Lq, Lk) scores are small."""
     nodes = [helper.make_node("Add", ["q_len", "past"], ["w_q_end"])]
-    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", "k_len", "w_out")
+    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", "k_len", "w_out", masked)
     return _graph("alibi_attention_whole", nodes, [], [("w_out", TensorProto.FLOAT, None)])
 
 
-def _chunk_body() -> onnx.GraphProto:
+def _chunk_body(masked: bool) -> onnx.GraphProto:
     """One Loop iteration: queries [c0, c0 + C) against keys [0, kend)."""
     n = helper.make_node
     nodes = [
@@ -94,14 +108,14 @@ def _chunk_body() -> onnx.GraphProto:
         n("Add", ["c1", "past"], ["q_end"]),
         n("Min", ["q_end", "k_len"], ["kend_causal"]),
         n("Where", ["causal_b", "kend_causal", "k_len"], ["kend"]),  # causal: later keys are never read
-        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c"),
+        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", masked),
         n("Identity", ["cond_in"], ["cond_out"]),
     ]
     return _graph("alibi_attention_chunk", nodes, [("iter", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, [])],
                   [("cond_out", TensorProto.BOOL, []), ("out_c", TensorProto.FLOAT, None)])
 
 
-def _chunked_branch() -> onnx.GraphProto:
+def _chunked_branch(masked: bool) -> onnx.GraphProto:
     """A Loop over query chunks: memory O(B·H·C·Lk) instead of O(B·H·Lq·Lk)."""
     n = helper.make_node
     nodes = [
@@ -115,7 +129,7 @@ def _chunked_branch() -> onnx.GraphProto:
         n("Sub", ["q_padded", "q_len"], ["pad_len"]),
         n("Concat", ["zeros6", "pad_len", "zero1"], ["pads"], axis=0),
         n("Pad", ["q_scaled", "pads"], ["q_pad"]),  # (B, H, n*C, D); padded rows are dropped below
-        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body()),  # (n, B, H, C, D)
+        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body(masked)),  # (n, B, H, C, D)
         n("Transpose", ["chunks"], ["chunks_t"], perm=[1, 2, 0, 3, 4]),  # (B, H, n, C, D)
         n("Concat", ["reshape_tail", "head_dim"], ["out_shape"], axis=0),
         n("Reshape", ["chunks_t", "out_shape"], ["out_padded"]),  # (B, H, n*C, D)
@@ -124,9 +138,12 @@ def _chunked_branch() -> onnx.GraphProto:
     return _graph("alibi_attention_chunked", nodes, [], [("l_out", TensorProto.FLOAT, None)])
 
 
-def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK,
-                       whole_len: int = DEFAULT_WHOLE_LEN) -> onnx.FunctionProto:
+def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len: int = DEFAULT_WHOLE_LEN,
+                       masked: bool = False) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
+
+    With ``masked``, ``AlibiAttentionMasked(q, k, v, key_mask) -> out`` instead, where ``key_mask``
+    (B, 1, 1, Lk) is added to the scores (in float32) after the ALiBi bias.
 
     Query i sits at absolute position ``Lk - Lq + i`` (so a KV cache of past keys works unchanged).
     Attributes: num_heads, head_dim, slopes (H floats), scale, causal (1, or 0 for -m|j - i|).
@@ -171,10 +188,14 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK,
         n("Mul", ["q_len", "k_len"], ["n_scores"]),
         n("Squeeze", ["n_scores", "axis0"], ["n_scores_s"]),
         n("LessOrEqual", ["n_scores_s", "whole_max"], ["short"]),
-        n("If", ["short"], ["out_f"], then_branch=_whole_branch(), else_branch=_chunked_branch()),
+        n("If", ["short"], ["out_f"], then_branch=_whole_branch(masked), else_branch=_chunked_branch(masked)),
         n("CastLike", ["out_f", "q"], ["out"]),
     ]
     nodes.insert(5, _i64("one1", [1]))
+    inputs = ["q", "k", "v"]
+    if masked:
+        inputs.append("key_mask")
+        nodes.insert(-2, n("Cast", ["key_mask"], ["key_mask_f"], to=TensorProto.FLOAT))
     return helper.make_function(
-        DOMAIN, OP_TYPE, ["q", "k", "v"], ["out"], nodes,
+        DOMAIN, MASKED_OP_TYPE if masked else OP_TYPE, inputs, ["out"], nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))

@@ -18,7 +18,7 @@ from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
-from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, OP_TYPE, OP_VERSION, attention_function
+from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
 
@@ -44,13 +44,17 @@ class ExportResult:
 
 
 def _attention_node(model: AlibiLM):
-    """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0)."""
+    """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
+    with a key mask (KV-cache export) one AlibiAttentionMasked node."""
     cfg = model.config
     slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
     attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
                  scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
 
-    def attend(q, k, v, pos, past_len):
+    def attend(q, k, v, pos, past_len, key_mask=None):
+        if key_mask is not None:
+            return torch.onnx.ops.symbolic(f"{DOMAIN}::{MASKED_OP_TYPE}", (q, k, v, key_mask), attrs, dtype=q.dtype,
+                                           shape=q.shape, version=OP_VERSION)
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", (q, k, v), attrs, dtype=q.dtype, shape=q.shape,
                                        version=OP_VERSION)
 
@@ -100,8 +104,11 @@ def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset
 
 
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
-    if any(n.op_type == OP_TYPE for n in proto.graph.node):
-        proto.functions.append(attention_function(opset, q_chunk=q_chunk))
+    used = {n.op_type for n in proto.graph.node}
+    if OP_TYPE in used or MASKED_OP_TYPE in used:
+        for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
+            if op in used:
+                proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked))
         if inline:
             proto = onnx.inliner.inline_local_functions(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
@@ -117,7 +124,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
 
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
-                q_chunk: int = DEFAULT_Q_CHUNK) -> ExportResult:
+                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -126,7 +133,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     ``attention="plugin"`` keeps one AlibiAttention node per block (with its function body) for
     TensorRT's plugin; ``"decomposed"`` inlines standard operators; ``"onnx"`` uses the standard
     Attention operator (opset 23, its default there) with the bias as a float mask. ``opset`` defaults to
-    18 for the other forms.
+    18 for the other forms. ``kv_cache`` exports the decoder with ``attention_mask`` and past/present
+    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len`` and the decomposed or
+    plugin form.
     """
     from .. import __version__
 
@@ -141,6 +150,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError(f"unsupported dtype {dtype!r}. Note: expected float32 or float16")
     if attention not in ATTENTION_FORMS:
         raise ExportError(f"unknown attention form {attention!r}. Note: expected one of {ATTENTION_FORMS}")
+    if kv_cache and (not dynamic_len or attention == "onnx"):
+        raise ExportError(f"a KV-cache export needs a dynamic length and the decomposed or plugin attention form. "
+                          f"Note: got dynamic_len={dynamic_len}, attention={attention!r}")
     out = Path(out)
     cfg = checkpoint.config
     seq_len = seq_len or cfg.train_len
@@ -151,8 +163,15 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     model = model.to(getattr(torch, dtype)).eval()
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
-    proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
-                   opset=opset, form=attention)
+    if kv_cache:
+        from .kv_cache import kv_input_names, kv_output_names, trace_kv_cache
+
+        proto = trace_kv_cache(model, opset=opset, form=attention)
+        names = kv_input_names(cfg.n_layer), kv_output_names(cfg.n_layer)
+    else:
+        proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
+                       opset=opset, form=attention)
+        names = ["input_ids"], ["logits"]
     metadata = {
         "alibi_export.version": __version__,
         "alibi_export.position": cfg.position,
@@ -167,18 +186,25 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         # The tokenizer travels inside the file, so a served model needs nothing beside it.
         "alibi_export.tokenizer": checkpoint.tokenizer.to_str(),
     }
+    if kv_cache:
+        metadata["alibi_export.kv_cache"] = "true"
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk, metadata=metadata)
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from None
+    # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
     large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
-    with atomic_path(out) as tmp:
-        if large:  # protobuf cannot hold more than 2 GB: weights go to a side file
-            data = out.with_name(out.name + ".data")
-            onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-        else:
-            onnx.save(proto, tmp)
+    data = out.with_name(out.name + ".data")
+    try:
+        with atomic_path(out) as tmp:
+            if large:
+                onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+            else:
+                onnx.save(proto, tmp)
+            onnx.checker.check_model(str(tmp), full_check=False)
+            onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp), strict_mode=False)
+    except BaseException as e:
+        if large:
+            data.unlink(missing_ok=True)
+        if isinstance(e, (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+            raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from None
+        raise
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
-    return ExportResult(out, ["input_ids"], ["logits"], dynamic_len, opset, dtype, attention, metadata)
+    return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)

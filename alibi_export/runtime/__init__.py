@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import AlibiExportError
+from .generate import GenerationResult, GenerationSession
 
-__all__ = ["make_runner"]
+__all__ = ["make_runner", "GenerationSession", "GenerationResult"]
 
 
 def make_runner(model: str | Path, *, provider: str = "cpu", threads: int | None = None, attention: str = "sdpa"):

@@ -1,0 +1,71 @@
+"""The KV-cache decoder form: one graph for the prefill (past length 0) and every decoding step.
+
+Inputs: ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past_sequence + sequence; int64 1/0,
+left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch, heads,
+past_sequence, head_dim). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next
+step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
+absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import onnx
+import torch
+
+from ..model import AlibiLM
+from .onnx import _export_attention
+
+__all__ = ["kv_input_names", "kv_output_names", "trace_kv_cache"]
+
+# Neither 0 nor 1 (torch.export specializes both) and different from the traced sequence length.
+_TRACE_PAST, _TRACE_LEN, _TRACE_BATCH = 5, 3, 2
+
+
+def kv_input_names(n_layer: int) -> list[str]:
+    return ["input_ids", "attention_mask"] + [f"past_key_values.{i}.{kv}" for i in range(n_layer)
+                                              for kv in ("key", "value")]
+
+
+def kv_output_names(n_layer: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+class _Decoder(torch.nn.Module):
+    """The LM with a flat signature: ids, mask and the cache in, logits and the new cache out."""
+
+    def __init__(self, model: AlibiLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, past_key_values):
+        past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
+        logits, presents = self.model(input_ids, past_key_values=past, attention_mask=attention_mask)
+        return (logits, *(t for kv in presents for t in kv))
+
+
+def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.ModelProto:
+    """The dynamo export of ``model`` as a KV-cache decoder; batch, sequence and past are dynamic.
+
+    Traced with a past of a few tokens; the past dim is declared with min=0 so that the prefill
+    (zero-size past tensors) runs the same graph."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence", min=0)
+    total = torch.export.Dim("total_sequence")  # past + sequence: torch.export has no sum of two dims
+    ids = torch.randint(0, cfg.vocab_size, (_TRACE_BATCH, _TRACE_LEN))
+    mask = torch.ones(_TRACE_BATCH, _TRACE_PAST + _TRACE_LEN, dtype=torch.int64)
+    cache = [torch.randn(_TRACE_BATCH, cfg.n_head, _TRACE_PAST, cfg.head_dim, dtype=dtype)
+             for _ in range(2 * cfg.n_layer)]
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
+    with _export_attention(model, form), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(_Decoder(model), (ids, mask, cache), dynamo=True, dynamic_shapes=dynamic,
+                                    opset_version=opset, input_names=kv_input_names(cfg.n_layer),
+                                    output_names=kv_output_names(cfg.n_layer), optimize=True, verbose=False)
+    proto = program.model_proto
+    mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
+    mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
+    return proto

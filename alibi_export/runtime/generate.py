@@ -1,0 +1,239 @@
+"""Text generation over a KV-cache export in ONNX Runtime: one session owns the tokenizer and the cache.
+
+Every step runs through ONNX Runtime's IO binding. The ``present`` outputs are bound to the session's
+device and handed back as the next step's ``past_key_values`` inputs as they are (``OrtValue``s), so
+on CUDAExecutionProvider the cache never leaves the GPU; only the token ids and the mask go up and
+the logits come down. On CPU the same code runs with device "cpu", so the CPU tests exercise it.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AlibiExportError
+
+__all__ = ["GenerationSession", "GenerationResult", "EOS_TOKEN"]
+
+EOS_TOKEN = "<|endoftext|>"
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]  # the continuation of each prompt (stop token excluded)
+    token_ids: list[list[int]]  # the new token ids of each prompt (stop token excluded)
+    prompt_lengths: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    steps: int  # forward passes after the prefill
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens of all prompts per second of prefill and decoding together."""
+        return self.new_tokens / max(self.prefill_seconds + self.decode_seconds, 1e-9)
+
+    @property
+    def decode_ms_per_step(self) -> float:
+        return 1e3 * self.decode_seconds / max(self.steps, 1)
+
+
+class GenerationSession:
+    """An ONNX Runtime session over a KV-cache export (``alibi-export onnx --dynamic-len --kv-cache``).
+
+    ``path``: the ``.onnx`` file; ``provider``: "cpu" or "cuda". The tokenizer comes from the file's
+    metadata. ``generate`` takes text, ``generate_ids`` token ids; ``step`` is one forward pass.
+    """
+
+    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None, device_id: int = 0):
+        from .onnxruntime import create_session, model_config_of, tokenizer_of
+
+        self.path = Path(path)
+        self.session = create_session(self.path, provider=provider, threads=threads)
+        self.device, self.device_id = ("cuda" if provider == "cuda" else "cpu"), device_id
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self._past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        if "attention_mask" not in inputs or not self._past_names:
+            raise AlibiExportError(f"{str(self.path)!r} has no KV-cache inputs (attention_mask, past_key_values.*). "
+                                   "Note: export it with `alibi-export onnx MODEL --dynamic-len --kv-cache`")
+        self._present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.config = model_config_of(self.path)
+        self.tokenizer = tokenizer_of(self.path)
+        self.cache_dtype = _DTYPES[inputs[self._past_names[0]].type]
+
+    # ------------------------------------------------------------------ one forward pass
+    def new_cache(self, batch: int) -> list:
+        """Zero-length past tensors (batch, heads, 0, head_dim) on the session's device: the prefill's cache."""
+        from onnxruntime import OrtValue
+
+        empty = np.zeros((batch, self.config.n_head, 0, self.config.head_dim), dtype=self.cache_dtype)
+        return [OrtValue.ortvalue_from_numpy(empty, self.device, self.device_id) for _ in self._past_names]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
+        """Logits (B, L, V) as float32 on the host, and the new cache (``OrtValue``s left on the device).
+
+        ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        for name, value in zip(self._past_names, cache):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # sampling runs on the host
+        for name in self._present_names:
+            binding.bind_output(name, self.device, self.device_id)  # stays where the model runs
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in the order bound: logits, then the presents
+        return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
+
+    # ------------------------------------------------------------------ generation
+    def encode(self, prompts: str | Sequence[str]) -> list[list[int]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise AlibiExportError("no prompt given. Note: expected at least one non-empty prompt")
+        ids = [self.tokenizer.encode(p).ids if isinstance(p, str) else None for p in prompts]
+        for i, (p, row) in enumerate(zip(prompts, ids)):
+            if not isinstance(p, str):
+                raise AlibiExportError(f"prompt {i} is not a string. Note: got {type(p).__name__}")
+            if not row:
+                raise AlibiExportError(f"prompt {i} is empty. Note: expected text that encodes to at least one token")
+        return ids
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, **options) -> GenerationResult:
+        """Continue each prompt; batched prompts are left-padded. Options as :meth:`generate_ids`."""
+        return self.generate_ids(self.encode(prompts), max_new_tokens, **options)
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 32, *, greedy: bool = True,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     stop_tokens: Iterable[int | str] | None = None, seed: int | None = None,
+                     on_token: Callable[[int, int, str], None] | None = None) -> GenerationResult:
+        """Continue each row of ``prompt_ids`` by up to ``max_new_tokens`` tokens.
+
+        ``greedy`` takes the argmax; ``greedy=False`` samples at ``temperature`` from the ``top_k`` most
+        likely tokens and the smallest set whose probability reaches ``top_p``, with a generator seeded by
+        ``seed`` (same seed, same text). A row stops at any of ``stop_tokens`` (ids or token strings;
+        default: the end-of-text token where the vocabulary has one). ``on_token(row, token_id, text)`` is
+        called for each new token with the text it adds (empty while a multi-byte character is incomplete).
+        """
+        rows = self._check_ids(prompt_ids)
+        sampler = _Sampler(greedy, temperature, top_k, top_p, seed)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise AlibiExportError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stops = self._stop_ids(stop_tokens)
+        ids, mask = _left_pad(rows)  # (B, L) each
+        streams = [_Stream(self.tokenizer, i, on_token) for i in range(len(rows))]
+        t0 = time.perf_counter()
+        logits, cache = self.step(ids, mask, self.new_cache(len(rows)))
+        prefill, steps = time.perf_counter() - t0, 0
+        t0 = time.perf_counter()
+        while True:
+            next_ids = sampler(logits[:, -1])  # (B,)
+            for stream, token in zip(streams, next_ids):
+                stream.push(int(token), stops)
+            if all(s.done or len(s.ids) >= max_new_tokens for s in streams):
+                break
+            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)  # (B, past + 1)
+            logits, cache = self.step(next_ids[:, None], mask, cache)
+            steps += 1
+        decode = time.perf_counter() - t0
+        return GenerationResult([s.text() for s in streams], [s.ids for s in streams], [len(r) for r in rows],
+                                prefill, decode, steps)
+
+    def _check_ids(self, prompt_ids) -> list[list[int]]:
+        rows = [list(map(int, np.asarray(r, dtype=np.int64).ravel())) for r in prompt_ids]
+        if not rows or any(not r for r in rows):
+            raise AlibiExportError("empty prompt. Note: expected at least one token id in every prompt")
+        vocab = self.config.vocab_size
+        bad = [t for r in rows for t in r if not 0 <= t < vocab]
+        if bad:
+            raise AlibiExportError(f"token id {bad[0]} is outside the vocabulary. Note: expected ids in [0, {vocab})")
+        return rows
+
+    def _stop_ids(self, stop_tokens) -> set[int]:
+        if stop_tokens is None:
+            eos = self.tokenizer.token_to_id(EOS_TOKEN)
+            return set() if eos is None else {eos}
+        ids = set()
+        for t in stop_tokens:
+            tid = self.tokenizer.token_to_id(t) if isinstance(t, str) else int(t)
+            if tid is None:
+                raise AlibiExportError(f"stop token {t!r} is not in the vocabulary")
+            ids.add(tid)
+        return ids
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids (B, L) with padding (id 0) on the left, and the 1/0 attention mask."""
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+class _Sampler:
+    def __init__(self, greedy: bool, temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
+        if greedy and (temperature != 1.0 or top_k is not None or top_p is not None):
+            raise AlibiExportError("temperature, top_k and top_p apply to sampling. Note: pass greedy=False")
+        if not temperature > 0:
+            raise AlibiExportError(f"temperature must be positive, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise AlibiExportError(f"top_k must be a positive integer, got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise AlibiExportError(f"top_p must be in (0, 1], got {top_p}")
+        self.greedy, self.temperature, self.top_k, self.top_p = greedy, temperature, top_k, top_p
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """(B, V) logits -> (B,) token ids."""
+        if self.greedy:
+            return logits.argmax(-1)
+        x = logits.astype(np.float64) / self.temperature
+        order = np.argsort(-x, axis=-1, kind="stable")  # most likely first
+        x = np.take_along_axis(x, order, axis=-1)
+        if self.top_k is not None:
+            x[:, self.top_k:] = -np.inf
+        probs = np.exp(x - x[:, :1])
+        probs /= probs.sum(-1, keepdims=True)
+        if self.top_p is not None:
+            before = np.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+            probs = np.where(before < self.top_p, probs, 0.0)
+            probs /= probs.sum(-1, keepdims=True)
+        cdf = np.cumsum(probs, axis=-1)
+        u = self.rng.random((len(x), 1)) * cdf[:, -1:]
+        picked = np.minimum((cdf <= u).sum(-1), x.shape[1] - 1)  # (B,) rank of the chosen token
+        return np.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+
+
+class _Stream:
+    """One prompt's new tokens, and its text as it grows (for the streaming callback)."""
+
+    def __init__(self, tokenizer, row: int, on_token):
+        self.tokenizer, self.row, self.on_token = tokenizer, row, on_token
+        self.ids: list[int] = []
+        self.done, self._emitted = False, 0
+
+    def push(self, token: int, stops: set[int]):
+        if self.done:
+            return
+        if token in stops:
+            self.done = True
+            return
+        self.ids.append(token)
+        if self.on_token is not None:
+            text = self.text()
+            # A byte-level token may end inside a UTF-8 character: hold it back until the character completes.
+            ready = len(text) if not text.endswith("\ufffd") else self._emitted
+            self.on_token(self.row, token, text[self._emitted:ready])
+            self._emitted = max(self._emitted, ready)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

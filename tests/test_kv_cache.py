@@ -1,0 +1,232 @@
+"""KV-cache export and generation in ONNX Runtime: incremental decoding, padding, parity, bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from alibi_export.errors import AlibiExportError, ExportError
+from alibi_export.export.attention_function import MASKED_OP_TYPE
+from alibi_export.export.onnx import export_onnx
+from alibi_export.runtime.generate import GenerationSession
+from alibi_export.validate import TOLERANCES
+from tests.conftest import EXCERPT
+
+TRAIN_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def kv_onnx(tmp_path_factory, shipped):
+    return export_onnx(shipped, tmp_path_factory.mktemp("kv") / "alibi-small-kv.onnx", kv_cache=True).path
+
+
+@pytest.fixture(scope="module")
+def kv_onnx_fp16(tmp_path_factory, shipped):
+    return export_onnx(shipped, tmp_path_factory.mktemp("kv16") / "kv16.onnx", kv_cache=True, dtype="float16").path
+
+
+@pytest.fixture(scope="module")
+def session(kv_onnx):
+    return GenerationSession(kv_onnx)
+
+
+def _incremental(session, ids, pieces):
+    """Logits of ``ids`` fed through the cache in pieces of the given lengths."""
+    cache, start, out = session.new_cache(ids.shape[0]), 0, []
+    mask = np.ones_like(ids)
+    for n in pieces:
+        logits, cache = session.step(ids[:, start:start + n], mask[:, :start + n], cache)
+        out.append(logits)
+        start += n
+    assert start == ids.shape[1]
+    return np.concatenate(out, axis=1)
+
+
+def _torch_logits(model, ids, attention_mask=None):
+    with torch.inference_mode():
+        mask = None if attention_mask is None else torch.from_numpy(attention_mask)
+        return model(torch.from_numpy(ids), attention_mask=mask).float().numpy()
+
+
+# 1000 tokens take the function's whole-score path with past 0; the next 1000 (past 1000) its Loop over
+# query chunks; 48 single-token steps then reach 2048 = 8x the training length.
+PIECES = [1000, 1000] + [1] * 48
+
+
+def test_incremental_decoding_fp32_matches_full_forward_at_8x(shipped, session):
+    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
+    incremental = _incremental(session, ids, PIECES)
+    full = _incremental(session, ids, [ids.shape[1]])  # one forward, past length 0
+    reference = _torch_logits(shipped.model, ids)
+    assert np.abs(incremental - full).max() < 1e-4, np.abs(incremental - full).max()  # observed ~1e-5
+    assert np.abs(incremental - reference).max() < 1e-4, np.abs(incremental - reference).max()
+    assert (incremental.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_incremental_decoding_fp16_matches_pytorch_at_8x(shipped, kv_onnx_fp16):
+    """fp16 I/O, weights and cache; the ALiBi term (m*(j - i) up to ~1000 here) and softmax stay float32
+    inside the attention function. Tolerance: TOLERANCES["float16"] (|logits| ~20, one fp16 ulp there is
+    0.0156; a few ulps of rounding through 4 layers), as for the full-sequence fp16 export."""
+    fp16 = GenerationSession(kv_onnx_fp16)
+    assert fp16.cache_dtype == np.float16
+    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
+    incremental = _incremental(fp16, ids, PIECES)
+    reference = _torch_logits(shipped.model, ids)
+    tol = TOLERANCES["float16"]
+    assert np.isfinite(incremental).all()
+    np.testing.assert_allclose(incremental, reference, **tol)
+    assert (incremental.argmax(-1) == reference.argmax(-1)).mean() > 0.99
+
+
+def test_left_padded_batch_matches_each_prompt_alone(shipped, session):
+    rng = np.random.default_rng()
+    rows = [rng.integers(0, shipped.config.vocab_size, n).tolist() for n in (5, 40, 23)]
+    from alibi_export.runtime.generate import _left_pad
+
+    ids, mask = _left_pad(rows)
+    batched, _ = session.step(ids, mask, session.new_cache(len(rows)))
+    assert np.isfinite(batched).all()  # rows that are all padding stay finite (a finite mask value)
+    torch_batched = _torch_logits(shipped.model, ids, mask)
+    for i, row in enumerate(rows):
+        alone, _ = session.step(np.array([row]), np.ones((1, len(row)), np.int64), session.new_cache(1))
+        real = batched[i, ids.shape[1] - len(row):]
+        assert np.abs(real - alone[0]).max() < 1e-4
+        assert np.abs(torch_batched[i, ids.shape[1] - len(row):] - alone[0]).max() < 1e-4
+    together = session.generate_ids(rows, 12, stop_tokens=[])
+    for i, row in enumerate(rows):
+        assert together.token_ids[i] == session.generate_ids([row], 12, stop_tokens=[]).token_ids[0]
+
+
+def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
+    cfg = model.config
+    empty = [(torch.zeros(1, cfg.n_head, 0, cfg.head_dim),) * 2 for _ in range(cfg.n_layer)]
+    out = []
+    with torch.inference_mode():
+        logits, cache = model(torch.tensor([prompt]), past_key_values=empty)
+        for _ in range(n):
+            out.append(int(logits[0, -1].argmax()))
+            logits, cache = model(torch.tensor([[out[-1]]]), past_key_values=cache)
+    return out
+
+
+def test_greedy_generation_matches_pytorch(shipped, session):
+    rng = np.random.default_rng()
+    text = EXCERPT.read_text()
+    start = int(rng.integers(0, len(text) - 2000))
+    prompts = [session.tokenizer.encode(text[start:start + 1500]).ids,  # real text
+               rng.integers(0, shipped.config.vocab_size, 50).tolist()]  # random ids
+    result = session.generate_ids(prompts, 32, stop_tokens=[])
+    for prompt, got in zip(prompts, result.token_ids):
+        assert got == _torch_greedy(shipped.model, prompt, 32)
+    assert result.texts[0] == session.tokenizer.decode(result.token_ids[0], skip_special_tokens=True)
+    assert result.steps == 31 and result.tokens_per_s > 0
+
+
+def test_sampling_is_reproducible_with_a_seed(session):
+    options = dict(greedy=False, temperature=0.9, top_k=50, top_p=0.95, stop_tokens=[])
+    prompts = ["The old house", "She said that"]
+    first = session.generate(prompts, 16, seed=7, **options)
+    assert session.generate(prompts, 16, seed=7, **options).token_ids == first.token_ids
+    others = [session.generate(prompts, 16, seed=s, **options).token_ids for s in (8, 9)]
+    assert any(o != first.token_ids for o in others)
+    greedy = session.generate(prompts, 16, stop_tokens=[]).token_ids
+    assert session.generate(prompts, 16, greedy=False, top_k=1, seed=1, stop_tokens=[]).token_ids == greedy
+
+
+def test_streaming_and_stop_tokens(session):
+    pieces = []
+    result = session.generate("It was a dark night", 20, stop_tokens=[], on_token=lambda r, t, s: pieces.append((t, s)))
+    assert [t for t, _ in pieces] == result.token_ids[0]
+    assert "".join(s for _, s in pieces) == result.texts[0]
+    stop = result.token_ids[0][5]
+    stopped = session.generate("It was a dark night", 20, stop_tokens=[stop])
+    assert stopped.token_ids[0] == result.token_ids[0][:result.token_ids[0].index(stop)]
+
+
+def test_export_graph_and_metadata(shipped, kv_onnx):
+    model = onnx.load(kv_onnx)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["alibi_export.kv_cache"] == "true"
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    n, h, d = shipped.config.n_layer, shipped.config.n_head, shipped.config.head_dim
+    assert dims["input_ids"] == ["batch", "sequence"]
+    assert dims["attention_mask"] == ["batch", "past_sequence + sequence"]
+    assert dims["past_key_values.0.key"] == ["batch", h, "past_sequence", d]
+    assert len(dims) == 2 + 2 * n
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert not any(node.op_type == MASKED_OP_TYPE for node in model.graph.node)  # decomposed: inlined
+
+
+def test_plugin_form_keeps_the_masked_node(shipped, session, tmp_path):
+    path = export_onnx(shipped, tmp_path / "kv-plugin.onnx", kv_cache=True, attention="plugin").path
+    model = onnx.load(path)
+    assert sum(node.op_type == MASKED_OP_TYPE for node in model.graph.node) == shipped.config.n_layer
+    assert [f.name for f in model.functions] == [MASKED_OP_TYPE]
+    rows = [np.random.default_rng().integers(0, shipped.config.vocab_size, n).tolist() for n in (9, 3)]
+    assert GenerationSession(path).generate_ids(rows, 6).token_ids == session.generate_ids(rows, 6).token_ids
+
+
+def test_kv_cache_export_needs_dynamic_length(shipped, tmp_path):
+    with pytest.raises(ExportError, match="dynamic length"):
+        export_onnx(shipped, tmp_path / "m.onnx", kv_cache=True, dynamic_len=False)
+
+
+@pytest.mark.parametrize("prompts", ["", ["fine", ""], []])
+def test_empty_prompt(session, prompts):
+    with pytest.raises(AlibiExportError, match="prompt"):
+        session.generate(prompts, 4)
+
+
+@pytest.mark.parametrize("bad", [[[1, 2, 4096]], [[-1]], [[]]])
+def test_token_ids_outside_the_vocabulary(session, bad):
+    with pytest.raises(AlibiExportError, match="vocabulary|empty"):
+        session.generate_ids(bad, 4)
+
+
+def test_model_without_kv_inputs(shipped_onnx):
+    with pytest.raises(AlibiExportError, match="no KV-cache inputs"):
+        GenerationSession(shipped_onnx)
+
+
+def test_unknown_provider(kv_onnx):
+    with pytest.raises(AlibiExportError, match="unknown provider"):
+        GenerationSession(kv_onnx, provider="tpu")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "alibi_export", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_generate_streams_and_reports_speed(kv_onnx):
+    proc = _cli("generate", kv_onnx, "--prompt", "The king said", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The king said") and "tokens/s" in proc.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "hi", "--provider", "tpu"], "unknown provider"),
+    (["--prompt", "hi", "--temperature", "0"], "temperature must be positive"),
+])
+def test_cli_one_line_errors(kv_onnx, args, match):
+    proc = _cli("generate", kv_onnx, *args)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error") and match in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_generate_refuses_a_model_without_kv_inputs(shipped_onnx):
+    proc = _cli("generate", shipped_onnx, "--prompt", "hi")
+    assert proc.returncode == 1 and proc.stderr.startswith("Error") and "no KV-cache inputs" in proc.stderr
+
+
+def test_cli_export_with_kv_cache_validates(tiny_dir, tmp_path):
+    out = tmp_path / "tiny-kv.onnx"
+    proc = _cli("onnx", tiny_dir, "--dynamic-len", "--kv-cache", "-o", out, "--lengths", "40,100")
+    assert proc.returncode == 0, proc.stderr
+    assert "KV-cache parity" in proc.stdout and "parity PASS" in proc.stdout
+    proc = _cli("onnx", tiny_dir, "--kv-cache", "-o", tmp_path / "f.onnx")
+    assert proc.returncode == 1 and "dynamic length" in proc.stderr
