@@ -46,12 +46,14 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
 
 
 def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str,
-                  masked: bool = False) -> list[onnx.NodeProto]:
+                  masked: bool = False, fold: bool = False) -> list[onnx.NodeProto]:
     """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend).
 
     The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
     it. Names are prefixed with ``p``: a subgraph may not redefine a name of its outer scope.
-    With ``masked`` the function's float32 ``key_mask_f`` (B, 1, 1, Lk) is added to the scores."""
+    With ``masked`` the function's float32 ``key_mask_f`` (B, 1, 1, Lk) is added to the scores.
+    With ``fold`` (every slope > 0) the causal -inf goes into (j - i) before the slopes multiply it,
+    which saves one pass over the (H, C, kend) bias; a zero slope would turn it into NaN."""
     n = helper.make_node
     logits = p + "logits_alibi" if masked else p + "logits"
     mask = [
@@ -72,10 +74,15 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str,
         n("Abs", [p + "rel"], [p + "rel_abs"]),
         n("Neg", [p + "rel_abs"], [p + "rel_sym"]),
         n("Where", ["causal_b", p + "rel", p + "rel_sym"], [p + "rel_used"]),
-        n("Mul", ["slopes3", p + "rel_used"], [p + "bias"]),  # (H, C, kend): m_h (j - i), not scaled by 1/sqrt(d)
         n("Greater", [p + "rel", "zero_f"], [p + "future"]),
         n("And", ["causal_b", p + "future"], [p + "masked"]),
-        n("Where", [p + "masked", "neg_inf", p + "bias"], [p + "bias_masked"]),
+        # The causal mask is built once per (query, key) for all heads: a Where over the (H, C, kend)
+        # bias costs ONNX Runtime three times what this (C, kend) one and a broadcast Add cost.
+        n("Where", [p + "masked", "neg_inf", "zero_f"], [p + "causal_mask"]),  # (C, kend): 0 or -inf
+        *([n("Add", [p + "rel_used", p + "causal_mask"], [p + "rel_masked"]),
+           n("Mul", ["slopes3", p + "rel_masked"], [p + "bias_masked"])] if fold else  # m_h (j - i) or -inf
+          [n("Mul", ["slopes3", p + "rel_used"], [p + "bias"]),  # (H, C, kend): m_h (j - i), not scaled by 1/sqrt(d)
+           n("Add", [p + "bias", p + "causal_mask"], [p + "bias_masked"])]),
         n("MatMul", [q, p + "k"], [p + "scores"]),  # (B, H, C, kend); q is already scaled
         n("Add", [p + "scores", p + "bias_masked"], [logits]),
         *mask,
@@ -89,14 +96,14 @@ def _graph(name: str, nodes, inputs, outputs) -> onnx.GraphProto:
                              [helper.make_tensor_value_info(*o) for o in outputs])
 
 
-def _whole_branch(masked: bool) -> onnx.GraphProto:
+def _whole_branch(masked: bool, fold: bool) -> onnx.GraphProto:
     """All queries at once: fastest while the (B, H, Lq, Lk) scores are small."""
     nodes = [helper.make_node("Add", ["q_len", "past"], ["w_q_end"])]
-    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", "k_len", "w_out", masked)
+    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", "k_len", "w_out", masked, fold)
     return _graph("alibi_attention_whole", nodes, [], [("w_out", TensorProto.FLOAT, None)])
 
 
-def _chunk_body(masked: bool) -> onnx.GraphProto:
+def _chunk_body(masked: bool, fold: bool) -> onnx.GraphProto:
     """One Loop iteration: queries [c0, c0 + C) against keys [0, kend)."""
     n = helper.make_node
     nodes = [
@@ -108,14 +115,14 @@ def _chunk_body(masked: bool) -> onnx.GraphProto:
         n("Add", ["c1", "past"], ["q_end"]),
         n("Min", ["q_end", "k_len"], ["kend_causal"]),
         n("Where", ["causal_b", "kend_causal", "k_len"], ["kend"]),  # causal: later keys are never read
-        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", masked),
+        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", masked, fold),
         n("Identity", ["cond_in"], ["cond_out"]),
     ]
     return _graph("alibi_attention_chunk", nodes, [("iter", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, [])],
                   [("cond_out", TensorProto.BOOL, []), ("out_c", TensorProto.FLOAT, None)])
 
 
-def _chunked_branch(masked: bool) -> onnx.GraphProto:
+def _chunked_branch(masked: bool, fold: bool) -> onnx.GraphProto:
     """A Loop over query chunks: memory O(B·H·C·Lk) instead of O(B·H·Lq·Lk)."""
     n = helper.make_node
     nodes = [
@@ -129,7 +136,7 @@ def _chunked_branch(masked: bool) -> onnx.GraphProto:
         n("Sub", ["q_padded", "q_len"], ["pad_len"]),
         n("Concat", ["zeros6", "pad_len", "zero1"], ["pads"], axis=0),
         n("Pad", ["q_scaled", "pads"], ["q_pad"]),  # (B, H, n*C, D); padded rows are dropped below
-        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body(masked)),  # (n, B, H, C, D)
+        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body(masked, fold)),  # (n, B, H, C, D)
         n("Transpose", ["chunks"], ["chunks_t"], perm=[1, 2, 0, 3, 4]),  # (B, H, n, C, D)
         n("Concat", ["reshape_tail", "head_dim"], ["out_shape"], axis=0),
         n("Reshape", ["chunks_t", "out_shape"], ["out_padded"]),  # (B, H, n*C, D)
@@ -139,7 +146,7 @@ def _chunked_branch(masked: bool) -> onnx.GraphProto:
 
 
 def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len: int = DEFAULT_WHOLE_LEN,
-                       masked: bool = False) -> onnx.FunctionProto:
+                       masked: bool = False, positive_slopes: bool = False) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
 
     With ``masked``, ``AlibiAttentionMasked(q, k, v, key_mask) -> out`` instead, where ``key_mask``
@@ -149,6 +156,7 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     Attributes: num_heads, head_dim, slopes (H floats), scale, causal (1, or 0 for -m|j - i|).
     Up to ``whole_len``² query-key pairs the scores are computed whole (a Loop has a cost per
     iteration that dominates short sequences); beyond, in chunks of ``q_chunk`` queries.
+    ``positive_slopes`` (true for ALiBi) lets the causal mask ride on (j - i); see _attend_block.
     """
     if q_chunk < 1:
         raise ValueError(f"q_chunk must be positive, got {q_chunk}")
@@ -188,7 +196,8 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
         n("Mul", ["q_len", "k_len"], ["n_scores"]),
         n("Squeeze", ["n_scores", "axis0"], ["n_scores_s"]),
         n("LessOrEqual", ["n_scores_s", "whole_max"], ["short"]),
-        n("If", ["short"], ["out_f"], then_branch=_whole_branch(masked), else_branch=_chunked_branch(masked)),
+        n("If", ["short"], ["out_f"], then_branch=_whole_branch(masked, positive_slopes),
+          else_branch=_chunked_branch(masked, positive_slopes)),
         n("CastLike", ["out_f", "q"], ["out"]),
     ]
     nodes.insert(5, _i64("one1", [1]))

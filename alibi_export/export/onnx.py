@@ -106,9 +106,13 @@ def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
     used = {n.op_type for n in proto.graph.node}
     if OP_TYPE in used or MASKED_OP_TYPE in used:
+        node = next(n for n in proto.graph.node if n.op_type in (OP_TYPE, MASKED_OP_TYPE))
+        slopes = next(a.floats for a in node.attribute if a.name == "slopes")
+        positive = all(s > 0 for s in slopes)  # ALiBi's are; plain causal attention has zeros
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
-                proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked))
+                proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
+                                                          positive_slopes=positive))
         if inline:
             proto = onnx.inliner.inline_local_functions(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
