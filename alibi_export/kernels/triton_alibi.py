@@ -42,6 +42,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _softmax_step(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
+    """Fold one tile of log2-unit scores ``s`` and its values ``v`` into the running softmax."""
+    m_ij = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk, slope,
               qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
               DOT_PREC: tl.constexpr):
@@ -73,13 +85,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_src, v_src, start_n, offs_n, rowpos, q_pos0, L
         s = qk * qk_scale - slope * rel
         if MASKED:
             s = tl.where((cols < Lk)[None, :], s, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_ij
+    return _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
 
 @triton.jit
@@ -97,13 +103,7 @@ def _fwd_tile_merged(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos, 
     if start_n >= n_full:
         ok = (cols[None, :] <= rowpos[:, None]) & (cols[None, :] < Lk)
         s = tl.where(ok, s, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, l_i, m_ij
+    return _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "num_m_blocks", "BH",
