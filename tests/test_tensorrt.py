@@ -109,6 +109,39 @@ def test_default_export_is_refused_by_tensorrt_rtx_with_a_hint(trt, shipped_onnx
     assert "\n" not in str(e.value) and not (tmp_path / "x.engine").exists()
 
 
+def test_tensorrt_rtx_builds_no_onnx_loop_at_all(trt):
+    """Why the default export cannot become a TensorRT-RTX 1.7 engine: its builder fails on any ONNX
+    Loop, here a 7-node one that doubles the rows of its input. When this starts to pass, TensorRT-RTX
+    has fixed it and the default (memory-linear) export should be tried again."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    body = h.make_graph(
+        [h.make_node("Unsqueeze", ["i", "ax0"], ["i1"]), h.make_node("Add", ["i1", "one"], ["i2"]),
+         h.make_node("Slice", ["x", "i1", "i2", "ax0"], ["row"]), h.make_node("Mul", ["row", "two"], ["y"]),
+         h.make_node("Identity", ["c"], ["c_out"])], "body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("c", T.BOOL, [])],
+        [h.make_tensor_value_info("c_out", T.BOOL, []), h.make_tensor_value_info("y", T.FLOAT, None)])
+    graph = h.make_graph(
+        [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+         h.make_node("Loop", ["n", "true"], ["ys"], body=body)], "loop",
+        [h.make_tensor_value_info("x", T.FLOAT, ["L", 4])], [h.make_tensor_value_info("ys", T.FLOAT, None)],
+        initializer=[h.make_tensor("zero", T.INT64, [], [0]), h.make_tensor("ax0", T.INT64, [1], [0]),
+                     h.make_tensor("one", T.INT64, [1], [1]), h.make_tensor("two", T.FLOAT, [], [2.0]),
+                     h.make_tensor("true", T.BOOL, [], [True])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=8)
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model.SerializeToString())  # parsing works; building does not
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, 4), (8, 4), (64, 4))
+    config.add_optimization_profile(profile)
+    assert builder.build_serialized_network(network, config) is None
+
+
 def test_engine_runner_is_polygraphys_trt_runner(trt, onnx_attention_exports, tmp_path):
     """make_runner gives Polygraphy's TrtRunner for an engine (executing it needs a supported GPU)."""
     from alibi_export.runtime import make_runner
