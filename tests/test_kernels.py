@@ -26,7 +26,7 @@ def test_import_is_lazy_and_error_is_actionable():
     import alibi_export.kernels as K
 
     if K.triton_available():
-        pytest.skip("triton is installed; the missing-triton error path is not reachable")
+        pytest.skip("triton (the GPU stack) is installed; the missing-triton error path is not reachable")
     with pytest.raises(ImportError, match="pip install triton"):
         K.alibi_attention(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64),
                           torch.zeros(1, 1, 1, 64), torch.ones(1))
