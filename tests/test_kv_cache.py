@@ -12,7 +12,7 @@ from alibi_export.export.attention_function import MASKED_OP_TYPE
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.generate import GenerationSession
 from alibi_export.validate import TOLERANCES
-from tests.conftest import EXCERPT
+from tests.conftest import EXCERPT, incremental_logits
 
 TRAIN_LEN = 256
 
@@ -33,15 +33,7 @@ def session(kv_onnx):
 
 
 def _incremental(session, ids, pieces):
-    """Logits of ``ids`` fed through the cache in pieces of the given lengths."""
-    cache, start, out = session.new_cache(ids.shape[0]), 0, []
-    mask = np.ones_like(ids)
-    for n in pieces:
-        logits, cache = session.step(ids[:, start:start + n], mask[:, :start + n], cache)
-        out.append(logits)
-        start += n
-    assert start == ids.shape[1]
-    return np.concatenate(out, axis=1)
+    return incremental_logits(session, ids, pieces)[0]
 
 
 def _torch_logits(model, ids, attention_mask=None):

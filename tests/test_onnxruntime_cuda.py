@@ -15,6 +15,7 @@ import torch
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.pytorch import TorchRunner
 from alibi_export.validate import TOLERANCES, compare
+from tests.conftest import incremental_logits
 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a CUDA GPU")
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -81,15 +82,9 @@ def test_fp16_export_parity_on_cuda(shipped_onnx_fp16, torch_cuda):
 
 
 def _incremental(session, ids, pieces):
-    cache, start, out = session.new_cache(ids.shape[0]), 0, []
-    mask = np.ones_like(ids)
-    for n in pieces:
-        logits, cache = session.step(ids[:, start:start + n], mask[:, :start + n], cache)
-        out.append(logits)
-        start += n
-    assert start == ids.shape[1]
+    logits, cache = incremental_logits(session, ids, pieces)
     assert all(v.device_name().lower() == "cuda" for v in cache)  # the cache never left the GPU
-    return np.concatenate(out, axis=1)
+    return logits
 
 
 def _torch_logits(model, ids):
