@@ -8,14 +8,11 @@ absolute position past + i from the runtime shapes, and adds the key padding mas
 """
 from __future__ import annotations
 
-import logging
-import warnings
-
 import onnx
 import torch
 
 from ..model import AlibiLM
-from .onnx import _export_attention
+from .onnx import _dynamo_export
 
 __all__ = ["kv_input_names", "kv_output_names", "trace_kv_cache"]
 
@@ -59,13 +56,8 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.
     cache = [torch.randn(_TRACE_BATCH, cfg.n_head, _TRACE_PAST, cfg.head_dim, dtype=dtype)
              for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
-    with _export_attention(model, form), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(_Decoder(model), (ids, mask, cache), dynamo=True, dynamic_shapes=dynamic,
-                                    opset_version=opset, input_names=kv_input_names(cfg.n_layer),
-                                    output_names=kv_output_names(cfg.n_layer), optimize=True, verbose=False)
-    proto = program.model_proto
+    proto = _dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset, form=form,
+                           input_names=kv_input_names(cfg.n_layer), output_names=kv_output_names(cfg.n_layer))
     mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
     mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
     return proto

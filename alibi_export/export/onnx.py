@@ -90,17 +90,24 @@ def _export_attention(model: AlibiLM, form: str = "plugin"):
             b.attn.attend = fn
 
 
+def _dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
+                   input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node."""
+    with _export_attention(model, form), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                    input_names=input_names, output_names=output_names, optimize=True,
+                                    verbose=False)
+    return program.model_proto
+
+
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
            form: str = "plugin") -> onnx.ModelProto:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
-    with _export_attention(model, form), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                                    input_names=["input_ids"], output_names=["logits"], optimize=True,
-                                    verbose=False)
-    return program.model_proto
+    return _dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
+                          input_names=["input_ids"], output_names=["logits"])
 
 
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
