@@ -6,6 +6,7 @@ against per-dtype tolerances. The result carries the numbers; the CLI decides th
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,27 +47,49 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
             provider: str = "cpu", tolerance: dict | None = None, threads: int | None = None) -> CompareResult:
     """Compare ``onnx_path`` (an ``.onnx`` file in ONNX Runtime or an ``.engine`` in TensorRT) with
     ``reference`` (a TorchRunner or any Polygraphy runner)."""
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
-    from polygraphy.logger import G_LOGGER
-
     from .runtime import make_runner
-    from .runtime.onnxruntime import model_config_of, read_metadata
+    from .runtime.onnxruntime import read_metadata
 
-    cfg = model_config_of(onnx_path)
-    dtype = read_metadata(onnx_path).get("alibi_export.dtype", "float32")
-    tol = tolerance or TOLERANCES[dtype]
     fixed = read_metadata(onnx_path).get("alibi_export.dynamic_len") == "false"
     if fixed and len(set(lengths)) > 1:
         raise AlibiExportError(f"{str(onnx_path)!r} is a fixed-length export: validate it at its own length only")
+    candidate = make_runner(onnx_path, provider=provider, threads=threads)  # ONNX Runtime, or TensorRT
+    return _compare_runners(onnx_path, reference, candidate, lengths, batch=batch, seed=seed, tolerance=tolerance)
+
+
+def compare_kv_cache(onnx_path: str | Path, model, lengths: list[int], *, steps: int = 8, batch: int = 1,
+                     seed: int | None = None, provider: str = "cpu", tolerance: dict | None = None,
+                     threads: int | None = None) -> CompareResult:
+    """Parity of a KV-cache export's incremental decoding with one PyTorch forward.
+
+    At each length L, ONNX Runtime prefills L - ``steps`` fresh random tokens, then decodes the last
+    ``steps`` one at a time through its cache; the concatenated logits are compared with ``model``
+    (an AlibiLM) run on all L tokens at once."""
+    from .runtime.generate import GenerationSession
+    from .runtime.pytorch import TorchRunner
+
+    session = GenerationSession(onnx_path, provider=provider, threads=threads)
+    return _compare_runners(onnx_path, TorchRunner(model, name="pytorch"), _incremental_runner(session, steps),
+                            lengths, batch=batch, seed=seed, tolerance=tolerance)
+
+
+def _compare_runners(onnx_path, reference, candidate, lengths, *, batch, seed, tolerance) -> CompareResult:
+    """The one comparison path: both runners on the same fresh random ids, Polygraphy's verdict."""
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    from .runtime.onnxruntime import model_config_of, read_metadata
+
+    cfg = model_config_of(onnx_path)
+    tol = tolerance or TOLERANCES[read_metadata(onnx_path).get("alibi_export.dtype", "float32")]
     rng = np.random.default_rng(seed)
-    ort_runner = make_runner(onnx_path, provider=provider, threads=threads)  # ONNX Runtime, or TensorRT
     results = []
     for length in lengths:
         if length < 1:
             raise AlibiExportError(f"lengths must be positive, got {length}")
         feed = [{"input_ids": rng.integers(0, cfg.vocab_size, size=(batch, length), dtype=np.int64)}]
         with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy logs every tensor at INFO
-            runs = Comparator.run([reference, ort_runner], data_loader=feed)
+            runs = Comparator.run([reference, candidate], data_loader=feed)
             accuracy = Comparator.compare_accuracy(runs, compare_func=SimpleCompareFunc(**tol), fail_fast=False)
         verdict = next(iter(accuracy[0].values()))[0]["logits"]
         ref = runs[0][1][0]["logits"].astype(np.float32)
@@ -78,40 +101,32 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
     return CompareResult(results, **tol)
 
 
-def compare_kv_cache(onnx_path: str | Path, model, lengths: list[int], *, steps: int = 8, batch: int = 1,
-                     seed: int | None = None, provider: str = "cpu", tolerance: dict | None = None,
-                     threads: int | None = None) -> CompareResult:
-    """Parity of a KV-cache export's incremental decoding with one PyTorch forward.
+def _incremental_runner(session, steps: int):
+    """A Polygraphy runner whose logits come from prefill + ``steps`` single-token decoding steps."""
+    from collections import OrderedDict
 
-    At each length L, ONNX Runtime prefills L - ``steps`` fresh random tokens, then decodes the last
-    ``steps`` one at a time through its cache; the concatenated logits are compared with ``model``
-    (an AlibiLM) run on all L tokens at once."""
-    import torch
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
 
-    from .runtime.generate import GenerationSession
-    from .runtime.onnxruntime import read_metadata
+    class IncrementalRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name="onnxruntime-kv-cache", prefix="kv-cache-runner")
 
-    session = GenerationSession(onnx_path, provider=provider, threads=threads)
-    tol = tolerance or TOLERANCES[read_metadata(onnx_path).get("alibi_export.dtype", "float32")]
-    rng = np.random.default_rng(seed)
-    results = []
-    for length in lengths:
-        if length < 1:
-            raise AlibiExportError(f"lengths must be positive, got {length}")
-        ids = rng.integers(0, session.config.vocab_size, size=(batch, length), dtype=np.int64)
-        mask = np.ones_like(ids)
-        prefill = max(1, length - steps)
-        logits, cache = session.step(ids[:, :prefill], mask[:, :prefill], session.new_cache(batch))
-        got = [logits]
-        for t in range(prefill, length):
-            logits, cache = session.step(ids[:, t:t + 1], mask[:, :t + 1], cache)
-            got.append(logits)
-        got = np.concatenate(got, axis=1)  # (B, L, V)
-        with torch.inference_mode():
-            ref = model(torch.from_numpy(ids).to(next(model.parameters()).device)).float().cpu().numpy()
-        diff = np.abs(got - ref)
-        passed = bool((diff <= tol["atol"] + tol["rtol"] * np.abs(ref)).all())
-        results.append(LengthResult(length, float(diff.max()), float(diff.max() / np.abs(ref).max()),
-                                    float((ref.argmax(-1) == got.argmax(-1)).mean()), passed))
-        log.info("kv-cache length %d: max abs %.3g", length, results[-1].max_abs)
-    return CompareResult(results, **tol)
+        def activate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add("input_ids", dtype=np.int64, shape=["batch", "sequence"])
+
+        def infer_impl(self, feed_dict):
+            ids = np.asarray(feed_dict["input_ids"])
+            prefill = max(1, ids.shape[1] - steps)
+            start = time.perf_counter()
+            logits, _ = session.step_pieces(ids, [prefill] + [1] * (ids.shape[1] - prefill))
+            self.inference_time = time.perf_counter() - start  # Polygraphy sums it per runner
+            return OrderedDict(logits=logits)
+
+        def deactivate_impl(self):
+            pass
+
+    return IncrementalRunner()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,16 +57,3 @@ def shipped_onnx_fp16(tmp_path_factory, shipped):
 
     return export_onnx(shipped, tmp_path_factory.mktemp("onnx16") / "alibi-small-fp16.onnx", dtype="float16").path
 
-
-def incremental_logits(session, ids: np.ndarray, pieces: list[int]):
-    """Logits of ``ids`` fed through a GenerationSession's KV cache in pieces of the given lengths.
-
-    Returns the concatenated logits and the final cache (so a caller can check where it lives)."""
-    cache, start, out = session.new_cache(ids.shape[0]), 0, []
-    mask = np.ones_like(ids)
-    for n in pieces:
-        logits, cache = session.step(ids[:, start:start + n], mask[:, :start + n], cache)
-        out.append(logits)
-        start += n
-    assert start == ids.shape[1]
-    return np.concatenate(out, axis=1), cache

@@ -12,7 +12,7 @@ from alibi_export.export.attention_function import MASKED_OP_TYPE
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.generate import GenerationSession
 from alibi_export.validate import TOLERANCES
-from tests.conftest import EXCERPT, incremental_logits
+from tests.conftest import EXCERPT
 
 TRAIN_LEN = 256
 
@@ -33,7 +33,7 @@ def session(kv_onnx):
 
 
 def _incremental(session, ids, pieces):
-    return incremental_logits(session, ids, pieces)[0]
+    return session.step_pieces(ids, pieces)[0]
 
 
 def _torch_logits(model, ids, attention_mask=None):

@@ -15,7 +15,6 @@ import torch
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.pytorch import TorchRunner
 from alibi_export.validate import TOLERANCES, compare
-from tests.conftest import incremental_logits
 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a CUDA GPU")
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -82,7 +81,7 @@ def test_fp16_export_parity_on_cuda(shipped_onnx_fp16, torch_cuda):
 
 
 def _incremental(session, ids, pieces):
-    logits, cache = incremental_logits(session, ids, pieces)
+    logits, cache = session.step_pieces(ids, pieces)
     assert all(v.device_name().lower() == "cuda" for v in cache)  # the cache never left the GPU
     return logits
 

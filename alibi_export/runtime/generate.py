@@ -92,6 +92,19 @@ class GenerationSession:
         outputs = binding.get_outputs()  # in the order bound: logits, then the presents
         return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
 
+    def step_pieces(self, input_ids: np.ndarray, pieces: Sequence[int]) -> tuple[np.ndarray, list]:
+        """Feed ``input_ids`` (no padding) through the cache in pieces of the given lengths, from an
+        empty cache: the concatenated logits (B, L, V) and the final cache. Parity checks use it."""
+        if sum(pieces) != input_ids.shape[1]:
+            raise ValueError(f"pieces {list(pieces)} do not add up to {input_ids.shape[1]} tokens")
+        cache, start, out = self.new_cache(input_ids.shape[0]), 0, []
+        mask = np.ones_like(input_ids)
+        for n in pieces:
+            logits, cache = self.step(input_ids[:, start:start + n], mask[:, :start + n], cache)
+            out.append(logits)
+            start += n
+        return np.concatenate(out, axis=1), cache
+
     # ------------------------------------------------------------------ generation
     def encode(self, prompts: str | Sequence[str]) -> list[list[int]]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
