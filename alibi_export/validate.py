@@ -14,14 +14,25 @@ import numpy as np
 
 from .errors import AlibiExportError
 
-__all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES"]
+__all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES", "tolerance_of"]
 
 log = logging.getLogger(__name__)
 
 # Logits of the shipped models reach |20|. float32: rounding through a few layers stays near
 # 1e-5 absolute. float16: one ulp at |16..32| is 0.0156 and the residual stream adds a few
 # roundings per layer, so a few ulps of absolute error is the honest bar.
-TOLERANCES = {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=0.08, rtol=1e-2)}
+# The onnx attention form folds m_h*j into the float32 scores, whose rounding then grows with the
+# length (an ulp of m*L is 1e-3 at 16k tokens): observed 1.4e-3 at 4k and 7e-3 at 16k on CUDA.
+TOLERANCES = {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=0.08, rtol=1e-2),
+              "float32-folded": dict(atol=1e-2, rtol=1e-3)}
+
+
+def tolerance_of(metadata: dict[str, str]) -> dict:
+    """The tolerance for an export, from its alibi-export metadata (dtype and attention form)."""
+    dtype = metadata.get("alibi_export.dtype", "float32")
+    if dtype == "float32" and metadata.get("alibi_export.attention") == "onnx":
+        return TOLERANCES["float32-folded"]
+    return TOLERANCES[dtype]
 
 
 @dataclass
@@ -81,7 +92,7 @@ def _compare_runners(onnx_path, reference, candidate, lengths, *, batch, seed, t
     from .runtime.onnxruntime import model_config_of, read_metadata
 
     cfg = model_config_of(onnx_path)
-    tol = tolerance or TOLERANCES[read_metadata(onnx_path).get("alibi_export.dtype", "float32")]
+    tol = tolerance or tolerance_of(read_metadata(onnx_path))
     rng = np.random.default_rng(seed)
     results = []
     for length in lengths:

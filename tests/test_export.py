@@ -156,3 +156,45 @@ def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch):
     assert (tmp_path / "big.onnx.data").is_file()
     assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
     assert compare(res.path, TorchRunner(ck.model), [9])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("alibi", [True, False])
+@pytest.mark.parametrize("lq,lk", [(5, 9), (40, 40), (33, 70)])  # whole and chunked paths, with past keys
+def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk):
+    """Every specialization of the function body, in ONNX Runtime, against softmax(qk/sqrt(d) + alibi_bias)v."""
+    from onnx import TensorProto, helper
+
+    from alibi_export import alibi_bias
+    from alibi_export.export.attention_function import attention_function
+
+    H, D = 4, 8
+    slopes = alibi_slopes(H) if alibi else [0.0] * H
+    node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["out"], domain=DOMAIN, num_heads=H, head_dim=D,
+                            slopes=slopes, scale=D ** -0.5, causal=int(causal))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v", "out")]
+    graph = helper.make_graph([node], "g", io[:3], io[3:])
+    # whole_len 6: 5x9 runs whole, the others take the chunked Loop with 16-query chunks
+    fn = attention_function(18, q_chunk=16, whole_len=6, causal=causal, alibi=alibi)
+    proto = helper.make_model(graph, functions=[fn], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    path = tmp_path / "attn.onnx"
+    onnx.save(proto, path)
+    sess = create_session(path)
+    rng = np.random.default_rng()
+    q, k, v = (rng.standard_normal((2, H, n, D), dtype=np.float32) for n in (lq, lk, lk))
+    got = sess.run(None, {"q": q, "k": k, "v": v})[0]
+    bias = alibi_bias(torch.tensor(slopes), lq, lk, past_len=lk - lq, causal=causal).numpy()
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D) + bias
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (probs / probs.sum(-1, keepdims=True)) @ v
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)  # fp32 on both sides
+
+
+def test_tolerance_follows_dtype_and_attention_form():
+    from alibi_export.validate import tolerance_of
+
+    assert tolerance_of({"alibi_export.dtype": "float32"}) == TOLERANCES["float32"]
+    assert tolerance_of({"alibi_export.dtype": "float16", "alibi_export.attention": "onnx"}) == TOLERANCES["float16"]
+    assert tolerance_of({"alibi_export.dtype": "float32", "alibi_export.attention": "onnx"}) == \
+        TOLERANCES["float32-folded"]

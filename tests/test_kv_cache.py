@@ -32,6 +32,13 @@ def session(kv_onnx):
     return GenerationSession(kv_onnx)
 
 
+@pytest.fixture(scope="module")
+def op_session(tmp_path_factory, shipped):
+    """The onnx attention form: the standard Attention op with ALiBi folded into extra head dims."""
+    path = export_onnx(shipped, tmp_path_factory.mktemp("kv-op") / "kv-op.onnx", kv_cache=True, attention="onnx").path
+    return GenerationSession(path)
+
+
 def _incremental(session, ids, pieces):
     return session.step_pieces(ids, pieces)[0]
 
@@ -72,7 +79,35 @@ def test_incremental_decoding_fp16_matches_pytorch_at_8x(shipped, kv_onnx_fp16):
     assert (incremental.argmax(-1) == reference.argmax(-1)).mean() > 0.99
 
 
-def test_left_padded_batch_matches_each_prompt_alone(shipped, session):
+def test_onnx_attention_form_decoding_matches_pytorch_at_8x(shipped, op_session):
+    """The Attention op appends to its own cache (head_dim + 8 wide: the ALiBi columns travel with each
+    key) and keeps the causal mask bottom-right aligned. fp32; the folded term m*j (up to ~1000 here) is
+    summed into the scores, an ulp of ~1e-4 there: hence 1e-3 (the default fp32 tolerance), not 1e-4."""
+    proto = onnx.load(op_session.path, load_external_data=False)
+    attention = [n for n in proto.graph.node if n.op_type == "Attention"]
+    assert len(attention) == shipped.config.n_layer
+    for node in attention:
+        assert len(node.input) == 6 and node.input[3] == ""  # past key/value, and no L x L mask at all
+        assert {a.name: a.i for a in node.attribute if a.name == "is_causal"} == {"is_causal": 1}
+    assert op_session.cache_width == shipped.config.head_dim + 8
+    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
+    incremental = _incremental(op_session, ids, PIECES)
+    full = _incremental(op_session, ids, [ids.shape[1]])
+    reference = _torch_logits(shipped.model, ids)
+    assert np.abs(incremental - full).max() < 1e-3, np.abs(incremental - full).max()
+    assert np.abs(incremental - reference).max() < 1e-3, np.abs(incremental - reference).max()
+    assert (incremental.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_fp16_onnx_attention_form_is_refused_on_cpu(shipped, tmp_path):
+    path = export_onnx(shipped, tmp_path / "op16.onnx", kv_cache=True, attention="onnx", dtype="float16").path
+    with pytest.raises(AlibiExportError, match="CUDA or TensorRT only"):
+        GenerationSession(path)
+
+
+@pytest.mark.parametrize("form", ["session", "op_session"])
+def test_left_padded_batch_matches_each_prompt_alone(request, shipped, form):
+    session = request.getfixturevalue(form)
     rng = np.random.default_rng()
     rows = [rng.integers(0, shipped.config.vocab_size, n).tolist() for n in (5, 40, 23)]
     from alibi_export.runtime.generate import _left_pad
@@ -103,7 +138,9 @@ def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def test_greedy_generation_matches_pytorch(shipped, session):
+@pytest.mark.parametrize("form", ["session", "op_session"])
+def test_greedy_generation_matches_pytorch(request, shipped, form):
+    session = request.getfixturevalue(form)
     rng = np.random.default_rng()
     text = EXCERPT.read_text()
     start = int(rng.integers(0, len(text) - 2000))

@@ -80,12 +80,15 @@ class Clock:
 ARENA = {"next-power-of-two": "kNextPowerOfTwo", "same-as-requested": "kSameAsRequested"}
 
 
-def ort_session(path, provider: str, arena: str = "next-power-of-two"):
+def ort_session(path, provider: str, arena: str = "next-power-of-two", sdpa_kernel: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if provider == "cuda":
-        providers = [("CUDAExecutionProvider", {"use_tf32": 0, "arena_extend_strategy": ARENA[arena]})]
+        cuda = {"use_tf32": 0, "arena_extend_strategy": ARENA[arena]}
+        if sdpa_kernel:
+            cuda["sdpa_kernel"] = str(sdpa_kernel)
+        providers = [("CUDAExecutionProvider", cuda)]
     else:
         providers = ["CPUExecutionProvider"]
     s = ort.InferenceSession(str(path), options, providers=providers)
@@ -98,6 +101,7 @@ class OrtModel:
         self.s, self.cfg, self.device = session, cfg, device
         self.past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
         self.present = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
+        self.width = session.get_inputs()[2].shape[-1]  # head_dim, or head_dim + 8 in the onnx attention form
 
     def run(self, ids: np.ndarray, past: list[torch.Tensor], logits_on_host: bool):
         """One forward. ``past``: torch tensors (B, H, P, D) on the device, bound by pointer."""
@@ -127,9 +131,9 @@ def ort_memory_bytes(base_used: int, base_torch: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def random_cache(cfg, batch, context, dtype, device):
+def random_cache(cfg, batch, context, dtype, device, width=None):
     g = torch.Generator(device=device).manual_seed(context)
-    shape = (batch, cfg.n_head, context, cfg.head_dim)
+    shape = (batch, cfg.n_head, context, width or cfg.head_dim)
     return [torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in
             range(2 * cfg.n_layer)]
 
@@ -146,26 +150,27 @@ def bench_ort(name, path, cfg, args, clock, results, device):
     """Prefill (batch 1) and decode (each batch) sweeps for one ONNX file; fresh session per sweep."""
     rng = np.random.default_rng(0)
     cuda = device == "cuda"
-    for mode, batch in [("prefill", 1)] + [("decode", b) for b in args.batches]:
+    for mode, batch in [(m, b) for m, b in [("prefill", 1)] + [("decode", b) for b in args.batches]
+                        if m in args.modes]:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.synchronize()
             base_used = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]
             base_torch = torch.cuda.memory_reserved()
-        model = OrtModel(ort_session(path, device, args.ort_arena), cfg, device)
+        model = OrtModel(ort_session(path, device, args.ort_arena, args.ort_sdpa_kernel), cfg, device)
         for ctx in args.contexts:
             if mode == "prefill":
                 if ctx > args.ort_prefill_max:
                     results.append(dict(runtime=name, mode=mode, batch=batch, context=ctx, skipped="--ort-prefill-max"))
                     continue
                 ids = rng.integers(0, cfg.vocab_size, (1, ctx), dtype=np.int64)
-                empty = [torch.zeros(1, cfg.n_head, 0, cfg.head_dim, dtype=torch.float16)] * len(model.past)
+                empty = [torch.zeros(1, cfg.n_head, 0, model.width, dtype=torch.float16)] * len(model.past)
                 sec, n = clock.time(lambda: model.run(ids, empty, False), 1, args.prefill_repeats)
                 extra = 0
                 row = dict(tokens_per_s=round(ctx / sec, 1), ms=round(1e3 * sec, 3))
             else:
-                cache = random_cache(cfg, batch, ctx, torch.float16, device)
+                cache = random_cache(cfg, batch, ctx, torch.float16, device, model.width)
                 ids = rng.integers(0, cfg.vocab_size, (batch, 1), dtype=np.int64)
                 sec, n = clock.time(lambda: model.run(ids, cache, True), 3, args.decode_repeats)
                 extra = sum(t.numel() * t.element_size() for t in cache)
@@ -183,7 +188,8 @@ def bench_ort(name, path, cfg, args, clock, results, device):
 def bench_torch(name, model, cfg, args, clock, results, device):
     cuda = device == "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
-    for mode, batch in [("prefill", 1)] + [("decode", b) for b in args.batches]:
+    for mode, batch in [(m, b) for m, b in [("prefill", 1)] + [("decode", b) for b in args.batches]
+                        if m in args.modes]:
         for ctx in args.contexts:
             gc.collect()
             if cuda:
@@ -287,6 +293,13 @@ def main(argv=None):
     p.add_argument("--ort-prefill-max", type=int, default=1 << 20)
     p.add_argument("--torch-dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--skip-optimizer", action="store_true")
+    p.add_argument("--ort-sdpa-kernel", type=int, default=0,
+                   help="CUDA EP sdpa_kernel bitmask for the timed sessions (0: ORT's choice; 1 flash, 2 efficient)")
+    p.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--forms", nargs="+", default=["decomposed", "onnx"], choices=["decomposed", "onnx"],
+                   help="attention forms of the KV-cache export to time (onnx: the standard Attention op, ALiBi "
+                        "folded into extra head dimensions)")
     p.add_argument("--ort-arena", default="next-power-of-two", choices=sorted(ARENA),
                    help="ORT CUDA arena_extend_strategy for the timed sessions (ORT's default: next-power-of-two)")
     args = p.parse_args(argv)
@@ -317,7 +330,12 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     save(model, Tokenizer.from_file(str(ROOT / "models" / "alibi-small" / "tokenizer.json")), work / "ckpt")
     t0 = time.perf_counter()
-    onnx_path = export_onnx(load(work / "ckpt"), work / "model-fp16-kv.onnx", kv_cache=True, dtype="float16").path
+    if device == "cpu" and "onnx" in args.forms:
+        args.forms.remove("onnx")  # its fp16 form needs float32 accumulation: CUDA or TensorRT only
+        log("skipping the onnx attention form on the CPU")
+    paths = {form: export_onnx(load(work / "ckpt"), work / f"model-fp16-kv-{form}.onnx", kv_cache=True,
+                               dtype="float16", attention=form).path for form in args.forms}
+    onnx_path = paths[args.forms[0]]
     export_s = time.perf_counter() - t0
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                 torch=torch.__version__, onnxruntime=ort.__version__, config=cfg.to_dict(),
@@ -328,13 +346,19 @@ def main(argv=None):
 
     results = []
     # ---- the transformer optimizer: what it fuses; parity with the plain export before it is timed
-    variants = [("ort-cuda-fp16" if device == "cuda" else "ort-cpu-fp16", onnx_path)]
-    if not args.skip_optimizer:
-        meta["optimizer"] = try_optimizer(onnx_path, cfg, work, device == "cuda")
+    prefix = "ort-cuda-fp16" if device == "cuda" else "ort-cpu-fp16"
+    variants = [(prefix if form == "decomposed" else f"{prefix}-{form}-attention", path) for form, path in paths.items()]
+    meta["optimizer"] = {}
+    for form, path in ([] if args.skip_optimizer else list(paths.items())):
+        base = variants[list(paths).index(form)][0]
+        (work / form).mkdir(exist_ok=True)
+        meta["optimizer"][form] = info_of = try_optimizer(path, cfg, work / form, device == "cuda")
         ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 300), dtype=np.int64)
-        empty = [torch.zeros(1, cfg.n_head, 0, cfg.head_dim, dtype=torch.float16)] * (2 * cfg.n_layer)
-        ref = OrtModel(ort_session(onnx_path, device), cfg, device).run(ids, empty, True).get_outputs()[0].numpy()
-        for model_type, info in meta["optimizer"].items():
+        plain = OrtModel(ort_session(path, device), cfg, device)
+        empty = [torch.zeros(1, cfg.n_head, 0, plain.width, dtype=torch.float16)] * (2 * cfg.n_layer)
+        ref = plain.run(ids, empty, True).get_outputs()[0].numpy()
+        added = []
+        for model_type, info in info_of.items():
             if "path" not in info:
                 continue
             try:
@@ -343,31 +367,31 @@ def main(argv=None):
                 info["max_abs_vs_plain"] = float(np.abs(got.astype(np.float32) - ref.astype(np.float32)).max())
                 info["runs"] = True
                 if info.get("nodes_after") != info.get("nodes_before") and info["max_abs_vs_plain"] < 0.1:
-                    variants.append((f"{variants[0][0]}-opt-{model_type}", Path(info["path"])))
+                    added.append((info.get("nodes_after"), (f"{base}-opt-{model_type}", Path(info["path"]))))
             except Exception as e:
                 info["runs"] = False
                 info["run_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            log(model_type, json.dumps(info))
+            log(form, model_type, json.dumps(info))
         # one optimized variant is enough when both model types produced the same graph
-        if len(variants) == 3 and meta["optimizer"]["gpt2"].get("nodes_after") == \
-                meta["optimizer"]["bert"].get("nodes_after"):
-            variants.pop()
+        if len(added) == 2 and added[0][0] == added[1][0]:
+            added.pop()
+        variants += [v for _, v in added]
 
     # ---- the API end to end on the device (GenerationSession, prompt 1000 tokens, 64 new)
     from alibi_export.runtime.generate import GenerationSession
 
-    gs = GenerationSession(onnx_path, provider=device)
     prompt = np.random.default_rng(2).integers(1, cfg.vocab_size, (1, 1000)).tolist()
-    gs.generate_ids(prompt, 4, stop_tokens=[])  # warm-up
-    r = gs.generate_ids(prompt, 64, stop_tokens=[])
-    meta["generation_session"] = dict(prompt=1000, new_tokens=r.new_tokens,
-                                      prefill_ms=round(1e3 * r.prefill_seconds, 2),
-                                      decode_ms_per_step=round(r.decode_ms_per_step, 3),
-                                      tokens_per_s=round(r.tokens_per_s, 1),
-                                      cache_device=gs.step(np.array([[1]]), np.ones((1, 1), np.int64),
-                                                           gs.new_cache(1))[1][0].device_name())
-    log("GenerationSession", json.dumps(meta["generation_session"]))
-    del gs
+    meta["generation_session"] = {}
+    for form, path in paths.items():
+        gs = GenerationSession(path, provider=device)
+        gs.generate_ids(prompt, 4, stop_tokens=[])  # warm-up
+        r = gs.generate_ids(prompt, 64, stop_tokens=[])
+        meta["generation_session"][form] = dict(
+            prompt=1000, new_tokens=r.new_tokens, prefill_ms=round(1e3 * r.prefill_seconds, 2),
+            decode_ms_per_step=round(r.decode_ms_per_step, 3), tokens_per_s=round(r.tokens_per_s, 1),
+            cache_device=gs.step(np.array([[1]]), np.ones((1, 1), np.int64), gs.new_cache(1))[1][0].device_name())
+        log("GenerationSession", form, json.dumps(meta["generation_session"][form]))
+        del gs
 
     for name, path in variants:
         bench_ort(name, path, cfg, args, clock, results, device)
@@ -376,7 +400,7 @@ def main(argv=None):
     # ---- PyTorch: fp16 (or bf16) on the device
     tmodel = copy.deepcopy(model).to(device=device, dtype=args.torch_dtype).eval()
     del model
-    impls = ["sdpa"] + (["triton"] if device == "cuda" else [])
+    impls = [] if args.skip_torch else ["sdpa"] + (["triton"] if device == "cuda" else [])
     for impl in impls:
         tmodel.set_attention(impl)
         bench_torch(f"torch-{impl}", tmodel, cfg, args, clock, results, device)

@@ -45,49 +45,56 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
     return node
 
 
-def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str, out: str,
-                  masked: bool = False, fold: bool = False) -> list[onnx.NodeProto]:
-    """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend).
+def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, out: str, *, masked: bool,
+                  causal: bool, alibi: bool) -> list[onnx.NodeProto]:
+    """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend) (None: all keys).
 
     The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
     it. Names are prefixed with ``p``: a subgraph may not redefine a name of its outer scope.
     With ``masked`` the function's float32 ``key_mask_f`` (B, 1, 1, Lk) is added to the scores.
-    With ``fold`` (every slope > 0) the causal -inf goes into (j - i) before the slopes multiply it,
-    which saves one pass over the (H, C, kend) bias; a zero slope would turn it into NaN."""
+    ``causal`` and ``alibi`` (every slope > 0; False: all zero, plain attention) are fixed at export,
+    so the graph holds only the passes it needs: with both, the causal -inf goes into (j - i) before
+    the slopes multiply it (a zero slope would turn that into NaN), one (H, C, kend) pass in all."""
     n = helper.make_node
     logits = p + "logits_alibi" if masked else p + "logits"
-    mask = [
-        n("Slice", ["key_mask_f", "zero1", kend, "axis3"], [p + "key_mask"]),  # (B, 1, 1, kend)
-        n("Add", [logits, p + "key_mask"], [p + "logits"]),  # finite for padding: all-padding rows stay finite
-    ] if masked else []
-    return [
-        n("Slice", ["k_t", "zero1", kend, "axis3"], [p + "k"]),  # (B, H, D, kend)
-        n("Slice", ["v_f", "zero1", kend, "axis2"], [p + "v"]),  # (B, H, kend, D)
-        n("Slice", ["k_pos_all", "zero1", kend, "axis0"], [p + "k_pos"]),  # (kend,)
+    keys = []  # (B, H, D, kend), (B, H, kend, D), (kend,), (B, 1, 1, kend)
+    for src, axis in (("k_t", "axis3"), ("v_f", "axis2"), ("k_pos_all", "axis0"), ("key_mask_f", "axis3")):
+        if kend is None:
+            keys.append(n("Identity", [src], [p + src]))
+        else:
+            keys.append(n("Slice", [src, "zero1", kend, axis], [p + src]))
+    if not masked:
+        keys.pop()
+    mask = [n("Add", [logits, p + "key_mask_f"], [p + "logits"])] if masked else []  # finite: padding rows stay finite
+    positions = [
         n("Squeeze", [q_start, "axis0"], [p + "q_start_s"]),
         n("Squeeze", [q_end, "axis0"], [p + "q_end_s"]),
         n("Range", [p + "q_start_s", p + "q_end_s", "one_s"], [p + "q_pos_i"]),
         n("Cast", [p + "q_pos_i"], [p + "q_pos"], to=TensorProto.FLOAT),  # (C,) absolute query positions
-        n("Unsqueeze", [p + "k_pos", "axis0"], [p + "k_row"]),
+        n("Unsqueeze", [p + "k_pos_all", "axis0"], [p + "k_row"]),
         n("Unsqueeze", [p + "q_pos", "axis1"], [p + "q_col"]),
         n("Sub", [p + "k_row", p + "q_col"], [p + "rel"]),  # (C, kend): j - i
-        n("Abs", [p + "rel"], [p + "rel_abs"]),
-        n("Neg", [p + "rel_abs"], [p + "rel_sym"]),
-        n("Where", ["causal_b", p + "rel", p + "rel_sym"], [p + "rel_used"]),
-        n("Greater", [p + "rel", "zero_f"], [p + "future"]),
-        n("And", ["causal_b", p + "future"], [p + "masked"]),
-        # The causal mask is built once per (query, key) for all heads: a Where over the (H, C, kend)
-        # bias costs ONNX Runtime three times what this (C, kend) one and a broadcast Add cost.
-        n("Where", [p + "masked", "neg_inf", "zero_f"], [p + "causal_mask"]),  # (C, kend): 0 or -inf
-        *([n("Add", [p + "rel_used", p + "causal_mask"], [p + "rel_masked"]),
-           n("Mul", ["slopes3", p + "rel_masked"], [p + "bias_masked"])] if fold else  # m_h (j - i) or -inf
-          [n("Mul", ["slopes3", p + "rel_used"], [p + "bias"]),  # (H, C, kend): m_h (j - i), not scaled by 1/sqrt(d)
-           n("Add", [p + "bias", p + "causal_mask"], [p + "bias_masked"])]),
-        n("MatMul", [q, p + "k"], [p + "scores"]),  # (B, H, C, kend); q is already scaled
-        n("Add", [p + "scores", p + "bias_masked"], [logits]),
+    ]
+    future = [n("Greater", [p + "rel", "zero_f"], [p + "future"])]
+    if causal and alibi:  # m_h (j - i), -inf above the diagonal; not scaled by 1/sqrt(d)
+        bias = [*positions, *future, n("Where", [p + "future", "neg_inf", p + "rel"], [p + "rel_masked"]),
+                n("Mul", ["slopes3", p + "rel_masked"], [p + "bias"])]
+    elif causal:  # zero slopes: the causal mask alone, built once for all heads
+        bias = [*positions, *future, n("Where", [p + "future", "neg_inf", "zero_f"], [p + "bias"])]
+    elif alibi:  # bidirectional: -m_h |j - i|
+        bias = [*positions, n("Abs", [p + "rel"], [p + "rel_abs"]), n("Neg", [p + "rel_abs"], [p + "rel_sym"]),
+                n("Mul", ["slopes3", p + "rel_sym"], [p + "bias"])]
+    else:
+        bias = []
+    scores = p + "scores" if bias else logits
+    return [
+        *keys,
+        *bias,
+        n("MatMul", [q, p + "k_t"], [scores]),  # (B, H, C, kend); q is already scaled
+        *([n("Add", [scores, p + "bias"], [logits])] if bias else []),
         *mask,
         n("Softmax", [p + "logits"], [p + "probs"], axis=-1),
-        n("MatMul", [p + "probs", p + "v"], [out]),  # (B, H, C, D)
+        n("MatMul", [p + "probs", p + "v_f"], [out]),  # (B, H, C, D)
     ]
 
 
@@ -96,14 +103,14 @@ def _graph(name: str, nodes, inputs, outputs) -> onnx.GraphProto:
                              [helper.make_tensor_value_info(*o) for o in outputs])
 
 
-def _whole_branch(masked: bool, fold: bool) -> onnx.GraphProto:
+def _whole_branch(**kind) -> onnx.GraphProto:
     """All queries at once: fastest while the (B, H, Lq, Lk) scores are small."""
     nodes = [helper.make_node("Add", ["q_len", "past"], ["w_q_end"])]
-    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", "k_len", "w_out", masked, fold)
+    nodes += _attend_block("w_", "q_scaled", "past", "w_q_end", None, "w_out", **kind)
     return _graph("alibi_attention_whole", nodes, [], [("w_out", TensorProto.FLOAT, None)])
 
 
-def _chunk_body(masked: bool, fold: bool) -> onnx.GraphProto:
+def _chunk_body(**kind) -> onnx.GraphProto:
     """One Loop iteration: queries [c0, c0 + C) against keys [0, kend)."""
     n = helper.make_node
     nodes = [
@@ -113,16 +120,16 @@ def _chunk_body(masked: bool, fold: bool) -> onnx.GraphProto:
         n("Slice", ["q_pad", "c0", "c1", "axis2"], ["q_c"]),  # (B, H, C, D)
         n("Add", ["c0", "past"], ["q_start"]),
         n("Add", ["c1", "past"], ["q_end"]),
-        n("Min", ["q_end", "k_len"], ["kend_causal"]),
-        n("Where", ["causal_b", "kend_causal", "k_len"], ["kend"]),  # causal: later keys are never read
-        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", masked, fold),
+        # causal: a chunk never reads keys after its last query
+        *([n("Min", ["q_end", "k_len"], ["kend"])] if kind["causal"] else [n("Identity", ["k_len"], ["kend"])]),
+        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", **kind),
         n("Identity", ["cond_in"], ["cond_out"]),
     ]
     return _graph("alibi_attention_chunk", nodes, [("iter", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, [])],
                   [("cond_out", TensorProto.BOOL, []), ("out_c", TensorProto.FLOAT, None)])
 
 
-def _chunked_branch(masked: bool, fold: bool) -> onnx.GraphProto:
+def _chunked_branch(**kind) -> onnx.GraphProto:
     """A Loop over query chunks: memory O(B·H·C·Lk) instead of O(B·H·Lq·Lk)."""
     n = helper.make_node
     nodes = [
@@ -136,7 +143,7 @@ def _chunked_branch(masked: bool, fold: bool) -> onnx.GraphProto:
         n("Sub", ["q_padded", "q_len"], ["pad_len"]),
         n("Concat", ["zeros6", "pad_len", "zero1"], ["pads"], axis=0),
         n("Pad", ["q_scaled", "pads"], ["q_pad"]),  # (B, H, n*C, D); padded rows are dropped below
-        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body(masked, fold)),  # (n, B, H, C, D)
+        n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body(**kind)),  # (n, B, H, C, D)
         n("Transpose", ["chunks"], ["chunks_t"], perm=[1, 2, 0, 3, 4]),  # (B, H, n, C, D)
         n("Concat", ["reshape_tail", "head_dim"], ["out_shape"], axis=0),
         n("Reshape", ["chunks_t", "out_shape"], ["out_padded"]),  # (B, H, n*C, D)
@@ -146,7 +153,7 @@ def _chunked_branch(masked: bool, fold: bool) -> onnx.GraphProto:
 
 
 def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len: int = DEFAULT_WHOLE_LEN,
-                       masked: bool = False, positive_slopes: bool = False) -> onnx.FunctionProto:
+                       masked: bool = False, causal: bool = True, alibi: bool = True) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
 
     With ``masked``, ``AlibiAttentionMasked(q, k, v, key_mask) -> out`` instead, where ``key_mask``
@@ -156,16 +163,16 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     Attributes: num_heads, head_dim, slopes (H floats), scale, causal (1, or 0 for -m|j - i|).
     Up to ``whole_len``² query-key pairs the scores are computed whole (a Loop has a cost per
     iteration that dominates short sequences); beyond, in chunks of ``q_chunk`` queries.
-    ``positive_slopes`` (true for ALiBi) lets the causal mask ride on (j - i); see _attend_block.
+    ``causal`` and ``alibi`` (slopes all > 0, else all 0) must match the node's attributes: the body
+    is specialized to them at export; see _attend_block.
     """
     if q_chunk < 1:
         raise ValueError(f"q_chunk must be positive, got {q_chunk}")
     n = helper.make_node
+    kind = dict(masked=masked, causal=causal, alibi=alibi)
     nodes = [
         _ref("slopes", "slopes", onnx.AttributeProto.FLOATS),
         _ref("scale", "scale", onnx.AttributeProto.FLOAT),
-        _ref("causal_i", "causal", onnx.AttributeProto.INT),
-        n("Cast", ["causal_i"], ["causal_b"], to=TensorProto.BOOL),
         _i64("axis0", [0]), _i64("axis1", [1]), _i64("axis2", [2]), _i64("axis3", [3]),
         _i64("zero1", [0]), _i64("chunk_max", [q_chunk]), _i64("shape_h11", [-1, 1, 1]),
         _i64("zeros6", [0] * 6), _i64("three1", [3]), _i64("four1", [4]),
@@ -196,8 +203,7 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
         n("Mul", ["q_len", "k_len"], ["n_scores"]),
         n("Squeeze", ["n_scores", "axis0"], ["n_scores_s"]),
         n("LessOrEqual", ["n_scores_s", "whole_max"], ["short"]),
-        n("If", ["short"], ["out_f"], then_branch=_whole_branch(masked, positive_slopes),
-          else_branch=_chunked_branch(masked, positive_slopes)),
+        n("If", ["short"], ["out_f"], then_branch=_whole_branch(**kind), else_branch=_chunked_branch(**kind)),
         n("CastLike", ["out_f", "q"], ["out"]),
     ]
     nodes.insert(5, _i64("one1", [1]))

@@ -2,7 +2,7 @@
 
 Inputs: ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past_sequence + sequence; int64 1/0,
 left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch, heads,
-past_sequence, head_dim). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next
+past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next
 step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
 absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
 """
@@ -53,8 +53,11 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.
     total = torch.export.Dim("total_sequence")  # past + sequence: torch.export has no sum of two dims
     ids = torch.randint(0, cfg.vocab_size, (_TRACE_BATCH, _TRACE_LEN))
     mask = torch.ones(_TRACE_BATCH, _TRACE_PAST + _TRACE_LEN, dtype=torch.int64)
-    cache = [torch.randn(_TRACE_BATCH, cfg.n_head, _TRACE_PAST, cfg.head_dim, dtype=dtype)
-             for _ in range(2 * cfg.n_layer)]
+    from .onnx import EXTRA_DIMS
+
+    # The onnx form's cache holds the ALiBi columns beside each head (see onnx._attention_op).
+    width = cfg.head_dim + (EXTRA_DIMS if form == "onnx" else 0)
+    cache = [torch.randn(_TRACE_BATCH, cfg.n_head, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
     proto = _dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset, form=form,
                            input_names=kv_input_names(cfg.n_layer), output_names=kv_output_names(cfg.n_layer))

@@ -17,7 +17,7 @@ from .._io import atomic_path
 from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
-from ..model import AlibiLM, T5Bias, attend_eager
+from ..model import Alibi, AlibiLM, Learned, Sinusoidal, T5Bias, attend_eager
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
@@ -29,6 +29,9 @@ DEFAULT_OPSET = 18
 ATTENTION_FORMS = ("decomposed", "plugin", "onnx")
 ONNX_ATTENTION_OPSET = 23  # the standard Attention operator
 _TWO_GB = 2**31 - 1
+EXTRA_DIMS = 8  # ALiBi columns per head in the onnx form; a multiple of 8 keeps flash kernels eligible
+POS_BASE = 256  # positions split as j // 256 and j % 256: both exact in fp16 up to 2048 * 256 tokens
+PAD_SCORE = 2048.0 * POS_BASE  # subtracted from a padded key's score (q column -2048, k column 256)
 
 
 @dataclass
@@ -62,16 +65,52 @@ def _attention_node(model: AlibiLM):
 
 
 def _attention_op(model: AlibiLM):
-    """An attend() that emits the standard ONNX Attention op; the ALiBi bias (with -inf above the diagonal)
-    is built in float32 from the runtime shapes and passed as a float additive mask."""
-    scale = 1.0 / math.sqrt(model.config.head_dim)
+    """An attend() that emits the standard ONNX Attention op (opset 23) with the ALiBi bias folded into
+    extra head dimensions, so the op runs causal with no mask and fused kernels stay eligible.
 
-    def attend(q, k, v, pos, past_len):
-        bias = pos.bias(q.shape[2], k.shape[2], past_len)  # (H, Lq, Lk) or None
-        if bias is None:
-            return torch.onnx.ops.attention(q, k, v, is_causal=True, scale=scale)[0]
-        return torch.onnx.ops.attention(q, k, v, bias.to(q.dtype)[None], scale=scale)[0]
+    Softmax ignores a per-query constant, so m_h (j - i) may be replaced by m_h j, which is a dot
+    product: each query gets the columns m_h [POS_BASE, 1] and each key [j // POS_BASE, j % POS_BASE].
+    Both factors are exact in fp16 (the slope itself is rounded once, the same for every key, so the
+    bias stays m'_h (j - i) for a slope within 2^-11 of m_h) and their products are summed in float32
+    by the kernel. A third column carries the key padding mask (PAD_SCORE for padded keys). The
+    op's own past_key/past_value append the cache, which keeps the causal mask bottom-right aligned;
+    the cache therefore holds the padded head (head_dim + EXTRA_DIMS) and the positions."""
+    cfg = model.config
+    scale = 1.0 / math.sqrt(cfg.head_dim)
 
+    def attend(q, k, v, pos, past, key_mask=None):
+        B, H, L, _ = q.shape
+        past_len = 0 if past is None else past[0].shape[2]
+        if past is not None and not isinstance(pos, (Alibi, Sinusoidal, Learned)):
+            raise ExportError(f"the onnx attention form's KV cache supports alibi, sinusoidal and learned positions, "
+                              f"not {cfg.position}. Note: use the decomposed form")
+        q, k = pos.rotate(q, k, 0)  # rotary without a cache only
+        slopes = pos.head_slopes()
+        m = (slopes if slopes is not None else torch.zeros(H)).to(q.device, q.dtype)  # (H,)
+        zeros = torch.zeros(H, EXTRA_DIMS - 3, dtype=q.dtype, device=q.device)
+        pad_q = torch.full((H,), -PAD_SCORE / POS_BASE, dtype=q.dtype, device=q.device)
+        q_cols = torch.cat([torch.stack([m * POS_BASE, m, pad_q], -1), zeros], -1)  # (H, EXTRA_DIMS)
+        j = torch.arange(L, device=q.device) + past_len  # absolute positions of the new keys
+        j_hi, j_lo = torch.div(j, POS_BASE, rounding_mode="floor"), torch.remainder(j, POS_BASE)
+        if key_mask is None:
+            padded = torch.zeros(B, L, dtype=q.dtype, device=q.device)
+        else:
+            padded = (key_mask[:, 0, 0, past_len:] < 0).to(q.dtype)  # (B, L): 1 for padding
+        k_cols = torch.stack([j_hi.to(q.dtype).expand(B, L), j_lo.to(q.dtype).expand(B, L), padded * POS_BASE], -1)
+        k_cols = torch.cat([k_cols, zeros[0].expand(B, L, EXTRA_DIMS - 3)], -1)[:, None].expand(B, H, L, EXTRA_DIMS)
+        q_x = torch.cat([q * scale, q_cols[None, :, None].expand(B, H, L, EXTRA_DIMS)], -1)
+        k_x = torch.cat([k, k_cols], -1)
+        v_x = torch.cat([v, torch.zeros_like(k_cols)], -1)
+        if past is None:
+            y = torch.onnx.ops.attention(q_x, k_x, v_x, is_causal=True, scale=1.0)[0]
+            present = (k_x, v_x)
+        else:
+            y, pk, pv, _ = torch.onnx.ops.attention(q_x, k_x, v_x, past_key=past[0], past_value=past[1],
+                                                    is_causal=True, scale=1.0)
+            present = (pk, pv)
+        return y[..., :cfg.head_dim], present
+
+    attend.owns_cache = True
     return attend
 
 
@@ -114,12 +153,12 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
     used = {n.op_type for n in proto.graph.node}
     if OP_TYPE in used or MASKED_OP_TYPE in used:
         node = next(n for n in proto.graph.node if n.op_type in (OP_TYPE, MASKED_OP_TYPE))
-        slopes = next(a.floats for a in node.attribute if a.name == "slopes")
-        positive = all(s > 0 for s in slopes)  # ALiBi's are; plain causal attention has zeros
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        alibi = all(s > 0 for s in attrs["slopes"])  # ALiBi's are; plain causal attention has zeros
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
-                                                          positive_slopes=positive))
+                                                          causal=bool(attrs["causal"]), alibi=alibi))
         if inline:
             proto = onnx.inliner.inline_local_functions(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
@@ -143,10 +182,10 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     it the graph is fixed to ``(batch, seq_len)`` (``seq_len`` defaults to the training length).
     ``attention="plugin"`` keeps one AlibiAttention node per block (with its function body) for
     TensorRT's plugin; ``"decomposed"`` inlines standard operators; ``"onnx"`` uses the standard
-    Attention operator (opset 23, its default there) with the bias as a float mask. ``opset`` defaults to
+    Attention operator (opset 23, its default there), causal with no mask, the bias folded into extra
+    head dimensions (see :func:`_attention_op`). ``opset`` defaults to
     18 for the other forms. ``kv_cache`` exports the decoder with ``attention_mask`` and past/present
-    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len`` and the decomposed or
-    plugin form.
+    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``.
     """
     from .. import __version__
 
@@ -161,9 +200,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError(f"unsupported dtype {dtype!r}. Note: expected float32 or float16")
     if attention not in ATTENTION_FORMS:
         raise ExportError(f"unknown attention form {attention!r}. Note: expected one of {ATTENTION_FORMS}")
-    if kv_cache and (not dynamic_len or attention == "onnx"):
-        raise ExportError(f"a KV-cache export needs a dynamic length and the decomposed or plugin attention form. "
-                          f"Note: got dynamic_len={dynamic_len}, attention={attention!r}")
+    if kv_cache and not dynamic_len:
+        raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
     out = Path(out)
     cfg = checkpoint.config
     seq_len = seq_len or cfg.train_len

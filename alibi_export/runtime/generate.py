@@ -67,13 +67,14 @@ class GenerationSession:
         self.config = model_config_of(self.path)
         self.tokenizer = tokenizer_of(self.path)
         self.cache_dtype = _DTYPES[inputs[self._past_names[0]].type]
+        self.cache_width = inputs[self._past_names[0]].shape[-1]  # head_dim, or head_dim + 8 (onnx form)
 
     # ------------------------------------------------------------------ one forward pass
     def new_cache(self, batch: int) -> list:
-        """Zero-length past tensors (batch, heads, 0, head_dim) on the session's device: the prefill's cache."""
+        """Zero-length past tensors (batch, heads, 0, width) on the session's device: the prefill's cache."""
         from onnxruntime import OrtValue
 
-        empty = np.zeros((batch, self.config.n_head, 0, self.config.head_dim), dtype=self.cache_dtype)
+        empty = np.zeros((batch, self.config.n_head, 0, self.cache_width), dtype=self.cache_dtype)
         return [OrtValue.ortvalue_from_numpy(empty, self.device, self.device_id) for _ in self._past_names]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:

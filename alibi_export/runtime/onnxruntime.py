@@ -32,9 +32,15 @@ def create_session(path: str | Path, *, provider: str = "cpu", threads: int | No
         options.intra_op_num_threads = threads
     providers = [(name, {"use_tf32": int(tf32)})] if provider == "cuda" else [name]
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for invalid or corrupt files
         raise AlibiExportError(f"onnxruntime cannot load {str(path)!r}: {str(e).splitlines()[0]}") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    if provider == "cpu" and (meta.get("alibi_export.attention"), meta.get("alibi_export.dtype")) == ("onnx", "float16"):
+        # The folded ALiBi columns need float32 accumulation; ORT's CPU Attention keeps fp16 scores.
+        raise AlibiExportError(f"{str(path)!r} is an fp16 export with the onnx attention form, which runs on CUDA "
+                               "or TensorRT only. Note: use --provider cuda, or export float32 for the CPU")
+    return session
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
