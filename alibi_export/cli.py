@@ -157,7 +157,8 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
 @click.option("--seq-len", type=click.IntRange(min=1), help="Fixed-length export: sequence length (default: training length).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Fixed-length export: batch.")
 @click.option("--kv-cache", is_flag=True, help="Decoder with attention_mask and past/present tensors, for "
-                                               "`alibi-export generate` (needs --dynamic-len).")
+                                               "`alibi-export generate` (needs --dynamic-len; for ONNX Runtime "
+                                               "CUDA add --attention onnx --dtype float16).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity and perplexity against PyTorch after export.")
 @click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16).")
