@@ -99,6 +99,16 @@ def test_onnx_attention_form_decoding_matches_pytorch_at_8x(shipped, op_session)
     assert (incremental.argmax(-1) == reference.argmax(-1)).all()
 
 
+def test_onnx_attention_form_has_no_rotary_cache(tiny_tokenizer, tmp_path):
+    from alibi_export import load
+    from tests.conftest import make_tiny
+
+    ckpt = load(make_tiny(tmp_path, tiny_tokenizer, position="rotary"))
+    with pytest.raises(ExportError, match="no KV cache for rotary"):
+        export_onnx(ckpt, tmp_path / "r.onnx", kv_cache=True, attention="onnx")
+    assert not (tmp_path / "r.onnx").exists()
+
+
 def test_fp16_onnx_attention_form_is_refused_on_cpu(shipped, tmp_path):
     path = export_onnx(shipped, tmp_path / "op16.onnx", kv_cache=True, attention="onnx", dtype="float16").path
     with pytest.raises(AlibiExportError, match="CUDA or TensorRT only"):

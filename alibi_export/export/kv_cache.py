@@ -2,8 +2,8 @@
 
 Inputs: ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past_sequence + sequence; int64 1/0,
 left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch, heads,
-past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next
-step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
+past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi
+columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
 absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
 """
 from __future__ import annotations

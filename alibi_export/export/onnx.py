@@ -17,7 +17,7 @@ from .._io import atomic_path
 from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
-from ..model import Alibi, AlibiLM, Learned, Sinusoidal, T5Bias, attend_eager
+from ..model import AlibiLM, T5Bias, attend_eager
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
@@ -81,10 +81,7 @@ def _attention_op(model: AlibiLM):
     def attend(q, k, v, pos, past, key_mask=None):
         B, H, L, _ = q.shape
         past_len = 0 if past is None else past[0].shape[2]
-        if past is not None and not isinstance(pos, (Alibi, Sinusoidal, Learned)):
-            raise ExportError(f"the onnx attention form's KV cache supports alibi, sinusoidal and learned positions, "
-                              f"not {cfg.position}. Note: use the decomposed form")
-        q, k = pos.rotate(q, k, 0)  # rotary without a cache only
+        q, k = pos.rotate(q, k, 0)  # rotary without a cache only (export_onnx refuses the other case)
         slopes = pos.head_slopes()
         m = (slopes if slopes is not None else torch.zeros(H)).to(q.device, q.dtype)  # (H,)
         zeros = torch.zeros(H, EXTRA_DIMS - 3, dtype=q.dtype, device=q.device)
@@ -204,6 +201,10 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
     out = Path(out)
     cfg = checkpoint.config
+    if kv_cache and attention == "onnx" and cfg.position == "rotary":
+        # Rotary rotates every cached key by its position at each step; this form's op appends raw keys.
+        raise ExportError("the onnx attention form has no KV cache for rotary positions. Note: use the "
+                          "decomposed form (the default)")
     seq_len = seq_len or cfg.train_len
     if batch < 1 or seq_len < 1:
         raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
