@@ -26,6 +26,7 @@ LENGTHS = [1, 300, 8 * TRAIN_LEN, 16 * TRAIN_LEN]  # 2048 and 4096: 8x and 16x t
 # 1000 tokens: the attention function's whole-score path (past 0); the next 1000 (past 1000): its Loop over
 # query chunks; then 48 single-token steps through the cache reach 2048 = 8x the training length.
 PIECES = [1000, 1000] + [1] * 48
+KV_FIXTURE = {"decomposed": "kv_onnx", "onnx": "kv_onnx_attention"}  # attention form -> fp32 KV-cache export
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,7 +125,7 @@ def _torch_logits(model, ids):
 def test_kv_cache_incremental_decoding_on_cuda_to_8x(request, shipped, torch_cuda, dtype, form):
     from alibi_export.runtime.generate import GenerationSession
 
-    fixture = {"decomposed": "kv_onnx", "onnx": "kv_onnx_attention"}[form] + ("_fp16" if dtype == "float16" else "")
+    fixture = KV_FIXTURE[form] + ("_fp16" if dtype == "float16" else "")
     path = request.getfixturevalue(fixture)
     session = GenerationSession(path, provider="cuda")
     _assert_on_cuda(session.session)
@@ -162,7 +163,7 @@ def test_greedy_generation_on_cuda_matches_pytorch(request, shipped, torch_cuda,
     from alibi_export.runtime.generate import GenerationSession
     from tests.conftest import EXCERPT
 
-    kv_onnx = request.getfixturevalue({"decomposed": "kv_onnx", "onnx": "kv_onnx_attention"}[form])
+    kv_onnx = request.getfixturevalue(KV_FIXTURE[form])
     session = GenerationSession(kv_onnx, provider="cuda")
     rng = np.random.default_rng(3)
     text = EXCERPT.read_text()

@@ -347,10 +347,11 @@ def main(argv=None):
     results = []
     # ---- the transformer optimizer: what it fuses; parity with the plain export before it is timed
     prefix = "ort-cuda-fp16" if device == "cuda" else "ort-cpu-fp16"
-    variants = [(prefix if form == "decomposed" else f"{prefix}-{form}-attention", path) for form, path in paths.items()]
+    name_of = {form: prefix if form == "decomposed" else f"{prefix}-{form}-attention" for form in paths}
+    variants = [(name_of[form], path) for form, path in paths.items()]
     meta["optimizer"] = {}
     for form, path in ([] if args.skip_optimizer else list(paths.items())):
-        base = variants[list(paths).index(form)][0]
+        base = name_of[form]
         (work / form).mkdir(exist_ok=True)
         meta["optimizer"][form] = info_of = try_optimizer(path, cfg, work / form, device == "cuda")
         ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 300), dtype=np.int64)

@@ -57,14 +57,10 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
     the slopes multiply it (a zero slope would turn that into NaN), one (H, C, kend) pass in all."""
     n = helper.make_node
     logits = p + "logits_alibi" if masked else p + "logits"
-    keys = []  # (B, H, D, kend), (B, H, kend, D), (kend,), (B, 1, 1, kend)
-    for src, axis in (("k_t", "axis3"), ("v_f", "axis2"), ("k_pos_all", "axis0"), ("key_mask_f", "axis3")):
-        if kend is None:
-            keys.append(n("Identity", [src], [p + src]))
-        else:
-            keys.append(n("Slice", [src, "zero1", kend, axis], [p + src]))
-    if not masked:
-        keys.pop()
+    sources = [("k_t", "axis3"), ("v_f", "axis2"), ("k_pos_all", "axis0")]  # (B, H, D, k), (B, H, k, D), (k,)
+    sources += [("key_mask_f", "axis3")] if masked else []  # (B, 1, 1, k)
+    keys = [n("Identity", [src], [p + src]) if kend is None else n("Slice", [src, "zero1", kend, axis], [p + src])
+            for src, axis in sources]
     mask = [n("Add", [logits, p + "key_mask_f"], [p + "logits"])] if masked else []  # finite: padding rows stay finite
     positions = [
         n("Squeeze", [q_start, "axis0"], [p + "q_start_s"]),
