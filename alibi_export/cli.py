@@ -158,13 +158,18 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Fixed-length export: batch.")
 @click.option("--kv-cache", is_flag=True, help="Decoder with attention_mask and past/present tensors, for "
                                                "`alibi-export generate` (needs --dynamic-len; for ONNX Runtime "
-                                               "CUDA add --attention onnx --dtype float16).")
+                                               "CUDA add --attention onnx --ort-fusions --dtype float16).")
+@click.option("--ort-fusions", is_flag=True, help="With --attention onnx: fuse LayerNorm, residual and bias "
+                                                   "tails into ONNX Runtime's SkipLayerNormalization and BiasGelu "
+                                                   "(faster in ONNX Runtime CUDA; the file then runs in ONNX "
+                                                   "Runtime only).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check parity and perplexity against PyTorch after export.")
 @click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16).")
 @click.option("--text", type=click.Path(), default=None, help="Text for perplexity (default: the shipped excerpt).")
 @_one_line_errors
-def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_cache, validate, lengths, text):
+def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_cache, ort_fusions, validate, lengths,
+         text):
     """Export MODEL (default: models/alibi-small) to ONNX, then prove parity and perplexity across lengths."""
     import time
 
@@ -179,10 +184,11 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_ca
     train_len = ckpt.config.train_len
     t0 = time.perf_counter()
     result = export_onnx(ckpt, out, dynamic_len=dynamic_len, opset=opset, dtype=dtype, attention=attention,
-                         batch=batch, seq_len=seq_len, kv_cache=kv_cache)
+                         batch=batch, seq_len=seq_len, kv_cache=kv_cache, ort_fusions=ort_fusions)
     size = out.stat().st_size / 1e6
     shape = "dynamic batch x sequence" if dynamic_len else f"fixed input shape ({batch}, {seq_len or train_len})"
-    click.echo(f"exported {model} -> {out} ({shape}, opset {result.opset}, {dtype}, {attention} attention, "
+    fused = ", ONNX Runtime fusions" if ort_fusions else ""
+    click.echo(f"exported {model} -> {out} ({shape}, opset {result.opset}, {dtype}, {attention} attention{fused}, "
                f"{size:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     if not dynamic_len:
         click.echo("note: this is a FIXED-LENGTH export; pass --dynamic-len for one file that runs at any length")

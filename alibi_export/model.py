@@ -284,14 +284,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None,
                 key_mask: torch.Tensor | None = None):
+        if getattr(self.attend, "owns_block", False):
+            # An exporter's attention that takes the whole block: its own projections and cache (ONNX Attention).
+            return self.attend(self, x, pos, past, key_mask)
         B, L, C = x.shape
         qkv = self.qkv(x)  # slices, not split(): opset 17's Split has no num_outputs attribute
         q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
         q, k, v = (t.view(B, L, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        if getattr(self.attend, "owns_cache", False):
-            # An exporter's attention op that appends the new keys to the cache itself (ONNX Attention).
-            y, present = self.attend(q, k, v, pos, past, key_mask)
-            return self.proj(y.transpose(1, 2).reshape(B, L, C)), present
         past_len = 0
         if past is not None:
             past_len = past[0].shape[2]

@@ -11,6 +11,7 @@ from alibi_export.errors import AlibiExportError, ExportError
 from alibi_export.export.attention_function import MASKED_OP_TYPE
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.generate import GenerationSession
+from alibi_export.runtime.onnxruntime import read_metadata
 from alibi_export.validate import TOLERANCES
 from tests.conftest import EXCERPT
 
@@ -36,6 +37,14 @@ def session(kv_onnx):
 def op_session(tmp_path_factory, shipped):
     """The onnx attention form: the standard Attention op with ALiBi folded into extra head dims."""
     path = export_onnx(shipped, tmp_path_factory.mktemp("kv-op") / "kv-op.onnx", kv_cache=True, attention="onnx").path
+    return GenerationSession(path)
+
+
+@pytest.fixture(scope="module")
+def fused_session(tmp_path_factory, shipped):
+    """The onnx form with ONNX Runtime's fused SkipLayerNormalization and BiasGelu (--ort-fusions)."""
+    path = export_onnx(shipped, tmp_path_factory.mktemp("kv-fused") / "kv-fused.onnx", kv_cache=True,
+                       attention="onnx", ort_fusions=True).path
     return GenerationSession(path)
 
 
@@ -79,10 +88,12 @@ def test_incremental_decoding_fp16_matches_pytorch_at_8x(shipped, kv_onnx_fp16):
     assert (incremental.argmax(-1) == reference.argmax(-1)).mean() > 0.99
 
 
-def test_onnx_attention_form_decoding_matches_pytorch_at_8x(shipped, op_session):
+@pytest.mark.parametrize("form", ["op_session", "fused_session"])
+def test_onnx_attention_form_decoding_matches_pytorch_at_8x(request, shipped, form):
     """The Attention op appends to its own cache (head_dim + 8 wide: the ALiBi columns travel with each
     key) and keeps the causal mask bottom-right aligned. fp32; the folded term m*j (up to ~1000 here) is
     summed into the scores, an ulp of ~1e-4 there: hence 1e-3 (the default fp32 tolerance), not 1e-4."""
+    op_session = request.getfixturevalue(form)
     proto = onnx.load(op_session.path, load_external_data=False)
     attention = [n for n in proto.graph.node if n.op_type == "Attention"]
     assert len(attention) == shipped.config.n_layer
@@ -97,6 +108,25 @@ def test_onnx_attention_form_decoding_matches_pytorch_at_8x(shipped, op_session)
     assert np.abs(incremental - full).max() < 1e-3, np.abs(incremental - full).max()
     assert np.abs(incremental - reference).max() < 1e-3, np.abs(incremental - reference).max()
     assert (incremental.argmax(-1) == reference.argmax(-1)).all()
+
+
+def test_ort_fusions_replace_the_layer_norm_tails(shipped, fused_session):
+    """Every LayerNorm after a residual Add becomes one SkipLayerNormalization that also adds the
+    projection bias and keeps the residual sum; every bias + GELU one BiasGelu. Only the first block's
+    LayerNorm (no residual before it) stays, and no elementwise Add is left in the blocks."""
+    graph = onnx.load(fused_session.path, load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    n_layer = shipped.config.n_layer
+    assert ops.count("SkipLayerNormalization") == 2 * n_layer and ops.count("LayerNormalization") == 1
+    assert ops.count("BiasGelu") == n_layer and ops.count("Gelu") == 0
+    assert ops.count("Attention") == n_layer and ops.count("Add") <= 1  # the mask's past + sequence only
+    assert read_metadata(fused_session.path)["alibi_export.ort_fusions"] == "true"
+
+
+def test_ort_fusions_need_the_onnx_form(shipped, tmp_path):
+    with pytest.raises(ExportError, match="applies to the onnx attention form"):
+        export_onnx(shipped, tmp_path / "f.onnx", kv_cache=True, ort_fusions=True)
+    assert not (tmp_path / "f.onnx").exists()
 
 
 def test_onnx_attention_form_has_no_rotary_cache(tiny_tokenizer, tmp_path):
@@ -115,7 +145,7 @@ def test_fp16_onnx_attention_form_is_refused_on_cpu(shipped, tmp_path):
         GenerationSession(path)
 
 
-@pytest.mark.parametrize("form", ["session", "op_session"])
+@pytest.mark.parametrize("form", ["session", "op_session", "fused_session"])
 def test_left_padded_batch_matches_each_prompt_alone(request, shipped, form):
     session = request.getfixturevalue(form)
     rng = np.random.default_rng()

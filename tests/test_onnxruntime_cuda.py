@@ -26,7 +26,9 @@ LENGTHS = [1, 300, 8 * TRAIN_LEN, 16 * TRAIN_LEN]  # 2048 and 4096: 8x and 16x t
 # 1000 tokens: the attention function's whole-score path (past 0); the next 1000 (past 1000): its Loop over
 # query chunks; then 48 single-token steps through the cache reach 2048 = 8x the training length.
 PIECES = [1000, 1000] + [1] * 48
-KV_FIXTURE = {"decomposed": "kv_onnx", "onnx": "kv_onnx_attention"}  # attention form -> fp32 KV-cache export
+# KV-cache export forms: the default; the standard Attention op with ALiBi folded into extra head dims (the
+# fused CUDA path); that with ONNX Runtime's fusions, the serving configuration the GPU benchmark times
+KV_FORMS = {"decomposed": {}, "onnx": dict(attention="onnx"), "onnx-fused": dict(attention="onnx", ort_fusions=True)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,27 +48,17 @@ def torch_cuda(shipped):
 
 
 @pytest.fixture(scope="module")
-def kv_onnx(tmp_path_factory, shipped):
-    return export_onnx(shipped, tmp_path_factory.mktemp("kv-cuda") / "kv.onnx", kv_cache=True).path
+def kv_export(tmp_path_factory, shipped):
+    """(form, dtype) -> that KV-cache export of the shipped model, made once per module."""
+    made = {}
 
+    def get(form: str, dtype: str = "float32"):
+        if (form, dtype) not in made:
+            out = tmp_path_factory.mktemp("kv") / f"kv-{form}-{dtype}.onnx"
+            made[form, dtype] = export_onnx(shipped, out, kv_cache=True, dtype=dtype, **KV_FORMS[form]).path
+        return made[form, dtype]
 
-@pytest.fixture(scope="module")
-def kv_onnx_fp16(tmp_path_factory, shipped):
-    return export_onnx(shipped, tmp_path_factory.mktemp("kv16-cuda") / "kv16.onnx", kv_cache=True,
-                       dtype="float16").path
-
-
-@pytest.fixture(scope="module")
-def kv_onnx_attention_fp16(tmp_path_factory, shipped):
-    """The standard Attention op with ALiBi folded into extra head dims: the fused CUDA path."""
-    return export_onnx(shipped, tmp_path_factory.mktemp("kv16-op") / "kv16op.onnx", kv_cache=True,
-                       dtype="float16", attention="onnx").path
-
-
-@pytest.fixture(scope="module")
-def kv_onnx_attention(tmp_path_factory, shipped):
-    return export_onnx(shipped, tmp_path_factory.mktemp("kv-op") / "kvop.onnx", kv_cache=True,
-                       attention="onnx").path
+    return get
 
 
 def _assert_on_cuda(session):
@@ -94,10 +86,12 @@ def test_fp16_export_parity_on_cuda(shipped_onnx_fp16, torch_cuda):
     assert all(r.argmax_agreement > 0.99 for r in result.lengths), result.lengths
 
 
+@pytest.mark.parametrize("ort_fusions", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_onnx_attention_form_parity_on_cuda_to_64x(tmp_path, shipped, torch_cuda, dtype):
-    """The folded-ALiBi Attention op at 16,384 tokens (64x training), no KV cache, against float32 PyTorch."""
-    path = export_onnx(shipped, tmp_path / "op.onnx", attention="onnx", dtype=dtype).path
+def test_onnx_attention_form_parity_on_cuda_to_64x(tmp_path, shipped, torch_cuda, dtype, ort_fusions):
+    """The folded-ALiBi Attention op at 16,384 tokens (64x training), no KV cache, against float32 PyTorch;
+    also with ONNX Runtime's fused LayerNorm tails."""
+    path = export_onnx(shipped, tmp_path / "op.onnx", attention="onnx", dtype=dtype, ort_fusions=ort_fusions).path
     # fp32: the folded term m_h*j is summed into float32 scores, so their rounding grows with the length: an
     # ulp of m*L is 9.8e-4 at 16k tokens (m = 1/2). Observed on the H100: max |dlogit| 1.4e-3 at 4096 and
     # 7.0e-3 at 16384, within TOLERANCES["float32-folded"], which validate picks from the file's metadata.
@@ -120,13 +114,12 @@ def _torch_logits(model, ids):
         return model(torch.from_numpy(ids).cuda()).float().cpu().numpy()
 
 
-@pytest.mark.parametrize("form", ["decomposed", "onnx"])
+@pytest.mark.parametrize("form", list(KV_FORMS))
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_kv_cache_incremental_decoding_on_cuda_to_8x(request, shipped, torch_cuda, dtype, form):
+def test_kv_cache_incremental_decoding_on_cuda_to_8x(kv_export, shipped, torch_cuda, dtype, form):
     from alibi_export.runtime.generate import GenerationSession
 
-    fixture = KV_FIXTURE[form] + ("_fp16" if dtype == "float16" else "")
-    path = request.getfixturevalue(fixture)
+    path = kv_export(form, dtype)
     session = GenerationSession(path, provider="cuda")
     _assert_on_cuda(session.session)
     assert session.device == "cuda"
@@ -158,12 +151,12 @@ def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("form", ["decomposed", "onnx"])
-def test_greedy_generation_on_cuda_matches_pytorch(request, shipped, torch_cuda, form):
+@pytest.mark.parametrize("form", list(KV_FORMS))
+def test_greedy_generation_on_cuda_matches_pytorch(kv_export, shipped, torch_cuda, form):
     from alibi_export.runtime.generate import GenerationSession
     from tests.conftest import EXCERPT
 
-    kv_onnx = request.getfixturevalue(KV_FIXTURE[form])
+    kv_onnx = kv_export(form)
     session = GenerationSession(kv_onnx, provider="cuda")
     rng = np.random.default_rng(3)
     text = EXCERPT.read_text()

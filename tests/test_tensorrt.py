@@ -194,6 +194,15 @@ def test_plugin_export_with_tensorrt_rtx_is_refused(trt, tiny_dir, tmp_path):
         build_engine(path, tmp_path / "x.engine", min_len=1, opt_len=8, max_len=64, backend="tensorrt-rtx")
 
 
+def test_ort_fused_export_is_refused_by_tensorrt(trt, tiny_dir, tmp_path):
+    from alibi_export.runtime.tensorrt import build_engine
+
+    path = export_onnx(load(tiny_dir), tmp_path / "fused.onnx", attention="onnx", ort_fusions=True).path
+    with pytest.raises(EngineBuildError, match="ONNX Runtime's fused operators.*without --ort-fusions") as e:
+        build_engine(path, tmp_path / "x.engine", min_len=1, opt_len=8, max_len=64, backend="tensorrt-rtx")
+    assert "\n" not in str(e.value) and not (tmp_path / "x.engine").exists()
+
+
 def test_precision_the_onnx_file_does_not_have_is_refused_by_tensorrt_rtx(trt, onnx_attention_exports, tmp_path):
     from alibi_export.runtime.tensorrt import build_engine
 

@@ -9,7 +9,9 @@ The model is RANDOMLY INITIALIZED (torch.manual_seed(0)); speed does not depend 
     python tools/bench_generate_gpu.py --out results/          # on the GPU machine
     python tools/bench_generate_gpu.py --quick --out /tmp/b    # CPU smoke test, tiny model
 
-prefill: batch 1, C random tokens, past 0, all C logits and the cache produced on the device; tokens/s.
+prefill: batch 1, C random tokens, past 0, all C logits and the cache produced on the device; tokens/s. Inputs are
+ready before the clock starts on both sides: PyTorch's on the device, ORT's in one IO binding (ids and mask bound
+from the host and copied in by each run, the empty cache as device OrtValues, outputs allocated by each run).
 decode:  one token per row at context C (a random cache of C positions per layer), batch 1 and 16; ms per
 step, ORT through IO binding (cache bound on the GPU, logits of the new token copied to the host, as
 GenerationSession.step does), PyTorch with the cache as a list of tensors.
@@ -77,6 +79,10 @@ class Clock:
 
 
 # ----------------------------------------------------------------------------------------- ONNX Runtime
+# KV-cache export forms: the default decomposed attention, the standard Attention op with ALiBi folded into
+# extra head dims, and that with ONNX Runtime's fused SkipLayerNormalization / BiasGelu (--ort-fusions)
+FORMS = {"decomposed": dict(attention="decomposed"), "onnx": dict(attention="onnx"),
+         "onnx-fused": dict(attention="onnx", ort_fusions=True)}
 ARENA = {"next-power-of-two": "kNextPowerOfTwo", "same-as-requested": "kSameAsRequested"}
 
 
@@ -103,15 +109,24 @@ class OrtModel:
         self.present = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
         self.width = session.get_inputs()[2].shape[-1]  # head_dim, or head_dim + 8 in the onnx attention form
 
-    def run(self, ids: np.ndarray, past: list[torch.Tensor], logits_on_host: bool):
-        """One forward. ``past``: torch tensors (B, H, P, D) on the device, bound by pointer."""
+    def run(self, ids: np.ndarray, past: list, logits_on_host: bool):
+        """One forward; returns its IO binding."""
+        b = self.bind(ids, past, logits_on_host)
+        self.s.run_with_iobinding(b)
+        return b
+
+    def bind(self, ids: np.ndarray, past: list, logits_on_host: bool):
+        """An IO binding for one forward. ``past``: torch tensors (B, H, P, D) on the device, bound by pointer,
+        or OrtValues."""
         b = self.s.io_binding()
         B, L = ids.shape
-        P = past[0].shape[2]
+        P = past[0].shape[2] if isinstance(past[0], torch.Tensor) else past[0].shape()[2]
         b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("attention_mask", np.ones((B, P + L), dtype=np.int64))
         for name, t in zip(self.past, past):
-            if P == 0 or self.device == "cpu":
+            if not isinstance(t, torch.Tensor):  # an OrtValue made once, outside the timed call
+                b.bind_ortvalue_input(name, t)
+            elif P == 0 or self.device == "cpu":
                 from onnxruntime import OrtValue
 
                 b.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(
@@ -121,7 +136,6 @@ class OrtModel:
         b.bind_output("logits", "cpu" if logits_on_host else self.device)
         for name in self.present:
             b.bind_output(name, self.device, 0)
-        self.s.run_with_iobinding(b)
         return b
 
 
@@ -165,8 +179,13 @@ def bench_ort(name, path, cfg, args, clock, results, device):
                     results.append(dict(runtime=name, mode=mode, batch=batch, context=ctx, skipped="--ort-prefill-max"))
                     continue
                 ids = rng.integers(0, cfg.vocab_size, (1, ctx), dtype=np.int64)
-                empty = [torch.zeros(1, cfg.n_head, 0, model.width, dtype=torch.float16)] * len(model.past)
-                sec, n = clock.time(lambda: model.run(ids, empty, False), 1, args.prefill_repeats)
+                from onnxruntime import OrtValue
+
+                # the empty cache is made once, as PyTorch's is: the timed call binds and runs
+                empty = [OrtValue.ortvalue_from_numpy(np.zeros((1, cfg.n_head, 0, model.width), np.float16), device, 0)
+                         for _ in model.past]
+                binding = model.bind(ids, empty, False)  # ORT allocates the outputs on the device at each run
+                sec, n = clock.time(lambda: model.s.run_with_iobinding(binding), 1, args.prefill_repeats)
                 extra = 0
                 row = dict(tokens_per_s=round(ctx / sec, 1), ms=round(1e3 * sec, 3))
             else:
@@ -297,7 +316,7 @@ def main(argv=None):
                    help="CUDA EP sdpa_kernel bitmask for the timed sessions (0: ORT's choice; 1 flash, 2 efficient)")
     p.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     p.add_argument("--skip-torch", action="store_true")
-    p.add_argument("--forms", nargs="+", default=["decomposed", "onnx"], choices=["decomposed", "onnx"],
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS),
                    help="attention forms of the KV-cache export to time (onnx: the standard Attention op, ALiBi "
                         "folded into extra head dimensions)")
     p.add_argument("--ort-arena", default="next-power-of-two", choices=sorted(ARENA),
@@ -330,11 +349,11 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     save(model, Tokenizer.from_file(str(ROOT / "models" / "alibi-small" / "tokenizer.json")), work / "ckpt")
     t0 = time.perf_counter()
-    if device == "cpu" and "onnx" in args.forms:
-        args.forms.remove("onnx")  # its fp16 form needs float32 accumulation: CUDA or TensorRT only
+    if device == "cpu" and set(args.forms) - {"decomposed"}:
+        args.forms = [f for f in args.forms if f == "decomposed"]  # fp16 onnx form: float32 accumulation needed
         log("skipping the onnx attention form on the CPU")
     paths = {form: export_onnx(load(work / "ckpt"), work / f"model-fp16-kv-{form}.onnx", kv_cache=True,
-                               dtype="float16", attention=form).path for form in args.forms}
+                               dtype="float16", **FORMS[form]).path for form in args.forms}
     onnx_path = paths[args.forms[0]]
     export_s = time.perf_counter() - t0
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -347,10 +366,11 @@ def main(argv=None):
     results = []
     # ---- the transformer optimizer: what it fuses; parity with the plain export before it is timed
     prefix = "ort-cuda-fp16" if device == "cuda" else "ort-cpu-fp16"
-    name_of = {form: prefix if form == "decomposed" else f"{prefix}-{form}-attention" for form in paths}
+    name_of = {"decomposed": prefix, "onnx": f"{prefix}-onnx-attention", "onnx-fused": f"{prefix}-onnx-attention-fused"}
     variants = [(name_of[form], path) for form, path in paths.items()]
     meta["optimizer"] = {}
-    for form, path in ([] if args.skip_optimizer else list(paths.items())):
+    # ORT's optimizer with its default options, as a user would first try it (onnx-fused is the tuned use)
+    for form, path in ([] if args.skip_optimizer else [(f, p) for f, p in paths.items() if f != "onnx-fused"]):
         base = name_of[form]
         (work / form).mkdir(exist_ok=True)
         meta["optimizer"][form] = info_of = try_optimizer(path, cfg, work / form, device == "cuda")

@@ -3,7 +3,7 @@
 ONNX Runtime CUDA prefill of the fp16 `--attention onnx` KV-cache export, and of the PyTorch forward with
 the fused Triton ALiBi kernel, in one process. Same random 12-layer model as tools/bench_generate_gpu.py.
 
-    python tools/profile_prefill_gpu.py [--length 16384]      # GPU machine, onnxruntime-gpu
+    python tools/profile_prefill_gpu.py [--length 16384] [--ort-fusions]     # GPU machine, onnxruntime-gpu
 """
 from __future__ import annotations
 
@@ -52,14 +52,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=16384)
-    length = ap.parse_args().length
+    ap.add_argument("--ort-fusions", action="store_true", help="profile the --ort-fusions export")
+    args = ap.parse_args()
+    length = args.length
     cfg = ModelConfig(vocab_size=4096, n_layer=12, n_head=12, d_model=768, d_ff=3072, train_len=1024,
                       max_positions=1024)
     torch.manual_seed(0)
     model = AlibiLM(cfg).eval()
     work = Path(tempfile.mkdtemp(prefix="profile-prefill-"))
     save(model, Tokenizer.from_file(str(ROOT / "models" / "alibi-small" / "tokenizer.json")), work / "ckpt")
-    path = export_onnx(load(work / "ckpt"), work / "kv.onnx", kv_cache=True, dtype="float16", attention="onnx").path
+    path = export_onnx(load(work / "ckpt"), work / "kv.onnx", kv_cache=True, dtype="float16", attention="onnx",
+                       ort_fusions=args.ort_fusions).path
     session = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", {"use_tf32": 0})])
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, length), dtype=np.int64)
     binding = session.io_binding()
@@ -70,7 +73,8 @@ def main() -> None:
         binding.bind_ortvalue_input(inp.name, ort.OrtValue.ortvalue_from_numpy(empty, "cuda", 0))
     for out in session.get_outputs():
         binding.bind_output(out.name, "cuda")
-    report(f"ONNX Runtime CUDA, --attention onnx, prefill {length}", lambda: session.run_with_iobinding(binding))
+    fused = " --ort-fusions" if args.ort_fusions else ""
+    report(f"ONNX Runtime CUDA, --attention onnx{fused}, prefill {length}", lambda: session.run_with_iobinding(binding))
 
     gpu = model.cuda().half().set_attention("triton")
     x = torch.from_numpy(ids).cuda()

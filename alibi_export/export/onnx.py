@@ -12,12 +12,13 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 import torch
+import torch.nn.functional as F
 
 from .._io import atomic_path
 from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
-from ..model import AlibiLM, T5Bias, attend_eager
+from ..model import AlibiLM, PositionMethod, T5Bias, attend_eager
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
@@ -64,9 +65,62 @@ def _attention_node(model: AlibiLM):
     return attend
 
 
+# The EXTRA_DIMS position features appended to each block's input in the onnx form: j // POS_BASE,
+# j % POS_BASE, POS_BASE for a padded key, and a constant 1 that applies the projections' biases.
+_HI, _LO, _PAD, _ONE = range(4)
+
+
+def _folded_block_weights(attn, slopes: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One attention block's projections widened to the onnx form's padded heads (head_dim + EXTRA_DIMS),
+    reading the block input with the position features appended (see ``_position_features``).
+
+    The query scale 1/sqrt(d) goes into W_q; the biases become the rows of the constant-1 feature, so
+    the GEMM adds them in its float32 accumulation; each query head's extra columns are constants
+    (m_h [POS_BASE, 1] and -PAD_SCORE / POS_BASE for the mask column), each key head's copy the
+    position features; value heads are zero there and W_o ignores them. So the projections write the
+    padded heads directly, in the (batch, sequence, heads * width) layout the Attention op reads, and no
+    bias add, concat, split, transpose or slice runs per head."""
+    H, D = attn.n_head, attn.head_dim
+    C, E = H * D, EXTRA_DIMS
+    w, b = attn.qkv.weight.detach().float(), attn.qkv.bias.detach().float()
+    scale = 1.0 / math.sqrt(D)
+
+    def widen(weight, bias):  # (C, C), (C,) -> (H * (D + E), C + E)
+        wide = torch.zeros(H, D + E, C + E)
+        wide[:, :D, :C], wide[:, :D, C + _ONE] = weight.view(H, D, C), bias.view(H, D)
+        return wide
+
+    w_q = widen(w[:C] * scale, b[:C] * scale)
+    w_q[:, D + _HI, C + _ONE], w_q[:, D + _LO, C + _ONE] = slopes * POS_BASE, slopes
+    w_q[:, D + _PAD, C + _ONE] = -PAD_SCORE / POS_BASE
+    w_k = widen(w[C:2 * C], b[C:2 * C])
+    for c in (_HI, _LO, _PAD):  # key column D + c = position feature c
+        w_k[:, D + c, C + c] = 1.0
+    w_v = widen(w[2 * C:], b[2 * C:])
+    w_o = torch.zeros(C, H, D + E)
+    w_o[:, :, :D] = attn.proj.weight.detach().float().view(C, H, D)
+    qkv = [t.flatten(0, 1).T.contiguous() for t in (w_q, w_k, w_v)]  # (C + E, H * (D + E)): x @ w
+    return tuple(t.to(dtype) for t in (*qkv, w_o.flatten(1), attn.proj.bias.detach().float()))
+
+
+def _position_features(x: torch.Tensor, past_len, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, EXTRA_DIMS) features of the new keys j = past_len + t, from the runtime shapes (see _HI...)."""
+    B, L, _ = x.shape
+    j = torch.arange(L, device=x.device) + past_len
+    hi, lo = torch.div(j, POS_BASE, rounding_mode="floor"), torch.remainder(j, POS_BASE)
+    if key_mask is None:
+        padded = torch.zeros(B, L, dtype=x.dtype, device=x.device)
+    else:
+        padded = (key_mask[:, 0, 0, past_len:] < 0).to(x.dtype)  # (B, L): 1 for padding
+    columns = [hi.to(x.dtype).expand(B, L), lo.to(x.dtype).expand(B, L), padded * POS_BASE, torch.ones_like(padded)]
+    columns += [torch.zeros_like(padded)] * (EXTRA_DIMS - len(columns))
+    return torch.stack(columns, -1)
+
+
 def _attention_op(model: AlibiLM):
-    """An attend() that emits the standard ONNX Attention op (opset 23) with the ALiBi bias folded into
-    extra head dimensions, so the op runs causal with no mask and fused kernels stay eligible.
+    """A block-level attend that emits the standard ONNX Attention op (opset 23) with the ALiBi bias
+    folded into extra head dimensions, so the op runs causal with no mask and fused kernels stay
+    eligible.
 
     Softmax ignores a per-query constant, so m_h (j - i) may be replaced by m_h j, which is a dot
     product: each query gets the columns m_h [POS_BASE, 1] and each key [j // POS_BASE, j % POS_BASE].
@@ -74,41 +128,38 @@ def _attention_op(model: AlibiLM):
     bias stays m'_h (j - i) for a slope within 2^-11 of m_h) and their products are summed in float32
     by the kernel. A third column carries the key padding mask (PAD_SCORE for padded keys). The
     op's own past_key/past_value append the cache, which keeps the causal mask bottom-right aligned;
-    the cache therefore holds the padded head (head_dim + EXTRA_DIMS) and the positions."""
+    the cache therefore holds the padded head (head_dim + EXTRA_DIMS) and the positions. The op reads
+    and writes (batch, sequence, heads * width), the layout of the projections around it (see
+    ``_folded_block_weights``)."""
     cfg = model.config
-    scale = 1.0 / math.sqrt(cfg.head_dim)
+    H, D = cfg.n_head, cfg.head_dim
+    slopes = model.pos.head_slopes()
+    slopes = (slopes if slopes is not None else torch.zeros(H)).detach().float().cpu()
+    dtype = next(model.parameters()).dtype
+    weights = {id(b.attn): _folded_block_weights(b.attn, slopes, dtype) for b in model.blocks}
+    rotary = type(model.pos).rotate is not PositionMethod.rotate
 
-    def attend(q, k, v, pos, past, key_mask=None):
-        B, H, L, _ = q.shape
+    def attend_block(attn, x, pos, past, key_mask=None):
+        w_q, w_k, w_v, w_o, b_o = weights[id(attn)]
+        B, L, _ = x.shape
         past_len = 0 if past is None else past[0].shape[2]
-        q, k = pos.rotate(q, k, 0)  # rotary without a cache only (export_onnx refuses the other case)
-        slopes = pos.head_slopes()
-        m = (slopes if slopes is not None else torch.zeros(H)).to(q.device, q.dtype)  # (H,)
-        zeros = torch.zeros(H, EXTRA_DIMS - 3, dtype=q.dtype, device=q.device)
-        pad_q = torch.full((H,), -PAD_SCORE / POS_BASE, dtype=q.dtype, device=q.device)
-        q_cols = torch.cat([torch.stack([m * POS_BASE, m, pad_q], -1), zeros], -1)  # (H, EXTRA_DIMS)
-        j = torch.arange(L, device=q.device) + past_len  # absolute positions of the new keys
-        j_hi, j_lo = torch.div(j, POS_BASE, rounding_mode="floor"), torch.remainder(j, POS_BASE)
-        if key_mask is None:
-            padded = torch.zeros(B, L, dtype=q.dtype, device=q.device)
-        else:
-            padded = (key_mask[:, 0, 0, past_len:] < 0).to(q.dtype)  # (B, L): 1 for padding
-        k_cols = torch.stack([j_hi.to(q.dtype).expand(B, L), j_lo.to(q.dtype).expand(B, L), padded * POS_BASE], -1)
-        k_cols = torch.cat([k_cols, zeros[0].expand(B, L, EXTRA_DIMS - 3)], -1)[:, None].expand(B, H, L, EXTRA_DIMS)
-        q_x = torch.cat([q * scale, q_cols[None, :, None].expand(B, H, L, EXTRA_DIMS)], -1)
-        k_x = torch.cat([k, k_cols], -1)
-        v_x = torch.cat([v, torch.zeros_like(k_cols)], -1)
+        x = torch.cat([x, _position_features(x, past_len, key_mask)], -1)
+        q, k, v = x @ w_q, x @ w_k, x @ w_v  # (B, L, H * (D + EXTRA_DIMS))
+        if rotary:  # rotary without a cache only (export_onnx refuses the other case)
+            q, k = (t.view(B, L, H, D + EXTRA_DIMS).transpose(1, 2) for t in (q, k))
+            rq, rk = pos.rotate(q[..., :D], k[..., :D], 0)
+            q, k = (torch.cat([r, t[..., D:]], -1).transpose(1, 2).reshape(B, L, -1) for r, t in ((rq, q), (rk, k)))
+        heads = dict(is_causal=True, scale=1.0, q_num_heads=H, kv_num_heads=H)
         if past is None:
-            y = torch.onnx.ops.attention(q_x, k_x, v_x, is_causal=True, scale=1.0)[0]
-            present = (k_x, v_x)
+            y = torch.onnx.ops.attention(q, k, v, **heads)[0]
+            present = tuple(t.view(B, L, H, D + EXTRA_DIMS).transpose(1, 2) for t in (k, v))
         else:
-            y, pk, pv, _ = torch.onnx.ops.attention(q_x, k_x, v_x, past_key=past[0], past_value=past[1],
-                                                    is_causal=True, scale=1.0)
+            y, pk, pv, _ = torch.onnx.ops.attention(q, k, v, past_key=past[0], past_value=past[1], **heads)
             present = (pk, pv)
-        return y[..., :cfg.head_dim], present
+        return F.linear(y, w_o, b_o), present
 
-    attend.owns_cache = True
-    return attend
+    attend_block.owns_block = True
+    return attend_block
 
 
 @contextlib.contextmanager
@@ -171,7 +222,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
 
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
-                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False) -> ExportResult:
+                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -182,7 +233,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     Attention operator (opset 23, its default there), causal with no mask, the bias folded into extra
     head dimensions (see :func:`_attention_op`). ``opset`` defaults to
     18 for the other forms. ``kv_cache`` exports the decoder with ``attention_mask`` and past/present
-    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``.
+    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``ort_fusions`` (onnx
+    form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
+    :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else.
     """
     from .. import __version__
 
@@ -197,6 +250,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError(f"unsupported dtype {dtype!r}. Note: expected float32 or float16")
     if attention not in ATTENTION_FORMS:
         raise ExportError(f"unknown attention form {attention!r}. Note: expected one of {ATTENTION_FORMS}")
+    if ort_fusions and attention != "onnx":
+        raise ExportError("--ort-fusions applies to the onnx attention form. Note: add --attention onnx")
     if kv_cache and not dynamic_len:
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
     out = Path(out)
@@ -238,7 +293,14 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     }
     if kv_cache:
         metadata["alibi_export.kv_cache"] = "true"
+    if ort_fusions:
+        metadata["alibi_export.ort_fusions"] = "true"
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk, metadata=metadata)
+    if ort_fusions:
+        from .ort_fusions import fuse_for_onnxruntime
+
+        proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
+        log.info("ONNX Runtime fusions: %s", fused)
     # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
     large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
     data = out.with_name(out.name + ".data")

@@ -184,6 +184,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         raise EngineBuildError(f"unknown backend {backend!r}. Note: expected one of {BACKENDS}")
     form = attention_form(onnx_path)
     meta = read_metadata(onnx_path)
+    if meta.get("alibi_export.ort_fusions") == "true":
+        raise EngineBuildError(f"{onnx_path} holds ONNX Runtime's fused operators (exported with --ort-fusions), "
+                               "which TensorRT cannot parse. Note: export without --ort-fusions for TensorRT")
     onnx_dtype = meta.get("alibi_export.dtype", "float32")
     precision = precision or _ONNX_DTYPE.get(onnx_dtype, "fp32")
     trt = import_trt(backend)
