@@ -53,9 +53,9 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.
     total = torch.export.Dim("total_sequence")  # past + sequence: torch.export has no sum of two dims
     ids = torch.randint(0, cfg.vocab_size, (_TRACE_BATCH, _TRACE_LEN))
     mask = torch.ones(_TRACE_BATCH, _TRACE_PAST + _TRACE_LEN, dtype=torch.int64)
-    from .onnx import EXTRA_DIMS
+    from .attention_op import EXTRA_DIMS
 
-    # The onnx form's cache holds the ALiBi columns beside each head (see onnx._attention_op).
+    # The onnx form's cache holds the ALiBi columns beside each head (see attention_op).
     width = cfg.head_dim + (EXTRA_DIMS if form == "onnx" else 0)
     cache = [torch.randn(_TRACE_BATCH, cfg.n_head, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
