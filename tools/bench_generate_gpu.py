@@ -317,8 +317,8 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS),
-                   help="attention forms of the KV-cache export to time (onnx: the standard Attention op, ALiBi "
-                        "folded into extra head dimensions)")
+                   help="KV-cache export forms to time (onnx: the standard Attention op, ALiBi folded into extra "
+                        "head dimensions; onnx-fused: that with --ort-fusions)")
     p.add_argument("--ort-arena", default="next-power-of-two", choices=sorted(ARENA),
                    help="ORT CUDA arena_extend_strategy for the timed sessions (ORT's default: next-power-of-two)")
     args = p.parse_args(argv)

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model import AlibiLM, PositionMethod
+from ..model import AlibiLM
 
 __all__ = ["attention_op", "EXTRA_DIMS", "POS_BASE", "PAD_SCORE"]
 
@@ -87,7 +87,7 @@ def attention_op(model: AlibiLM):
     slopes = (slopes if slopes is not None else torch.zeros(H)).detach().float().cpu()
     dtype = next(model.parameters()).dtype
     weights = {id(b.attn): _folded_block_weights(b.attn, slopes, dtype) for b in model.blocks}
-    rotary = type(model.pos).rotate is not PositionMethod.rotate
+    rotary = cfg.position == "rotary"
 
     def attend_block(attn, x, pos, past, key_mask=None):
         w_q, w_k, w_v, w_o, b_o = weights[id(attn)]

@@ -30,7 +30,6 @@ def fuse_for_onnxruntime(proto: onnx.ModelProto, *, n_head: int, d_model: int) -
     options = FusionOptions("gpt2")
     options.enable_shape_inference = False
     options.enable_attention = False  # the Attention ops are already fused; only the elementwise tails change
-    ir_version, opsets = proto.ir_version, {o.domain: o.version for o in proto.opset_import}
     logging.disable(logging.WARNING)  # its modules' loggers warn that the producer is not "pytorch", and so on
     try:
         fused = optimize_model(proto, model_type="gpt2", num_heads=n_head, hidden_size=d_model, opt_level=0,
@@ -42,9 +41,6 @@ def fuse_for_onnxruntime(proto: onnx.ModelProto, *, n_head: int, d_model: int) -
         raise ExportError("ONNX Runtime's transformer optimizer fused no SkipLayerNormalization. Note: the "
                           "onnxruntime version installed may lay out its fusions differently; export without "
                           "--ort-fusions")
-    fused.ir_version = ir_version  # the optimizer leaves it, but the file's loaders depend on it
-    for o in fused.opset_import:
-        o.version = opsets.get(o.domain, o.version)
     if "com.microsoft" not in {o.domain for o in fused.opset_import}:
         fused.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return fused, {op: counts[op] for op in FUSED_OPS}
