@@ -52,8 +52,11 @@ def test_onnx_attention_form_matches_pytorch_in_onnxruntime(shipped, onnx_attent
         assert len(node.input) == 3 and {a.name: a.i for a in node.attribute}["is_causal"] == 1
     result = compare(path, TorchRunner(shipped.model), [1, 77, TRAIN_LEN, 16 * TRAIN_LEN])
     assert result, [(r.length, r.max_abs) for r in result.lengths]
-    assert all(r.argmax_agreement == 1.0 for r in result.lengths)
-    assert all(r.max_abs < 2e-3 for r in result.lengths), result.lengths  # the folded m*j: ulp 5e-4 at 4096
+    # The folded m*j puts an ulp of 5e-4 into the fp32 scores at 4096 (max |dlogit| 5e-4..1.2e-3): a near-tie
+    # among the 4096 positions flips its argmax in about 1 of 25 random draws (measured on CPU, before and
+    # after the one-unit block), as in the CUDA test of this form.
+    assert all(r.argmax_agreement > 0.999 for r in result.lengths), result.lengths
+    assert all(r.max_abs < 2e-3 for r in result.lengths), result.lengths
 
 
 def test_onnx_attention_form_needs_opset_23(shipped, tmp_path):
