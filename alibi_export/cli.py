@@ -145,7 +145,11 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
 
 @main.command()
 @click.argument("model", required=False, type=click.Path())
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="ONNX file to write (default: MODEL_NAME.onnx).")
+@click.option("-o", "--out", type=click.Path(), help="ONNX file to write (default: MODEL_NAME.onnx), or with "
+                                                    "--genai the folder (default: MODEL_NAME-genai).")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt-rtx", "genai"]),
+              help="Pick the form, dtype, fusions and quantization measured best for this runtime (explicit "
+                   "options override it).")
 @click.option("--dynamic-len/--fixed-len", default=False,
               help="Dynamic batch and sequence, ALiBi bias built from the runtime length (recommended).")
 @click.option("--opset", type=int, help="ONNX opset (default: 18; 23 for --attention onnx).")
@@ -163,44 +167,98 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
                                                    "tails into ONNX Runtime's SkipLayerNormalization and BiasGelu "
                                                    "(faster in ONNX Runtime CUDA; the file then runs in ONNX "
                                                    "Runtime only).")
+@click.option("--quantize", help="int8 (ONNX Runtime dynamic quantization) or int4 (MatMulNBits) weights, for the "
+                                 "CPU forms; checked by perplexity against the float32 model.")
+@click.option("--block-size", default=32, show_default=True, type=int, help="int4 block size (a power of two >= 16).")
+@click.option("--ppl-tolerance", type=float, help="Largest perplexity ratio of a quantized export over float32 "
+                                                  "(default: int8 1.02, int4 1.08).")
+@click.option("--genai", is_flag=True, help="Write an onnxruntime-genai folder (model.onnx, genai_config.json, "
+                                            "tokenizer files); needs --kv-cache.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
-              help="Check parity and perplexity against PyTorch after export.")
-@click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16).")
+              help="Check parity (or, quantized, perplexity) against PyTorch after export.")
+@click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16; "
+                                                   "quantized: x 1,4,16).")
 @click.option("--text", type=click.Path(), default=None, help="Text for perplexity (default: the shipped excerpt).")
+@click.pass_context
 @_one_line_errors
-def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_cache, ort_fusions, validate, lengths,
-         text):
+def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate, lengths, text, **options):
     """Export MODEL (default: models/alibi-small) to ONNX, then prove parity and perplexity across lengths."""
     import time
 
     from ._io import check_writable_dir
     from .checkpoint import load
+    from .export.genai import export_genai
     from .export.onnx import export_onnx
+    from .export.targets import resolve_target
 
+    if target:
+        explicit = {k for k in options if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
+        options, chosen = resolve_target(target, options, explicit)
+        click.echo(chosen)
+    if ppl_tolerance is not None and not options["quantize"]:
+        raise click.ClickException("--ppl-tolerance applies to quantized exports. Note: add --quantize int8|int4")
     model = _default_model(model)
-    out = Path(out or f"{model.name}.onnx")
+    genai = options.pop("genai", False)
+    out = Path(out or (f"{model.name}-genai" if genai else f"{model.name}.onnx"))
     check_writable_dir(out.parent if str(out.parent) else Path("."))
+    if not genai and out.is_dir():
+        raise click.ClickException(f"{str(out)!r} is a folder. Note: -o names the ONNX file (a folder with --genai)")
     ckpt = load(model)
     train_len = ckpt.config.train_len
     t0 = time.perf_counter()
-    result = export_onnx(ckpt, out, dynamic_len=dynamic_len, opset=opset, dtype=dtype, attention=attention,
-                         batch=batch, seq_len=seq_len, kv_cache=kv_cache, ort_fusions=ort_fusions)
-    size = out.stat().st_size / 1e6
-    shape = "dynamic batch x sequence" if dynamic_len else f"fixed input shape ({batch}, {seq_len or train_len})"
-    fused = ", ONNX Runtime fusions" if ort_fusions else ""
-    click.echo(f"exported {model} -> {out} ({shape}, opset {result.opset}, {dtype}, {attention} attention{fused}, "
-               f"{size:.1f} MB) in {time.perf_counter() - t0:.1f}s")
-    if not dynamic_len:
+    kwargs = dict(opset=opset, batch=batch, seq_len=seq_len, **options)
+    result = export_genai(ckpt, out, **kwargs) if genai else export_onnx(ckpt, out, **kwargs)
+    click.echo(_export_line(model, out, result, options, seq_len or train_len, batch, time.perf_counter() - t0))
+    if not options["dynamic_len"]:
         click.echo("note: this is a FIXED-LENGTH export; pass --dynamic-len for one file that runs at any length")
     if not validate:
         return
-    lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if dynamic_len else [seq_len or train_len])
-    if kv_cache:
-        _validate_kv_cache(out, ckpt, lengths, train_len)
-        return
     if text is None and DEFAULT_TEXT.is_file():
         text = DEFAULT_TEXT
-    _validate_and_report(out, ckpt, lengths, text, train_len, batch=1 if dynamic_len else batch)
+    if options["quantize"]:
+        _quantization_gate(result.path, ckpt, lengths or [train_len * m for m in (1, 4, 16)], text, train_len,
+                           ppl_tolerance)
+        return
+    lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if options["dynamic_len"]
+                          else [seq_len or train_len])
+    if options["kv_cache"]:
+        _validate_kv_cache(result.path, ckpt, lengths, train_len)
+        return
+    _validate_and_report(result.path, ckpt, lengths, text, train_len, batch=1 if options["dynamic_len"] else batch)
+
+
+def _export_line(model, out, result, options, seq_len, batch, seconds) -> str:
+    files = [result.path] + ([result.path.with_name(result.path.name + ".data")] if out.is_dir() else [])
+    size = sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+    shape = "dynamic batch x sequence" if options["dynamic_len"] else f"fixed input shape ({batch}, {seq_len})"
+    extras = "".join([", ONNX Runtime fusions" if options["ort_fusions"] else "",
+                      f", {options['quantize']} weights" if options["quantize"] else "",
+                      ", KV cache" if options["kv_cache"] else "",
+                      ", onnxruntime-genai folder" if out.is_dir() else ""])
+    return (f"exported {model} -> {out} ({shape}, opset {result.opset}, {result.dtype}, {result.attention} "
+            f"attention{extras}, {size:.1f} MB) in {seconds:.1f}s")
+
+
+def _quantization_gate(onnx_path, ckpt, lengths, text, train_len, tolerance=None):
+    """The accuracy gate of a quantized export: perplexity vs the float32 PyTorch model, argmax agreement."""
+    from .data import encode_text, read_text
+    from .validate import perplexity_gate
+
+    if text is None:
+        raise click.ClickException("a quantized export is checked by perplexity. Note: pass --text FILE")
+    # Four windows at the longest length, as the float32 check: 16,384 tokens of the shipped excerpt.
+    tokens = encode_text(ckpt.tokenizer, read_text(text))[: 4 * max(lengths) + 1]
+    gate = perplexity_gate(onnx_path, ckpt.model, tokens, lengths, tolerance=tolerance)
+    click.echo(f"{gate.quantization} accuracy gate on the first {len(tokens) - 1} tokens of {text}: perplexity "
+               f"vs float32 PyTorch, tolerance {gate.tolerance:g}x")
+    click.echo(f"{'length':>7} {'x train':>7} {'ppl ' + gate.quantization:>9} {'ppl fp32':>9} {'ratio':>7} {'argmax':>7}")
+    for r in gate.rows:
+        click.echo(f"{r.length:>7} {f'{r.length / train_len:g}x':>7} {r.ppl:>9.3f} {r.ppl_reference:>9.3f} "
+                   f"{r.ratio:>7.4f} {r.argmax_agreement:>7.2%}" + ("" if r.ratio <= gate.tolerance else "  FAIL"))
+    click.echo(f"accuracy gate {'PASS' if gate else 'FAIL'}")
+    if not gate:
+        raise click.ClickException(f"accuracy gate failed: perplexity ratio beyond {gate.tolerance:g}x "
+                                   "(--ppl-tolerance changes it)")
 
 
 def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, seed=None, provider="cpu"):
@@ -245,6 +303,9 @@ def validate(onnx_file, model, lengths, batch, seed, provider, text):
     ckpt = load(model)
     if meta.get("alibi_export.source_sha256") not in (None, ckpt.sha256):
         click.echo(f"warning: {model} is not the checkpoint {onnx_file} was exported from (SHA-256 differs)", err=True)
+    if meta.get("alibi_export.quantization"):  # not logit-identical by design: the perplexity gate decides
+        _quantization_gate(Path(onnx_file), ckpt, lengths, text or DEFAULT_TEXT, ckpt.config.train_len)
+        return
     _validate_and_report(Path(onnx_file), ckpt, lengths, text, ckpt.config.train_len, batch=batch, seed=seed,
                          provider=provider)
 

@@ -16,7 +16,8 @@ import numpy as np
 from ._io import atomic_path
 from .errors import DataError
 
-__all__ = ["PerplexityRow", "perplexity", "evaluate_model", "write_json", "plot_perplexity"]
+__all__ = ["PerplexityRow", "PerplexityComparison", "perplexity", "compare_perplexity", "evaluate_model", "write_json",
+           "plot_perplexity"]
 
 
 @dataclass
@@ -25,6 +26,19 @@ class PerplexityRow:
     ppl: float
     tokens: int  # tokens scored
     windows: int
+
+
+@dataclass
+class PerplexityComparison:
+    """A candidate (a quantized file) against a reference (the float32 model) on the same windows."""
+    length: int
+    ppl: float  # the candidate's
+    ppl_reference: float
+    argmax_agreement: float  # share of scored positions where both predict the same next token
+
+    @property
+    def ratio(self) -> float:
+        return self.ppl / self.ppl_reference
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -51,12 +65,7 @@ def _windows(n_tokens: int, length: int, stride: int | None):
         start += stride
 
 
-def perplexity(runner, tokens: np.ndarray, lengths: list[int], *, stride: int | None = None,
-               max_tokens: int | None = None) -> list[PerplexityRow]:
-    """Perplexity of ``tokens`` at each evaluation length; ``runner`` is any Polygraphy runner."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if max_tokens:
-        tokens = tokens[: max_tokens + 1]
+def _check(tokens: np.ndarray, lengths: list[int], stride: int | None) -> None:
     for length in lengths:
         if length < 1:
             raise DataError(f"evaluation lengths must be positive, got {length}")
@@ -65,6 +74,15 @@ def perplexity(runner, tokens: np.ndarray, lengths: list[int], *, stride: int | 
                             f"{length + 1}")
         if stride is not None and not 1 <= stride <= length:
             raise DataError(f"stride must be between 1 and the length ({length}), got {stride}")
+
+
+def perplexity(runner, tokens: np.ndarray, lengths: list[int], *, stride: int | None = None,
+               max_tokens: int | None = None) -> list[PerplexityRow]:
+    """Perplexity of ``tokens`` at each evaluation length; ``runner`` is any Polygraphy runner."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    _check(tokens, lengths, stride)
     rows = []
     with runner:
         for length in lengths:
@@ -76,6 +94,27 @@ def perplexity(runner, tokens: np.ndarray, lengths: list[int], *, stride: int | 
                 count += length - first
                 windows += 1
             rows.append(PerplexityRow(length, math.exp(total / count), count, windows))
+    return rows
+
+
+def compare_perplexity(candidate, reference, tokens: np.ndarray, lengths: list[int]) -> list[PerplexityComparison]:
+    """Both runners on the same non-overlapping windows of ``tokens`` at each length: perplexities and
+    argmax agreement (the accuracy gate of quantized exports, whose logits are not the reference's)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    _check(tokens, lengths, None)
+    rows = []
+    with candidate, reference:
+        for length in lengths:
+            nll, nll_ref, agree, count = 0.0, 0.0, 0, 0
+            for start, _ in _windows(len(tokens), length, None):
+                window = tokens[start: start + length + 1]
+                feed = {"input_ids": window[None, :-1]}
+                got, ref = candidate.infer(feed)["logits"][0], reference.infer(feed)["logits"][0]  # (length, V)
+                nll += _nll(got, window[1:])
+                nll_ref += _nll(ref, window[1:])
+                agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+                count += length
+            rows.append(PerplexityComparison(length, math.exp(nll / count), math.exp(nll_ref / count), agree / count))
     return rows
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import AlibiExportError
 
-__all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES", "tolerance_of"]
+__all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES", "tolerance_of", "GateResult",
+           "perplexity_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,15 @@ TOLERANCES = {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=0.08, 
 
 
 def tolerance_of(metadata: dict[str, str]) -> dict:
-    """The tolerance for an export, from its alibi-export metadata (dtype and attention form)."""
+    """The tolerance for an export, from its alibi-export metadata (dtype and attention form).
+
+    A quantized file has none: its logits are not PyTorch's by design, so it is checked by
+    :func:`perplexity_gate` instead."""
+    from .export.quantize import quantization_of
+
+    if quantization_of(metadata):
+        raise AlibiExportError(f"a {quantization_of(metadata)}-quantized file is not logit-identical to PyTorch: it is "
+                               "checked by perplexity. Note: validate it with --text (the perplexity gate)")
     dtype = metadata.get("alibi_export.dtype", "float32")
     if dtype == "float32" and metadata.get("alibi_export.attention") == "onnx":
         return TOLERANCES["float32-folded"]
@@ -141,3 +150,37 @@ def _incremental_runner(session, steps: int):
             pass
 
     return IncrementalRunner()
+
+
+@dataclass
+class GateResult:
+    """The accuracy gate of a quantized export: perplexity over the float32 model's, per length."""
+    rows: list  # PerplexityComparison per length
+    tolerance: float  # the largest ratio that passes
+    quantization: str
+
+    def __bool__(self) -> bool:
+        return all(r.ratio <= self.tolerance for r in self.rows)
+
+
+def perplexity_gate(onnx_path: str | Path, model, tokens, lengths: list[int], *, tolerance: float | None = None,
+                    provider: str = "cpu", threads: int | None = None) -> GateResult:
+    """Perplexity of a quantized ``onnx_path`` against ``model`` (the float32 AlibiLM) on ``tokens`` at each
+    length, and their argmax agreement; passes when every ratio is within ``tolerance`` (default: the
+    quantization's, see ``PPL_TOLERANCE``). KV-cache files are run as one prefill per window."""
+    from .export.quantize import PPL_TOLERANCE, quantization_of
+    from .perplexity import compare_perplexity
+    from .runtime import make_runner
+    from .runtime.generate import GenerationSession
+    from .runtime.onnxruntime import read_metadata
+    from .runtime.pytorch import TorchRunner
+
+    meta = read_metadata(onnx_path)
+    quantization = quantization_of(meta) or meta.get("alibi_export.dtype", "float32")
+    tolerance = tolerance if tolerance is not None else PPL_TOLERANCE.get(quantization, 1.0 + 1e-4)
+    if meta.get("alibi_export.kv_cache") == "true":
+        candidate = _incremental_runner(GenerationSession(onnx_path, provider=provider, threads=threads), 0)
+    else:
+        candidate = make_runner(onnx_path, provider=provider, threads=threads)
+    rows = compare_perplexity(candidate, TorchRunner(model, name="pytorch"), tokens, lengths)
+    return GateResult(rows, tolerance, quantization)

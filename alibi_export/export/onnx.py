@@ -20,6 +20,7 @@ from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 from .attention_op import attention_op
+from .quantize import DEFAULT_BLOCK_SIZE, check_quantize_options, quantization_metadata, quantize_model
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
 
@@ -122,7 +123,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
 
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
-                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False) -> ExportResult:
+                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False,
+                quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -135,7 +137,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     18 for the other forms. ``kv_cache`` exports the decoder with ``attention_mask`` and past/present
     tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``ort_fusions`` (onnx
     form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
-    :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else.
+    :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else. ``quantize``
+    ("int8" or "int4", CPU forms only; ``block_size`` for int4) quantizes the weight products with ONNX
+    Runtime's tools (see :mod:`alibi_export.export.quantize`).
     """
     from .. import __version__
 
@@ -154,6 +158,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError("--ort-fusions applies to the onnx attention form. Note: add --attention onnx")
     if kv_cache and not dynamic_len:
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
+    check_quantize_options(quantize, block_size, attention=attention, dtype=dtype)
     out = Path(out)
     cfg = checkpoint.config
     if kv_cache and attention == "onnx" and cfg.position == "rotary":
@@ -195,12 +200,18 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         metadata["alibi_export.kv_cache"] = "true"
     if ort_fusions:
         metadata["alibi_export.ort_fusions"] = "true"
+    metadata.update(quantization_metadata(quantize, block_size))
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk, metadata=metadata)
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
+    if quantize:
+        proto = quantize_model(proto, quantize, block_size=block_size)
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))  # int4 needs 21
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, metadata)
     # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
     large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
     data = out.with_name(out.name + ".data")

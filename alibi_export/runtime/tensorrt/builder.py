@@ -187,6 +187,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
     if meta.get("alibi_export.ort_fusions") == "true":
         raise EngineBuildError(f"{onnx_path} holds ONNX Runtime's fused operators (exported with --ort-fusions), "
                                "which TensorRT cannot parse. Note: export without --ort-fusions for TensorRT")
+    if meta.get("alibi_export.quantization"):
+        raise EngineBuildError(f"{onnx_path} is quantized ({meta['alibi_export.quantization']}) with ONNX Runtime's "
+                               "CPU operators, which TensorRT cannot parse. Note: build engines from an unquantized "
+                               "export (--attention onnx)")
     onnx_dtype = meta.get("alibi_export.dtype", "float32")
     precision = precision or _ONNX_DTYPE.get(onnx_dtype, "fp32")
     trt = import_trt(backend)

@@ -1,0 +1,119 @@
+"""The onnxruntime-genai model folder: ``model.onnx`` (a KV-cache export), ``genai_config.json``,
+``tokenizer.json`` and ``tokenizer_config.json``, which ``onnxruntime_genai.Model(folder)`` loads.
+
+Written for onnxruntime-genai 0.18 (``GENAI_VERSIONS``); every field below is one that version reads
+(its ``src/config.cpp``), nothing of ours. Why these settings:
+
+- ``model.type`` is ``"decoder"``: genai's generic decoder-only model (``DecoderOnly_Model``, the same
+  class as "llama", "phi", "qwen2", ... without a family name that is not true of this model). It
+  feeds ``input_ids``, ``attention_mask`` and, per layer, ``past_key_values.%d.key|value`` and reads
+  ``logits`` and ``present.%d.key|value``: exactly the KV-cache export's names. ``position_ids`` is
+  fed only when the graph has such an input; ALiBi needs none. (``"gpt2"`` is a different class,
+  ``Gpt_Model``, whose cache is one combined ``past_%d`` tensor per layer (2, batch, heads, past,
+  head size), named by ``past_names``: with our separate key/value inputs it fails "Model input was
+  not found".)
+- ``search.past_present_share_buffer`` is false: with it true, genai allocates each past as one
+  (batch, heads, max_length, head size) buffer that the graph must update in place (as
+  GroupQueryAttention does); our graph concatenates past and new keys into a longer ``present``.
+- ``decoder.head_size`` is the width of the cache: head_dim, or head_dim + 8 for the ``onnx``
+  attention form, whose cache carries the folded ALiBi columns (genai only uses it to shape the
+  empty past of the prefill).
+- ``context_length`` and ``search.max_length`` are 16x the training length, the longest this
+  project validates (ALiBi has no hard limit; ``set_search_options(max_length=...)`` raises it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .._io import atomic_dir, check_writable_dir
+from ..errors import ExportError
+
+__all__ = ["GENAI_VERSIONS", "GENAI_FILES", "MODEL_TYPE", "genai_config", "tokenizer_config", "export_genai"]
+
+log = logging.getLogger(__name__)
+
+GENAI_VERSIONS = ">=0.18,<0.19"  # also pinned in pyproject.toml's `genai` extra
+GENAI_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
+MODEL_TYPE = "decoder"
+_EOS = "<|endoftext|>"
+_EXTRAPOLATION = 16  # context length = this x the training length
+
+
+def genai_config(config, *, eos_token_id: int, head_size: int) -> dict:
+    """``genai_config.json`` for a KV-cache export of a model with ModelConfig ``config``."""
+    context = _EXTRAPOLATION * config.train_len
+    decoder = {
+        "filename": "model.onnx",
+        "session_options": {"provider_options": []},
+        "head_size": head_size, "hidden_size": config.d_model, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_head, "num_hidden_layers": config.n_layer,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+    }
+    model = {"type": MODEL_TYPE, "vocab_size": config.vocab_size, "context_length": context,
+             "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id,
+             "decoder": decoder}
+    search = {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
+              "past_present_share_buffer": False}
+    return {"model": model, "search": search}
+
+
+def tokenizer_config() -> dict:
+    """``tokenizer_config.json``: the fields onnxruntime-extensions' tokenizer reads, for a byte-level BPE
+    (GPT-2 style) whose only special token is the end-of-text token, added to no prompt."""
+    return {"tokenizer_class": "GPT2Tokenizer", "bos_token": _EOS, "eos_token": _EOS, "unk_token": _EOS,
+            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+
+
+def export_genai(checkpoint, out_dir: str | Path, **export_options):
+    """Write ``out_dir`` as an onnxruntime-genai folder; returns the model's ExportResult.
+
+    ``export_options`` go to :func:`alibi_export.export.onnx.export_onnx` (``kv_cache=True`` and
+    ``dynamic_len=True`` are required). The folder is built beside ``out_dir`` and renamed into place; an
+    existing ``out_dir`` is replaced only if it is empty or a folder this function wrote."""
+    from .onnx import export_onnx
+
+    out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
+    eos = checkpoint.tokenizer.token_to_id(_EOS)
+    if eos is None:
+        raise ExportError(f"a genai folder needs the end-of-text token {_EOS!r} in the vocabulary")
+    if not export_options.get("kv_cache"):
+        raise ExportError("a genai folder holds the KV-cache decoder. Note: add --kv-cache --dynamic-len")
+    with atomic_dir(out_dir) as tmp:
+        result = export_onnx(checkpoint, tmp / "model.onnx", **export_options)
+        width = checkpoint.config.head_dim + (8 if result.attention == "onnx" else 0)
+        config = genai_config(checkpoint.config, eos_token_id=eos, head_size=width)
+        (tmp / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+        checkpoint.tokenizer.save(str(tmp / "tokenizer.json"))
+    result.path = out_dir / "model.onnx"
+    log.info("wrote onnxruntime-genai folder %s", out_dir)
+    return result
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """An existing folder is replaced only if it is empty or holds nothing but a folder of ours."""
+    check_writable_dir(out_dir.parent if str(out_dir.parent) else Path("."))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{str(out_dir)!r} exists and is not a folder. Note: a genai export writes a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    names = {p.name for p in out_dir.iterdir()}
+    ours = names <= set(GENAI_FILES) and "model.onnx" in names and _written_by_us(out_dir / "model.onnx")
+    if not ours:
+        raise ExportError(f"output folder {str(out_dir)!r} is not empty and was not written by alibi-export. "
+                          "Note: pass a new or empty folder")
+
+
+def _written_by_us(path: Path) -> bool:
+    from ..runtime.onnxruntime import read_metadata
+
+    try:
+        return "alibi_export.config" in read_metadata(path)
+    except Exception:  # unreadable: not ours
+        return False
