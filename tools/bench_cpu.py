@@ -17,7 +17,15 @@ Rows:
                head; same shapes, same count), in one ONNX Runtime graph: the floor under any export
                of this model, since no graph does fewer of them without skipping masked scores
 
+With --quantized it measures the quantized exports instead (issue 12), on the shipped model and on a
+larger random-weights model of the same architecture (--large, default d_model 1024, 12 layers):
+  forward      ort (fp32), ort-int8, ort-int4 against torch-sdpa at each length (batch 1)
+  decode       batch-1 greedy decoding through the KV-cache export (GenerationSession), fp32 / int8 / int4:
+               tokens/s of the decoding steps after a prompt of --prompt-len tokens
+  size         file size of each export; peak RSS of each measuring process
+
 usage: python tools/bench_cpu.py [--model models/alibi-small] [--threads 2] [--json out.json]
+       python tools/bench_cpu.py --quantized [--large 1024x12] [--json docs/bench_cpu_quant.json]
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ def child(kind: str, model: str, onnx_path: str, length: int, threads: int, repe
     import numpy as np
 
     ids = np.random.default_rng(0).integers(0, 4096, size=(1, length), dtype=np.int64)
+    if kind.startswith("decode"):
+        return decode_child(onnx_path, length, threads, repeats)
     if kind.startswith("ort"):
         import onnxruntime as ort
 
@@ -72,6 +82,22 @@ def child(kind: str, model: str, onnx_path: str, length: int, threads: int, repe
         run()
         times.append(time.perf_counter() - t)
     return {"ms": 1000 * statistics.median(times), "rss_mb": peak_rss_mb()}
+
+
+def decode_child(onnx_path: str, new_tokens: int, threads: int, repeats: int, prompt_len: int = 32) -> dict:
+    """Batch-1 greedy decoding of ``new_tokens`` tokens after a random prompt: median decode tokens/s."""
+    import numpy as np
+
+    from alibi_export.runtime.generate import GenerationSession
+
+    session = GenerationSession(onnx_path, threads=threads)
+    prompt = [np.random.default_rng(0).integers(0, session.config.vocab_size, prompt_len).tolist()]
+    session.generate_ids(prompt, 4, stop_tokens=[])  # warm-up
+    rates = []
+    for _ in range(repeats):
+        r = session.generate_ids(prompt, new_tokens, stop_tokens=[])
+        rates.append(r.steps / r.decode_seconds)
+    return {"tokens_per_s": statistics.median(rates), "rss_mb": peak_rss_mb()}
 
 
 def matmuls_only(model: str, length: int):
@@ -140,6 +166,84 @@ def export_variants(model: str, out_dir: Path) -> dict:
     return {"export_s": export_s}
 
 
+QUANT_FORMS = {"ort": None, "ort-int8": "int8", "ort-int4": "int4"}
+
+
+def large_model(out_dir: Path, spec: str) -> str:
+    """A random-weights checkpoint of the shipped architecture, d_model x layers from ``spec`` ("1024x12")."""
+    import torch
+
+    from alibi_export import AlibiLM, ModelConfig, load, save
+
+    d, layers = (int(x) for x in spec.split("x"))
+    cfg = ModelConfig(vocab_size=4096, n_layer=layers, n_head=d // 64, d_model=d, d_ff=4 * d, train_len=256,
+                      max_positions=256)
+    torch.manual_seed(0)
+    save(AlibiLM(cfg), load(ROOT / "models" / "alibi-small").tokenizer, out_dir)
+    return str(out_dir)
+
+
+def quantized_rows(model: str, tmp: Path, lengths: list[int], args) -> dict:
+    """Exports (fp32, int8, int4; plain and KV cache), then forward, decode, size and memory rows."""
+    from alibi_export import load
+    from alibi_export.export.onnx import export_onnx
+
+    ck = load(model)
+    files, out = {}, {"forward": {}, "decode": {}, "size_mb": {}}
+    for kind, q in QUANT_FORMS.items():
+        t = time.perf_counter()
+        files[kind] = str(export_onnx(ck, tmp / f"{kind}.onnx", quantize=q).path)
+        files["decode-" + kind] = str(export_onnx(ck, tmp / f"kv-{kind}.onnx", quantize=q, kv_cache=True).path)
+        out["size_mb"][kind] = Path(files[kind]).stat().st_size / 1e6
+        print(f"exported {kind} in {time.perf_counter() - t:.0f}s ({out['size_mb'][kind]:.1f} MB)", flush=True)
+    del ck
+    for length in lengths:
+        row = {k: measure(k if k == "torch-sdpa" else "ort", model, files.get(k, ""), length, args.threads,
+                          args.repeats, args.mem_cap_gb) for k in ("torch-sdpa", *QUANT_FORMS)}
+        out["forward"][length] = row
+        print(length, json.dumps(row), flush=True)
+    for kind in QUANT_FORMS:
+        out["decode"][kind] = measure("decode", model, files["decode-" + kind], args.new_tokens, args.threads,
+                                      args.repeats, args.mem_cap_gb)
+        print("decode", kind, json.dumps(out["decode"][kind]), flush=True)
+    return out
+
+
+def print_quantized(name: str, r: dict) -> None:
+    print(f"\n{name}: forward ms (batch 1, median) and ratio to torch-sdpa fp32")
+    print(f"{'L':>6} {'torch-sdpa':>11}" + "".join(f" {k:>9}" for k in QUANT_FORMS) +
+          "".join(f" {k + '/sdpa':>14}" for k in QUANT_FORMS))
+    for length, row in r["forward"].items():
+        ms = {k: v.get("ms", float("nan")) for k, v in row.items()}
+        print(f"{length:>6} {ms['torch-sdpa']:>11.1f}" + "".join(f" {ms[k]:>9.1f}" for k in QUANT_FORMS) +
+              "".join(f" {ms[k] / ms['torch-sdpa']:>14.2f}" for k in QUANT_FORMS))
+    fp32 = r["decode"]["ort"].get("tokens_per_s", float("nan"))
+    print("decode tokens/s (batch 1), ratio to fp32 ORT, peak RSS MB; file MB and ratio to fp32")
+    for k in QUANT_FORMS:
+        d = r["decode"][k]
+        print(f"  {k:>9}: {d.get('tokens_per_s', float('nan')):8.1f} tok/s {d.get('tokens_per_s', float('nan')) / fp32:5.2f}x"
+              f"  rss {d.get('rss_mb', float('nan')):7.0f}  file {r['size_mb'][k]:7.1f} MB "
+              f"{r['size_mb'][k] / r['size_mb']['ort']:5.3f}x")
+
+
+def main_quantized(args) -> None:
+    lengths = [int(x) for x in args.latency_lengths.split(",")]
+    results = {"threads": args.threads, "repeats": args.repeats, "new_tokens": args.new_tokens, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "small").mkdir()
+        results["models"][Path(args.model).name] = quantized_rows(args.model, tmp / "small", lengths, args)
+        if args.large:
+            (tmp / "large").mkdir()
+            big = large_model(tmp / "large-ckpt", args.large)
+            large_lengths = [n for n in lengths if n <= args.large_max_len]
+            results["models"][f"random-{args.large}"] = quantized_rows(big, tmp / "large", large_lengths, args)
+    for name, r in results["models"].items():
+        print_quantized(name, r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "models" / "alibi-small"))
@@ -149,7 +253,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mem-cap-gb", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quantized", action="store_true", help="Measure the int8/int4 exports (see above).")
+    ap.add_argument("--large", default="1024x12", help="With --quantized: also a random model d_model x layers "
+                                                      "('' to skip).")
+    ap.add_argument("--large-max-len", type=int, default=1024, help="Longest forward for the large model.")
+    ap.add_argument("--new-tokens", type=int, default=64, help="Tokens decoded per decode measurement.")
     args = ap.parse_args()
+    if args.quantized:
+        return main_quantized(args)
     lat = [int(x) for x in args.latency_lengths.split(",")]
     mem = [int(x) for x in args.memory_lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
