@@ -213,6 +213,10 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
         click.echo("note: this is a FIXED-LENGTH export; pass --dynamic-len for one file that runs at any length")
     if not validate:
         return
+    if (result.attention, result.dtype) == ("onnx", "float16") and not _has_cuda():
+        click.echo(f"note: not validated here: an fp16 file of the onnx form runs on CUDA or TensorRT only. Note: "
+                   f"on a GPU run `alibi-export validate {out} --provider cuda`")
+        return
     if text is None and DEFAULT_TEXT.is_file():
         text = DEFAULT_TEXT
     if options["quantize"]:
@@ -221,10 +225,18 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
         return
     lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if options["dynamic_len"]
                           else [seq_len or train_len])
+    provider = "cuda" if (result.attention, result.dtype) == ("onnx", "float16") else "cpu"
     if options["kv_cache"]:
-        _validate_kv_cache(result.path, ckpt, lengths, train_len)
+        _validate_kv_cache(result.path, ckpt, lengths, train_len, provider=provider)
         return
-    _validate_and_report(result.path, ckpt, lengths, text, train_len, batch=1 if options["dynamic_len"] else batch)
+    _validate_and_report(result.path, ckpt, lengths, text, train_len, batch=1 if options["dynamic_len"] else batch,
+                         provider=provider)
+
+
+def _has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _export_line(model, out, result, options, seq_len, batch, seconds) -> str:
@@ -392,11 +404,11 @@ def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cach
     click.echo(f"sidecar: {r.sidecar_path}")
 
 
-def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8):
+def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8, provider="cpu"):
     from .validate import compare_kv_cache
 
     click.echo(f"KV-cache parity: prefill L-{steps} tokens, decode {steps} one at a time, vs one PyTorch forward")
-    result = compare_kv_cache(onnx_path, ckpt.model, lengths, steps=steps)
+    result = compare_kv_cache(onnx_path, ckpt.model, lengths, steps=steps, provider=provider)
     _print_parity(result, train_len=train_len)
     if not result:
         raise click.ClickException("parity check failed: ONNX Runtime logits differ from PyTorch beyond tolerance")

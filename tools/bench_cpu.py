@@ -228,7 +228,8 @@ def print_quantized(name: str, r: dict) -> None:
 
 def main_quantized(args) -> None:
     lengths = [int(x) for x in args.latency_lengths.split(",")]
-    results = {"threads": args.threads, "repeats": args.repeats, "new_tokens": args.new_tokens, "models": {}}
+    results = {"threads": args.threads, "repeats": args.repeats, "large_repeats": args.large_repeats,
+               "new_tokens": args.new_tokens, "command": " ".join(["python"] + sys.argv), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "small").mkdir()
@@ -236,7 +237,8 @@ def main_quantized(args) -> None:
         if args.large:
             (tmp / "large").mkdir()
             big = large_model(tmp / "large-ckpt", args.large)
-            large_lengths = [n for n in lengths if n <= args.large_max_len]
+            args.repeats = args.large_repeats  # a forward of the large model takes seconds: fewer repeats
+            large_lengths = [int(x) for x in args.large_lengths.split(",")]
             results["models"][f"random-{args.large}"] = quantized_rows(big, tmp / "large", large_lengths, args)
     for name, r in results["models"].items():
         print_quantized(name, r)
@@ -256,7 +258,8 @@ def main():
     ap.add_argument("--quantized", action="store_true", help="Measure the int8/int4 exports (see above).")
     ap.add_argument("--large", default="1024x12", help="With --quantized: also a random model d_model x layers "
                                                       "('' to skip).")
-    ap.add_argument("--large-max-len", type=int, default=1024, help="Longest forward for the large model.")
+    ap.add_argument("--large-lengths", default="256,1024", help="Forward lengths for the large model.")
+    ap.add_argument("--large-repeats", type=int, default=3, help="Repeats per measurement of the large model.")
     ap.add_argument("--new-tokens", type=int, default=64, help="Tokens decoded per decode measurement.")
     args = ap.parse_args()
     if args.quantized:
