@@ -128,3 +128,13 @@ def test_engines_refuse_quantized_files(shipped_int8, tmp_path):
     with pytest.raises(EngineBuildError, match="quantized"):
         build_engine(shipped_int8, tmp_path / "e.engine", min_len=1, opt_len=16, max_len=64)
     assert not (tmp_path / "e.engine").exists()
+
+
+def test_cli_target_prints_its_choice_and_exports_it(tmp_path, tiny_dir):
+    out = tmp_path / "rtx.onnx"
+    result = CliRunner().invoke(main, ["onnx", str(tiny_dir), "--target", "tensorrt-rtx", "--no-validate", "-o",
+                                       str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("target tensorrt-rtx: --dynamic-len --attention onnx"), result.output
+    meta = read_metadata(out)
+    assert (meta["alibi_export.attention"], meta["alibi_export.dynamic_len"]) == ("onnx", "true")
