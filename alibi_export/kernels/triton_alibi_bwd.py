@@ -30,27 +30,42 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_alibi as fwd
+
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, offs_m0, cols, Lq,
+def _load_rows(src, start, offs0, stride, offs_d, n_rows, USE_TMA: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Rows [start, start + len(offs0)) of a (n_rows, HEAD_DIM) matrix; rows past n_rows read as
+    zeros. ``src``: a TMA descriptor (zero fill in hardware) or the matrix's base pointer."""
+    if USE_TMA:
+        x = src.load([start, 0])
+    else:
+        ptrs = src + (start + offs0)[:, None] * stride + offs_d[None, :]
+        if MASKED:
+            x = tl.load(ptrs, mask=((start + offs0) < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0, cols, Lq,
                past_len, slope, qk_scale, sqm, sdom, offs_d,
-               CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """Add one query block's contribution to the key block's dK, dV (transposed tiles)."""
     offs_m = start_m + offs_m0
-    q_ptrs = q_blk + offs_m[:, None] * sqm + offs_d[None, :]
-    do_ptrs = do_blk + offs_m[:, None] * sdom + offs_d[None, :]
+    q = _load_rows(q_src, start_m, offs_m0, sqm, offs_d, Lq, USE_TMA, MASKED)
+    do = _load_rows(do_src, start_m, offs_m0, sdom, offs_d, Lq, USE_TMA, MASKED)
     if MASKED:
         r_ok = offs_m < Lq
-        q = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=r_ok[:, None], other=0.0)
         lse = tl.load(lse_blk + offs_m, mask=r_ok, other=float("inf"))  # rows past Lq: P = 0
         delta = tl.load(delta_blk + offs_m, mask=r_ok, other=0.0)
     else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
         lse = tl.load(lse_blk + offs_m)
         delta = tl.load(delta_blk + offs_m)
     dist = (past_len + offs_m)[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j, exact
@@ -76,9 +91,9 @@ def _bwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     H, H_KV, GROUP, Lq, Lk, past_len, qk_scale, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Rows of every tensor are contiguous in the head dim (stride 1, checked by the host)."""
+    """Rows of every tensor are contiguous in the head dim (stride 1, ensured by the host)."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
     b = pid_bk // H_KV
@@ -110,22 +125,30 @@ def _bwd_dkdv_kernel(
         h = hk * GROUP + g
         bh = b64 * H + h
         slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
-        q_blk = Q + b64 * sqb + h.to(tl.int64) * sqh
-        do_blk = DO + b64 * sdob + h.to(tl.int64) * sdoh
+        q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
+        if USE_TMA:  # rows past Lq read as zeros
+            q_src = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_DIM], strides=[sqm, 1],
+                                              block_shape=[BLOCK_M, HEAD_DIM])
+            do_src = tl.make_tensor_descriptor(do_base, shape=[Lq, HEAD_DIM], strides=[sdom, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+        else:
+            q_src = q_base
+            do_src = do_base
         lse_blk = LSE + bh * Lq
         delta_blk = DELTA + bh * Lq
         for start_m in range(lo, tl.minimum(diag_end, Lq), BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, offs_m0,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
                                 cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
-                                CAUSAL, True, DOT_PREC)
+                                CAUSAL, True, USE_TMA, DOT_PREC)
         for start_m in range(diag_end, m_full, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, offs_m0,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
                                 cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
-                                CAUSAL, False, DOT_PREC)
+                                CAUSAL, False, USE_TMA, DOT_PREC)
         for start_m in range(tl.maximum(diag_end, m_full), Lq, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_blk, do_blk, lse_blk, delta_blk, start_m, offs_m0,
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
                                 cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
-                                CAUSAL, True, DOT_PREC)
+                                CAUSAL, True, USE_TMA, DOT_PREC)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hk.to(tl.int64) * sdkh + cols[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=c_ok[:, None])
@@ -134,19 +157,12 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_blk, v_blk, start_n, offs_n, rowpos, Lk, slope, qk_scale,
+def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope, qk_scale,
              skn, svn, offs_d, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-             DOT_PREC: tl.constexpr):
+             USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     cols = start_n + offs_n
-    k_ptrs = k_blk + cols[:, None] * skn + offs_d[None, :]
-    v_ptrs = v_blk + cols[:, None] * svn + offs_d[None, :]
-    if MASKED:
-        c_ok = cols < Lk
-        k = tl.load(k_ptrs, mask=c_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=c_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = _load_rows(k_src, start_n, offs_n, skn, offs_d, Lk, USE_TMA, MASKED)
+    v = _load_rows(v_src, start_n, offs_n, svn, offs_d, Lk, USE_TMA, MASKED)
     dist = cols[None, :] - rowpos[:, None]  # (BLOCK_M, BLOCK_N): j - i, exact
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if CAUSAL:
@@ -169,7 +185,7 @@ def _bwd_dq_kernel(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
     H, GROUP, Lq, Lk, past_len, qk_scale, scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -191,8 +207,16 @@ def _bwd_dq_kernel(
     row = pid_bh.to(tl.int64) * Lq + offs_m
     lse = tl.load(LSE + row, mask=r_ok, other=float("inf"))  # rows past Lq: P = 0
     delta = tl.load(DELTA + row, mask=r_ok, other=0.0)
-    k_blk = K + b64 * skb + hk.to(tl.int64) * skh
-    v_blk = V + b64 * svb + hk.to(tl.int64) * svh
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
+    if USE_TMA:  # rows past Lk read as zeros
+        k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_DIM], strides=[skn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_DIM], strides=[svn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_src = k_base
+        v_src = v_base
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     q_pos0 = past_len + start_m
     if CAUSAL:  # keys [0, n_full) are visible to every row of the block and in bounds
@@ -202,29 +226,31 @@ def _bwd_dq_kernel(
         n_full = Lk // BLOCK_N * BLOCK_N
         hi = Lk
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_blk, v_blk, start_n, offs_n, rowpos, Lk, slope,
-                      qk_scale, skn, svn, offs_d, CAUSAL, False, DOT_PREC)
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope,
+                      qk_scale, skn, svn, offs_d, CAUSAL, False, USE_TMA, DOT_PREC)
     for start_n in range(n_full, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_blk, v_blk, start_n, offs_n, rowpos, Lk, slope,
-                      qk_scale, skn, svn, offs_d, CAUSAL, True, DOT_PREC)
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope,
+                      qk_scale, skn, svn, offs_d, CAUSAL, True, USE_TMA, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=r_ok[:, None])
 
 
-# Test / benchmark hook: force (dkdv BLOCK_M, dkdv BLOCK_N, dq BLOCK_M, dq BLOCK_N, num_warps,
-# num_stages) for the two backward kernels.
+# Test / benchmark hook: force (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel then of
+# the dQ kernel, 8 ints.
 _BWD_CONFIG_OVERRIDE: tuple | None = None
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
-    """Small query blocks for dK/dV and small key blocks for dQ: the resident tiles (K, V, dK,
-    dV resp. Q, dO, dQ) get the large side. Triton's own FA2 tutorial shape for Hopper."""
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Small query blocks for dK/dV and small key blocks for dQ: the resident tiles (K, V, dK, dV
+    resp. Q, dO, dQ) get the large side. Chosen CPU-side from ptxas -v for sm_90 (no spills; the
+    dK/dV kernel holds two fp32 accumulators: 128-key blocks at D=128 spill), see
+    tools/kernel_notes.md; tools/bench_attention_train.py --sweep times the alternatives."""
     if dtype == torch.float32:
-        return (32, 64, 64, 32, 4, 2)
+        return (32, 64, 4, 2, 64, 32, 4, 2)
     if head_dim >= 128:
-        return (32, 128, 128, 32, 8, 3)
-    return (32, 128, 128, 32, 4, 4)
+        return (32, 64, 8, 3, 128, 32, 8, 3)
+    return (32, 128, 8, 3, 128, 64, 8, 3)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -242,24 +268,27 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=v.dtype)
-    bm1, bn1, bm2, bn2, warps, stages = _BWD_CONFIG_OVERRIDE or _bwd_config(D, q.dtype)
+    bm1, bn1, w1, st1, bm2, bn2, w2, st2 = _BWD_CONFIG_OVERRIDE or _bwd_config(D, q.dtype)
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     qk_scale = float(scale) * LOG2E
     group = H // H_kv
     s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    use_tma = all(fwd._tma_ok(t, t.stride(), q.device) for t in (q, k, v, do))
+    if use_tma and not _INTERPRET:
+        fwd._ensure_allocator()
     _bwd_dkdv_kernel[(triton.cdiv(Lk, bn1), B * H_kv)](
         q, k, v, do, dk, dv, lse, delta, slopes,
         *s3(q), *s3(k), *s3(v), *s3(do), *s3(dk), *s3(dv),
         H, H_kv, group, Lq, Lk, past_len, qk_scale, float(scale),
-        CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, DOT_PREC=prec,
-        num_warps=warps, num_stages=stages,
+        CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
+        num_warps=w1, num_stages=st1,
     )
     _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
         q, k, v, do, dq, lse, delta, slopes,
         *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
         H, group, Lq, Lk, past_len, qk_scale, float(scale),
-        CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, DOT_PREC=prec,
-        num_warps=warps, num_stages=stages,
+        CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
+        num_warps=w2, num_stages=st2,
     )
     return dq, dk, dv
 
@@ -269,8 +298,6 @@ class AlibiAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, slopes, causal: bool, scale: float, past_len: int):
-        from . import triton_alibi as fwd
-
         B, H, Lq, D = q.shape
         H_kv, Lk = k.shape[1], k.shape[2]
         out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
@@ -298,8 +325,6 @@ def alibi_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
                           past_len: int | None = None) -> torch.Tensor:
     """Differentiable fused ALiBi attention: the arguments and result of
     :func:`.triton_alibi.alibi_attention`; gradients flow to q, k and v (not to the slopes)."""
-    from . import triton_alibi as fwd
-
     slopes, past_len, scale = fwd._check_inputs(q, k, v, slopes, past_len, scale)
     if q.numel() == 0 or k.numel() == 0:
         return fwd.alibi_attention(q, k, v, slopes, causal=causal, scale=scale, past_len=past_len)
