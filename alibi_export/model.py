@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from .alibi import alibi_bias, alibi_slopes
 from .errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 __all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE"]
+
+log = logging.getLogger(__name__)
 
 POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
 ATTENTION_IMPLS = ("auto", "eager", "sdpa", "triton")

@@ -1,4 +1,4 @@
-"""Fused causal ALiBi attention (forward only) in Triton.
+"""Fused causal ALiBi attention in Triton: the forward kernels (the backward is in triton_alibi_bwd).
 
     out = softmax(q @ k^T * scale + m_h * (j - i)) @ v          (causal: keys j <= i)
     out = softmax(q @ k^T * scale - m_h * |j - i|) @ v          (causal=False)
