@@ -111,6 +111,7 @@ INTERPRET_CASES = [
     dict(B=2, H=2, Hk=1, Lq=37, Lk=50, D=32, dtype=torch.float16, causal=False),
     dict(B=1, H=3, Hk=3, Lq=20, Lk=90, D=64, dtype=torch.float16, past_len=30),
     dict(B=1, H=2, Hk=2, Lq=129, Lk=129, D=128, dtype=torch.float32),
+    dict(B=1, H=2, Hk=1, Lq=260, Lk=260, D=32, dtype=torch.float16),  # several dQ/dK blocks
 ]
 
 

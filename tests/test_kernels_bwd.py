@@ -112,7 +112,7 @@ def test_grads_interpreted_on_cpu():
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 7, proc.stdout
+    assert len(results) == 8, proc.stdout
     tol = {"float16": 2e-3, "float32": 1e-4}
     for res in results:
         print("INTERPRET", json.dumps(res))

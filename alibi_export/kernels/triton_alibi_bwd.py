@@ -94,7 +94,7 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Rows of every tensor are contiguous in the head dim (stride 1, ensured by the host)."""
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # causal: key block 0 sees every query block, launched first
     pid_bk = tl.program_id(1)
     b = pid_bk // H_KV
     hk = pid_bk % H_KV
@@ -188,6 +188,8 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest query blocks (most key tiles) first, for load balance
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
