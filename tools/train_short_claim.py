@@ -57,7 +57,7 @@ def train_one(args, position: str, train_len: int, tokenizer_file: Path, out: Pa
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    model, _ = train(cfg, on_progress=on_progress)
+    model, _ = train(cfg, overwrite=True, on_progress=on_progress)  # replaces only its own files
     wall = time.perf_counter() - t0
     p = last["p"]
     tokens = args.steps * batch * train_len
@@ -91,11 +91,12 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_all = time.perf_counter()
-    out = args.out or Path(tempfile.mkdtemp(prefix="short-claim-"))
+    scratch = Path(tempfile.mkdtemp(prefix="short-claim-"))
+    out = args.out or scratch  # train() refuses a folder that holds anything but its checkpoint
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer = train_tokenizer([corpus_split(args.corpus, "train")], args.vocab_size)
-    tokenizer_file = out / "tokenizer.json"
+    tokenizer_file = scratch / "tokenizer.json"
     tokenizer.save(str(tokenizer_file))
     test_tokens = encode_text(tokenizer, read_text(corpus_split(args.corpus, "test")))
     print(f"tokenizer {time.perf_counter() - t0:.1f} s; test split {len(test_tokens):,} tokens; "
