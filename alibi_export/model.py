@@ -385,6 +385,9 @@ class AlibiLM(nn.Module):
         prompts of different lengths), masks padded keys. ALiBi depends only on j - i, so a left-padded
         row gives the same logits as the row alone; absolute position methods do not have that property."""
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if self.training and self.config.dropout > 0 and input_ids.is_cuda:
+            _warn_once(f"dropout {self.config.dropout:g} acts on the embeddings and residual branches only: "
+                       "attention probabilities get no dropout, and training attention stays on the fused kernel")
         key_mask = None
         if attention_mask is not None:
             if not torch.compiler.is_compiling() and tuple(attention_mask.shape) != (input_ids.shape[0],

@@ -159,3 +159,26 @@ def test_model_training_grads(gpu):
           f"{e_wrong:.2e}")
     assert e_tri <= 1.5 * e_sdpa + 2e-3, (e_tri, e_sdpa)
     assert e_wrong > 1.5 * e_sdpa + 2e-3, (e_wrong, e_sdpa)
+
+
+def test_dropout_says_attention_stays_on_kernel(gpu, caplog, monkeypatch):
+    """ModelConfig.dropout > 0 drops embeddings and residual branches, not attention weights: the
+    kernel keeps training attention, and the model says so once."""
+    import alibi_export.kernels as K
+    from alibi_export import model as model_mod
+    from alibi_export.model import AlibiLM, ModelConfig
+
+    calls = []
+    real = K.alibi_attention
+    monkeypatch.setattr(K, "alibi_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(model_mod, "_WARNED", set())
+    cfg = ModelConfig(vocab_size=512, n_layer=2, n_head=8, d_model=256, d_ff=512, dropout=0.1)
+    model = AlibiLM(cfg).to("cuda").train()
+    ids = torch.randint(0, 512, (2, 100), device="cuda")
+    with caplog.at_level("WARNING", logger="alibi_export.model"):
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(ids).float().mean().backward()
+    said = [r for r in caplog.records if "no dropout" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert len(calls) == 2 * cfg.n_layer
