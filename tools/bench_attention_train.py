@@ -53,6 +53,8 @@ def rel_err(a, b):
 
 def fwd_bwd(fn, q, k, v, do):
     """A closure running fn forward and backward; and the gradients of one run."""
+    for t in (q, k, v):
+        t.grad = None  # the previous peer's timed runs leave theirs: backward would add to them
     def step():
         fn(q, k, v).backward(do)
     step()

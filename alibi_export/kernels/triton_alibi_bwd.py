@@ -247,11 +247,13 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
     """Small query blocks for dK/dV and small key blocks for dQ: the resident tiles (K, V, dK, dV
     resp. Q, dO, dQ) get the large side. Chosen CPU-side from ptxas -v for sm_90 (no spills; the
     dK/dV kernel holds two fp32 accumulators: 128-key blocks at D=128 spill), see
-    tools/kernel_notes.md; tools/bench_attention_train.py --sweep times the alternatives."""
+    tools/kernel_notes.md; tools/bench_attention_train.py --sweep times the alternatives. D=128: the
+    sweep's fastest at every length on an H200 (4 warps for dK/dV, 64-key dQ blocks, 2 stages): 1.36-1.60x
+    the first choice (BENCHMARKS.md)."""
     if dtype == torch.float32:
         return (32, 64, 4, 2, 64, 32, 4, 2)
     if head_dim >= 128:
-        return (32, 64, 8, 3, 128, 32, 8, 3)
+        return (32, 64, 4, 3, 128, 64, 8, 2)
     return (32, 128, 8, 3, 128, 64, 8, 3)
 
 
