@@ -25,7 +25,7 @@ larger random-weights model of the same architecture (--large, default d_model 1
   size         file size of each export; peak RSS of each measuring process
 
 usage: python tools/bench_cpu.py [--model models/alibi-small] [--threads 2] [--json out.json]
-       python tools/bench_cpu.py --quantized [--large 1024x12] [--json docs/bench_cpu_quant.json]
+       python tools/bench_cpu.py --quantized [--large 1024x12] [--json docs/bench_cpu.json]  (adds "quantized")
 """
 from __future__ import annotations
 
@@ -242,8 +242,11 @@ def main_quantized(args) -> None:
             results["models"][f"random-{args.large}"] = quantized_rows(big, tmp / "large", large_lengths, args)
     for name, r in results["models"].items():
         print_quantized(name, r)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.json:  # kept beside the float32 rows of the same file, under "quantized"
+        path = Path(args.json)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged["quantized"] = results
+        path.write_text(json.dumps(merged, indent=2))
 
 
 def main():

@@ -23,11 +23,16 @@ Written for onnxruntime-genai 0.18 (``GENAI_VERSIONS``); every field below is on
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
-from .._io import atomic_dir, check_writable_dir
+from .._io import check_writable_dir
 from ..errors import ExportError
 
 __all__ = ["GENAI_VERSIONS", "GENAI_FILES", "MODEL_TYPE", "genai_config", "tokenizer_config", "export_genai"]
@@ -35,7 +40,8 @@ __all__ = ["GENAI_VERSIONS", "GENAI_FILES", "MODEL_TYPE", "genai_config", "token
 log = logging.getLogger(__name__)
 
 GENAI_VERSIONS = ">=0.18,<0.19"  # also pinned in pyproject.toml's `genai` extra
-GENAI_FILES = ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
+GENAI_FILES = ("model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
+_DATA_FILE = re.compile(r"model\.onnx\.[0-9a-f]{16}\.data")  # a large model's weights (export/onnx_file.py)
 MODEL_TYPE = "decoder"
 _EOS = "<|endoftext|>"
 _EXTRAPOLATION = 16  # context length = this x the training length
@@ -84,7 +90,7 @@ def export_genai(checkpoint, out_dir: str | Path, **export_options):
         raise ExportError(f"a genai folder needs the end-of-text token {_EOS!r} in the vocabulary")
     if not export_options.get("kv_cache"):
         raise ExportError("a genai folder holds the KV-cache decoder. Note: add --kv-cache --dynamic-len")
-    with atomic_dir(out_dir) as tmp:
+    with _staged_folder(out_dir) as tmp:
         result = export_onnx(checkpoint, tmp / "model.onnx", **export_options)
         width = checkpoint.config.head_dim + (8 if result.attention == "onnx" else 0)
         config = genai_config(checkpoint.config, eos_token_id=eos, head_size=width)
@@ -96,6 +102,27 @@ def export_genai(checkpoint, out_dir: str | Path, **export_options):
     return result
 
 
+@contextlib.contextmanager
+def _staged_folder(out_dir: Path):
+    """Yield a new folder beside ``out_dir``; if the block succeeds it takes ``out_dir``'s place (a previous
+    folder there, checked to be one of ours, is removed only after the new one is in place)."""
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes folders private; outputs are ordinary folders
+        if out_dir.exists():
+            _check_replaceable(out_dir)  # again: it may have changed during the export
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=parent))
+            os.replace(out_dir, old)  # onto our own empty temporary folder
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)  # only files this tool wrote (checked above)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # our staging folder, if it was not renamed
+
+
 def _check_replaceable(out_dir: Path) -> None:
     """An existing folder is replaced only if it is empty or holds nothing but a folder of ours."""
     check_writable_dir(out_dir.parent if str(out_dir.parent) else Path("."))
@@ -103,7 +130,7 @@ def _check_replaceable(out_dir: Path) -> None:
         raise ExportError(f"{str(out_dir)!r} exists and is not a folder. Note: a genai export writes a folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
-    names = {p.name for p in out_dir.iterdir()}
+    names = {p.name for p in out_dir.iterdir() if not _DATA_FILE.fullmatch(p.name)}
     ours = names <= set(GENAI_FILES) and "model.onnx" in names and _written_by_us(out_dir / "model.onnx")
     if not ours:
         raise ExportError(f"output folder {str(out_dir)!r} is not empty and was not written by alibi-export. "
@@ -111,9 +138,6 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _written_by_us(path: Path) -> bool:
-    from ..runtime.onnxruntime import read_metadata
+    from .onnx_file import written_by_alibi_export
 
-    try:
-        return "alibi_export.config" in read_metadata(path)
-    except Exception:  # unreadable: not ours
-        return False
+    return not path.is_symlink() and path.is_file() and written_by_alibi_export(path)
