@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, whatever is installed
 
 
 def child(kind: str, model: str, onnx_path: str, length: int, threads: int, repeats: int) -> dict:
