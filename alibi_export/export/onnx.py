@@ -122,7 +122,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
 
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
-                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False) -> ExportResult:
+                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False,
+                external_data_threshold: int | None = None) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -136,6 +137,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``ort_fusions`` (onnx
     form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
     :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else.
+    When the weights exceed ``external_data_threshold`` bytes (default: just under protobuf's 2 GB
+    limit) they go to one data file ``OUT.data`` beside the file, named by a relative location so the
+    pair can be moved together; tests lower the threshold to run that path on tiny models.
     """
     from .. import __version__
 
@@ -202,7 +206,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
     # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
-    large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
+    threshold = _TWO_GB - (64 << 20) if external_data_threshold is None else external_data_threshold
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > threshold
     data = out.with_name(out.name + ".data")
     try:
         with atomic_path(out) as tmp:
