@@ -97,6 +97,41 @@ def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset
                           input_names=["input_ids"], output_names=["logits"])
 
 
+def _inline(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline the local functions. The inliner takes the model serialized, which protobuf refuses past
+    2 GB and which would copy every weight twice more: the weights' bytes are set aside, by name, and
+    put back in the inlined model (the inliner only rewrites nodes)."""
+    data = {}
+    for t in proto.graph.initializer:
+        if t.HasField("raw_data"):
+            data[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    proto = onnx.inliner.inline_local_functions(proto)
+    for t in proto.graph.initializer:
+        if t.name in data:
+            t.raw_data = data.pop(t.name)
+    assert not data, f"initializers lost by the inliner: {sorted(data)[:3]}"
+    return proto
+
+
+def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
+    """The module to trace: the checkpoint's own when it is already in ``dtype`` (a second copy of the
+    weights would raise the export's peak memory by 1x; the export swaps attention only inside a
+    context manager that restores it), else a copy allocated directly in ``dtype``."""
+    source, target = checkpoint.model, getattr(torch, dtype)
+    if all(p.dtype == target and p.device.type == "cpu" for p in source.parameters()) and not source.training:
+        return source
+    with torch.device("meta"):
+        model = AlibiLM(checkpoint.config)
+    model = model.to(target).to_empty(device="cpu")  # no weights allocated in another dtype first
+    model.load_state_dict(source.state_dict())  # copy_ converts each tensor
+    buffers = dict(source.named_buffers())  # the non-persistent ones (slopes, frequencies) are not in the state
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return model.eval()
+
+
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
     used = {n.op_type for n in proto.graph.node}
     if OP_TYPE in used or MASKED_OP_TYPE in used:
@@ -108,7 +143,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
                                                           causal=bool(attrs["causal"]), alibi=alibi))
         if inline:
-            proto = onnx.inliner.inline_local_functions(proto)
+            proto = _inline(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
             del proto.opset_import[:]
             proto.opset_import.extend(kept)
@@ -167,9 +202,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     seq_len = seq_len or cfg.train_len
     if batch < 1 or seq_len < 1:
         raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
-    model = AlibiLM(cfg)
-    model.load_state_dict(checkpoint.model.state_dict())
-    model = model.to(getattr(torch, dtype)).eval()
+    model = _export_model(checkpoint, dtype)
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
     if kv_cache:
