@@ -75,20 +75,6 @@ def _node_slopes(model: AlibiLM) -> list[float]:
     return [float(s) for s in slopes]
 
 
-def _check_onnx_form(cfg) -> None:
-    """The onnx attention form folds the q|k|v and output projections (with their biases) of a
-    multi-head block; refuse the attention variants it does not handle yet, rather than export a
-    different model. (Slope rules and a scaled bias reach it as effective slopes; LayerNorms, MLP and
-    block wiring are traced as usual.)"""
-    unsupported = {"n_kv_head": cfg.kv_heads != cfg.n_head, "qkv_bias": not cfg.qkv_bias,
-                   "proj_bias": not cfg.proj_bias, "clip_qkv": cfg.clip_qkv is not None,
-                   "softmax_scale": cfg.softmax_scale is not None, "alibi_bf16": cfg.alibi_bf16}
-    for name, refused in unsupported.items():
-        if refused:
-            raise ExportError(f"the onnx attention form does not handle {name}={getattr(cfg, name)!r} yet. "
-                              "Note: use the default (decomposed) form or --attention plugin")
-
-
 @contextlib.contextmanager
 def _export_attention(model: AlibiLM, form: str = "plugin"):
     """Swap every block's attention for the ONNX node during export; restore on exit."""
@@ -222,8 +208,6 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
     out = Path(out)
     cfg = checkpoint.config
-    if attention == "onnx":
-        _check_onnx_form(cfg)
     if kv_cache and attention == "onnx" and cfg.position == "rotary":
         # Rotary rotates every cached key by its position at each step; this form's op appends raw keys.
         raise ExportError("the onnx attention form has no KV cache for rotary positions. Note: use the "
