@@ -137,3 +137,17 @@ def test_bf16_bias_with_multi_query_is_refused_in_one_line(tiny_tokenizer, tmp_p
     with pytest.raises(ExportError, match="multi-query") as e:
         export_onnx(load(tmp_path / "ck"), tmp_path / "x.onnx", attention="onnx")
     assert "\n" not in str(e.value) and not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt", "falcon-scaled-mqa", "falcon-bf16"])
+def test_tensorrt_rtx_builds_each_variant(exports, tmp_path, name):
+    """`alibi-export trt` on each variant's onnx form: TensorRT-RTX builds engines on CPU (it cannot run
+    them here: its engines need an RTX-class GPU). One native attention layer per block."""
+    pytest.importorskip("tensorrt_rtx_libs", reason="needs TensorRT-RTX: pip install 'alibi-export[trt-rtx]'")
+    from alibi_export.runtime.tensorrt import build_engine, read_sidecar
+
+    engine = tmp_path / f"{name}.engine"
+    r = build_engine(exports[name], engine, min_len=1, opt_len=TRAIN_LEN, max_len=16 * TRAIN_LEN,
+                     backend="tensorrt-rtx")
+    assert engine.stat().st_size > 100_000 and r.layer_types["ATTENTION_OUTPUT"] == 2, r.layer_types
+    assert read_sidecar(engine)["attention"] == "native attention"
