@@ -154,7 +154,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
-                                                          causal=bool(attrs["causal"]), alibi=alibi))
+                                                          causal=bool(attrs["causal"]), alibi=alibi,
+                                                          bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
             proto = _inline(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
