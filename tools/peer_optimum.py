@@ -62,7 +62,7 @@ def _build(arch: str, kwargs: dict, folder: Path):
 
     config = transformers.AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(SEED)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
     _tokenizer().save(str(folder / "tokenizer.json"))
     return model
@@ -78,15 +78,15 @@ def _tokenizer():
 
 
 def _reference(arch: str, folder: Path, model, ids):
-    """transformers' logits at each length; MPT's with max_seq_len raised (see the module docstring)."""
+    """transformers' logits at each length, with its default attention (SDPA; see BENCHMARKS for Falcon's eager
+    path, which adds the ALiBi bias twice in 4.57); MPT's with max_seq_len raised (see the module docstring)."""
     import torch
     import transformers
 
     if arch == "mpt":
         config = transformers.AutoConfig.from_pretrained(folder)
         config.max_seq_len = max(MULTIPLES) * LENGTH
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config,
-                                                                  attn_implementation="eager").eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, config=config).eval()
     with torch.no_grad():
         return {n: model(torch.from_numpy(ids[n])).logits.float().numpy() for n in ids}
 
@@ -119,16 +119,18 @@ def _measure(run, refs) -> dict:
 
 def stage_optimum(work: Path) -> dict:
     import numpy as np
+    from importlib.metadata import version
+
     import optimum.exporters.onnx as oe
-    import optimum.version
     import transformers
 
     rng = np.random.default_rng(SEED)
-    results = dict(versions=dict(transformers=transformers.__version__, optimum=optimum.version.__version__))
+    results = dict(versions=dict(transformers=transformers.__version__, optimum_onnx=version("optimum-onnx"),
+                                 onnxruntime=version("onnxruntime")))
     for arch, kwargs in tiny_configs().items():
         folder = work / arch
         model = _build(arch, kwargs, folder)
-        ids = {str(m): rng.integers(0, VOCAB, (1, m * LENGTH), dtype=np.int64) for m in MULTIPLES}
+        ids = {str(m * LENGTH): rng.integers(0, VOCAB, (1, m * LENGTH), dtype=np.int64) for m in MULTIPLES}
         refs = _reference(arch, folder, model, ids)
         np.savez(work / f"{arch}-ref.npz", **{f"ids{n}": ids[n] for n in ids}, **{f"ref{n}": refs[n] for n in refs})
         try:
@@ -193,8 +195,9 @@ def main() -> int:
     optimum = json.loads((work / "optimum.json").read_text())
     ours = stage_ours(work)
     versions = optimum.pop("versions")
-    print(f"reference: transformers {versions['transformers']} (eager, fp32); Optimum {versions['optimum']}; "
-          f"ONNX Runtime CPU; model length {LENGTH}; max |dlogit| / max |logit|")
+    print(f"reference: transformers {versions['transformers']} (default attention, fp32); "
+          f"optimum-onnx {versions['optimum_onnx']}; ONNX Runtime {versions['onnxruntime']} CPU; model length "
+          f"{LENGTH}; max |dlogit| / max |logit|")
     print(table(optimum, ours))
     if args.json:
         args.json.write_text(json.dumps(dict(versions=versions, optimum=optimum, ours=ours), indent=1) + "\n")

@@ -42,7 +42,7 @@ class _Decoder(torch.nn.Module):
         return (logits, *(t for kv in presents for t in kv))
 
 
-def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.ModelProto:
+def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
     """The dynamo export of ``model`` as a KV-cache decoder; batch, sequence and past are dynamic.
 
     Traced with a past of a few tokens; the past dim is declared with min=0 so that the prefill
@@ -59,8 +59,9 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.
     width = cfg.head_dim + (EXTRA_DIMS if form == "onnx" else 0)
     cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
-    proto = _dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset, form=form,
-                           input_names=kv_input_names(cfg.n_layer), output_names=kv_output_names(cfg.n_layer))
+    proto, weights = _dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset,
+                                    form=form, input_names=kv_input_names(cfg.n_layer),
+                                    output_names=kv_output_names(cfg.n_layer))
     mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
     mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
-    return proto
+    return proto, weights

@@ -18,6 +18,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
+from ._weights import attach_weights, detach_weights, weights_nbytes, write_external_data
 from .attention_op import attention_op
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
@@ -91,40 +92,24 @@ def _export_attention(model: AlibiLM, form: str = "plugin"):
 
 
 def _dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
-                   input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node."""
+                   input_names: list[str], output_names: list[str]) -> tuple[onnx.ModelProto, dict]:
+    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node: the
+    graph with its weights pending, and the weights (see :mod:`alibi_export.export._weights`)."""
     with _export_attention(model, form), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
                                     input_names=input_names, output_names=output_names, optimize=True,
                                     verbose=False)
-    return program.model_proto
+    return detach_weights(program)
 
 
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
-           form: str = "plugin") -> onnx.ModelProto:
+           form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
     return _dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
                           input_names=["input_ids"], output_names=["logits"])
-
-
-def _inline(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Inline the local functions. The inliner takes the model serialized, which protobuf refuses past
-    2 GB and which would copy every weight twice more: the weights' bytes are set aside, by name, and
-    put back in the inlined model (the inliner only rewrites nodes)."""
-    data = {}
-    for t in proto.graph.initializer:
-        if t.HasField("raw_data"):
-            data[t.name] = t.raw_data
-            t.ClearField("raw_data")
-    proto = onnx.inliner.inline_local_functions(proto)
-    for t in proto.graph.initializer:
-        if t.name in data:
-            t.raw_data = data.pop(t.name)
-    assert not data, f"initializers lost by the inliner: {sorted(data)[:3]}"
-    return proto
 
 
 def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
@@ -157,7 +142,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
                                                           causal=bool(attrs["causal"]), alibi=alibi,
                                                           bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
-            proto = _inline(proto)
+            proto = onnx.inliner.inline_local_functions(proto)  # small: the weights are not in it
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
             del proto.opset_import[:]
             proto.opset_import.extend(kept)
@@ -222,10 +207,10 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if kv_cache:
         from .kv_cache import kv_input_names, kv_output_names, trace_kv_cache
 
-        proto = trace_kv_cache(model, opset=opset, form=attention)
+        proto, weights = trace_kv_cache(model, opset=opset, form=attention)
         names = kv_input_names(cfg.n_layer), kv_output_names(cfg.n_layer)
     else:
-        proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
+        proto, weights = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
     metadata = {
@@ -250,18 +235,20 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 
+        attach_weights(proto, weights)  # ONNX Runtime's optimizer reads them
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
     # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
     threshold = _TWO_GB - (64 << 20) if external_data_threshold is None else external_data_threshold
-    large = sum(t.ByteSize() for t in proto.graph.initializer) > threshold
+    large = weights_nbytes(proto, weights) > threshold
     data = out.with_name(out.name + ".data")
     try:
         with atomic_path(out) as tmp:
             if large:
-                onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+                write_external_data(proto, weights, tmp.parent / data.name, data.name)
             else:
-                onnx.save(proto, tmp)
+                attach_weights(proto, weights)
+            onnx.save(proto, tmp)
             onnx.checker.check_model(str(tmp), full_check=False)
             onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp), strict_mode=False)
     except BaseException as e:
