@@ -41,10 +41,10 @@ def mpt_alibi_slopes(num_heads: int, bias_max: float = 8.0) -> list[float]:
     """MPT's slopes (MosaicML's ``gen_slopes``): m_k = 2^(-k * bias_max / N), k = 1..N, with N the next
     power of two at or above ``num_heads``.
 
-    For ``bias_max`` 8 and a power-of-two head count they equal the paper's. Otherwise MPT keeps N
-    slopes and takes the odd-indexed ones (k = 2, 4, ...) first, then the even ones, cut to
-    ``num_heads``: not the paper's interleaving. Computed in float32 as MPT does, so a float32 model
-    sees bit-identical slopes."""
+    For a head count that is not a power of two MPT keeps N slopes and takes every second one
+    (k = 2, 4, ...) first, then the others, cut to ``num_heads``; with ``bias_max`` 8 that is exactly
+    the paper's rule (tested), so only ``bias_max`` makes MPT's slopes differ. Computed in float32 as
+    MPT does, so a float32 model sees bit-identical slopes."""
     if not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
     if not bias_max > 0:

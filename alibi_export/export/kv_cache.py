@@ -1,8 +1,8 @@
 """The KV-cache decoder form: one graph for the prefill (past length 0) and every decoding step.
 
 Inputs: ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past_sequence + sequence; int64 1/0,
-left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch, kv heads (n_head, or 1 for multi-query),
-past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi
+left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch,
+kv heads (n_head, or 1 for multi-query), past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi
 columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
 absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
 """

@@ -118,7 +118,8 @@ def load_into(model: torch.nn.Module, files: list[Path], convert: Convert, *, sk
             continue
         converted = convert(name, tensor)
         if converted is None or converted[0] not in params:
-            raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint. Note: config.json does not describe it")
+            raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint. Note: config.json does not "
+                                  "describe it")
         ours, value = converted
         target = params[ours]
         if tuple(value.shape) != tuple(target.shape):
