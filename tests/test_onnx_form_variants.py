@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from alibi_export import AlibiLM, ModelConfig, load, save
-from alibi_export.errors import ExportError
+from alibi_export.export.attention_op import extra_dims
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.generate import GenerationSession, _left_pad
 from alibi_export.runtime.pytorch import TorchRunner
@@ -33,6 +33,8 @@ VARIANTS = {
     "falcon-scaled-mqa": dict(alibi_scaled=True, parallel_attn=True, n_kv_head=1),
     # Falcon-RW's exact bias: bf16(m_h * j) from absolute key positions, scaled.
     "falcon-bf16": dict(alibi_scaled=True, alibi_bf16=True, parallel_attn=True),
+    # ... with multi-query keys: the one key head carries every query head's bias column.
+    "falcon-bf16-mqa": dict(alibi_scaled=True, alibi_bf16=True, parallel_attn=True, n_kv_head=1),
     "bloom": dict(embed_layernorm=True, residual_post_ln=True, activation="gelu_tanh"),
 }
 
@@ -91,6 +93,7 @@ def test_onnx_form_matches_pytorch(checkpoints, exports, name):
     ("mpt", dict(alibi_rule="paper", alibi_bias_max=8.0)),
     ("falcon-scaled-mqa", dict(alibi_scaled=False)),
     ("falcon-bf16", dict(alibi_bf16=False)),  # the bf16 rounding, not just the scaled slopes
+    ("falcon-bf16-mqa", dict(alibi_bf16=False)),
 ])
 def test_negative_control_reference_without_the_feature_fails(checkpoints, exports, name, missing):
     result = compare(exports[name], TorchRunner(_without(checkpoints[name], **missing)), [16 * TRAIN_LEN], seed=1234)
@@ -112,13 +115,13 @@ def test_negative_control_clipping_the_alibi_columns_fails(checkpoints, tmp_path
     assert not compare(path, TorchRunner(ck.model), [16 * TRAIN_LEN], seed=1234)
 
 
-@pytest.mark.parametrize("name", ["falcon-scaled-mqa", "falcon-bf16"])
+@pytest.mark.parametrize("name", ["falcon-scaled-mqa", "falcon-bf16-mqa"])
 def test_onnx_form_kv_cache_decodes_like_one_forward(checkpoints, tmp_path, name):
-    """Prefill then 8 single-token steps through the cache (head_dim + 8 wide; one head for multi-query)."""
+    """Prefill then 8 single-token steps through the cache (one head for multi-query, head_dim + extra_dims wide)."""
     ck = checkpoints[name]
     path = export_onnx(ck, tmp_path / "kv.onnx", attention="onnx", kv_cache=True).path
     session = GenerationSession(path)
-    assert session.cache_width == ck.config.head_dim + 8
+    assert session.cache_width == ck.config.head_dim + extra_dims(ck.config)
     result = compare_kv_cache(path, ck.model, [40, 16 * TRAIN_LEN], seed=7)
     assert result, (name, [(r.length, r.max_abs) for r in result.lengths])
     # A left-padded batch equals each prompt alone (Falcon's bf16 positions count from the first real token).
@@ -132,14 +135,16 @@ def test_onnx_form_kv_cache_decodes_like_one_forward(checkpoints, tmp_path, name
         assert np.abs(batched[i, ids.shape[1] - len(row):] - alone[0]).max() < 1e-4, (name, i)
 
 
-def test_bf16_bias_with_multi_query_is_refused_in_one_line(tiny_tokenizer, tmp_path):
-    save(_model(dict(alibi_scaled=True, alibi_bf16=True, n_kv_head=1)), tiny_tokenizer, tmp_path / "ck")
-    with pytest.raises(ExportError, match="multi-query") as e:
-        export_onnx(load(tmp_path / "ck"), tmp_path / "x.onnx", attention="onnx")
-    assert "\n" not in str(e.value) and not (tmp_path / "x.onnx").exists()
+def test_wide_bf16_multi_query_cache_width():
+    """n_head bias columns + the padding column, rounded up to a multiple of 8; 8 for every other config."""
+    from dataclasses import replace
+
+    cfg = _model(VARIANTS["falcon-bf16-mqa"]).config
+    assert extra_dims(cfg) == 8 and extra_dims(replace(cfg, n_head=12)) == 16
+    assert extra_dims(replace(cfg, n_head=12, n_kv_head=None)) == 8  # one bias column per key head
 
 
-@pytest.mark.parametrize("name", ["bloom", "mpt", "falcon-scaled-mqa", "falcon-bf16"])
+@pytest.mark.parametrize("name", ["bloom", "mpt", "falcon-scaled-mqa", "falcon-bf16-mqa"])
 def test_tensorrt_rtx_builds_each_variant(exports, tmp_path, name):
     """`alibi-export trt` on each variant's onnx form: TensorRT-RTX builds engines on CPU (it cannot run
     them here: its engines need an RTX-class GPU). One native attention layer per block."""

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ..alibi import alibi_bias_bf16
-from ..errors import ExportError
 from ..model import AlibiLM
 
-__all__ = ["attention_op", "EXTRA_DIMS", "POS_BASE", "PAD_SCORE"]
+__all__ = ["attention_op", "extra_dims", "EXTRA_DIMS", "POS_BASE", "PAD_SCORE"]
 
 EXTRA_DIMS = 8  # ALiBi columns per head in the onnx form; a multiple of 8 keeps flash kernels eligible
 POS_BASE = 256  # positions split as j // 256 and j % 256: both exact in fp16 up to 2048 * 256 tokens
@@ -21,6 +20,18 @@ PAD_SCORE = 2048.0 * POS_BASE  # subtracted from a padded key's score (q column 
 # POS_BASE for a padded key, a constant 1 that applies the projections' biases and the queries' constant
 # columns, and, for Falcon's bf16 bias, that bias per head (its values are no product of two factors).
 _HI, _LO, _PAD, _ONE, _BF16 = range(5)
+
+
+def _wide_bf16(cfg) -> bool:
+    """Falcon's bf16 bias with multi-query keys: the one key head carries every query head's bias, one
+    column each, and each query head reads its own (so its extra width grows to fit n_head + 1 columns)."""
+    return cfg.alibi_bf16 and cfg.kv_heads != cfg.n_head
+
+
+def extra_dims(cfg) -> int:
+    """Extra columns per head in the onnx form (and so in its KV cache): EXTRA_DIMS, or for Falcon's
+    bf16 bias with multi-query keys n_head + 1 rounded up to a multiple of EXTRA_DIMS."""
+    return -(-(cfg.n_head + 1) // EXTRA_DIMS) * EXTRA_DIMS if _wide_bf16(cfg) else EXTRA_DIMS
 
 
 def _n_features(cfg) -> int:
@@ -37,7 +48,7 @@ def _split_qkv(attn) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
 
 
 def _folded_block_weights(attn, cfg, slopes: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """One attention block's projections widened to the onnx form's padded heads (head_dim + EXTRA_DIMS),
+    """One attention block's projections widened to the onnx form's padded heads (head_dim + extra_dims),
     reading the block input with the position features appended (see ``_position_features``).
 
     The query scale (1/sqrt(d), or MPT's softmax_scale) goes into W_q; the biases become the rows of
@@ -48,7 +59,7 @@ def _folded_block_weights(attn, cfg, slopes: torch.Tensor, dtype: torch.dtype) -
     heads directly, in the (batch, sequence, heads * width) layout the Attention op reads, and no bias
     add, concat, split, transpose or slice runs per head. Multi-query keys share one head: its columns
     are the positions, which every query head's slope multiplies."""
-    H, KV, D, E = attn.n_head, attn.n_kv_head, attn.head_dim, EXTRA_DIMS
+    H, KV, D, E = attn.n_head, attn.n_kv_head, attn.head_dim, extra_dims(cfg)
     C, F_ = H * D, _n_features(cfg)
     (w_q, b_q), (w_k, b_k), (w_v, b_v) = _split_qkv(attn)
     scale = cfg.attn_scale
@@ -60,14 +71,19 @@ def _folded_block_weights(attn, cfg, slopes: torch.Tensor, dtype: torch.dtype) -
 
     q = widen(w_q * scale, b_q * scale, H)
     k = widen(w_k, b_k, KV)
-    if cfg.alibi_bf16:  # score term: bias_scale * bf16 bias of head h (the key's feature _BF16 + h)
+    pad = H if _wide_bf16(cfg) else _PAD  # the padding mask's column
+    if _wide_bf16(cfg):  # query head h reads column h of the one key head: the bf16 bias of head h
+        heads = torch.arange(H)
+        q[heads, D + heads, C + _ONE] = float(attn_bias_scale(cfg))
+        k[0, D + heads, C + _BF16 + heads] = 1.0
+    elif cfg.alibi_bf16:  # score term: bias_scale * bf16 bias of head h (the key's feature _BF16 + h)
         q[:, D + _HI, C + _ONE] = float(attn_bias_scale(cfg))
         k[torch.arange(KV), D + _HI, C + _BF16 + torch.arange(KV)] = 1.0
     else:  # score term: m_h (POS_BASE * (j // POS_BASE) + j % POS_BASE) = m_h j
         q[:, D + _HI, C + _ONE], q[:, D + _LO, C + _ONE] = slopes * POS_BASE, slopes
         k[:, D + _HI, C + _HI] = k[:, D + _LO, C + _LO] = 1.0
-    q[:, D + _PAD, C + _ONE] = -PAD_SCORE / POS_BASE
-    k[:, D + _PAD, C + _PAD] = 1.0
+    q[:, D + pad, C + _ONE] = -PAD_SCORE / POS_BASE
+    k[:, D + pad, C + _PAD] = 1.0
     v = widen(w_v, b_v, KV)
     w_o = torch.zeros(C, H, D + E)
     w_o[:, :, :D] = attn.proj.weight.detach().float().view(C, H, D)
@@ -86,7 +102,7 @@ def _clip_bounds(cfg, H: int, KV: int, dtype: torch.dtype):
     D columns (times the folded query scale on q) and none on its ALiBi columns, which must not be clipped."""
     if cfg.clip_qkv is None:
         return None
-    D, E = cfg.head_dim, EXTRA_DIMS
+    D, E = cfg.head_dim, extra_dims(cfg)
 
     def bound(heads, value):
         b = torch.full((heads, D + E), float("inf"))
@@ -130,12 +146,11 @@ def attention_op(model: AlibiLM):
     bias stays m'_h (j - i) for a slope within 2^-11 of m_h) and their products are summed in float32
     by the kernel. A third column carries the key padding mask (PAD_SCORE for padded keys). The
     op's own past_key/past_value append the cache, which keeps the causal mask bottom-right aligned;
-    the cache therefore holds the padded head (head_dim + EXTRA_DIMS) and the positions. The op reads
+    the cache therefore holds the padded head (head_dim + extra_dims(cfg)) and the positions. The op reads
     and writes (batch, sequence, heads * width), the layout of the projections around it (see
     ``_folded_block_weights``)."""
     cfg = model.config
-    _check_supported(cfg)
-    H, KV, D = cfg.n_head, cfg.kv_heads, cfg.head_dim
+    H, KV, D, E = cfg.n_head, cfg.kv_heads, cfg.head_dim, extra_dims(cfg)
     raw = model.pos.slopes.detach().float().cpu() if cfg.alibi_bf16 else None
     slopes = model.pos.head_slopes()  # effective slopes (a scaled bias folded in); None: no ALiBi
     slopes = (slopes if slopes is not None else torch.zeros(H)).detach().float().cpu()
@@ -148,17 +163,17 @@ def attention_op(model: AlibiLM):
         B, L, _ = x.shape
         past_len = 0 if past is None else past[0].shape[2]
         x = torch.cat([x, _position_features(x, past_len, key_mask, cfg, raw)], -1)
-        q, k, v = x @ w_q, x @ w_k, x @ w_v  # (B, L, heads * (D + EXTRA_DIMS))
+        q, k, v = x @ w_q, x @ w_k, x @ w_v  # (B, L, heads * (D + E))
         if clip is not None:  # MPT's clip_qkv on the projections, not on the ALiBi columns
             q, k, v = (torch.minimum(torch.maximum(t, -c), c) for t, c in zip((q, k, v), clip))
         if rotary:  # rotary without a cache only (export_onnx refuses the other case)
-            q, k = (t.view(B, L, n, D + EXTRA_DIMS).transpose(1, 2) for t, n in ((q, H), (k, KV)))
+            q, k = (t.view(B, L, n, D + E).transpose(1, 2) for t, n in ((q, H), (k, KV)))
             rq, rk = pos.rotate(q[..., :D], k[..., :D], 0)
             q, k = (torch.cat([r, t[..., D:]], -1).transpose(1, 2).reshape(B, L, -1) for r, t in ((rq, q), (rk, k)))
         heads = dict(is_causal=True, scale=1.0, q_num_heads=H, kv_num_heads=KV)
         if past is None:
             y = torch.onnx.ops.attention(q, k, v, **heads)[0]
-            present = tuple(t.view(B, L, KV, D + EXTRA_DIMS).transpose(1, 2) for t in (k, v))
+            present = tuple(t.view(B, L, KV, D + E).transpose(1, 2) for t in (k, v))
         else:
             y, pk, pv, _ = torch.onnx.ops.attention(q, k, v, past_key=past[0], past_value=past[1], **heads)
             present = (pk, pv)
@@ -167,10 +182,3 @@ def attention_op(model: AlibiLM):
     attend_block.owns_block = True
     return attend_block
 
-
-def _check_supported(cfg) -> None:
-    """Falcon's bf16 bias is one feature per head; multi-query keys have one head to carry them all."""
-    if cfg.alibi_bf16 and cfg.kv_heads != cfg.n_head:
-        raise ExportError("the onnx attention form cannot carry Falcon's bf16 ALiBi bias with multi-query "
-                          "attention (one key head, a different bias per query head). Note: use the default "
-                          "(decomposed) form")
