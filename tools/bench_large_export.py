@@ -128,10 +128,10 @@ def main() -> int:
         print(f"wrote {folder} ({weights / 1e9:.2f} GB of weights, {args.format} format) in "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
         rec = run_export(folder, out, args.attention)
-        data = out.with_name(out.name + ".data")
+        data = sorted(work.glob(f"{out.name}.*.data"))  # the one data file, named after its content
         rec.update(shape=args.shape, format=args.format, attention=args.attention, weights_bytes=weights,
                    onnx_bytes=out.stat().st_size if out.exists() else None,
-                   data_bytes=data.stat().st_size if data.exists() else None,
+                   data_files=[d.name for d in data], data_bytes=sum(d.stat().st_size for d in data) or None,
                    peak_over_weights=round(rec["peak_rss_bytes"] / weights, 2))
         print(rec.pop("output"))
         print(json.dumps(rec, indent=1))
