@@ -116,13 +116,17 @@ def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset
 def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
     """The module to trace: the checkpoint's own when it is already in ``dtype`` (a second copy of the
     weights would raise the export's peak memory by 1x; the export swaps attention only inside a
-    context manager that restores it), else a copy allocated directly in ``dtype``."""
+    context manager that restores it), else a copy allocated directly in ``dtype``, its buffers (slopes,
+    frequencies, which the state dict does not hold) copied from the checkpoint's in ``dtype`` too."""
     source, target = checkpoint.model, getattr(torch, dtype)
     if all(p.dtype == target and p.device.type == "cpu" for p in source.parameters()) and not source.training:
         return source
-    with torch.device("meta"):
-        model = AlibiLM(checkpoint.config)
-    model = model.to(target).to_empty(device="cpu")  # no weights allocated in another dtype first
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(target)  # the parameters are allocated in the export's dtype, not float32 first
+    try:
+        model = AlibiLM(checkpoint.config).to(target)  # .to: the buffers built in float32 too, as before
+    finally:
+        torch.set_default_dtype(default)
     model.load_state_dict(source.state_dict())  # copy_ converts each tensor
     buffers = dict(source.named_buffers())  # the non-persistent ones (slopes, frequencies) are not in the state
     with torch.no_grad():
