@@ -348,8 +348,7 @@ def attend_triton(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.T
     slopes = pos.head_slopes()
     if slopes is None:  # absolute or rotary positions: plain causal attention is ALiBi with zero slopes
         slopes = torch.zeros(q.shape[1], device=q.device)
-    return alibi_attention(q, _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), slopes, causal=True,
-                           past_len=past_len)
+    return alibi_attention(q, k, v, slopes, causal=True, past_len=past_len)  # multi-query k, v as they are
 
 
 def attend_auto(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
