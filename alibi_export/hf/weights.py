@@ -71,7 +71,12 @@ def _pickled(f: Path):
     import pickle
 
     try:  # weights_only: tensors, dicts, lists and numbers only; never arbitrary objects
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap: tensors stay on disk until copied into the model (zip-format files, torch >= 1.6)
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(f, map_location="cpu", weights_only=True)  # an older, non-zip file
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"refused to load {str(f)!r}: it is not a plain tensor file "
                               f"({str(e).splitlines()[0][:160]}). Note: convert it to safetensors") from None
