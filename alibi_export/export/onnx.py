@@ -18,6 +18,7 @@ from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
+from ..progress import Steps
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 from .attention_op import attention_op
 
@@ -163,6 +164,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     seq_len = seq_len or cfg.train_len
     if batch < 1 or seq_len < 1:
         raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
+    steps = Steps(f"export {out.name}", ("trace (torch.onnx dynamo)", "assemble graph", "write and check"))
     model = AlibiLM(cfg)
     model.load_state_dict(checkpoint.model.state_dict())
     model = model.to(getattr(torch, dtype)).eval()
@@ -177,6 +179,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
+    steps.next()
     metadata = {
         "alibi_export.version": __version__,
         "alibi_export.position": cfg.position,
@@ -201,6 +204,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
 
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
+    steps.next()
     # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
     large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
     data = out.with_name(out.name + ".data")
@@ -218,5 +222,6 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         if isinstance(e, (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
             raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from None
         raise
+    steps.close()
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
     return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)
