@@ -161,6 +161,37 @@ def test_engine_runner_is_polygraphys_trt_runner(trt, onnx_attention_exports, tm
     assert isinstance(runner, TrtRunner)
 
 
+def test_build_phases_reach_the_progress_monitor_on_a_terminal(trt, onnx_attention_exports, tmp_path, monkeypatch):
+    """On a terminal TensorRT's build phases become bars (one per phase, stepped, then closed); in a pipe
+    (here: pytest's capture) no monitor is set at all."""
+    import alibi_export.runtime.tensorrt.builder as builder
+
+    class Bar:  # records what a tqdm bar would show
+        def __init__(self, *, desc, total, unit, position):
+            self.desc, self.total, self.n, self.closed = desc, total, 0, False
+            opened.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    opened = []
+    monkeypatch.setattr(builder, "progress", Bar)
+    monkeypatch.setattr(builder, "on_terminal", lambda: True)
+    builder.build_engine(onnx_attention_exports["float16"], tmp_path / "p.engine", min_len=1, opt_len=16,
+                         max_len=64, backend="tensorrt-rtx")
+    shown = [(bar.desc, bar.n, bar.total, bar.closed) for bar in opened]
+    assert shown, "TensorRT reported no build phase"
+    assert all(closed and 0 < n <= total for _, n, total, closed in shown if total), shown
+    monkeypatch.setattr(builder, "on_terminal", lambda: False)
+    opened.clear()
+    builder.build_engine(onnx_attention_exports["float16"], tmp_path / "q.engine", min_len=1, opt_len=16,
+                         max_len=64, backend="tensorrt-rtx")
+    assert opened == []
+
+
 # ---------------------------------------------------------------- builder errors
 def test_profile_errors_are_one_line(tmp_path):
     from alibi_export.runtime.tensorrt import build_engine
