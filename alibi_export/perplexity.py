@@ -68,7 +68,8 @@ def perplexity(runner, tokens: np.ndarray, lengths: list[int], *, stride: int | 
             raise DataError(f"stride must be between 1 and the length ({length}), got {stride}")
     rows = []
     plan = [(length, list(_windows(len(tokens), length, stride))) for length in lengths]
-    with runner, progress(desc=f"perplexity {runner_label(runner)}", total=sum(len(w) for _, w in plan), unit="window") as bar:
+    bar = progress(desc=f"perplexity {runner_label(runner)}", total=sum(len(w) for _, w in plan), unit="window")
+    with runner, bar:
         for length, starts in plan:
             bar.set_postfix_str(f"{length} tokens")
             total, count = 0.0, 0
