@@ -87,15 +87,20 @@ def main(verbose: bool):
               type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--no-optimizer", is_flag=True, help="Do not store optimizer state (smaller; no resume).")
 @click.option("--resume", is_flag=True, help="Continue the run stored in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the checkpoint stored in --out (only its own files).")
 @_one_line_errors
 def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_size, batch_size, steps, lr,
-          warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume):
-    """Train an LM with the chosen position method; checkpoints are safetensors."""
+          warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume, overwrite):
+    """Train an LM with the chosen position method; checkpoints are safetensors.
+
+    Multi-GPU: `torchrun --nproc_per_node N -m alibi_export train ...` (data parallel; the batch
+    size is the global batch, split over the N processes)."""
     import torch
 
+    from .distributed import dist_info
     from .model import ModelConfig
     from .progress import progress
-    from .train import TrainConfig, train as run_training
+    from .train import TrainConfig, preflight, train as run_training
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
@@ -103,6 +108,13 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
     cfg = TrainConfig(corpus=corpus, out=out, model=model_cfg, batch_size=batch_size, steps=steps, lr=lr,
                       min_lr=lr / 10, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed,
                       device=device, tokenizer=tokenizer, save_dtype=save_dtype, save_optimizer=not no_optimizer)
+    if not dist_info().is_main:  # a torchrun rank > 0: rank 0 alone reports progress and errors
+        try:
+            run_training(cfg, resume=resume, overwrite=overwrite)
+        except AlibiExportError:  # checked identically on every rank; rank 0 prints it
+            sys.exit(1)
+        return
+    preflight(cfg, resume=resume, overwrite=overwrite)  # before the progress bar: a bad run is one line
     with progress(desc=f"training {position}", total=steps, unit="step") as bar:
 
         def on_progress(p):
@@ -111,7 +123,7 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
             if p.val_ppl is not None:  # evaluations are a log line, terminal or not
                 bar.write(f"step {p.step}: loss {p.loss:.3f} val_ppl {p.val_ppl:.2f}", file=sys.stderr)
 
-        run_training(cfg, resume=resume, on_progress=on_progress)
+        run_training(cfg, resume=resume, overwrite=overwrite, on_progress=on_progress)
     click.echo(f"wrote {out}")
 
 
@@ -171,13 +183,15 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_ca
     """Export MODEL (default: the shipped alibi-small) to ONNX, then prove parity and perplexity across lengths."""
     import time
 
-    from ._io import check_writable_dir
+    from ._io import check_replaceable, check_writable_dir
     from .checkpoint import load
     from .export.onnx import export_onnx
+    from .export.onnx_file import written_by_alibi_export
 
     model = _default_model(model)
     out = Path(out or f"{model.name}.onnx")
-    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_writable_dir(out.parent)
+    check_replaceable(out, written_by_alibi_export, "ONNX file")
     ckpt = load(model)
     train_len = ckpt.config.train_len
     t0 = time.perf_counter()
@@ -259,11 +273,9 @@ def validate(onnx_file, model, lengths, batch, seed, provider, text):
 @_one_line_errors
 def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path):
     """Perplexity per evaluation length for each MODEL (.onnx in ONNX Runtime, folder in PyTorch)."""
-    from ._io import check_writable_dir
-    from .perplexity import evaluate_model, plot_perplexity, write_json
+    from .perplexity import check_outputs, evaluate_model, plot_perplexity, write_json
 
-    for p in (json_path, plot_path):
-        check_writable_dir(Path(p).parent if str(Path(p).parent) else Path("."))
+    check_outputs(json_path, plot_path)
     results = {}
     for m in models:
         results[Path(m).name] = evaluate_model(m, text, lengths, stride=stride, max_tokens=max_tokens,

@@ -1,7 +1,8 @@
 """Training loop: AdamW, warm-up then cosine decay, periodic validation, atomic resumable checkpoints.
 
 Batches are drawn from a generator seeded by (seed, step), so a resumed run sees exactly the
-batches the uninterrupted run would have seen.
+batches the uninterrupted run would have seen, and under torchrun each rank trains on its slice of
+that same global batch (see distributed.py).
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._io import atomic_dir
-from .checkpoint import TOKENIZER, WEIGHTS, save
+from ._io import atomic_files, sha256_file
+from .checkpoint import CONFIG, TOKENIZER, WEIGHTS
 from .data import corpus_split, encode_text, read_text, train_tokenizer
+from .distributed import DistInfo, broadcast_text, check_batch, dist_info, mean_over_ranks, start, stop
 from .errors import CheckpointError, ConfigError
 from .model import AlibiLM, ModelConfig
 
-__all__ = ["TrainConfig", "TrainProgress", "train"]
+__all__ = ["TrainConfig", "TrainProgress", "train", "preflight", "prepare_output", "is_training_checkpoint",
+           "CHECKPOINT_FILES"]
 
 log = logging.getLogger(__name__)
 STATE, OPTIMIZER = "trainer_state.json", "optimizer.safetensors"
@@ -74,10 +77,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _batch(tokens: np.ndarray, step: int, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(tokens: np.ndarray, step: int, cfg: TrainConfig, device,
+           shard: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch (a function of seed and step only), or this rank's ``shard`` of it."""
     n = cfg.model.train_len
     rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(tokens) - n - 1, size=cfg.batch_size)
+    starts = rng.integers(0, len(tokens) - n - 1, size=cfg.batch_size)[shard]
     window = torch.from_numpy(np.stack([tokens[s:s + n + 1] for s in starts]).astype(np.int64)).to(device)
     return window[:, :-1], window[:, 1:]  # (B, n) inputs and next-token targets
 
@@ -98,19 +103,71 @@ def evaluate(model: AlibiLM, tokens: np.ndarray, length: int, device, autocast) 
     return math.exp(total / count)
 
 
+# The files a training checkpoint consists of; an update replaces these and nothing else in the folder.
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER)
+
+
+def is_training_checkpoint(folder: Path) -> bool:
+    """A folder this tool's training wrote: its trainer_state.json parses and records a training config."""
+    try:
+        return "train_config" in json.loads((Path(folder) / STATE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def prepare_output(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check that training may write into ``out`` (new, empty, or this tool's checkpoint).
+
+    A folder holding anything but this tool's checkpoint is refused: training never deletes or replaces a
+    file it did not write. An existing checkpoint is continued with ``resume`` or replaced with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {str(out)!r} is a file. Note: expected a checkpoint folder")
+    contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume:
+        if not is_training_checkpoint(out):
+            raise CheckpointError(f"cannot resume: {str(out)!r} holds no training checkpoint ({STATE} is missing "
+                                  "or unreadable)")
+        return out
+    if contents and not is_training_checkpoint(out):
+        raise ConfigError(f"-o {str(out)!r} is not empty and not a checkpoint of alibi-export (it holds "
+                          f"{', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''}): refusing to write "
+                          "into it. Note: choose a new or empty folder")
+    if contents and not overwrite:
+        raise ConfigError(f"-o {str(out)!r} already holds a checkpoint. Note: pass --resume to continue it, or "
+                          "--overwrite to replace its files")
+    if not out.exists() and not out.parent.is_dir():
+        raise ConfigError(f"cannot create {str(out)!r}: its parent folder does not exist")
+    return out  # created by the first save, so that a run that fails before it leaves nothing behind
+
+
 def _save(model, tokenizer, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Replace the checkpoint's own files, and only those: each is written under a temporary name first and
+    all are renamed together, trainer_state.json last, so that it vouches for a complete set."""
     from safetensors.torch import save_file
 
-    with atomic_dir(cfg.out) as tmp:
-        save(model, tokenizer, tmp, dtype=getattr(torch, cfg.save_dtype))
-        state = {"step": step, "train_config": {**asdict(cfg), "model": cfg.model.to_dict()}}
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    out = Path(cfg.out)
+    out.mkdir(exist_ok=True)
+    names = [WEIGHTS, CONFIG, TOKENIZER] + ([OPTIMIZER] if cfg.save_optimizer else []) + [STATE]
+    with atomic_files([out / n for n in names]) as tmps:
+        tmp = dict(zip(names, tmps))
+        state = {k: v.detach().to("cpu", getattr(torch, cfg.save_dtype)).contiguous().clone()
+                 for k, v in model.state_dict().items()}  # tied embeddings share storage: safetensors wants copies
+        save_file(state, str(tmp[WEIGHTS]), metadata={"format": "pt"})
+        tmp[CONFIG].write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        tokenizer.save(str(tmp[TOKENIZER]))
         if cfg.save_optimizer:
             tensors = {}
             for i, p in enumerate(model.parameters()):
                 for key, value in optimizer.state.get(p, {}).items():
                     tensors[f"{i}.{key}"] = value.detach().float().cpu().reshape(value.shape).contiguous()
-            save_file(tensors, str(tmp / OPTIMIZER))
+            save_file(tensors, str(tmp[OPTIMIZER]))
+        record = {"step": step, "train_config": {**asdict(cfg), "model": cfg.model.to_dict()},
+                  "files": {n: sha256_file(tmp[n]) for n in names if n != STATE}}
+        tmp[STATE].write_text(json.dumps(record, indent=2) + "\n")
+    if not cfg.save_optimizer:
+        # An optimizer state from an earlier save of this checkpoint would no longer match the weights.
+        (out / OPTIMIZER).unlink(missing_ok=True)
 
 
 def _resume(model, optimizer, cfg: TrainConfig, device) -> int:
@@ -131,26 +188,79 @@ def _resume(model, optimizer, cfg: TrainConfig, device) -> int:
     return int(state["step"])
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_progress: Callable[[TrainProgress], None] | None = None):
-    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``."""
+# Fields a resumed run must share with the checkpoint: they define the model, the batches drawn
+# and the optimisation; the rest (steps, eval/save cadence, device, output) may change.
+_RESUME_FIELDS = ("batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed")
+
+
+def _check_resume_config(cfg: TrainConfig) -> None:
+    """One line naming every field in which ``cfg`` differs from the checkpoint's run."""
+    try:
+        saved = json.loads((Path(cfg.out) / STATE).read_text())["train_config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from {cfg.out!r}: {e}. Note: resuming needs the "
+                              f"{STATE} that `train` writes") from None
+    now = {**asdict(cfg), "model": cfg.model.to_dict()}
+    pairs = [(f"model.{k}", saved.get("model", {}).get(k), v) for k, v in now["model"].items()]
+    pairs += [(k, saved.get(k), now[k]) for k in _RESUME_FIELDS]
+    diff = [f"{name} (checkpoint {old!r}, now {new!r})" for name, old, new in pairs if old != new]
+    if diff:
+        raise ConfigError(f"cannot resume from {cfg.out!r}: the config differs from the "
+                          f"checkpoint's in {', '.join(diff)}. Note: resume with the checkpoint's "
+                          f"settings")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          on_progress: Callable[[TrainProgress], None] | None = None):
+    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``.
+
+    ``cfg.out`` must be new, empty, or this tool's checkpoint (``resume`` continues it, ``overwrite``
+    replaces its files); see :func:`prepare_output`. Under torchrun (WORLD_SIZE > 1) this process is
+    one rank of a data-parallel run, see :mod:`.distributed`; ``on_progress`` is called on rank 0 only."""
+    info = preflight(cfg, resume=resume, overwrite=overwrite)
+    device = start(info, torch.device(cfg.device))
+    try:
+        return _train(cfg, resume, on_progress, info, device)
+    finally:
+        stop(info)
+
+
+def preflight(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> DistInfo:
+    """The checks that need no data and no process group (so a bad run fails at once, on every
+    rank alike, never in a hang): the output folder, the batch split over the torchrun processes,
+    the resume config."""
+    info = dist_info()
+    prepare_output(cfg.out, resume=resume, overwrite=overwrite)
+    check_batch(cfg.batch_size, info)
+    if resume:
+        _check_resume_config(cfg)
+    return info
+
+
+def _load_tokenizer(cfg: TrainConfig, resume: bool, train_file, info: DistInfo, device):
     from tokenizers import Tokenizer
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    train_file, valid_file = corpus_split(cfg.corpus, "train"), corpus_split(cfg.corpus, "valid")
     if resume:
-        tokenizer = Tokenizer.from_file(str(Path(cfg.out) / TOKENIZER))
-    elif cfg.tokenizer:
-        tokenizer = Tokenizer.from_file(cfg.tokenizer)
-    else:
-        tokenizer = train_tokenizer([train_file], cfg.model.vocab_size)
+        return Tokenizer.from_file(str(Path(cfg.out) / TOKENIZER))
+    if cfg.tokenizer:
+        return Tokenizer.from_file(cfg.tokenizer)
+    # trained once, on rank 0, and sent to the others: every rank must use the same vocabulary
+    trained = train_tokenizer([train_file], cfg.model.vocab_size).to_str() if info.is_main else None
+    return Tokenizer.from_str(broadcast_text(trained, info, device))
+
+
+def _train(cfg: TrainConfig, resume: bool, on_progress, info: DistInfo, device):
+    torch.manual_seed(cfg.seed)
+    train_file, valid_file = corpus_split(cfg.corpus, "train"), corpus_split(cfg.corpus, "valid")
+    tokenizer = _load_tokenizer(cfg, resume, train_file, info, device)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens > vocab_size {cfg.model.vocab_size}")
     t0 = time.perf_counter()
     train_tokens = encode_text(tokenizer, read_text(train_file))
     valid_tokens = encode_text(tokenizer, read_text(valid_file))[: cfg.eval_tokens + 1]
-    log.info("tokenized %d train / %d valid tokens in %.1fs", len(train_tokens), len(valid_tokens),
-             time.perf_counter() - t0)
+    if info.is_main:
+        log.info("tokenized %d train / %d valid tokens in %.1fs", len(train_tokens), len(valid_tokens),
+                 time.perf_counter() - t0)
 
     model = AlibiLM(cfg.model).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -158,25 +268,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_progress: Callable[[Trai
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    start = _resume(model, optimizer, cfg, device) if resume else 0
+    start_step = _resume(model, optimizer, cfg, device) if resume else 0
+    net = model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     tick, tokens_seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
+    for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = _batch(train_tokens, step, cfg, device)
+        x, y = _batch(train_tokens, step, cfg, device, info.shard(cfg.batch_size))
         with autocast():
-            logits = model(x)
+            logits = net(x)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: gradients averaged over the ranks = the global batch's gradient
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens_seen += x.numel()
+        loss = mean_over_ranks(loss, info)
+        tokens_seen += x.numel() * info.world
         last = step + 1 == cfg.steps
+        if not info.is_main:
+            continue
         val_ppl = None
         if (step + 1) % cfg.eval_every == 0 or last:
             val_ppl = evaluate(model, valid_tokens, cfg.model.train_len, device, autocast)

@@ -7,6 +7,7 @@ and version, attention form, plugin, and the SHA-256 of the ONNX file it came fr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..._io import atomic_path, sha256_file
+from ..._io import atomic_files, atomic_path, check_replaceable, check_writable_dir, sha256_file
 from ...errors import EngineBuildError
 from ...progress import Steps, on_terminal, progress
 from ._trt import BACKENDS, backend_of, import_trt
@@ -76,7 +77,19 @@ def read_sidecar(engine_path: str | Path) -> dict:
     path = sidecar_path(engine_path)
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EngineBuildError(f"corrupt engine sidecar {str(path)!r}: {e}") from None
+
+
+def written_by_alibi_export(engine_path: str | Path) -> bool:
+    """An engine this tool built: its sidecar says so and names it."""
+    try:
+        side = read_sidecar(engine_path)
+    except EngineBuildError:
+        return False
+    return str(side.get("created_by", "")).startswith("alibi-export") and side.get("engine") == Path(engine_path).name
 
 
 def attention_form(onnx_path: str | Path) -> str:
@@ -203,6 +216,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
     from ..onnxruntime import read_metadata
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    check_writable_dir(engine_path.parent)
+    check_replaceable(engine_path, written_by_alibi_export, "engine")
+    if sidecar_path(engine_path).exists() and not written_by_alibi_export(engine_path):
+        raise EngineBuildError(f"{str(sidecar_path(engine_path))!r} exists and was not written by alibi-export: "
+                               "refusing to replace it. Note: choose another engine path")
     profile = LengthProfile(min_len, opt_len, max_len, tuple(batch))
     profile.check()
     if precision is not None and precision not in PRECISIONS:
@@ -258,13 +276,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         raise EngineBuildError(f"{backend} {trt.__version__} failed to build an engine from {str(onnx_path)!r}."
                                f"{hint}. TensorRT said: {said}".replace("..", "."))
     steps.next()
-    with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(memoryview(plan))
     if cache_path is not None:
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    engine_sha256 = hashlib.sha256(memoryview(plan)).hexdigest()
     sidecar = {
-        "engine": engine_path.name, "created_by": f"alibi-export {__version__}",
+        "engine": engine_path.name, "engine_sha256": engine_sha256, "created_by": f"alibi-export {__version__}",
         "backend": backend, "backend_version": trt.__version__,
         "precision": precision, "strongly_typed": strongly_typed, "onnx_dtype": onnx_dtype,
         "attention": form,
@@ -276,8 +293,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         "layer_types": layer_types, "build_seconds": round(seconds, 3),
     }
     side = sidecar_path(engine_path)
-    with atomic_path(side) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    # Engine and sidecar are written as a pair: both staged, then renamed; the sidecar names the engine's
+    # SHA-256, so a reader detects a pair that a crash between the two renames could mismatch.
+    with atomic_files([engine_path, side]) as (tmp_engine, tmp_side):
+        tmp_engine.write_bytes(memoryview(plan))
+        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
     steps.close()
     log.info("built %s (%s %s, %s, %s) in %.1fs", engine_path, backend, trt.__version__, precision, form, seconds)
     return BuildResult(engine_path, side, backend, trt.__version__, precision, form, layer_types, seconds, sidecar)

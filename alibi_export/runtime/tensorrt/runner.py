@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..._io import sha256_file
 from ...errors import AlibiExportError
 from ._trt import import_trt
 from .builder import read_sidecar
@@ -38,6 +39,9 @@ def TrtEngineRunner(path: str | Path, *, name: str | None = None):
     if not path.is_file():
         raise AlibiExportError(f"engine {str(path)!r} not found")
     side = read_sidecar(path)
+    if side.get("engine_sha256") and side["engine_sha256"] != sha256_file(path):
+        raise AlibiExportError(f"engine {str(path)!r} does not match its sidecar (SHA-256 differs). Note: rebuild it "
+                               "with `alibi-export trt`")
     trt = import_trt(side.get("backend"), why="running a TensorRT engine")
     backend = "tensorrt-rtx" if "rtx" in trt.__name__ else "tensorrt"
     if side.get("attention") == "plugin":
