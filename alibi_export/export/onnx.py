@@ -14,7 +14,6 @@ import onnx.inliner
 import torch
 
 from .._io import check_replaceable, check_writable_dir
-from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
@@ -48,11 +47,16 @@ class ExportResult:
 
 def _attention_node(model: AlibiLM):
     """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
-    with a key mask (KV-cache export) one AlibiAttentionMasked node."""
+    with a key mask (KV-cache export) one AlibiAttentionMasked node.
+
+    ``slopes`` are the effective ones (a scaled bias folded in). Falcon's bf16 bias is no function of
+    effective slopes: its node carries the raw slopes and ``bias_bf16`` = 1, ``bias_scale``, and its
+    function body computes that bias (see attention_function); a plugin must refuse such a node."""
     cfg = model.config
-    slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
-    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
+    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=_node_slopes(model),
                  scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
+    if getattr(model.pos, "bf16", False):
+        attrs.update(bias_bf16=1, bias_scale=float(model.pos.bias_scale))
 
     def attend(q, k, v, pos, past_len, key_mask=None):
         if key_mask is not None:
@@ -62,6 +66,29 @@ def _attention_node(model: AlibiLM):
                                        version=OP_VERSION)
 
     return attend
+
+
+def _node_slopes(model: AlibiLM) -> list[float]:
+    """The slopes an attention node carries: effective ALiBi slopes, raw ones for the bf16 form, else zeros."""
+    cfg = model.config
+    if cfg.position != "alibi":
+        return [0.0] * cfg.n_head
+    slopes = model.pos.slopes if getattr(model.pos, "bf16", False) else model.pos.head_slopes()
+    return [float(s) for s in slopes]
+
+
+def _check_onnx_form(cfg) -> None:
+    """The onnx attention form folds the q|k|v and output projections (with their biases) of a
+    multi-head block; refuse the attention variants it does not handle yet, rather than export a
+    different model. (Slope rules and a scaled bias reach it as effective slopes; LayerNorms, MLP and
+    block wiring are traced as usual.)"""
+    unsupported = {"n_kv_head": cfg.kv_heads != cfg.n_head, "qkv_bias": not cfg.qkv_bias,
+                   "proj_bias": not cfg.proj_bias, "clip_qkv": cfg.clip_qkv is not None,
+                   "softmax_scale": cfg.softmax_scale is not None, "alibi_bf16": cfg.alibi_bf16}
+    for name, refused in unsupported.items():
+        if refused:
+            raise ExportError(f"the onnx attention form does not handle {name}={getattr(cfg, name)!r} yet. "
+                              "Note: use the default (decomposed) form or --attention plugin")
 
 
 @contextlib.contextmanager
@@ -108,7 +135,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
-                                                          causal=bool(attrs["causal"]), alibi=alibi))
+                                                          causal=bool(attrs["causal"]), alibi=alibi,
+                                                          bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
             proto = onnx.inliner.inline_local_functions(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
@@ -160,6 +188,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")  # before the minutes of tracing, not after
     cfg = checkpoint.config
+    if attention == "onnx":
+        _check_onnx_form(cfg)
     if kv_cache and attention == "onnx" and cfg.position == "rotary":
         # Rotary rotates every cached key by its position at each step; this form's op appends raw keys.
         raise ExportError("the onnx attention form has no KV cache for rotary positions. Note: use the "
@@ -186,7 +216,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     metadata = {
         "alibi_export.version": __version__,
         "alibi_export.position": cfg.position,
-        "alibi_export.slopes": json.dumps(alibi_slopes(cfg.n_head) if cfg.position == "alibi" else []),
+        "alibi_export.slopes": json.dumps(_node_slopes(model) if cfg.position == "alibi" else []),
         "alibi_export.train_len": str(cfg.train_len),
         "alibi_export.source_sha256": checkpoint.sha256,
         "alibi_export.source": str(checkpoint.path),
