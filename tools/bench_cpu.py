@@ -24,7 +24,7 @@ larger random-weights model of the same architecture (--large, default d_model 1
                tokens/s of the decoding steps after a prompt of --prompt-len tokens
   size         file size of each export; peak RSS of each measuring process
 
-usage: python tools/bench_cpu.py [--model models/alibi-small] [--threads 2] [--json out.json]
+usage: python tools/bench_cpu.py [--model alibi_export/models/alibi-small] [--threads 2] [--json out.json]
        python tools/bench_cpu.py --quantized [--large 1024x12] [--json docs/bench_cpu.json]  (adds "quantized")
 """
 from __future__ import annotations
@@ -180,7 +180,9 @@ def large_model(out_dir: Path, spec: str) -> str:
     cfg = ModelConfig(vocab_size=4096, n_layer=layers, n_head=d // 64, d_model=d, d_ff=4 * d, train_len=256,
                       max_positions=256)
     torch.manual_seed(0)
-    save(AlibiLM(cfg), load(ROOT / "models" / "alibi-small").tokenizer, out_dir)
+    from alibi_export.shipped import default_model
+
+    save(AlibiLM(cfg), load(default_model()).tokenizer, out_dir)
     return str(out_dir)
 
 
@@ -251,8 +253,10 @@ def main_quantized(args) -> None:
 
 
 def main():
+    from alibi_export.shipped import default_model
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "models" / "alibi-small"))
+    ap.add_argument("--model", default=str(default_model()))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-lengths", default="256,512,1024,2048,4096")
     ap.add_argument("--memory-lengths", default="1024,4096,8192,16384")

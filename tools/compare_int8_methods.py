@@ -32,8 +32,10 @@ def main():
     from alibi_export.perplexity import perplexity
     from alibi_export.runtime import make_runner
 
-    ck = load(ROOT / "models" / "alibi-small")
-    tokens = encode_text(ck.tokenizer, read_text(ROOT / "data" / "books-test-excerpt.txt"))
+    from alibi_export.shipped import default_model, default_text
+
+    ck = load(default_model())
+    tokens = encode_text(ck.tokenizer, read_text(default_text()))
     evaluated, calib = tokens[: 4 * 4096 + 1], tokens[-8 * 256:]
     tmp = Path(tempfile.mkdtemp())
     paths = {"fp32": tmp / "fp32.onnx", "dynamic": tmp / "dynamic.onnx", "qdq": tmp / "qdq.onnx"}

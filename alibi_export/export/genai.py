@@ -17,7 +17,7 @@ Written for onnxruntime-genai 0.18 (``GENAI_VERSIONS``); every field below is on
   GroupQueryAttention does); our graph concatenates past and new keys into a longer ``present``.
 - ``decoder.head_size`` is the width of the cache: head_dim, or head_dim + 8 for the ``onnx``
   attention form, whose cache carries the folded ALiBi columns (genai only uses it to shape the
-  empty past of the prefill).
+  empty past of the prefill); ``num_key_value_heads`` is 1 for multi-query models (Falcon).
 - ``context_length`` and ``search.max_length`` are 16x the training length, the longest this
   project validates (ALiBi has no hard limit; ``set_search_options(max_length=...)`` raises it).
 """
@@ -54,7 +54,7 @@ def genai_config(config, *, eos_token_id: int, head_size: int) -> dict:
         "filename": "model.onnx",
         "session_options": {"provider_options": []},
         "head_size": head_size, "hidden_size": config.d_model, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_head, "num_hidden_layers": config.n_layer,
+        "num_key_value_heads": config.kv_heads, "num_hidden_layers": config.n_layer,
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                    "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
         "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -68,10 +68,10 @@ def genai_config(config, *, eos_token_id: int, head_size: int) -> dict:
     return {"model": model, "search": search}
 
 
-def tokenizer_config() -> dict:
+def tokenizer_config(eos_token: str = _EOS) -> dict:
     """``tokenizer_config.json``: the fields onnxruntime-extensions' tokenizer reads, for a byte-level BPE
-    (GPT-2 style) whose only special token is the end-of-text token, added to no prompt."""
-    return {"tokenizer_class": "GPT2Tokenizer", "bos_token": _EOS, "eos_token": _EOS, "unk_token": _EOS,
+    (GPT-2 style) whose special token is the end-of-text token, added to no prompt."""
+    return {"tokenizer_class": "GPT2Tokenizer", "bos_token": eos_token, "eos_token": eos_token, "unk_token": eos_token,
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
 
 
@@ -85,17 +85,22 @@ def export_genai(checkpoint, out_dir: str | Path, **export_options):
 
     out_dir = Path(out_dir)
     _check_replaceable(out_dir)
-    eos = checkpoint.tokenizer.token_to_id(_EOS)
+    cfg = checkpoint.config
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else checkpoint.tokenizer.token_to_id(_EOS)
     if eos is None:
-        raise ExportError(f"a genai folder needs the end-of-text token {_EOS!r} in the vocabulary")
+        raise ExportError(f"a genai folder needs an end-of-text token. Note: expected eos_token_id in the config "
+                          f"or {_EOS!r} in the vocabulary")
     if not export_options.get("kv_cache"):
         raise ExportError("a genai folder holds the KV-cache decoder. Note: add --kv-cache --dynamic-len")
     with _staged_folder(out_dir) as tmp:
         result = export_onnx(checkpoint, tmp / "model.onnx", **export_options)
-        width = checkpoint.config.head_dim + (8 if result.attention == "onnx" else 0)
-        config = genai_config(checkpoint.config, eos_token_id=eos, head_size=width)
+        from .attention_op import extra_dims
+
+        width = cfg.head_dim + (extra_dims(cfg) if result.attention == "onnx" else 0)  # the cache's last dim
+        config = genai_config(cfg, eos_token_id=eos, head_size=width)
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+        eos_token = checkpoint.tokenizer.id_to_token(eos)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(eos_token), indent=2) + "\n")
         checkpoint.tokenizer.save(str(tmp / "tokenizer.json"))
     result.path = out_dir / "model.onnx"
     log.info("wrote onnxruntime-genai folder %s", out_dir)

@@ -14,11 +14,12 @@ import onnx.inliner
 import torch
 
 from .._io import check_replaceable, check_writable_dir
-from ..alibi import alibi_slopes
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
+from ..progress import Steps
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
+from ._weights import attach_weights, detach_weights, weights_nbytes, write_external_data
 from .attention_op import attention_op
 from .quantize import DEFAULT_BLOCK_SIZE, check_quantize_options, quantization_metadata, quantize_model
 from .onnx_file import PRODUCER, write_onnx, written_by_alibi_export
@@ -48,11 +49,16 @@ class ExportResult:
 
 def _attention_node(model: AlibiLM):
     """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
-    with a key mask (KV-cache export) one AlibiAttentionMasked node."""
+    with a key mask (KV-cache export) one AlibiAttentionMasked node.
+
+    ``slopes`` are the effective ones (a scaled bias folded in). Falcon's bf16 bias is no function of
+    effective slopes: its node carries the raw slopes and ``bias_bf16`` = 1, ``bias_scale``, and its
+    function body computes that bias (see attention_function); a plugin must refuse such a node."""
     cfg = model.config
-    slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
-    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
+    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=_node_slopes(model),
                  scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
+    if getattr(model.pos, "bf16", False):
+        attrs.update(bias_bf16=1, bias_scale=float(model.pos.bias_scale))
 
     def attend(q, k, v, pos, past_len, key_mask=None):
         if key_mask is not None:
@@ -62,6 +68,15 @@ def _attention_node(model: AlibiLM):
                                        version=OP_VERSION)
 
     return attend
+
+
+def _node_slopes(model: AlibiLM) -> list[float]:
+    """The slopes an attention node carries: effective ALiBi slopes, raw ones for the bf16 form, else zeros."""
+    cfg = model.config
+    if cfg.position != "alibi":
+        return [0.0] * cfg.n_head
+    slopes = model.pos.slopes if getattr(model.pos, "bf16", False) else model.pos.head_slopes()
+    return [float(s) for s in slopes]
 
 
 @contextlib.contextmanager
@@ -80,23 +95,46 @@ def _export_attention(model: AlibiLM, form: str = "plugin"):
 
 
 def _dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
-                   input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node."""
+                   input_names: list[str], output_names: list[str]) -> tuple[onnx.ModelProto, dict]:
+    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node: the
+    graph with its weights pending, and the weights (see :mod:`alibi_export.export._weights`)."""
     with _export_attention(model, form), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
                                     input_names=input_names, output_names=output_names, optimize=True,
                                     verbose=False)
-    return program.model_proto
+    return detach_weights(program)
 
 
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
-           form: str = "plugin") -> onnx.ModelProto:
+           form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
     return _dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
                           input_names=["input_ids"], output_names=["logits"])
+
+
+def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
+    """The module to trace: the checkpoint's own when it is already in ``dtype`` (a second copy of the
+    weights would raise the export's peak memory by 1x; the export swaps attention only inside a
+    context manager that restores it), else a copy allocated directly in ``dtype``, its buffers (slopes,
+    frequencies, which the state dict does not hold) copied from the checkpoint's in ``dtype`` too."""
+    source, target = checkpoint.model, getattr(torch, dtype)
+    if all(p.dtype == target and p.device.type == "cpu" for p in source.parameters()) and not source.training:
+        return source
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(target)  # the parameters are allocated in the export's dtype, not float32 first
+    try:
+        model = AlibiLM(checkpoint.config).to(target)  # .to: the buffers built in float32 too, as before
+    finally:
+        torch.set_default_dtype(default)
+    model.load_state_dict(source.state_dict())  # copy_ converts each tensor
+    buffers = dict(source.named_buffers())  # the non-persistent ones (slopes, frequencies) are not in the state
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return model.eval()
 
 
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
@@ -108,9 +146,10 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
-                                                          causal=bool(attrs["causal"]), alibi=alibi))
+                                                          causal=bool(attrs["causal"]), alibi=alibi,
+                                                          bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
-            proto = onnx.inliner.inline_local_functions(proto)
+            proto = onnx.inliner.inline_local_functions(proto)  # small: the weights are not in it
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
             del proto.opset_import[:]
             proto.opset_import.extend(kept)
@@ -125,7 +164,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
                 q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False,
-                quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> ExportResult:
+                quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                external_data_threshold: int | None = None) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -141,6 +181,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else. ``quantize``
     ("int8" or "int4", CPU forms only; ``block_size`` for int4) quantizes the weight products with ONNX
     Runtime's tools (see :mod:`alibi_export.export.quantize`).
+    When the weights exceed ``external_data_threshold`` bytes (default: just under protobuf's 2 GB
+    limit) they go to one data file ``OUT.data`` beside the file, named by a relative location so the
+    pair can be moved together; tests lower the threshold to run that path on tiny models.
     """
     from .. import __version__
 
@@ -171,24 +214,24 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     seq_len = seq_len or cfg.train_len
     if batch < 1 or seq_len < 1:
         raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
-    model = AlibiLM(cfg)
-    model.load_state_dict(checkpoint.model.state_dict())
-    model = model.to(getattr(torch, dtype)).eval()
+    steps = Steps(f"export {out.name}", ("trace (torch.onnx dynamo)", "assemble graph", "write and check"))
+    model = _export_model(checkpoint, dtype)
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
     if kv_cache:
         from .kv_cache import kv_input_names, kv_output_names, trace_kv_cache
 
-        proto = trace_kv_cache(model, opset=opset, form=attention)
+        proto, weights = trace_kv_cache(model, opset=opset, form=attention)
         names = kv_input_names(cfg.n_layer), kv_output_names(cfg.n_layer)
     else:
-        proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
+        proto, weights = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
+    steps.next()
     metadata = {
         "alibi_export.version": __version__,
         "alibi_export.position": cfg.position,
-        "alibi_export.slopes": json.dumps(alibi_slopes(cfg.n_head) if cfg.position == "alibi" else []),
+        "alibi_export.slopes": json.dumps(_node_slopes(model) if cfg.position == "alibi" else []),
         "alibi_export.train_len": str(cfg.train_len),
         "alibi_export.source_sha256": checkpoint.sha256,
         "alibi_export.source": str(checkpoint.path),
@@ -208,16 +251,25 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 
+        attach_weights(proto, weights)  # ONNX Runtime's optimizer reads them
+        weights = {}
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
     if quantize:
+        attach_weights(proto, weights)  # ONNX Runtime's quantization tools read them
+        weights = {}
         proto = quantize_model(proto, quantize, block_size=block_size)
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))  # int4 needs 21
         del proto.metadata_props[:]
         onnx.helper.set_model_props(proto, metadata)
         proto.producer_name = PRODUCER  # the tools write their own; ours marks a file this tool may replace
+    steps.next()
     # Protobuf holds at most 2 GB: past that the weights go to one data file beside OUT.
-    large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
-    write_onnx(proto, out, external_data=large)
+    threshold = _TWO_GB - (64 << 20) if external_data_threshold is None else external_data_threshold
+    large = weights_nbytes(proto, weights) > threshold
+    if not large:
+        attach_weights(proto, weights)
+    write_onnx(proto, out, external_data=large, weights=weights if large and weights else None)
+    steps.close()
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
     return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)
