@@ -90,7 +90,9 @@ def write_checkpoint(folder: Path, shape: str, fmt: str) -> int:
     del state
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     text = folder / "corpus.txt"
-    text.write_text((ROOT / "data" / "books-test-excerpt.txt").read_text()[:20000])
+    from alibi_export.shipped import default_text
+
+    text.write_text(default_text().read_text()[:20000])
     train_tokenizer([text], 300).save(str(folder / "tokenizer.json"))
     text.unlink()
     return (folder / "model.safetensors").stat().st_size

@@ -17,6 +17,7 @@ from .._io import check_replaceable, check_writable_dir
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM, T5Bias, attend_eager
+from ..progress import Steps
 from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
 from ._weights import attach_weights, detach_weights, weights_nbytes, write_external_data
 from .attention_op import attention_op
@@ -208,6 +209,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     seq_len = seq_len or cfg.train_len
     if batch < 1 or seq_len < 1:
         raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
+    steps = Steps(f"export {out.name}", ("trace (torch.onnx dynamo)", "assemble graph", "write and check"))
     model = _export_model(checkpoint, dtype)
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
@@ -220,6 +222,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         proto, weights = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
+    steps.next()
     metadata = {
         "alibi_export.version": __version__,
         "alibi_export.position": cfg.position,
@@ -246,11 +249,13 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         weights = {}
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
+    steps.next()
     # Protobuf holds at most 2 GB: past that the weights go to one data file beside OUT.
     threshold = _TWO_GB - (64 << 20) if external_data_threshold is None else external_data_threshold
     large = weights_nbytes(proto, weights) > threshold
     if not large:
         attach_weights(proto, weights)
     write_onnx(proto, out, external_data=large, weights=weights if large and weights else None)
+    steps.close()
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
     return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)
