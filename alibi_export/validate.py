@@ -27,12 +27,11 @@ TOLERANCES = {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=0.08, 
               "float32-folded": dict(atol=1e-2, rtol=1e-3)}
 
 
-def tolerance_of(metadata: dict[str, str]) -> dict:
-    """The tolerance for an export, from its alibi-export metadata (dtype and attention form)."""
-    dtype = metadata.get("alibi_export.dtype", "float32")
-    if dtype == "float32" and metadata.get("alibi_export.attention") == "onnx":
+def tolerance_of(metadata) -> dict:
+    """The tolerance for an export, from its :class:`~alibi_export.artifacts.OnnxMetadata` (dtype and form)."""
+    if metadata.dtype == "float32" and metadata.attention == "onnx":
         return TOLERANCES["float32-folded"]
-    return TOLERANCES[dtype]
+    return TOLERANCES[metadata.dtype]
 
 
 @dataclass
@@ -58,10 +57,10 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
             provider: str = "cpu", tolerance: dict | None = None, threads: int | None = None) -> CompareResult:
     """Compare ``onnx_path`` (an ``.onnx`` file in ONNX Runtime or an ``.engine`` in TensorRT) with
     ``reference`` (a TorchRunner or any Polygraphy runner)."""
+    from .artifacts import read_metadata
     from .runtime import make_runner
-    from .runtime.onnxruntime import read_metadata
 
-    fixed = read_metadata(onnx_path).get("alibi_export.dynamic_len") == "false"
+    fixed = not read_metadata(onnx_path).dynamic_len
     if fixed and len(set(lengths)) > 1:
         raise AlibiExportError(f"{str(onnx_path)!r} is a fixed-length export: validate it at its own length only")
     candidate = make_runner(onnx_path, provider=provider, threads=threads)  # ONNX Runtime, or TensorRT
@@ -89,7 +88,7 @@ def _compare_runners(onnx_path, reference, candidate, lengths, *, batch, seed, t
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    from .runtime.onnxruntime import model_config_of, read_metadata
+    from .artifacts import model_config_of, read_metadata
 
     cfg = model_config_of(onnx_path)
     tol = tolerance or tolerance_of(read_metadata(onnx_path))

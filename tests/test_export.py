@@ -8,7 +8,7 @@ import torch
 
 from alibi_export import alibi_slopes, load
 from alibi_export.errors import ExportError
-from alibi_export.export.attention_function import DOMAIN, OP_TYPE
+from alibi_export.attention_contract import DOMAIN, OP_TYPE
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.onnxruntime import create_session
 from alibi_export.runtime.pytorch import TorchRunner
@@ -192,9 +192,10 @@ def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk):
 
 
 def test_tolerance_follows_dtype_and_attention_form():
+    from types import SimpleNamespace as Meta
+
     from alibi_export.validate import tolerance_of
 
-    assert tolerance_of({"alibi_export.dtype": "float32"}) == TOLERANCES["float32"]
-    assert tolerance_of({"alibi_export.dtype": "float16", "alibi_export.attention": "onnx"}) == TOLERANCES["float16"]
-    assert tolerance_of({"alibi_export.dtype": "float32", "alibi_export.attention": "onnx"}) == \
-        TOLERANCES["float32-folded"]
+    assert tolerance_of(Meta(dtype="float32", attention="decomposed")) == TOLERANCES["float32"]
+    assert tolerance_of(Meta(dtype="float16", attention="onnx")) == TOLERANCES["float16"]
+    assert tolerance_of(Meta(dtype="float32", attention="onnx")) == TOLERANCES["float32-folded"]

@@ -181,12 +181,18 @@ def test_onnx_without_alibi_is_refused(tmp_path):
     y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.INT64, ["b", "s"])
     model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input_ids"],
                                                                                  ["logits"])], "g", [x], [y]))
-    for position in (None, "sinusoidal"):
-        if position:
-            onnx.helper.set_model_props(model, {"alibi_export.position": position})
-        onnx.save(model, tmp_path / "plain.onnx")
-        with pytest.raises(EngineBuildError, match="no ALiBi attention"):
-            build_engine(tmp_path / "plain.onnx", tmp_path / "x.engine", min_len=1, opt_len=2, max_len=4)
+    from alibi_export.artifacts import NotOurArtifact, OnnxMetadata
+
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(NotOurArtifact, match="not written by alibi-export"):
+        build_engine(tmp_path / "plain.onnx", tmp_path / "x.engine", min_len=1, opt_len=2, max_len=4)
+    meta = OnnxMetadata(version="0", position="sinusoidal", slopes=(), train_len=2, source_name="m", source_sha256="0",
+                        dynamic_len=True, dtype="float32", attention="decomposed", kv_cache=False, ort_fusions=False,
+                        config={}, tokenizer="{}")
+    onnx.helper.set_model_props(model, meta.to_props())
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(EngineBuildError, match="no ALiBi attention"):
+        build_engine(tmp_path / "plain.onnx", tmp_path / "x.engine", min_len=1, opt_len=2, max_len=4)
 
 
 def test_plugin_export_with_tensorrt_rtx_is_refused(trt, tiny_dir, tmp_path):
@@ -257,7 +263,7 @@ def plugin(trt):
 
 
 def test_creator_describes_the_onnx_node(trt):
-    from alibi_export.export.attention_function import ATTRIBUTES, DOMAIN, OP_TYPE
+    from alibi_export.attention_contract import ATTRIBUTES, DOMAIN, OP_TYPE
     from alibi_export.runtime.tensorrt.plugin import plugin_creator
 
     creator = plugin_creator(trt)

@@ -1,12 +1,8 @@
 """PyTorch checkpoint -> ONNX file whose ALiBi bias is built from the runtime sequence length."""
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -15,11 +11,13 @@ import torch
 
 from .._io import atomic_path
 from ..alibi import alibi_slopes
+from ..artifacts import OnnxMetadata
+from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
-from ..model import AlibiLM, T5Bias, attend_eager
-from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
-from .attention_op import attention_op
+from ..model import AlibiLM
+from .attention_function import DEFAULT_Q_CHUNK, attention_function
+from .dynamo import dynamo_export
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
 
@@ -41,60 +39,15 @@ class ExportResult:
     opset: int
     dtype: str
     attention: str
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _attention_node(model: AlibiLM):
-    """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
-    with a key mask (KV-cache export) one AlibiAttentionMasked node."""
-    cfg = model.config
-    slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
-    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
-                 scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
-
-    def attend(q, k, v, pos, past_len, key_mask=None):
-        if key_mask is not None:
-            return torch.onnx.ops.symbolic(f"{DOMAIN}::{MASKED_OP_TYPE}", (q, k, v, key_mask), attrs, dtype=q.dtype,
-                                           shape=q.shape, version=OP_VERSION)
-        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", (q, k, v), attrs, dtype=q.dtype, shape=q.shape,
-                                       version=OP_VERSION)
-
-    return attend
-
-
-@contextlib.contextmanager
-def _export_attention(model: AlibiLM, form: str = "plugin"):
-    """Swap every block's attention for the ONNX node during export; restore on exit."""
-    saved = [b.attn.attend for b in model.blocks]
-    # T5's learned bias is not a function of the slopes: it keeps the decomposed math.
-    attend = attend_eager if isinstance(model.pos, T5Bias) else (attention_op if form == "onnx" else _attention_node)(model)
-    try:
-        for b in model.blocks:
-            b.attn.attend = attend
-        yield
-    finally:
-        for b, fn in zip(model.blocks, saved):
-            b.attn.attend = fn
-
-
-def _dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
-                   input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node."""
-    with _export_attention(model, form), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                                    input_names=input_names, output_names=output_names, optimize=True,
-                                    verbose=False)
-    return program.model_proto
+    metadata: OnnxMetadata
 
 
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
            form: str = "plugin") -> onnx.ModelProto:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
-    return _dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
-                          input_names=["input_ids"], output_names=["logits"])
+    return dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
+                         input_names=["input_ids"], output_names=["logits"])
 
 
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
@@ -177,25 +130,14 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
-    metadata = {
-        "alibi_export.version": __version__,
-        "alibi_export.position": cfg.position,
-        "alibi_export.slopes": json.dumps(alibi_slopes(cfg.n_head) if cfg.position == "alibi" else []),
-        "alibi_export.train_len": str(cfg.train_len),
-        "alibi_export.source_sha256": checkpoint.sha256,
-        "alibi_export.source": str(checkpoint.path),
-        "alibi_export.dynamic_len": str(dynamic_len).lower(),
-        "alibi_export.dtype": dtype,
-        "alibi_export.attention": attention,
-        "alibi_export.config": json.dumps(cfg.to_dict()),
-        # The tokenizer travels inside the file, so a served model needs nothing beside it.
-        "alibi_export.tokenizer": checkpoint.tokenizer.to_str(),
-    }
-    if kv_cache:
-        metadata["alibi_export.kv_cache"] = "true"
-    if ort_fusions:
-        metadata["alibi_export.ort_fusions"] = "true"
-    proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk, metadata=metadata)
+    metadata = OnnxMetadata(
+        version=__version__, position=cfg.position,
+        slopes=tuple(alibi_slopes(cfg.n_head)) if cfg.position == "alibi" else (), train_len=cfg.train_len,
+        source_name=checkpoint.path.resolve().name, source_sha256=checkpoint.sha256, dynamic_len=dynamic_len,
+        dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
+        tokenizer=checkpoint.tokenizer.to_str())  # the tokenizer travels inside: a served file needs nothing else
+    proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk,
+                    metadata=metadata.to_props())
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..._io import atomic_path, sha256_file
+from ...artifacts import read_metadata, sidecar_path
+from ...attention_contract import OP_TYPE
 from ...errors import EngineBuildError
 from ._trt import BACKENDS, backend_of, import_trt
 
-__all__ = ["LengthProfile", "BuildResult", "build_engine", "sidecar_path", "read_sidecar", "attention_form",
-           "PRECISIONS"]
+__all__ = ["LengthProfile", "BuildResult", "build_engine", "attention_form", "PRECISIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +67,18 @@ class BuildResult:
     sidecar: dict = field(default_factory=dict, repr=False)
 
 
-def sidecar_path(engine_path: str | Path) -> Path:
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def read_sidecar(engine_path: str | Path) -> dict:
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
-
-
 def attention_form(onnx_path: str | Path) -> str:
     """"plugin" (AlibiAttention nodes), "native attention" (ONNX Attention) or "decomposed"; raises
     EngineBuildError for a file without ALiBi attention."""
-    import onnx
-
-    from ...export.attention_function import OP_TYPE
-    from ..onnxruntime import read_metadata
+    from ...artifacts import check_onnx_file
 
     meta = read_metadata(onnx_path)
-    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-    position = meta.get("alibi_export.position")
+    ops = check_onnx_file(onnx_path)  # the graph's and its functions' op types
     if OP_TYPE in ops:
         return _PLUGIN
-    if position != "alibi":
+    if meta.position != "alibi":
         raise EngineBuildError(f"{str(onnx_path)!r} has no ALiBi attention. Note: expected an alibi-export ONNX "
-                               f"file of an ALiBi model, got position method {position or 'unknown (no metadata)'}")
+                               f"file of an ALiBi model, got position method {meta.position}")
     return _NATIVE if "Attention" in ops else _DECOMPOSED
 
 
@@ -173,7 +158,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
     Writes the engine and its sidecar (``ENGINE.json``) atomically.
     """
     from ... import __version__
-    from ..onnxruntime import read_metadata
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     profile = LengthProfile(min_len, opt_len, max_len, tuple(batch))
@@ -184,10 +168,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         raise EngineBuildError(f"unknown backend {backend!r}. Note: expected one of {BACKENDS}")
     form = attention_form(onnx_path)
     meta = read_metadata(onnx_path)
-    if meta.get("alibi_export.ort_fusions") == "true":
+    if meta.ort_fusions:
         raise EngineBuildError(f"{onnx_path} holds ONNX Runtime's fused operators (exported with --ort-fusions), "
                                "which TensorRT cannot parse. Note: export without --ort-fusions for TensorRT")
-    onnx_dtype = meta.get("alibi_export.dtype", "float32")
+    onnx_dtype = meta.dtype
     precision = precision or _ONNX_DTYPE.get(onnx_dtype, "fp32")
     trt = import_trt(backend)
     backend = backend_of(trt)
@@ -237,7 +221,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         "attention": form,
         "plugin": _plugin_info() if form == _PLUGIN else None,
         "profile": {"input": network.get_input(0).name, **shapes},
-        "train_len": int(meta["alibi_export.train_len"]) if "alibi_export.train_len" in meta else None,
+        "train_len": meta.train_len,
         "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
         "timing_cache": str(cache_path) if cache_path else None,
         "layer_types": layer_types, "build_seconds": round(seconds, 3),

@@ -1,0 +1,66 @@
+"""torch.onnx's dynamo export with each attention block swapped for its export form.
+
+Both export forms (the plain LM in :mod:`.onnx`, the KV-cache decoder in :mod:`.kv_cache`) trace
+through :func:`dynamo_export`, so neither imports the other.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+
+import onnx
+import torch
+
+from ..alibi import alibi_slopes
+from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION
+from ..model import AlibiLM, T5Bias, attend_eager
+from .attention_op import attention_op
+
+__all__ = ["dynamo_export"]
+
+
+def _attention_node(model: AlibiLM):
+    """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
+    with a key mask (KV-cache export) one AlibiAttentionMasked node."""
+    cfg = model.config
+    slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
+    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
+                 scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
+
+    def attend(q, k, v, pos, past_len, key_mask=None):
+        if key_mask is not None:
+            return torch.onnx.ops.symbolic(f"{DOMAIN}::{MASKED_OP_TYPE}", (q, k, v, key_mask), attrs, dtype=q.dtype,
+                                           shape=q.shape, version=OP_VERSION)
+        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", (q, k, v), attrs, dtype=q.dtype, shape=q.shape,
+                                       version=OP_VERSION)
+
+    return attend
+
+
+@contextlib.contextmanager
+def _export_attention(model: AlibiLM, form: str = "plugin"):
+    """Swap every block's attention for the ONNX node during export; restore on exit."""
+    saved = [b.attn.attend for b in model.blocks]
+    # T5's learned bias is not a function of the slopes: it keeps the decomposed math.
+    attend = attend_eager if isinstance(model.pos, T5Bias) else (attention_op if form == "onnx" else _attention_node)(model)
+    try:
+        for b in model.blocks:
+            b.attn.attend = attend
+        yield
+    finally:
+        for b, fn in zip(model.blocks, saved):
+            b.attn.attend = fn
+
+
+def dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
+                  input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node."""
+    with _export_attention(model, form), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                    input_names=input_names, output_names=output_names, optimize=True,
+                                    verbose=False)
+    return program.model_proto
