@@ -19,7 +19,7 @@ import torch
 from ._io import atomic_dir
 from .checkpoint import TOKENIZER, WEIGHTS, save
 from .data import corpus_split, encode_text, read_text, train_tokenizer
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .model import AlibiLM, ModelConfig
 
 __all__ = ["TrainConfig", "TrainProgress", "train"]
@@ -131,17 +131,74 @@ def _resume(model, optimizer, cfg: TrainConfig, device) -> int:
     return int(state["step"])
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_progress: Callable[[TrainProgress], None] | None = None):
-    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``."""
+# What a resumed run may change: its length, its reporting, where it runs; not the model or the optimization.
+RESUMABLE_CHANGES = ("corpus", "out", "steps", "eval_every", "eval_tokens", "save_every", "device", "tokenizer",
+                     "save_optimizer")
+
+
+def check_resume_config(cfg: TrainConfig) -> None:
+    """Refuse to resume ``cfg.out`` with a config that differs from the one its checkpoint was trained with
+    (model shape, schedule, seed...), in one line naming the fields; changes in RESUMABLE_CHANGES are fine."""
+    path = Path(cfg.out) / STATE
+    try:
+        saved = json.loads(path.read_text())["train_config"]
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot resume from {cfg.out!r}: it holds no {STATE}. Note: --resume continues a "
+                              "run of `alibi-export train`; drop it to start one") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from {cfg.out!r}: corrupt {STATE} ({e})") from None
+    given = {**asdict(cfg), "model": cfg.model.to_dict()}
+    differ = [f"model.{k}" for k in sorted(set(given["model"]) | set(saved.get("model", {})))
+              if given["model"].get(k) != saved.get("model", {}).get(k)]
+    differ += [k for k in given if k not in RESUMABLE_CHANGES + ("model",) and given[k] != saved.get(k)]
+    if differ:
+        first = differ[0].split(".")
+        was = saved.get("model", {}).get(first[1]) if len(first) == 2 else saved.get(first[0])
+        now = given["model"][first[1]] if len(first) == 2 else given[first[0]]
+        raise ConfigError(f"--resume with a config that differs from the checkpoint's: {', '.join(differ)}. "
+                          f"Note: {differ[0]} was {was!r}, got {now!r}; pass the options of the original run")
+
+
+def check_corpus_size(split: str, tokens: np.ndarray, cfg: TrainConfig) -> None:
+    """A split must hold at least one training window (train_len + 1 tokens, and one to spare for train)."""
+    need = cfg.model.train_len + (2 if split == "train" else 1)
+    if len(tokens) < need:
+        raise DataError(f"corpus too small: {split}.txt of {cfg.corpus!r} has {len(tokens)} tokens. Note: "
+                        f"--train-len {cfg.model.train_len} needs at least {need}")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}. Note: expected cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but CUDA is not available here. Note: pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}. Note: expected cpu or cuda")
+    return device
+
+
+def _read_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for missing or corrupt files
+        raise DataError(f"cannot read the tokenizer {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, on_progress: Callable[[TrainProgress], None] | None = None):
+    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``."""
+    device = _device(cfg.device)
+    if resume:
+        check_resume_config(cfg)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
     train_file, valid_file = corpus_split(cfg.corpus, "train"), corpus_split(cfg.corpus, "valid")
     if resume:
-        tokenizer = Tokenizer.from_file(str(Path(cfg.out) / TOKENIZER))
+        tokenizer = _read_tokenizer(Path(cfg.out) / TOKENIZER)
     elif cfg.tokenizer:
-        tokenizer = Tokenizer.from_file(cfg.tokenizer)
+        tokenizer = _read_tokenizer(cfg.tokenizer)
     else:
         tokenizer = train_tokenizer([train_file], cfg.model.vocab_size)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
@@ -149,6 +206,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, on_progress: Callable[[Trai
     t0 = time.perf_counter()
     train_tokens = encode_text(tokenizer, read_text(train_file))
     valid_tokens = encode_text(tokenizer, read_text(valid_file))[: cfg.eval_tokens + 1]
+    check_corpus_size("train", train_tokens, cfg)
+    check_corpus_size("valid", valid_tokens, cfg)
     log.info("tokenized %d train / %d valid tokens in %.1fs", len(train_tokens), len(valid_tokens),
              time.perf_counter() - t0)
 
