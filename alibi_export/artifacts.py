@@ -20,9 +20,11 @@ from ._io import sha256_file
 from .errors import AlibiExportError
 
 __all__ = ["OnnxMetadata", "EngineSidecar", "read_metadata", "check_onnx_file", "model_config_of", "tokenizer_of",
-           "sidecar_path", "read_sidecar", "onnx_of_engine", "relative_to_artifact", "NotOurArtifact", "PREFIX"]
+           "sidecar_path", "read_sidecar", "onnx_of_engine", "is_our_engine", "relative_to_artifact", "NotOurArtifact",
+           "PREFIX", "PRODUCER"]
 
 PREFIX = "alibi_export."  # every metadata key of an exported ONNX file starts with it
+PRODUCER = "alibi-export"  # the ONNX producer_name and the sidecar's created_by: files this tool wrote
 _OPTIONAL = {"kv_cache": "false", "ort_fusions": "false"}  # absent from files of alibi-export 0.1.0
 
 
@@ -278,6 +280,17 @@ def read_sidecar(engine_path: str | Path, *, verify: bool = True) -> EngineSidec
         raise AlibiExportError(f"engine {str(engine_path)!r} does not match its sidecar (SHA-256 differs). Note: the "
                                "engine was replaced or rebuilt without it; rebuild with `alibi-export trt`")
     return sidecar
+
+
+def is_our_engine(engine_path: str | Path) -> bool:
+    """An engine this tool built (so a rebuild may replace it): its sidecar says so and names it. Reads the
+    JSON loosely, so that engines of earlier versions, whose sidecars lack fields, still count."""
+    try:
+        side = json.loads(sidecar_path(engine_path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(side, dict) and str(side.get("created_by", "")).startswith(PRODUCER)
+            and side.get("engine") == Path(engine_path).name)
 
 
 def onnx_of_engine(engine_path: str | Path) -> Path:

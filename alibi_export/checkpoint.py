@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_path, sha256_file
+from ._io import atomic_files, sha256_file
 from .errors import CheckpointError, ConfigError
 from .model import AlibiLM, ModelConfig
 
@@ -86,16 +86,23 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = 
 
 
 def save(model: AlibiLM, tokenizer, directory: str | Path, *, dtype: torch.dtype = torch.float32) -> None:
-    """Write weights, config and tokenizer into ``directory``, each file atomically."""
+    """Write weights, config and tokenizer into ``directory`` as one set (each under a temporary name first).
+
+    Files of an earlier checkpoint of this tool are replaced; any other file of those names is refused."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    targets = [directory / WEIGHTS, directory / TOKENIZER, directory / CONFIG]
+    if any(t.exists() for t in targets):
+        try:
+            _read_config(directory)
+        except CheckpointError:
+            raise CheckpointError(f"{str(directory)!r} holds files that are not an alibi-export checkpoint: "
+                                  "refusing to replace them. Note: save into a new or empty folder") from None
     directory.mkdir(parents=True, exist_ok=True)
     # Tied embeddings share storage; safetensors refuses shared tensors, so clone each.
     state = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-    with atomic_path(directory / CONFIG) as tmp:
-        tmp.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    with atomic_path(directory / TOKENIZER) as tmp:
-        tokenizer.save(str(tmp))
+    with atomic_files(targets) as (weights, tok, config):
+        save_file(state, str(weights), metadata={"format": "pt"})
+        tokenizer.save(str(tok))
+        config.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")

@@ -114,14 +114,15 @@ def main(verbose: bool):
               type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--no-optimizer", is_flag=True, help="Do not store optimizer state (smaller; no resume).")
 @click.option("--resume", is_flag=True, help="Continue the run stored in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the checkpoint stored in --out (only its own files).")
 @_one_line_errors
 def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_size, batch_size, steps, lr,
-          warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume):
+          warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume, overwrite):
     """Train an LM with the chosen position method; checkpoints are safetensors."""
     import torch
 
     from .model import ModelConfig
-    from .train import TrainConfig, train as run_training
+    from .train import TrainConfig, prepare_output, train as run_training
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
@@ -129,6 +130,7 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
     cfg = TrainConfig(corpus=corpus, out=out, model=model_cfg, batch_size=batch_size, steps=steps, lr=lr,
                       min_lr=lr / 10, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed,
                       device=device, tokenizer=tokenizer, save_dtype=save_dtype, save_optimizer=not no_optimizer)
+    prepare_output(out, resume=resume, overwrite=overwrite)  # before any work: a refusal is one line
     with contextlib.ExitStack() as stack:
         state = {"val": "", "bar": None}
 
@@ -142,7 +144,7 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
                 click.echo(f"\nstep {p.step}: loss {p.loss:.3f}{state['val']}", err=True)
             state["bar"].update(1, f"loss {p.loss:.3f} {p.tokens_per_s:,.0f} tok/s{state['val']}")
 
-        run_training(cfg, resume=resume, on_progress=on_progress)
+        run_training(cfg, resume=resume, overwrite=overwrite, on_progress=on_progress)
     click.echo(f"wrote {out}")
 
 
@@ -200,11 +202,13 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_ca
     """Export MODEL (default: models/alibi-small) to ONNX, then prove parity and perplexity across lengths."""
     import time
 
-    from ._io import check_writable_dir
+    from ._io import check_replaceable, check_writable_dir
+    from .export.onnx_file import written_by_alibi_export
 
     model = _default_model(model)
     out = Path(out or f"{model.name}.onnx")
-    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    check_writable_dir(out.parent)
+    check_replaceable(out, written_by_alibi_export, "ONNX file")
     from .checkpoint import load  # torch: after the checks above, so that they answer at once
     from .export.onnx import export_onnx
 
@@ -302,11 +306,9 @@ def validate(onnx_file, model, lengths, batch, seed, provider, text):
 @_one_line_errors
 def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path):
     """Perplexity per evaluation length for each MODEL (.onnx in ONNX Runtime, folder in PyTorch)."""
-    from ._io import check_writable_dir
-    from .perplexity import evaluate_model, plot_perplexity, write_json
+    from .perplexity import check_outputs, evaluate_model, plot_perplexity, write_json
 
-    for p in (json_path, plot_path):
-        check_writable_dir(Path(p).parent if str(Path(p).parent) else Path("."))
+    check_outputs(json_path, plot_path)
     results = {}
     for m in models:
         results[Path(m).name] = evaluate_model(m, text, lengths, stride=stride, max_tokens=max_tokens,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_path
+from ._io import atomic_path, check_replaceable, check_writable_dir
 from .errors import DataError
 
-__all__ = ["PerplexityRow", "perplexity", "evaluate_model", "write_json", "plot_perplexity"]
+__all__ = ["PerplexityRow", "perplexity", "evaluate_model", "write_json", "plot_perplexity", "check_outputs"]
 
 
 @dataclass
@@ -99,8 +99,40 @@ def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, s
     return perplexity(make_runner(path, provider=provider), tokens, lengths, stride=stride, max_tokens=max_tokens)
 
 
+_PRODUCER = "alibi-export"
+
+
+def _json_is_ours(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("producer") == _PRODUCER
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _png_is_ours(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == _PRODUCER
+    except Exception:  # PIL raises many types for files that are not images
+        return False
+
+
+def check_outputs(json_path: str | Path | None, plot_path: str | Path | None) -> None:
+    """Refuse, before any work, to replace a JSON or PNG file this tool did not write."""
+    if json_path is not None:
+        check_writable_dir(Path(json_path).parent)
+        check_replaceable(json_path, _json_is_ours, "perplexity JSON")
+    if plot_path is not None:
+        check_writable_dir(Path(plot_path).parent)
+        check_replaceable(plot_path, _png_is_ours, "perplexity plot")
+
+
 def write_json(results: dict[str, list[PerplexityRow]], path: str | Path, **extra) -> None:
-    payload = {**extra, "results": {label: [asdict(r) for r in rows] for label, rows in results.items()}}
+    check_outputs(path, None)
+    payload = {"producer": _PRODUCER, **extra,
+               "results": {label: [asdict(r) for r in rows] for label, rows in results.items()}}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -110,6 +142,7 @@ def plot_perplexity(results: dict[str, list[PerplexityRow]], path: str | Path, *
     """The paper's Figure 1: perplexity (log scale) against evaluation length, one line per model."""
     import matplotlib
 
+    check_outputs(None, path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -127,5 +160,5 @@ def plot_perplexity(results: dict[str, list[PerplexityRow]], path: str | Path, *
     ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Software": _PRODUCER})
     plt.close(fig)

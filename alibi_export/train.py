@@ -16,13 +16,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._io import atomic_dir
-from .checkpoint import TOKENIZER, WEIGHTS, save
+from ._io import atomic_files, sha256_file
+from .checkpoint import CONFIG, TOKENIZER, WEIGHTS
 from .data import corpus_split, encode_text, read_text, train_tokenizer
 from .errors import CheckpointError, ConfigError, DataError
 from .model import AlibiLM, ModelConfig
 
-__all__ = ["TrainConfig", "TrainProgress", "train"]
+__all__ = ["TrainConfig", "TrainProgress", "train", "prepare_output", "is_training_checkpoint", "CHECKPOINT_FILES"]
 
 log = logging.getLogger(__name__)
 STATE, OPTIMIZER = "trainer_state.json", "optimizer.safetensors"
@@ -98,19 +98,71 @@ def evaluate(model: AlibiLM, tokens: np.ndarray, length: int, device, autocast) 
     return math.exp(total / count)
 
 
+# The files a training checkpoint consists of; an update replaces these and nothing else in the folder.
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER)
+
+
+def is_training_checkpoint(folder: Path) -> bool:
+    """A folder this tool's training wrote: its trainer_state.json parses and records a training config."""
+    try:
+        return "train_config" in json.loads((Path(folder) / STATE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def prepare_output(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check that training may write into ``out`` (new, empty, or this tool's checkpoint).
+
+    A folder holding anything but this tool's checkpoint is refused: training never deletes or replaces a
+    file it did not write. An existing checkpoint is continued with ``resume`` or replaced with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {str(out)!r} is a file. Note: expected a checkpoint folder")
+    contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume:
+        if not is_training_checkpoint(out):
+            raise CheckpointError(f"cannot resume: {str(out)!r} holds no training checkpoint ({STATE} is missing "
+                                  "or unreadable)")
+        return out
+    if contents and not is_training_checkpoint(out):
+        raise ConfigError(f"-o {str(out)!r} is not empty and not a checkpoint of alibi-export (it holds "
+                          f"{', '.join(contents[:3])}{', ...' if len(contents) > 3 else ''}): refusing to write "
+                          "into it. Note: choose a new or empty folder")
+    if contents and not overwrite:
+        raise ConfigError(f"-o {str(out)!r} already holds a checkpoint. Note: pass --resume to continue it, or "
+                          "--overwrite to replace its files")
+    if not out.exists() and not out.parent.is_dir():
+        raise ConfigError(f"cannot create {str(out)!r}: its parent folder does not exist")
+    return out  # created by the first save, so that a run that fails before it leaves nothing behind
+
+
 def _save(model, tokenizer, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Replace the checkpoint's own files, and only those: each is written under a temporary name first and
+    all are renamed together, trainer_state.json last, so that it vouches for a complete set."""
     from safetensors.torch import save_file
 
-    with atomic_dir(cfg.out) as tmp:
-        save(model, tokenizer, tmp, dtype=getattr(torch, cfg.save_dtype))
-        state = {"step": step, "train_config": {**asdict(cfg), "model": cfg.model.to_dict()}}
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    out = Path(cfg.out)
+    out.mkdir(exist_ok=True)
+    names = [WEIGHTS, CONFIG, TOKENIZER] + ([OPTIMIZER] if cfg.save_optimizer else []) + [STATE]
+    with atomic_files([out / n for n in names]) as tmps:
+        tmp = dict(zip(names, tmps))
+        state = {k: v.detach().to("cpu", getattr(torch, cfg.save_dtype)).contiguous().clone()
+                 for k, v in model.state_dict().items()}  # tied embeddings share storage: safetensors wants copies
+        save_file(state, str(tmp[WEIGHTS]), metadata={"format": "pt"})
+        tmp[CONFIG].write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        tokenizer.save(str(tmp[TOKENIZER]))
         if cfg.save_optimizer:
             tensors = {}
             for i, p in enumerate(model.parameters()):
                 for key, value in optimizer.state.get(p, {}).items():
                     tensors[f"{i}.{key}"] = value.detach().float().cpu().reshape(value.shape).contiguous()
-            save_file(tensors, str(tmp / OPTIMIZER))
+            save_file(tensors, str(tmp[OPTIMIZER]))
+        record = {"step": step, "train_config": {**asdict(cfg), "model": cfg.model.to_dict()},
+                  "files": {n: sha256_file(tmp[n]) for n in names if n != STATE}}
+        tmp[STATE].write_text(json.dumps(record, indent=2) + "\n")
+    if not cfg.save_optimizer:
+        # An optimizer state from an earlier save of this checkpoint would no longer match the weights.
+        (out / OPTIMIZER).unlink(missing_ok=True)
 
 
 def _resume(model, optimizer, cfg: TrainConfig, device) -> int:
@@ -188,8 +240,13 @@ def _read_tokenizer(path: str | Path):
         raise DataError(f"cannot read the tokenizer {str(path)!r}: {str(e).splitlines()[0]}") from None
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, on_progress: Callable[[TrainProgress], None] | None = None):
-    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``."""
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          on_progress: Callable[[TrainProgress], None] | None = None):
+    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``.
+
+    ``cfg.out`` must be new, empty, or this tool's checkpoint (``resume`` continues it, ``overwrite``
+    replaces its files); see :func:`prepare_output`. Every check runs before the first step."""
+    prepare_output(cfg.out, resume=resume, overwrite=overwrite)
     device = _device(cfg.device)
     if resume:
         check_resume_config(cfg)

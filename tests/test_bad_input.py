@@ -183,6 +183,7 @@ ONNX_ROWS = [
     (["onnx", "{tiny}", "--dynamic-len", "--lengths", "abc"], "positive integers"),
     (["onnx", "{tiny}", "--dynamic-len", "-o", "{out}/no/such/dir/x.onnx"], "does not exist"),
     (["onnx", "{tiny}", "--seq-len", "0"], "0 is not in the range"),
+    (["onnx", "{tiny}", "--dynamic-len", "-o", "{foreign}"], "exists and was not written by alibi-export"),
 ]
 
 VALIDATE_ROWS = [
@@ -213,6 +214,8 @@ PPL_ROWS = [
     (["ppl", "{foreign}", "--text", "{text}", "--lengths", "64"], "not written by alibi-export"),
     (["ppl", "{engine}", "--text", "{text}", "--lengths", "64"], "does not match its sidecar"),
     (["ppl", "{tiny}", "--text", "{text}", "--lengths", "64", "--json", "{out}/no/dir/p.json"], "does not exist"),
+    (["ppl", "{tiny}", "--text", "{text}", "--lengths", "64", "--json", "{text}"],
+     "exists and was not written by alibi-export"),
 ]
 
 GENERATE_ROWS = [
@@ -242,6 +245,7 @@ TRT_ROWS = [
     (["trt", "{fused}", "-o", "{out}/m.engine"], "export without --ort-fusions"),
     (["trt", "{escape}", "-o", "{out}/m.engine"], "outside its own folder"),
     (["trt", "{ours}", "-o", "{out}/no/dir/m.engine"], "does not exist"),
+    (["trt", "{ours}", "-o", "{text}"], "exists and was not written by alibi-export"),
 ]
 
 TRAIN_ROWS = [
@@ -253,7 +257,8 @@ TRAIN_ROWS = [
      "differs from the checkpoint's: model.n_head"),
     (["train", "--corpus", "{corpus}", "-o", "{run}", "--resume", *TINY_TRAIN, "--seed", "7"],
      "differs from the checkpoint's: seed"),
-    (["train", "--corpus", "{corpus}", "-o", "{out}/m", "--resume", *TINY_TRAIN], "holds no trainer_state.json"),
+    (["train", "--corpus", "{corpus}", "-o", "{out}/m", "--resume", *TINY_TRAIN], "holds no training checkpoint"),
+    (["train", "--corpus", "{corpus}", "-o", "{corpus}", *TINY_TRAIN], "is not empty and not a checkpoint"),
     (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--d-model", "20", "--heads", "8"],
      "must be divisible by n_head"),
     (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--position", "rotary", "--d-model", "24",

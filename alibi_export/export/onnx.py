@@ -9,15 +9,16 @@ import onnx
 import onnx.inliner
 import torch
 
-from .._io import atomic_path
+from .._io import check_replaceable, check_writable_dir
 from ..alibi import alibi_slopes
-from ..artifacts import OnnxMetadata
+from ..artifacts import PRODUCER, OnnxMetadata
 from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM
 from .attention_function import DEFAULT_Q_CHUNK, attention_function
 from .dynamo import dynamo_export
+from .onnx_file import write_onnx, written_by_alibi_export
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
 
@@ -69,7 +70,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
     proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)], True)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
-    proto.producer_name = "alibi-export"
+    proto.producer_name = PRODUCER
     return proto
 
 
@@ -108,6 +109,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if kv_cache and not dynamic_len:
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
     out = Path(out)
+    check_writable_dir(out.parent)
+    check_replaceable(out, written_by_alibi_export, "ONNX file")  # before the minutes of tracing, not after
     cfg = checkpoint.config
     if kv_cache and attention == "onnx" and cfg.position == "rotary":
         # Rotary rotates every cached key by its position at each step; this form's op appends raw keys.
@@ -143,22 +146,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
 
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
-    # Protobuf holds at most 2 GB: past that the weights go to OUT.data and the checks run on the path.
+    # Protobuf holds at most 2 GB: past that the weights go to one data file beside OUT.
     large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
-    data = out.with_name(out.name + ".data")
-    try:
-        with atomic_path(out) as tmp:
-            if large:
-                onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-            else:
-                onnx.save(proto, tmp)
-            onnx.checker.check_model(str(tmp), full_check=False)
-            onnx.shape_inference.infer_shapes_path(str(tmp), str(tmp), strict_mode=False)
-    except BaseException as e:
-        if large:
-            data.unlink(missing_ok=True)
-        if isinstance(e, (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
-            raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from None
-        raise
+    write_onnx(proto, out, external_data=large)
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
     return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)

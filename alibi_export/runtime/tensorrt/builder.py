@@ -7,15 +7,15 @@ and version, attention form, plugin, and the SHA-256 of the ONNX file it came fr
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..._io import atomic_path, sha256_file
-from ...artifacts import read_metadata, sidecar_path
+from ..._io import atomic_files, atomic_path, check_replaceable, check_writable_dir, sha256_file
+from ...artifacts import PRODUCER, EngineSidecar, is_our_engine, read_metadata, relative_to_artifact, sidecar_path
 from ...attention_contract import OP_TYPE
 from ...errors import EngineBuildError
 from ._trt import BACKENDS, backend_of, import_trt
@@ -64,7 +64,7 @@ class BuildResult:
     attention: str
     layer_types: dict[str, int]
     build_seconds: float
-    sidecar: dict = field(default_factory=dict, repr=False)
+    sidecar: EngineSidecar = field(repr=False)
 
 
 def attention_form(onnx_path: str | Path) -> str:
@@ -160,6 +160,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
     from ... import __version__
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    check_writable_dir(engine_path.parent)
+    check_replaceable(engine_path, is_our_engine, "engine")
+    if sidecar_path(engine_path).exists() and not is_our_engine(engine_path):
+        raise EngineBuildError(f"{str(sidecar_path(engine_path))!r} exists and was not written by alibi-export: "
+                               "refusing to replace it. Note: choose another engine path")
     profile = LengthProfile(min_len, opt_len, max_len, tuple(batch))
     profile.check()
     if precision is not None and precision not in PRECISIONS:
@@ -209,26 +214,24 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
                 "`--attention onnx` (native attention)" if form == _DECOMPOSED and backend == "tensorrt-rtx" else "")
         raise EngineBuildError(f"{backend} {trt.__version__} failed to build an engine from {str(onnx_path)!r}."
                                f"{hint}. TensorRT said: {said}".replace("..", "."))
-    with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(memoryview(plan))
     if cache_path is not None:
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    sidecar = {
-        "engine": engine_path.name, "created_by": f"alibi-export {__version__}",
-        "backend": backend, "backend_version": trt.__version__,
-        "precision": precision, "strongly_typed": strongly_typed, "onnx_dtype": onnx_dtype,
-        "attention": form,
-        "plugin": _plugin_info() if form == _PLUGIN else None,
-        "profile": {"input": network.get_input(0).name, **shapes},
-        "train_len": meta.train_len,
-        "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
-        "timing_cache": str(cache_path) if cache_path else None,
-        "layer_types": layer_types, "build_seconds": round(seconds, 3),
-    }
+    engine_sha256 = hashlib.sha256(memoryview(plan)).hexdigest()
+    sidecar = EngineSidecar(
+        engine=engine_path.name, engine_sha256=engine_sha256, created_by=f"{PRODUCER} {__version__}",
+        backend=backend, backend_version=trt.__version__, precision=precision, strongly_typed=strongly_typed,
+        onnx_dtype=onnx_dtype, attention=form, plugin=_plugin_info() if form == _PLUGIN else None,
+        profile={"input": network.get_input(0).name, **shapes}, train_len=meta.train_len,
+        onnx=relative_to_artifact(onnx_path, engine_path), onnx_sha256=sha256_file(onnx_path),
+        timing_cache=relative_to_artifact(cache_path, engine_path) if cache_path else None,
+        layer_types=layer_types, build_seconds=round(seconds, 3))
     side = sidecar_path(engine_path)
-    with atomic_path(side) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    # Engine and sidecar are written as a pair: both staged, then renamed; the sidecar names the engine's
+    # SHA-256, so a reader detects a pair that a crash between the two renames could mismatch.
+    with atomic_files([engine_path, side]) as (tmp_engine, tmp_side):
+        tmp_engine.write_bytes(memoryview(plan))
+        tmp_side.write_text(sidecar.to_json())
     log.info("built %s (%s %s, %s, %s) in %.1fs", engine_path, backend, trt.__version__, precision, form, seconds)
     return BuildResult(engine_path, side, backend, trt.__version__, precision, form, layer_types, seconds, sidecar)
 
