@@ -118,11 +118,15 @@ def main(verbose: bool):
 @_one_line_errors
 def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_size, batch_size, steps, lr,
           warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume, overwrite):
-    """Train an LM with the chosen position method; checkpoints are safetensors."""
+    """Train an LM with the chosen position method; checkpoints are safetensors.
+
+    Multi-GPU: `torchrun --nproc_per_node N -m alibi_export train ...` (data parallel; the batch
+    size is the global batch, split over the N processes)."""
     import torch
 
+    from .distributed import dist_info
     from .model import ModelConfig
-    from .train import TrainConfig, prepare_output, train as run_training
+    from .train import TrainConfig, preflight, train as run_training
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
@@ -130,7 +134,13 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
     cfg = TrainConfig(corpus=corpus, out=out, model=model_cfg, batch_size=batch_size, steps=steps, lr=lr,
                       min_lr=lr / 10, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed,
                       device=device, tokenizer=tokenizer, save_dtype=save_dtype, save_optimizer=not no_optimizer)
-    prepare_output(out, resume=resume, overwrite=overwrite)  # before any work: a refusal is one line
+    if not dist_info().is_main:  # a torchrun rank > 0: rank 0 alone reports progress and errors
+        try:
+            run_training(cfg, resume=resume, overwrite=overwrite)
+        except AlibiExportError:  # checked identically on every rank; rank 0 prints it
+            sys.exit(1)
+        return
+    preflight(cfg, resume=resume, overwrite=overwrite)  # before any work: a bad run is one line
     with contextlib.ExitStack() as stack:
         state = {"val": "", "bar": None}
 

@@ -6,6 +6,7 @@ paper's comparison set, kept so that extrapolation can be measured against them.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -17,6 +18,8 @@ from .alibi import alibi_bias, alibi_slopes
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE"]
+
+log = logging.getLogger(__name__)
 
 POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
 ATTENTION_IMPLS = ("auto", "eager", "sdpa", "triton")
@@ -260,15 +263,43 @@ def attend_triton(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.T
 def attend_auto(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
     """The default: the fused kernel on CUDA in fp16/bf16 when Triton is there, SDPA otherwise.
 
-    The kernel has no backward pass, so training (inputs that need gradients) stays on SDPA."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if (key_mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not needs_grad
-            and not isinstance(pos, T5Bias)):
-        from .kernels import triton_available
-
-        if triton_available():
+    The kernel has a backward, so training on CUDA (under bf16 autocast) runs it too. The model has
+    no attention dropout (``dropout`` acts on the embeddings and residual branches), so training
+    with dropout > 0 runs the kernel as well. Training inputs the kernel cannot take (fp32, another
+    head size, a GPU before sm_80, no Triton) fall back to SDPA and say so once."""
+    if key_mask is None and q.is_cuda and not isinstance(pos, T5Bias):
+        why_not = _fused_unsupported(q)
+        if why_not is None:
             return attend_triton(q, k, v, pos, past_len)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            _warn_once(f"training attention falls back to SDPA with a materialized bias: the fused "
+                       f"ALiBi kernel does not support {why_not}")
     return attend_sdpa(q, k, v, pos, past_len, key_mask)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+def _fused_unsupported(q: torch.Tensor) -> str | None:
+    """Why the fused kernel cannot run these CUDA inputs, or None when it can."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (it runs float16 and bfloat16: train under autocast)"
+    if q.shape[-1] not in (16, 32, 64, 128):
+        return f"head_dim {q.shape[-1]} (it runs 16, 32, 64, 128)"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"{torch.cuda.get_device_name(q.device)} (sm_{major}{minor}; it needs sm_80 or newer)"
+    from .kernels import triton_available
+
+    if not triton_available():
+        return "this install (triton is not importable: pip install triton)"
+    return None
 
 
 _ATTEND = {"auto": attend_auto, "eager": attend_eager, "sdpa": attend_sdpa, "triton": attend_triton}
@@ -354,6 +385,9 @@ class AlibiLM(nn.Module):
         prompts of different lengths), masks padded keys. ALiBi depends only on j - i, so a left-padded
         row gives the same logits as the row alone; absolute position methods do not have that property."""
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if self.training and self.config.dropout > 0 and input_ids.is_cuda:
+            _warn_once(f"dropout {self.config.dropout:g} acts on the embeddings and residual branches only: "
+                       "attention probabilities get no dropout, and training attention stays on the fused kernel")
         key_mask = None
         if attention_mask is not None:
             if not torch.compiler.is_compiling() and tuple(attention_mask.shape) != (input_ids.shape[0],

@@ -1,7 +1,8 @@
 """Training loop: AdamW, warm-up then cosine decay, periodic validation, atomic resumable checkpoints.
 
 Batches are drawn from a generator seeded by (seed, step), so a resumed run sees exactly the
-batches the uninterrupted run would have seen.
+batches the uninterrupted run would have seen, and under torchrun each rank trains on its slice of
+that same global batch (see distributed.py).
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ import torch
 from ._io import atomic_files, sha256_file
 from .checkpoint import CONFIG, TOKENIZER, WEIGHTS
 from .data import corpus_split, encode_text, read_text, train_tokenizer
+from .distributed import DistInfo, broadcast_text, check_batch, dist_info, mean_over_ranks, start, stop
 from .errors import CheckpointError, ConfigError, DataError
 from .model import AlibiLM, ModelConfig
 
-__all__ = ["TrainConfig", "TrainProgress", "train", "prepare_output", "is_training_checkpoint", "CHECKPOINT_FILES"]
+__all__ = ["TrainConfig", "TrainProgress", "train", "preflight", "prepare_output", "is_training_checkpoint",
+           "CHECKPOINT_FILES"]
 
 log = logging.getLogger(__name__)
 STATE, OPTIMIZER = "trainer_state.json", "optimizer.safetensors"
@@ -74,10 +77,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def _batch(tokens: np.ndarray, step: int, cfg: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(tokens: np.ndarray, step: int, cfg: TrainConfig, device,
+           shard: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's global batch (a function of seed and step only), or this rank's ``shard`` of it."""
     n = cfg.model.train_len
     rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(tokens) - n - 1, size=cfg.batch_size)
+    starts = rng.integers(0, len(tokens) - n - 1, size=cfg.batch_size)[shard]
     window = torch.from_numpy(np.stack([tokens[s:s + n + 1] for s in starts]).astype(np.int64)).to(device)
     return window[:, :-1], window[:, 1:]  # (B, n) inputs and next-token targets
 
@@ -183,32 +188,53 @@ def _resume(model, optimizer, cfg: TrainConfig, device) -> int:
     return int(state["step"])
 
 
-# What a resumed run may change: its length, its reporting, where it runs; not the model or the optimization.
-RESUMABLE_CHANGES = ("corpus", "out", "steps", "eval_every", "eval_tokens", "save_every", "device", "tokenizer",
-                     "save_optimizer")
+# Fields a resumed run must share with the checkpoint: they define the model, the batches drawn
+# and the optimisation; the rest (steps, eval/save cadence, device, output) may change.
+_RESUME_FIELDS = ("batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed")
 
 
-def check_resume_config(cfg: TrainConfig) -> None:
-    """Refuse to resume ``cfg.out`` with a config that differs from the one its checkpoint was trained with
-    (model shape, schedule, seed...), in one line naming the fields; changes in RESUMABLE_CHANGES are fine."""
-    path = Path(cfg.out) / STATE
+def _check_resume_config(cfg: TrainConfig) -> None:
+    """One line naming every field in which ``cfg`` differs from the checkpoint's run."""
     try:
-        saved = json.loads(path.read_text())["train_config"]
-    except FileNotFoundError:
-        raise CheckpointError(f"cannot resume from {cfg.out!r}: it holds no {STATE}. Note: --resume continues a "
-                              "run of `alibi-export train`; drop it to start one") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot resume from {cfg.out!r}: corrupt {STATE} ({e})") from None
-    given = {**asdict(cfg), "model": cfg.model.to_dict()}
-    differ = [f"model.{k}" for k in sorted(set(given["model"]) | set(saved.get("model", {})))
-              if given["model"].get(k) != saved.get("model", {}).get(k)]
-    differ += [k for k in given if k not in RESUMABLE_CHANGES + ("model",) and given[k] != saved.get(k)]
-    if differ:
-        first = differ[0].split(".")
-        was = saved.get("model", {}).get(first[1]) if len(first) == 2 else saved.get(first[0])
-        now = given["model"][first[1]] if len(first) == 2 else given[first[0]]
-        raise ConfigError(f"--resume with a config that differs from the checkpoint's: {', '.join(differ)}. "
-                          f"Note: {differ[0]} was {was!r}, got {now!r}; pass the options of the original run")
+        saved = json.loads((Path(cfg.out) / STATE).read_text())["train_config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot resume from {cfg.out!r}: {e}. Note: resuming needs the "
+                              f"{STATE} that `train` writes") from None
+    now = {**asdict(cfg), "model": cfg.model.to_dict()}
+    pairs = [(f"model.{k}", saved.get("model", {}).get(k), v) for k, v in now["model"].items()]
+    pairs += [(k, saved.get(k), now[k]) for k in _RESUME_FIELDS]
+    diff = [f"{name} (checkpoint {old!r}, now {new!r})" for name, old, new in pairs if old != new]
+    if diff:
+        raise ConfigError(f"cannot resume from {cfg.out!r}: the config differs from the "
+                          f"checkpoint's in {', '.join(diff)}. Note: resume with the checkpoint's "
+                          f"settings")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          on_progress: Callable[[TrainProgress], None] | None = None):
+    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``.
+
+    ``cfg.out`` must be new, empty, or this tool's checkpoint (``resume`` continues it, ``overwrite``
+    replaces its files); see :func:`prepare_output`. Under torchrun (WORLD_SIZE > 1) this process is
+    one rank of a data-parallel run, see :mod:`.distributed`; ``on_progress`` is called on rank 0 only."""
+    info = preflight(cfg, resume=resume, overwrite=overwrite)
+    device = start(info, torch.device(cfg.device))
+    try:
+        return _train(cfg, resume, on_progress, info, device)
+    finally:
+        stop(info)
+
+
+def check_device(name: str) -> None:
+    """One line for a device this run cannot use: an unknown name, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}. Note: expected cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}. Note: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but CUDA is not available here. Note: pass --device cpu")
 
 
 def check_corpus_size(split: str, tokens: np.ndarray, cfg: TrainConfig) -> None:
@@ -217,18 +243,6 @@ def check_corpus_size(split: str, tokens: np.ndarray, cfg: TrainConfig) -> None:
     if len(tokens) < need:
         raise DataError(f"corpus too small: {split}.txt of {cfg.corpus!r} has {len(tokens)} tokens. Note: "
                         f"--train-len {cfg.model.train_len} needs at least {need}")
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}. Note: expected cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but CUDA is not available here. Note: pass --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {name!r}. Note: expected cpu or cuda")
-    return device
 
 
 def _read_tokenizer(path: str | Path):
@@ -240,24 +254,35 @@ def _read_tokenizer(path: str | Path):
         raise DataError(f"cannot read the tokenizer {str(path)!r}: {str(e).splitlines()[0]}") from None
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-          on_progress: Callable[[TrainProgress], None] | None = None):
-    """Train a model on ``cfg.corpus`` (a folder with train.txt / valid.txt) into ``cfg.out``.
-
-    ``cfg.out`` must be new, empty, or this tool's checkpoint (``resume`` continues it, ``overwrite``
-    replaces its files); see :func:`prepare_output`. Every check runs before the first step."""
+def preflight(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> DistInfo:
+    """The checks that need no data and no process group (so a bad run fails at once, on every
+    rank alike, never in a hang): the output folder, the device, the batch split over the torchrun
+    processes, the resume config."""
+    info = dist_info()
     prepare_output(cfg.out, resume=resume, overwrite=overwrite)
-    device = _device(cfg.device)
+    check_device(cfg.device)
+    check_batch(cfg.batch_size, info)
     if resume:
-        check_resume_config(cfg)
+        _check_resume_config(cfg)
+    return info
+
+
+def _load_tokenizer(cfg: TrainConfig, resume: bool, train_file, info: DistInfo, device):
+    from tokenizers import Tokenizer
+
+    if resume:
+        return _read_tokenizer(Path(cfg.out) / TOKENIZER)
+    if cfg.tokenizer:
+        return _read_tokenizer(cfg.tokenizer)
+    # trained once, on rank 0, and sent to the others: every rank must use the same vocabulary
+    trained = train_tokenizer([train_file], cfg.model.vocab_size).to_str() if info.is_main else None
+    return Tokenizer.from_str(broadcast_text(trained, info, device))
+
+
+def _train(cfg: TrainConfig, resume: bool, on_progress, info: DistInfo, device):
     torch.manual_seed(cfg.seed)
     train_file, valid_file = corpus_split(cfg.corpus, "train"), corpus_split(cfg.corpus, "valid")
-    if resume:
-        tokenizer = _read_tokenizer(Path(cfg.out) / TOKENIZER)
-    elif cfg.tokenizer:
-        tokenizer = _read_tokenizer(cfg.tokenizer)
-    else:
-        tokenizer = train_tokenizer([train_file], cfg.model.vocab_size)
+    tokenizer = _load_tokenizer(cfg, resume, train_file, info, device)
     if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens > vocab_size {cfg.model.vocab_size}")
     t0 = time.perf_counter()
@@ -265,8 +290,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     valid_tokens = encode_text(tokenizer, read_text(valid_file))[: cfg.eval_tokens + 1]
     check_corpus_size("train", train_tokens, cfg)
     check_corpus_size("valid", valid_tokens, cfg)
-    log.info("tokenized %d train / %d valid tokens in %.1fs", len(train_tokens), len(valid_tokens),
-             time.perf_counter() - t0)
+    if info.is_main:
+        log.info("tokenized %d train / %d valid tokens in %.1fs", len(train_tokens), len(valid_tokens),
+                 time.perf_counter() - t0)
 
     model = AlibiLM(cfg.model).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -274,25 +300,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    start = _resume(model, optimizer, cfg, device) if resume else 0
+    start_step = _resume(model, optimizer, cfg, device) if resume else 0
+    net = model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     tick, tokens_seen = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
+    for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = _batch(train_tokens, step, cfg, device)
+        x, y = _batch(train_tokens, step, cfg, device, info.shard(cfg.batch_size))
         with autocast():
-            logits = model(x)
+            logits = net(x)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: gradients averaged over the ranks = the global batch's gradient
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens_seen += x.numel()
+        loss = mean_over_ranks(loss, info)
+        tokens_seen += x.numel() * info.world
         last = step + 1 == cfg.steps
+        if not info.is_main:
+            continue
         val_ppl = None
         if (step + 1) % cfg.eval_every == 0 or last:
             val_ppl = evaluate(model, valid_tokens, cfg.model.train_len, device, autocast)

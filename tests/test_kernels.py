@@ -21,15 +21,24 @@ from alibi_export.alibi import alibi_bias, alibi_slopes
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
-def test_import_is_lazy_and_error_is_actionable():
-    """Runs everywhere: importing the package never needs triton."""
+def test_import_is_lazy_and_error_is_actionable(monkeypatch):
+    """Runs everywhere: importing the package never needs triton, and without triton (hidden here
+    when it is installed) a call says how to get it."""
+    import sys
+
     import alibi_export.kernels as K
 
-    if K.triton_available():
-        pytest.skip("triton (the GPU stack) is installed; the missing-triton error path is not reachable")
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    for name in ("alibi_export.kernels.triton_alibi", "alibi_export.kernels.triton_alibi_bwd"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(K, "_modules", {})
+    assert not K.triton_available()
     with pytest.raises(ImportError, match="pip install triton"):
         K.alibi_attention(torch.zeros(1, 1, 1, 64), torch.zeros(1, 1, 1, 64),
                           torch.zeros(1, 1, 1, 64), torch.ones(1))
+    q = torch.zeros(1, 1, 1, 64, requires_grad=True)       # the differentiable path too
+    with pytest.raises(ImportError, match="pip install triton"):
+        K.alibi_attention(q, q, q, torch.ones(1))
 
 
 @pytest.fixture(scope="module")
@@ -286,11 +295,12 @@ def test_model_triton_matches_eager(lm, L):
     assert e_wrong >= 2 * 4e-2, e_wrong                  # the tolerance does catch a wrong bias
 
 
-def test_model_auto_routes_to_triton_for_inference_only(lm, monkeypatch):
+def test_model_auto_routes_to_triton(lm, monkeypatch, caplog):
     """The default attention ("auto": no set_attention call) uses the fused kernel for bf16/fp16
-    CUDA inference, and SDPA whenever gradients are needed (the kernel has no backward) or the
-    dtype is fp32."""
+    CUDA inference and training (it has a backward); fp32 on CUDA takes SDPA, and in training says
+    so once."""
     import alibi_export.kernels as K
+    from alibi_export import model as model_mod
     from alibi_export.model import AlibiLM
 
     model, ref32 = lm
@@ -320,15 +330,23 @@ def test_model_auto_routes_to_triton_for_inference_only(lm, monkeypatch):
     assert torch.equal(auto, tri)                             # same kernel, same result
     calls.clear()
 
-    fresh.train()                                             # training: SDPA, backward works
+    fresh.train()                                             # training: the kernel, with backward
     logits = fresh(ids)
-    assert len(calls) == 0, calls
+    assert len(calls) == n_layer, calls
     logits.float().logsumexp(-1).mean().backward()
     assert fresh.blocks[0].attn.qkv.weight.grad is not None
-    with torch.no_grad():                                     # fp32 on CUDA: SDPA
-        ref32.set_attention("auto")(ids)
-        ref32.set_attention("eager")
+    calls.clear()
+    monkeypatch.setattr(model_mod, "_WARNED", set())
+    ref32.train()
+    try:
+        with caplog.at_level("WARNING", logger="alibi_export.model"):
+            for _ in range(2):                                # fp32 training on CUDA: SDPA, one warning
+                ref32.set_attention("auto")(ids).float().mean().backward()
+    finally:
+        ref32.eval().set_attention("eager").zero_grad(set_to_none=True)
     assert len(calls) == 0, calls
+    falls = [r for r in caplog.records if "falls back to SDPA" in r.getMessage()]
+    assert len(falls) == 1 and "float32" in falls[0].getMessage(), caplog.text
 
 
 def test_model_kv_cache_triton(lm):

@@ -1,6 +1,7 @@
 """Fused GPU kernels (Triton). Importing this package never imports triton.
 
-``alibi_attention`` and ``launch_alibi_attention`` load :mod:`.triton_alibi` on first call; without
+``alibi_attention`` and ``launch_alibi_attention`` load :mod:`.triton_alibi` (and, when autograd
+records, :mod:`.triton_alibi_bwd` for the backward) on first call; without
 triton (or without an NVIDIA GPU build of it) they raise :class:`TritonUnavailableError`, an
 ``ImportError``.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
+
+import torch
 
 from ..errors import MissingDependencyError
 
@@ -26,17 +29,16 @@ class TritonUnavailableError(MissingDependencyError):
         ImportError.__init__(self, msg)
 
 
-_impl: Any = None
+_modules: dict[str, Any] = {}
 
 
-def _load() -> Any:
-    global _impl
-    if _impl is None:
+def _load(name: str = ".triton_alibi") -> Any:
+    if name not in _modules:
         try:
-            _impl = importlib.import_module(".triton_alibi", __name__)
+            _modules[name] = importlib.import_module(name, __name__)
         except ImportError as e:  # triton missing or broken
             raise TritonUnavailableError(e) from e
-    return _impl
+    return _modules[name]
 
 
 def triton_available() -> bool:
@@ -50,7 +52,15 @@ def triton_available() -> bool:
 
 def alibi_attention(q, k, v, slopes, *, causal: bool = True, scale: float | None = None,
                     past_len: int | None = None, out=None):
-    """Fused ALiBi attention, see :func:`alibi_export.kernels.triton_alibi.alibi_attention`."""
+    """Fused ALiBi attention, see :func:`alibi_export.kernels.triton_alibi.alibi_attention`.
+
+    When autograd records (grad mode on, an input requires grad, no ``out``) it runs the
+    differentiable form, :func:`alibi_export.kernels.triton_alibi_bwd.alibi_attention_train`."""
+    needs_grad = torch.is_grad_enabled() and any(
+        getattr(t, "requires_grad", False) for t in (q, k, v))
+    if needs_grad and out is None:
+        return _load(".triton_alibi_bwd").alibi_attention_train(
+            q, k, v, slopes, causal=causal, scale=scale, past_len=past_len)
     return _load().alibi_attention(q, k, v, slopes, causal=causal, scale=scale,
                                    past_len=past_len, out=out)
 

@@ -1,4 +1,4 @@
-"""Fused causal ALiBi attention (forward only) in Triton.
+"""Fused causal ALiBi attention in Triton: the forward kernels (the backward is in triton_alibi_bwd).
 
     out = softmax(q @ k^T * scale + m_h * (j - i)) @ v          (causal: keys j <= i)
     out = softmax(q @ k^T * scale - m_h * |j - i|) @ v          (causal=False)
@@ -109,7 +109,7 @@ def _fwd_tile_merged(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos, 
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "num_m_blocks", "BH",
                                "GROUP_BH"])
 def _alibi_fwd_kernel(
-    Q, K, V, O, Slopes,
+    Q, K, V, O, Slopes, LSE,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -118,6 +118,7 @@ def _alibi_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr, ORDER: tl.constexpr, MERGE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     # 1-D grid of num_m_blocks * BH programs, launched in program-id order.
     pid = tl.program_id(0)
@@ -202,6 +203,13 @@ def _alibi_fwd_kernel(
     # one reciprocal per row, then multiplies: the per-element divide costs an MUFU op per output
     # element in the epilogue, which nothing overlaps (l_i >= 1: the row max contributes 1)
     out = acc * (1.0 / l_i)[:, None]
+    if STORE_LSE:
+        # log2-sum-exp2 of the row's true scores (for the backward): the causal column form left
+        # out -slope * (i - i0), added back here (|i - i0| < BLOCK_M: no precision lost)
+        lse = m_i + tl.math.log2(l_i)
+        if CAUSAL:
+            lse = lse - slope * (offs_m - start_m).to(tl.float32)
+        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=offs_m < Lq)
     o_ptrs = O + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None])
 
@@ -445,6 +453,16 @@ def _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale
                 BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DIM=D, num_warps=4,
             )
         return out
+    return _launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
+                           q_strides, k_strides, v_strides, o_strides, device, use_tma=use_tma)
+
+
+def _launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
+                    q_strides, k_strides, v_strides, o_strides, device, *, use_tma, lse=None):
+    """The FA2-style prefill kernel; with ``lse`` (B*H*Lq fp32) it also stores each row's log2
+    sum-exp2 of the scores, which the backward (triton_alibi_bwd) needs."""
+    qk_scale = float(scale) * LOG2E
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     cfg = tuple(_CONFIG_OVERRIDE or _prefill_config(D, q.dtype, Lq, Lk, causal))
     cfg = cfg + _CFG_DEFAULTS[len(cfg):]
     block_m, block_n, warps, stages, ws, order, merge, maxnreg = cfg
@@ -453,12 +471,12 @@ def _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale
     group_bh = max(1, -(-_sm_count(device) // num_m)) if order == 1 else 1
     extra = {"maxnreg": int(maxnreg)} if maxnreg else {}
     _alibi_fwd_kernel[(num_m * B * H,)](
-        q, k, v, out, slopes,
+        q, k, v, out, slopes, out if lse is None else lse,
         *q_strides, *k_strides, *v_strides, *o_strides,
-        H, group, Lq, Lk, past_len, qk_scale, num_m, B * H, group_bh,
+        H, H // H_kv, Lq, Lk, past_len, qk_scale, num_m, B * H, group_bh,
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, WARP_SPEC=bool(ws),
         USE_TMA=use_tma, DOT_PREC=prec, ORDER=int(order), MERGE=bool(merge),
-        num_warps=warps, num_stages=stages, **extra,
+        STORE_LSE=lse is not None, num_warps=warps, num_stages=stages, **extra,
     )
     return out
 
@@ -476,7 +494,25 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
     ``slopes``: (H,) per-query-head slopes (e.g. ``torch.tensor(alibi_slopes(H))``), cast to fp32.
     Query i has absolute position ``past_len + i``; ``past_len`` defaults to ``Lk - Lq``.
     ``scale`` defaults to ``1/sqrt(D)``. Returns (B, H, Lq, D) in q's dtype (or writes ``out``).
+    Forward only (no autograd graph); ``alibi_attention_train`` has the backward.
     """
+    slopes, past_len, scale = _check_inputs(q, k, v, slopes, past_len, scale)
+    B, H, Lq, D = q.shape
+    H_kv, Lk = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    elif tuple(out.shape) != (B, H, Lq, D) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"alibi_attention: out must be {(B, H, Lq, D)} {q.dtype} on {q.device}")
+    if B == 0 or H == 0 or Lq == 0:
+        return out
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
+        _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, bool(causal), scale,
+                q.stride(), k.stride(), v.stride(), out.stride(), q.device)
+    return out
+
+
+def _check_inputs(q, k, v, slopes, past_len, scale):
+    """Validate shapes, dtypes, devices; return (fp32 contiguous slopes, past_len, scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"alibi_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -524,16 +560,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
     slopes = slopes.reshape(H).to(device=q.device, dtype=torch.float32).contiguous()
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if out is None:
-        out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-    elif tuple(out.shape) != (B, H, Lq, D) or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"alibi_attention: out must be {(B, H, Lq, D)} {q.dtype} on {q.device}")
-    if B == 0 or H == 0 or Lq == 0:
-        return out
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
-        _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, bool(causal), scale,
-                q.stride(), k.stride(), v.stride(), out.stride(), q.device)
-    return out
+    return slopes, past_len, float(scale)
 
 
 class _nullctx:

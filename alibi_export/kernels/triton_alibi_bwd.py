@@ -1,0 +1,336 @@
+"""Backward of the fused ALiBi attention (dq, dk, dv) in Triton, FlashAttention-2 style.
+
+With scores ``s = q.k * scale + b(i, j)`` (b the ALiBi term of :mod:`.triton_alibi`), the
+forward's per-row log-sum-exp ``lse`` and ``delta_i = sum_d dO_id * O_id``:
+
+    P = exp(s - lse)        dV = P^T dO        dP = dO V^T        dS = P * (dP - delta)
+    dQ = scale * dS K       dK = scale * dS^T Q
+
+P is recomputed tile by tile, the bias regenerated from the slopes and the positions: nothing of
+size L x L is ever stored. Two kernels, so that no accumulator needs atomics:
+
+* ``_bwd_dkdv_kernel``: one program per (key block, batch * kv head). K, V of the block stay in
+  registers; the program walks the query blocks that see it (causal: from the diagonal on) of
+  every query head of the KV group, so under GQA/MQA dK and dV are summed over the group in
+  registers and written once.
+* ``_bwd_dq_kernel``: one program per (query block, batch * head), walking the key blocks it sees.
+
+``AlibiAttention`` (a ``torch.autograd.Function``) runs the forward kernel, which also stores
+``lse``, and this backward; ``alibi_attention_train`` is its entry point.
+
+Scores are in log2 units (log2(e) folded into the scale and the slopes, ``lse`` stored in log2
+units by the forward), as in the forward. In both kernels the only masked tiles are the diagonal
+ones (causal) and the ragged last block: lengths need not be multiples of the block sizes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_alibi as fwd
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _load_rows(src, start, offs0, stride, offs_d, n_rows, USE_TMA: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Rows [start, start + len(offs0)) of a (n_rows, HEAD_DIM) matrix; rows past n_rows read as
+    zeros. ``src``: a TMA descriptor (zero fill in hardware) or the matrix's base pointer."""
+    if USE_TMA:
+        x = src.load([start, 0])
+    else:
+        ptrs = src + (start + offs0)[:, None] * stride + offs_d[None, :]
+        if MASKED:
+            x = tl.load(ptrs, mask=((start + offs0) < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0, cols, Lq,
+               past_len, slope, qk_scale, sqm, sdom, offs_d,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """Add one query block's contribution to the key block's dK, dV (transposed tiles)."""
+    offs_m = start_m + offs_m0
+    q = _load_rows(q_src, start_m, offs_m0, sqm, offs_d, Lq, USE_TMA, MASKED)
+    do = _load_rows(do_src, start_m, offs_m0, sdom, offs_d, Lq, USE_TMA, MASKED)
+    if MASKED:
+        r_ok = offs_m < Lq
+        lse = tl.load(lse_blk + offs_m, mask=r_ok, other=float("inf"))  # rows past Lq: P = 0
+        delta = tl.load(delta_blk + offs_m, mask=r_ok, other=0.0)
+    else:
+        lse = tl.load(lse_blk + offs_m)
+        delta = tl.load(delta_blk + offs_m)
+    dist = (past_len + offs_m)[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j, exact
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    if CAUSAL:
+        s_t = s_t - slope * dist.to(tl.float32)
+        if MASKED:
+            s_t = tl.where(dist >= 0, s_t, float("-inf"))
+    else:
+        s_t = s_t - slope * tl.abs(dist).to(tl.float32)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["H", "H_KV", "GROUP", "Lq", "Lk", "past_len"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, Slopes,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    H, H_KV, GROUP, Lq, Lk, past_len, qk_scale, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Rows of every tensor are contiguous in the head dim (stride 1, ensured by the host)."""
+    pid_n = tl.program_id(0)  # causal: key block 0 sees every query block, launched first
+    pid_bk = tl.program_id(1)
+    b = pid_bk // H_KV
+    hk = pid_bk % H_KV
+    b64 = b.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    c_ok = cols < Lk
+    k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + cols[:, None] * skn + offs_d[None, :],
+                mask=c_ok[:, None], other=0.0)
+    v = tl.load(V + b64 * svb + hk.to(tl.int64) * svh + cols[:, None] * svn + offs_d[None, :],
+                mask=c_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    m_full = Lq // BLOCK_M * BLOCK_M
+    if CAUSAL:
+        # first query block with a row that sees key start_n; from diag_end on every row of a
+        # block sees every key of this block (no causal mask)
+        lo = tl.maximum(start_n - past_len, 0) // BLOCK_M * BLOCK_M
+        diag_end = tl.maximum(start_n + BLOCK_N - 1 - past_len, 0)
+        diag_end = tl.maximum((diag_end + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo)
+    else:
+        lo = 0
+        diag_end = 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b64 * H + h
+        slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+        q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
+        if USE_TMA:  # rows past Lq read as zeros
+            q_src = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_DIM], strides=[sqm, 1],
+                                              block_shape=[BLOCK_M, HEAD_DIM])
+            do_src = tl.make_tensor_descriptor(do_base, shape=[Lq, HEAD_DIM], strides=[sdom, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+        else:
+            q_src = q_base
+            do_src = do_base
+        lse_blk = LSE + bh * Lq
+        delta_blk = DELTA + bh * Lq
+        for start_m in range(lo, tl.minimum(diag_end, Lq), BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
+                                cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
+                                CAUSAL, True, USE_TMA, DOT_PREC)
+        for start_m in range(diag_end, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
+                                cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
+                                CAUSAL, False, USE_TMA, DOT_PREC)
+        for start_m in range(tl.maximum(diag_end, m_full), Lq, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
+                                cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
+                                CAUSAL, True, USE_TMA, DOT_PREC)
+    dk = dk * scale
+    tl.store(DK + b64 * sdkb + hk.to(tl.int64) * sdkh + cols[:, None] * sdkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=c_ok[:, None])
+    tl.store(DV + b64 * sdvb + hk.to(tl.int64) * sdvh + cols[:, None] * sdvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=c_ok[:, None])
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope, qk_scale,
+             skn, svn, offs_d, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+             USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(k_src, start_n, offs_n, skn, offs_d, Lk, USE_TMA, MASKED)
+    v = _load_rows(v_src, start_n, offs_n, svn, offs_d, Lk, USE_TMA, MASKED)
+    dist = cols[None, :] - rowpos[:, None]  # (BLOCK_M, BLOCK_N): j - i, exact
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if CAUSAL:
+        s = s + slope * dist.to(tl.float32)
+        if MASKED:
+            s = tl.where((dist <= 0) & (cols < Lk)[None, :], s, float("-inf"))
+    else:
+        s = s - slope * tl.abs(dist).to(tl.float32)
+        if MASKED:
+            s = tl.where((cols < Lk)[None, :], s, float("-inf"))
+    p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+
+
+@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len"])
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, Slopes,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+    H, GROUP, Lq, Lk, past_len, qk_scale, scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest query blocks (most key tiles) first, for load balance
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    r_ok = offs_m < Lq
+    rowpos = past_len + offs_m
+    slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=r_ok[:, None], other=0.0)
+    do = tl.load(DO + b64 * sdob + h.to(tl.int64) * sdoh + offs_m[:, None] * sdom
+                 + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+    row = pid_bh.to(tl.int64) * Lq + offs_m
+    lse = tl.load(LSE + row, mask=r_ok, other=float("inf"))  # rows past Lq: P = 0
+    delta = tl.load(DELTA + row, mask=r_ok, other=0.0)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
+    if USE_TMA:  # rows past Lk read as zeros
+        k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_DIM], strides=[skn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_DIM], strides=[svn, 1],
+                                          block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_src = k_base
+        v_src = v_base
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    q_pos0 = past_len + start_m
+    if CAUSAL:  # keys [0, n_full) are visible to every row of the block and in bounds
+        n_full = tl.minimum((q_pos0 + 1) // BLOCK_N * BLOCK_N, Lk // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(q_pos0 + BLOCK_M, Lk)
+    else:
+        n_full = Lk // BLOCK_N * BLOCK_N
+        hi = Lk
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope,
+                      qk_scale, skn, svn, offs_d, CAUSAL, False, USE_TMA, DOT_PREC)
+    for start_n in range(n_full, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope,
+                      qk_scale, skn, svn, offs_d, CAUSAL, True, USE_TMA, DOT_PREC)
+    dq = dq * scale
+    tl.store(DQ + b64 * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=r_ok[:, None])
+
+
+# Test / benchmark hook: force (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel then of
+# the dQ kernel, 8 ints.
+_BWD_CONFIG_OVERRIDE: tuple | None = None
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """Small query blocks for dK/dV and small key blocks for dQ: the resident tiles (K, V, dK, dV
+    resp. Q, dO, dQ) get the large side. Chosen CPU-side from ptxas -v for sm_90 (no spills; the
+    dK/dV kernel holds two fp32 accumulators: 128-key blocks at D=128 spill), see
+    tools/kernel_notes.md; tools/bench_attention_train.py --sweep times the alternatives. D=128: the
+    sweep's fastest at every length on an H200 (4 warps for dK/dV, 64-key dQ blocks, 2 stages): 1.36-1.60x
+    the first choice (BENCHMARKS.md)."""
+    if dtype == torch.float32:
+        return (32, 64, 4, 2, 64, 32, 4, 2)
+    if head_dim >= 128:
+        return (32, 64, 4, 3, 128, 64, 8, 2)
+    return (32, 128, 8, 3, 128, 64, 8, 3)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, scale: float,
+                             past_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (shapes and dtypes of q, k, v) from the upstream gradient ``do`` and what the
+    forward kept: its output ``out`` and ``lse`` ((B*H*Lq,) fp32, log2 units)."""
+    B, H, Lq, D = q.shape
+    H_kv, Lk = k.shape[1], k.shape[2]
+    q, k, v, do = (_unit_last(t) for t in (q, k, v, do))
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, Lq): rowsum(dO * O)
+    dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=v.dtype)
+    bm1, bn1, w1, st1, bm2, bn2, w2, st2 = _BWD_CONFIG_OVERRIDE or _bwd_config(D, q.dtype)
+    prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
+    qk_scale = float(scale) * LOG2E
+    group = H // H_kv
+    s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    use_tma = all(fwd._tma_ok(t, t.stride(), q.device) for t in (q, k, v, do))
+    if use_tma and not _INTERPRET:
+        fwd._ensure_allocator()
+    _bwd_dkdv_kernel[(triton.cdiv(Lk, bn1), B * H_kv)](
+        q, k, v, do, dk, dv, lse, delta, slopes,
+        *s3(q), *s3(k), *s3(v), *s3(do), *s3(dk), *s3(dv),
+        H, H_kv, group, Lq, Lk, past_len, qk_scale, float(scale),
+        CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
+        num_warps=w1, num_stages=st1,
+    )
+    _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
+        q, k, v, do, dq, lse, delta, slopes,
+        *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
+        H, group, Lq, Lk, past_len, qk_scale, float(scale),
+        CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
+        num_warps=w2, num_stages=st2,
+    )
+    return dq, dk, dv
+
+
+class AlibiAttention(torch.autograd.Function):
+    """The fused forward (which also keeps each row's log-sum-exp) and the backward above."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, causal: bool, scale: float, past_len: int):
+        B, H, Lq, D = q.shape
+        H_kv, Lk = k.shape[1], k.shape[2]
+        out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B * H * Lq,), device=q.device, dtype=torch.float32)
+        use_tma = fwd._tma_ok(k, k.stride(), q.device) and fwd._tma_ok(v, v.stride(), q.device)
+        if use_tma and not _INTERPRET:
+            fwd._ensure_allocator()
+        fwd._launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
+                            q.stride(), k.stride(), v.stride(), out.stride(), q.device,
+                            use_tma=use_tma, lse=lse)
+        ctx.save_for_backward(q, k, v, out, lse, slopes)
+        ctx.causal, ctx.scale, ctx.past_len = causal, scale, past_len
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, slopes = ctx.saved_tensors
+        dq, dk, dv = alibi_attention_backward(do, q, k, v, out, lse, slopes, causal=ctx.causal,
+                                              scale=ctx.scale, past_len=ctx.past_len)
+        return dq, dk, dv, None, None, None, None
+
+
+def alibi_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes, *,
+                          causal: bool = True, scale: float | None = None,
+                          past_len: int | None = None) -> torch.Tensor:
+    """Differentiable fused ALiBi attention: the arguments and result of
+    :func:`.triton_alibi.alibi_attention`; gradients flow to q, k and v (not to the slopes)."""
+    slopes, past_len, scale = fwd._check_inputs(q, k, v, slopes, past_len, scale)
+    if q.numel() == 0 or k.numel() == 0:
+        return fwd.alibi_attention(q, k, v, slopes, causal=causal, scale=scale, past_len=past_len)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else fwd._nullctx():
+        return AlibiAttention.apply(q, k, v, slopes, bool(causal), scale, past_len)

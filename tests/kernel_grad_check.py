@@ -1,0 +1,138 @@
+"""Gradient check of the fused ALiBi attention: kernel, SDPA with a materialized bias, and a float64
+reference of the same formula, on the same inputs.
+
+Imported by tests/test_kernels_bwd.py (GPU), and run as a script under TRITON_INTERPRET=1 on CPU
+(``python tests/kernel_grad_check.py``): Triton's interpreter executes the kernels with numpy, so
+the CPU suite checks the kernels' index and mask logic on tiny shapes (fp16 and fp32 only: the
+interpreter has no bfloat16 arithmetic). Prints one JSON line per case.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__":  # run as a script from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alibi_export.alibi import alibi_bias, alibi_slopes  # noqa: E402
+
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def make_inputs(B, H, Hk, Lq, Lk, D, dtype, device, seed):
+    g = torch.Generator(device).manual_seed(seed)
+    q, k, v = (torch.randn(B, h, n, D, device=device, dtype=dtype, generator=g)
+               for h, n in ((H, Lq), (Hk, Lk), (Hk, Lk)))
+    do = torch.randn(B, H, Lq, D, device=device, dtype=dtype, generator=g)
+    slopes = torch.tensor(alibi_slopes(H), dtype=torch.float32, device=device)
+    return q, k, v, do, slopes
+
+
+def _grads(fn, q, k, v, do, dtype=None):
+    q, k, v = (t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do.to(out.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _dense(q, k, v, slopes, causal, past_len, sdpa):
+    """softmax(q k^T / sqrt(D) + ALiBi) v with K/V repeated over each query head group."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    bias = alibi_bias(slopes, q.shape[2], k.shape[2], past_len=past_len, causal=causal,
+                      dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if sdpa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    return torch.softmax(s, -1) @ v
+
+
+def reference(q, k, v, do, slopes, causal, past_len):
+    """float64 out, dq, dk, dv from the same (rounded) inputs."""
+    return _grads(lambda a, b, c: _dense(a, b, c, slopes.double(), causal, past_len, False),
+                  q, k, v, do.double(), torch.float64)
+
+
+def sdpa(q, k, v, do, slopes, causal, past_len):
+    """PyTorch SDPA with the bias materialized in the inputs' dtype (what BLOOM/MPT training does)."""
+    return _grads(lambda a, b, c: _dense(a, b, c, slopes, causal, past_len, True), q, k, v, do)
+
+
+def kernel(q, k, v, do, slopes, causal, past_len):
+    from alibi_export.kernels import alibi_attention
+
+    return _grads(lambda a, b, c: alibi_attention(a, b, c, slopes, causal=causal, past_len=past_len),
+                  q, k, v, do)
+
+
+def rel_errors(got, ref) -> dict[str, float]:
+    """||got - ref|| / ||ref|| for out, dq, dk, dv."""
+    return {n: ((a.double() - b).norm() / b.norm()).item() for n, a, b in zip(NAMES, got, ref)}
+
+
+def compare(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="cuda", seed=0,
+            with_sdpa=True, slope_factor=1.0):
+    """Errors of the kernel (and of SDPA) against float64. ``slope_factor`` != 1 runs the kernel
+    with wrong slopes: the negative control."""
+    past = Lk - Lq if past_len is None else past_len
+    q, k, v, do, slopes = make_inputs(B, H, Hk, Lq, Lk, D, dtype, device, seed)
+    ref = reference(q, k, v, do, slopes, causal, past)
+    res = {"shape": [B, H, Hk, Lq, Lk, D], "dtype": str(dtype)[6:], "causal": causal,
+           "past_len": past, "seed": seed,
+           "kernel": rel_errors(kernel(q, k, v, do, slopes * slope_factor, causal, past), ref)}
+    if with_sdpa:
+        res["sdpa"] = rel_errors(sdpa(q, k, v, do, slopes, causal, past), ref)
+    return res
+
+
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter converts scalars to Python ints with int(ndarray), which NumPy 2.4
+    refuses for 1-element arrays (loop bounds computed in the kernel); .item() works for both."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interp._patch_lang_tensor = patched
+
+
+# Tiny shapes for the interpreter: GQA and MQA, causal and not, a KV cache (past_len), lengths
+# that are not multiples of any block size, every head size the kernels take.
+INTERPRET_CASES = [
+    dict(B=1, H=4, Hk=2, Lq=70, Lk=70, D=16, dtype=torch.float16),
+    dict(B=2, H=2, Hk=1, Lq=37, Lk=50, D=32, dtype=torch.float16, causal=False),
+    dict(B=1, H=3, Hk=3, Lq=20, Lk=90, D=64, dtype=torch.float16, past_len=30),
+    dict(B=1, H=2, Hk=2, Lq=129, Lk=129, D=128, dtype=torch.float32),
+    dict(B=1, H=2, Hk=1, Lq=260, Lk=260, D=32, dtype=torch.float16),  # several dQ/dK blocks
+]
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1")
+    _patch_interpreter()
+    from alibi_export.kernels import triton_alibi
+
+    for case in INTERPRET_CASES:
+        print(json.dumps(compare(**case, device="cpu", with_sdpa=False)), flush=True)
+    try:  # the TMA-descriptor loads (the path taken on sm_90+ with aligned strides)
+        triton_alibi._TMA_OVERRIDE = True
+        for case in INTERPRET_CASES[:2]:
+            print(json.dumps({**compare(**case, device="cpu", with_sdpa=False), "tma": True}),
+                  flush=True)
+    finally:
+        triton_alibi._TMA_OVERRIDE = None
+    bad = dict(INTERPRET_CASES[0], slope_factor=0.5)  # negative control: wrong slopes
+    print(json.dumps({**compare(**bad, device="cpu", with_sdpa=False), "control": True}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Benchmark attention for training: forward + backward of the fused Triton ALiBi kernel beside its
+peers, on one GPU, in the same process.
+
+bf16, causal, H=16, 16384 tokens per batch (B = 16384 / L), D in --dims, L in --lengths:
+  flash_nobias : torch SDPA flash backend, causal, no bias (the "ALiBi is free" ceiling)
+  flex_alibi   : FlexAttention with an ALiBi score_mod + causal block mask, torch.compile'd
+  ours         : alibi_export.kernels.alibi_attention (autograd: forward with lse + dK/dV + dQ)
+TFLOP/s of forward + backward with the FlashAttention convention: the forward's causal count
+2*B*H*L^2*D, the backward 2.5x that (5 matmuls against 2), so fwd+bwd = 7*B*H*L^2*D. Also the
+forward alone (ours and Flex) and the relative difference of our gradients from Flex's.
+Timing: triton.testing.do_bench (median), gradients reset between runs.
+
+Usage (from the repo root): PYTHONPATH=. python tools/bench_attention_train.py [--sweep]
+  [--dims 64,128] [--lengths 1024,...,16384] [--json F]; writes $OUT/bench_attention_train.json
+  when $OUT is set. Target (issue 13): ours >= 1.2x flex_alibi at L >= 2048.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton.testing as tt  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
+
+from alibi_export.alibi import alibi_slopes  # noqa: E402
+from alibi_export.kernels import alibi_attention  # noqa: E402
+from alibi_export.kernels import triton_alibi_bwd as kb  # noqa: E402
+
+DEV, DT, H, TOKENS = "cuda", torch.bfloat16, 16, 16384
+# backward configs timed by --sweep: (BLOCK_M, BLOCK_N, warps, stages) of dK/dV, then of dQ
+BWD_SWEEP = [(32, 64, 8, 3, 128, 32, 8, 3), (32, 128, 8, 3, 128, 64, 8, 3),
+             (16, 64, 4, 3, 64, 64, 4, 3), (32, 64, 4, 3, 128, 64, 8, 2),
+             (16, 128, 8, 3, 128, 32, 8, 3), (64, 64, 8, 2, 128, 64, 8, 2)]
+
+
+def bench(fn, grads=None):
+    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=grads)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def fwd_bwd(fn, q, k, v, do):
+    """A closure running fn forward and backward; and the gradients of one run."""
+    for t in (q, k, v):
+        t.grad = None  # the previous peer's timed runs leave theirs: backward would add to them
+    def step():
+        fn(q, k, v).backward(do)
+    step()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    return step, grads
+
+
+def one_shape(D, L, flex, sweep):
+    B = max(1, TOKENS // L)
+    g = torch.Generator(DEV).manual_seed(L + D)
+    q, k, v = (torch.randn(B, H, L, D, device=DEV, dtype=DT, generator=g).requires_grad_()
+               for _ in range(3))
+    do = torch.randn(B, H, L, D, device=DEV, dtype=DT, generator=g)
+    m = torch.tensor(alibi_slopes(H), device=DEV, dtype=torch.float32)
+    fwd_flops = 2 * B * H * L * L * D
+    tf = lambda ms, n=3.5: n * fwd_flops / ms / 1e9  # noqa: E731
+    r = {"D": D, "L": L, "B": B}
+
+    def flash(a, b, c):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=True)
+    step, _ = fwd_bwd(flash, q, k, v, do)
+    r["flash_nobias"] = tf(bench(step, [q, k, v]))
+
+    def score_mod(score, b, h, qi, kv):
+        return score + m[h] * (kv - qi)
+    bm = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, L, device=DEV)
+    flex_fn = lambda a, b, c: flex(a, b, c, score_mod=score_mod, block_mask=bm)  # noqa: E731
+    try:
+        step, g_flex = fwd_bwd(flex_fn, q, k, v, do)
+        r["flex_alibi"] = tf(bench(step, [q, k, v]))
+        with torch.no_grad():
+            r["flex_fwd"] = tf(bench(lambda: flex_fn(q, k, v)), 1.0)
+    except Exception as e:  # noqa: BLE001
+        print("flex failed", repr(e)[:300], flush=True)
+        g_flex, r["flex_alibi"], r["flex_fwd"] = None, float("nan"), float("nan")
+
+    ours_fn = lambda a, b, c: alibi_attention(a, b, c, m)  # noqa: E731
+    step, g_ours = fwd_bwd(ours_fn, q, k, v, do)
+    r["ours"] = tf(bench(step, [q, k, v]))
+    with torch.no_grad():
+        r["ours_fwd"] = tf(bench(lambda: ours_fn(q, k, v)), 1.0)
+    if g_flex is not None:
+        r["grad_err_vs_flex"] = max(rel_err(a, b) for a, b in zip(g_ours, g_flex))
+    best, best_cfg = r["ours"], "default"
+    for cfg in (BWD_SWEEP if sweep else []):
+        kb._BWD_CONFIG_OVERRIDE = cfg
+        try:
+            step, g_cfg = fwd_bwd(ours_fn, q, k, v, do)
+            err = max(rel_err(a, b) for a, b in zip(g_cfg, g_ours))
+            t = tf(bench(step, [q, k, v]))
+        except Exception as ex:  # noqa: BLE001
+            print("config", cfg, "failed:", repr(ex)[:200], flush=True)
+            continue
+        finally:
+            kb._BWD_CONFIG_OVERRIDE = None
+        r[f"cfg{cfg}"] = round(t, 1)
+        if err > 2e-2:
+            print("config", cfg, "WRONG, grad rel err vs default", err, flush=True)
+        elif t > best:
+            best, best_cfg = t, str(cfg)
+    r["ours_best"], r["ours_best_cfg"] = best, best_cfg
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--sweep", action="store_true", help="also time the BWD_SWEEP configs")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch._dynamo.config.recompile_limit = 64  # one compile per (L, D) shape
+    torch._dynamo.config.cache_size_limit = 64
+    flex = torch.compile(flex_attention, dynamic=False)
+    t0 = time.time()
+    print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    rows = []
+    for D in (int(x) for x in a.dims.split(",")):
+        for L in (int(x) for x in a.lengths.split(",")):
+            t1 = time.time()
+            rows.append(one_shape(D, L, flex, a.sweep))
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                              for k, v in rows[-1].items()}), f"({time.time() - t1:.0f} s)",
+                  flush=True)
+            torch.cuda.empty_cache()
+    print(f"\nforward+backward, bf16 causal H={H} tokens/batch={TOKENS}, TFLOP/s "
+          f"(7*B*H*L^2*D), {torch.cuda.get_device_name()}")
+    print(f"{'D':>4} {'L':>6} {'B':>3} {'flash':>7} {'flex':>7} {'ours':>7} {'x flex':>7} "
+          f"{'x flash':>7} | fwd: {'flex':>6} {'ours':>6} | grad err  best cfg")
+    for r in rows:
+        print(f"{r['D']:>4} {r['L']:>6} {r['B']:>3} {r['flash_nobias']:7.1f} {r['flex_alibi']:7.1f}"
+              f" {r['ours_best']:7.1f} {r['ours_best'] / r['flex_alibi']:7.2f} "
+              f"{r['ours_best'] / r['flash_nobias']:7.2f} | {r['flex_fwd']:10.1f} "
+              f"{r['ours_fwd']:6.1f} | {r.get('grad_err_vs_flex', float('nan')):.1e}  "
+              f"{r['ours_best_cfg']} (default {r['ours']:.1f})")
+    path = a.json or (os.path.join(os.environ["OUT"], "bench_attention_train.json")
+                      if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "rows": rows}, f, indent=1)
+        print("wrote", path)
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
