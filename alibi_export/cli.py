@@ -47,8 +47,8 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
+        except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise  # click's own ways out
         except (AlibiExportError, *_USER_OS_ERRORS) as e:
             raise click.ClickException(_first_line(e)) from None
         except Exception as e:

@@ -161,6 +161,7 @@ def check_row(args: list[str], match: str, bad: dict, cwd: Path) -> None:
     inputs, before = _tree(bad["root"]), _tree(cwd)
     proc = run_cli(*[a.format(**bad, out=cwd) for a in args], cwd=cwd)
     assert_one_line_error(proc, match)
+    assert proc.stdout == "", proc.stdout  # nothing half-printed either (generate streams its prompt)
     assert _tree(cwd) == before, "no partial output in the output folder"
     assert _tree(bad["root"]) == inputs, "the inputs are untouched"
 
@@ -232,6 +233,7 @@ GENERATE_ROWS = [
     (["generate", "{trunc_onnx}", "-p", "Once"], "cannot read ONNX"),
     (["generate", "{escape}", "-p", "Once"], "outside its own folder"),
     (["generate", "{kv}", "-p", "Once", "--threads", "0"], "0 is not in the range"),
+    (["generate", "{kv}", "-p", "Once", "--provider", "tpu"], "'tpu' is not one of 'cpu', 'cuda'"),
 ]
 
 TRT_ROWS = [

@@ -275,16 +275,7 @@ def test_cli_generate_streams_and_reports_speed(kv_onnx):
     assert proc.stdout.startswith("The king said") and "tokens/s" in proc.stderr
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompt", "hi", "--provider", "tpu"], "unknown provider"),
-    (["--prompt", "hi", "--temperature", "0"], "temperature must be positive"),
-])
-def test_cli_one_line_errors(kv_onnx, args, match):
-    proc = _cli("generate", kv_onnx, *args)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error") and match in lines[0], proc.stderr
-    assert proc.stdout == ""
+# The command's one-line errors (empty prompt, provider, sampling parameters): tests/test_bad_input.py.
 
 
 def test_cli_generate_refuses_a_model_without_kv_inputs(shipped_onnx):
