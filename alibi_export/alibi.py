@@ -10,7 +10,9 @@ import math
 
 import torch
 
-__all__ = ["alibi_slopes", "alibi_bias"]
+__all__ = ["alibi_slopes", "mpt_alibi_slopes", "slopes_for", "SLOPE_RULES", "alibi_bias", "alibi_bias_bf16"]
+
+SLOPE_RULES = ("paper", "mpt")
 
 
 def _power_of_two_slopes(n: int) -> list[float]:
@@ -33,6 +35,49 @@ def alibi_slopes(num_heads: int) -> list[float]:
     closest = 2 ** int(math.floor(math.log2(num_heads)))
     extra = alibi_slopes(2 * closest)[0::2][: num_heads - closest]
     return _power_of_two_slopes(closest) + extra
+
+
+def mpt_alibi_slopes(num_heads: int, bias_max: float = 8.0) -> list[float]:
+    """MPT's slopes (MosaicML's ``gen_slopes``): m_k = 2^(-k * bias_max / N), k = 1..N, with N the next
+    power of two at or above ``num_heads``.
+
+    For a head count that is not a power of two MPT keeps N slopes and takes every second one
+    (k = 2, 4, ...) first, then the others, cut to ``num_heads``; with ``bias_max`` 8 that is exactly
+    the paper's rule (tested), so only ``bias_max`` makes MPT's slopes differ. Computed in float32 as
+    MPT does, so a float32 model sees bit-identical slopes."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    if not bias_max > 0:
+        raise ValueError(f"alibi_bias_max must be positive, got {bias_max!r}")
+    n = 2 ** math.ceil(math.log2(num_heads))
+    exponent = torch.arange(1, n + 1, dtype=torch.int64).float() * (bias_max / n)
+    slopes = 1.0 / torch.pow(2, exponent)  # float32, as MPT computes them
+    if n != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes.tolist()
+
+
+def slopes_for(rule: str, num_heads: int, bias_max: float = 8.0) -> list[float]:
+    """The slopes of a named rule: "paper" (Press et al.; BLOOM and Falcon) or "mpt"."""
+    if rule == "paper":
+        return alibi_slopes(num_heads)
+    if rule == "mpt":
+        return mpt_alibi_slopes(num_heads, bias_max)
+    raise ValueError(f"unknown ALiBi slope rule {rule!r}. Note: expected one of {SLOPE_RULES}")
+
+
+def alibi_bias_bf16(slopes: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Falcon's ALiBi term, bf16(bf16(m_h) * bf16(j)), returned in float32: shape (..., H, 1, Lk).
+
+    Falcon (the RW models and transformers' port of them) computes the bias in bfloat16 from each
+    key's absolute position ``j`` (counted from the first real token), whatever the model's dtype:
+    the position and the product are rounded to 8 significant bits, so keys past 256 share
+    rounded positions. This is the trained model's math and is reproduced as is. Softmax ignores a
+    per-query constant, so the query's position does not enter. ``key_positions``: (Lk,) or (B, Lk)."""
+    bf16 = torch.bfloat16
+    m = slopes.to(bf16).to(torch.float32)  # (H,)
+    j = key_positions.to(torch.float32).to(bf16).to(torch.float32)  # (..., Lk)
+    return (m[:, None, None] * j[..., None, None, :]).to(bf16).to(torch.float32)  # (..., H, 1, Lk)
 
 
 def alibi_bias(

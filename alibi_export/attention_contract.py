@@ -6,7 +6,7 @@ namespace and version. Both sides import this module, so neither imports the oth
 """
 from __future__ import annotations
 
-__all__ = ["DOMAIN", "OP_TYPE", "MASKED_OP_TYPE", "OP_VERSION", "ATTRIBUTES"]
+__all__ = ["DOMAIN", "OP_TYPE", "MASKED_OP_TYPE", "OP_VERSION", "ATTRIBUTES", "BF16_ATTRIBUTES"]
 
 DOMAIN = "alibi_export"  # the ONNX domain of the node, and the TensorRT plugin's namespace
 OP_TYPE = "AlibiAttention"  # (q, k, v) -> out, each (batch, heads, length, head_dim)
@@ -15,3 +15,6 @@ OP_VERSION = 1
 # The node's attributes, in the order the plugin's fields are declared: ints num_heads, head_dim, causal;
 # floats slopes (one per head; all zero for plain causal attention) and scale (1 / sqrt(head_dim)).
 ATTRIBUTES = ("num_heads", "head_dim", "slopes", "scale", "causal")
+# Falcon's bf16 bias only (its node carries the raw slopes): ints bias_bf16 = 1, floats bias_scale. The
+# plugin does not compute that bias and refuses such a node.
+BF16_ATTRIBUTES = ("bias_scale", "bias_bf16")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .alibi import alibi_bias, alibi_slopes
+from .alibi import SLOPE_RULES, alibi_bias, alibi_bias_bf16, slopes_for
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE"]
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
 ATTENTION_IMPLS = ("auto", "eager", "sdpa", "triton")
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,25 @@ class ModelConfig:
     t5_max_distance: int = 128
     layer_norm_eps: float = 1e-5
     dropout: float = 0.0
+    # The fields below describe the Hugging Face ALiBi families (BLOOM, MPT, Falcon); their defaults are
+    # this project's own architecture, so configs written before they existed load unchanged.
+    n_kv_head: int | None = None  # None: n_head; 1: multi-query attention (Falcon's multi_query)
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    ln_bias: bool = True
+    activation: str = "gelu"  # "gelu" (erf) or "gelu_tanh" (BLOOM's and GPT-2's tanh approximation)
+    embed_layernorm: bool = False  # BLOOM's word_embeddings_layernorm
+    residual_post_ln: bool = False  # BLOOM's apply_residual_connection_post_layernorm
+    parallel_attn: bool = False  # Falcon: x + attn(ln(x)) + mlp(ln(x)), one LayerNorm per block
+    clip_qkv: float | None = None  # MPT: clamp the fused q, k, v projection to [-clip_qkv, clip_qkv]
+    softmax_scale: float | None = None  # MPT: the q.k scale; None: 1/sqrt(head_dim)
+    alibi_rule: str = "paper"  # "paper" (BLOOM, Falcon) or "mpt"; see alibi.slopes_for
+    alibi_bias_max: float = 8.0  # MPT's alibi_bias_max; the paper's rule is 8
+    alibi_scaled: bool = False  # Falcon: the bias is added before the softmax scale, so it is scaled too
+    alibi_bf16: bool = False  # Falcon: the bias is bf16(m * j) from absolute key positions; see alibi_bias_bf16
+    tie_embeddings: bool = True  # False: a separate lm_head weight
+    eos_token_id: int | None = None  # generation stops here (None: the tokenizer's <|endoftext|>)
 
     def __post_init__(self):
         if self.position not in POSITION_METHODS:
@@ -51,6 +71,45 @@ class ModelConfig:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.position == "rotary" and (self.d_model // self.n_head) % 2:
             raise ConfigError("rotary needs an even head dimension")
+        self._check_variants()
+
+    def _check_variants(self):
+        """The Hugging Face fields: each value in range, and no two that contradict each other."""
+        if self.n_kv_head not in (None, 1, self.n_head):
+            raise ConfigError(f"n_kv_head must be 1 (multi-query) or n_head ({self.n_head}), got {self.n_kv_head!r}. "
+                              "Note: grouped-query attention is not implemented")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}. Note: expected one of {ACTIVATIONS}")
+        if self.alibi_rule not in SLOPE_RULES:
+            raise ConfigError(f"unknown alibi_rule {self.alibi_rule!r}. Note: expected one of {SLOPE_RULES}")
+        for name in ("clip_qkv", "softmax_scale", "alibi_bias_max"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ConfigError(f"config field {name!r} must be a positive number, got {value!r}")
+        if self.alibi_rule == "paper" and self.alibi_bias_max != 8:
+            raise ConfigError(f"alibi_bias_max {self.alibi_bias_max} needs alibi_rule 'mpt'. Note: the paper's "
+                              "slopes have a maximum of 8")
+        alibi_fields = [n for n, default in (("alibi_rule", "paper"), ("alibi_bias_max", 8.0), ("alibi_scaled", False),
+                                             ("alibi_bf16", False)) if getattr(self, n) != default]
+        if alibi_fields and self.position != "alibi":
+            raise ConfigError(f"{alibi_fields[0]} applies to ALiBi only, but position is {self.position!r}")
+        if self.parallel_attn and self.residual_post_ln:
+            raise ConfigError("parallel_attn and residual_post_ln contradict each other. Note: a parallel block "
+                              "has no post-attention LayerNorm")
+        if self.eos_token_id is not None and not (isinstance(self.eos_token_id, int) and
+                                                  0 <= self.eos_token_id < self.vocab_size):
+            raise ConfigError(f"eos_token_id must be a token id below vocab_size {self.vocab_size}, "
+                              f"got {self.eos_token_id!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_head, or 1 for multi-query attention."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q.k (and, with alibi_scaled, on the ALiBi bias)."""
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
     @property
     def head_dim(self) -> int:
@@ -74,6 +133,9 @@ class ModelConfig:
 class PositionMethod(nn.Module):
     """Identity strategy: each hook returns its input unchanged, subclasses override one."""
 
+    # Whether the fused kernel (and the TensorRT plugin) can compute the bias from head_slopes() alone.
+    fused_kernel_ok = True
+
     def __init__(self, cfg: "ModelConfig"):
         super().__init__()
 
@@ -87,21 +149,44 @@ class PositionMethod(nn.Module):
     def rotate(self, q: torch.Tensor, k: torch.Tensor, past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
-    def bias(self, q_len: int, k_len: int, past_len: int) -> torch.Tensor | None:
-        """Additive (H, q_len, k_len) bias including the causal mask, or None for plain causal."""
+    def bias(self, q_len: int, k_len: int, past_len: int, key_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Additive (H, q_len, k_len) bias including the causal mask, or None for plain causal.
+
+        ``key_mask`` (B, 1, 1, k_len), see :func:`key_padding_mask`, is for methods whose bias depends on
+        each row's padding (Falcon's absolute positions); they return (B, H, q_len, k_len)."""
         return None
 
 
 class Alibi(PositionMethod):
+    """m_h (j - i), slopes by the config's rule; Falcon's variant scales it and rounds it in bfloat16."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.n_head)), persistent=False)
+        slopes = torch.tensor(slopes_for(cfg.alibi_rule, cfg.n_head, cfg.alibi_bias_max), dtype=torch.float32)
+        self.register_buffer("slopes", slopes, persistent=False)
+        # Falcon adds the bias before the softmax scale: (qk + b) * s, i.e. effective slopes m_h * s.
+        self.bias_scale = cfg.attn_scale if cfg.alibi_scaled else 1.0
+        self.bf16 = cfg.alibi_bf16
+        self.fused_kernel_ok = not self.bf16
 
     def head_slopes(self):
-        return self.slopes
+        """Effective slopes (the bias scale folded in); None for the bf16 form, which no kernel implements."""
+        if self.bf16:
+            return None
+        return self.slopes if self.bias_scale == 1.0 else self.slopes * self.bias_scale
 
-    def bias(self, q_len, k_len, past_len):
-        return alibi_bias(self.slopes, q_len, k_len, past_len=past_len)
+    def bias(self, q_len, k_len, past_len, key_mask=None):
+        if not self.bf16:
+            return alibi_bias(self.head_slopes(), q_len, k_len, past_len=past_len)
+        k_pos = torch.arange(k_len, device=self.slopes.device)
+        q_pos = torch.arange(q_len, device=self.slopes.device) + past_len
+        future = k_pos[None, :] > q_pos[:, None]  # (q, k)
+        positions = k_pos
+        if key_mask is not None:  # left padding: a row's positions count from its first real token
+            n_pad = (key_mask[:, 0, 0, :] < 0).sum(-1, keepdim=True)  # (B, 1)
+            positions = (k_pos[None, :] - n_pad).clamp(min=0)  # (B, k)
+        bias = alibi_bias_bf16(self.slopes, positions) * self.bias_scale  # (H, 1, k) or (B, H, 1, k)
+        return bias.masked_fill(future, float("-inf"))  # (H, q, k) or (B, H, q, k)
 
 
 class Sinusoidal(PositionMethod):
@@ -159,6 +244,8 @@ class T5Bias(PositionMethod):
         self.num_buckets, self.max_distance = cfg.t5_num_buckets, cfg.t5_max_distance
         self.rel_bias = nn.Embedding(self.num_buckets, cfg.n_head)
 
+    fused_kernel_ok = False  # a learned bias per bucket, not a function of slopes
+
     def _bucket(self, distance: torch.Tensor) -> torch.Tensor:
         # distance = i - j >= 0; half the buckets are exact, the rest log-spaced up to max_distance.
         exact = self.num_buckets // 2
@@ -166,7 +253,7 @@ class T5Bias(PositionMethod):
         large = (exact + log_ratio * (self.num_buckets - exact)).long().clamp(max=self.num_buckets - 1)
         return torch.where(distance < exact, distance, large)
 
-    def bias(self, q_len, k_len, past_len):
+    def bias(self, q_len, k_len, past_len, key_mask=None):
         q_pos = torch.arange(q_len, device=self.rel_bias.weight.device) + past_len
         k_pos = torch.arange(k_len, device=self.rel_bias.weight.device)
         distance = q_pos[:, None] - k_pos[None, :]  # (q, k)
@@ -209,14 +296,20 @@ def _chunked(attend):
     return wrapper
 
 
+def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, 1, L, D) multi-query keys or values -> (B, heads, L, D) views, for kernels that do not broadcast."""
+    return t if t.shape[1] == heads else t.expand(t.shape[0], heads, *t.shape[2:])
+
+
 @_chunked
 def attend_eager(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
     """The explicit math: the reference every other implementation is tested against.
 
-    ``key_mask``: optional additive float (B, 1, 1, Lk) from :func:`key_padding_mask`."""
+    ``key_mask``: optional additive float (B, 1, 1, Lk) from :func:`key_padding_mask`. Multi-query
+    keys and values (B, 1, Lk, D) broadcast over the query heads in both products."""
     q_len, k_len = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, q, k)
-    bias = pos.bias(q_len, k_len, past_len)
+    bias = pos.bias(q_len, k_len, past_len, key_mask)
     if bias is None:
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -230,7 +323,8 @@ def attend_eager(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Te
 @_chunked
 def attend_sdpa(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
     """PyTorch's fastest portable path: a fused kernel with the bias passed as a float mask."""
-    bias = pos.bias(q.shape[2], k.shape[2], past_len)
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    bias = pos.bias(q.shape[2], k.shape[2], past_len, key_mask)
     if key_mask is not None:
         if bias is None:
             bias = alibi_bias(torch.zeros(1, device=q.device), q.shape[2], k.shape[2], past_len=past_len)
@@ -249,7 +343,7 @@ def attend_triton(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.T
     """The fused kernel computes the ALiBi term from the slopes; it never builds an L x L bias.
 
     It has no key mask: padded batches take SDPA."""
-    if (key_mask is not None or isinstance(pos, T5Bias) or q.device.type != "cuda"
+    if (key_mask is not None or not pos.fused_kernel_ok or q.device.type != "cuda"
             or q.dtype not in (torch.float16, torch.bfloat16)):
         return attend_sdpa(q, k, v, pos, past_len, key_mask)
     from .kernels import alibi_attention
@@ -257,7 +351,7 @@ def attend_triton(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.T
     slopes = pos.head_slopes()
     if slopes is None:  # absolute or rotary positions: plain causal attention is ALiBi with zero slopes
         slopes = torch.zeros(q.shape[1], device=q.device)
-    return alibi_attention(q, k, v, slopes, causal=True, past_len=past_len)
+    return alibi_attention(q, k, v, slopes, causal=True, past_len=past_len)  # multi-query k, v as they are
 
 
 def attend_auto(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Tensor | None = None):
@@ -267,7 +361,7 @@ def attend_auto(q, k, v, pos: PositionMethod, past_len: int, key_mask: torch.Ten
     no attention dropout (``dropout`` acts on the embeddings and residual branches), so training
     with dropout > 0 runs the kernel as well. Training inputs the kernel cannot take (fp32, another
     head size, a GPU before sm_80, no Triton) fall back to SDPA and say so once."""
-    if key_mask is None and q.is_cuda and not isinstance(pos, T5Bias):
+    if key_mask is None and q.is_cuda and pos.fused_kernel_ok:
         why_not = _fused_unsupported(q)
         if why_not is None:
             return attend_triton(q, k, v, pos, past_len)
@@ -306,11 +400,17 @@ _ATTEND = {"auto": attend_auto, "eager": attend_eager, "sdpa": attend_sdpa, "tri
 
 
 class CausalSelfAttention(nn.Module):
+    """One fused q|k|v projection (q: n_head heads, k and v: kv_heads), attention, output projection."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.proj_bias)
+        self.clip_qkv = cfg.clip_qkv
+        # Every attend scales q.k by 1/sqrt(head_dim); a model with its own scale (MPT's softmax_scale)
+        # rescales the queries once instead, so the attends (and the exported nodes) keep one form.
+        self.q_gain = None if cfg.softmax_scale is None else cfg.softmax_scale * math.sqrt(cfg.head_dim)
         self.attend = attend_auto  # swapped by AlibiLM.set_attention and, during export, by the exporter
 
     def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -319,13 +419,20 @@ class CausalSelfAttention(nn.Module):
             # An exporter's attention that takes the whole block: its own projections and cache (ONNX Attention).
             return self.attend(self, x, pos, past, key_mask)
         B, L, C = x.shape
-        qkv = self.qkv(x)  # slices, not split(): opset 17's Split has no num_outputs attribute
-        q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
-        q, k, v = (t.view(B, L, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        kv = self.n_kv_head * self.head_dim
+        qkv = self.qkv(x)  # (B, L, C + 2 kv)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        # slices, not split(): opset 17's Split has no num_outputs attribute
+        q, k, v = qkv[..., :C], qkv[..., C:C + kv], qkv[..., C + kv:]
+        q = q.view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k, v = (t.view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, Hkv, L, D)
+        if self.q_gain is not None:
+            q = q * self.q_gain
         past_len = 0
         if past is not None:
             past_len = past[0].shape[2]
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, H, past+L, D)
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # (B, Hkv, past+L, D)
         present = (k, v)
         q, k = pos.rotate(q, k, past_len)
         # Only padded batches pass a key mask, so attends without that parameter keep working.
@@ -333,31 +440,46 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, L, C)), present
 
 
+def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.ln_bias)
+
+
 class Block(nn.Module):
+    """Pre-LayerNorm block; BLOOM's residual from the LayerNorm output and Falcon's parallel form as options."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_1 = _layer_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.ln_2 = None if cfg.parallel_attn else _layer_norm(cfg)  # a parallel block has one LayerNorm
+        act = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias), act,
+                                 nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias))
         self.drop = nn.Dropout(cfg.dropout)
+        self.residual_post_ln = cfg.residual_post_ln
 
     def forward(self, x, pos, past=None, key_mask=None):
-        a, present = self.attn(self.ln_1(x), pos, past, key_mask)
-        x = x + self.drop(a)
-        return x + self.drop(self.mlp(self.ln_2(x))), present
+        h = self.ln_1(x)
+        a, present = self.attn(h, pos, past, key_mask)
+        if self.ln_2 is None:  # Falcon's parallel attention: both branches read ln_1(x)
+            return x + (self.drop(self.mlp(h)) + self.drop(a)), present
+        x = (h if self.residual_post_ln else x) + self.drop(a)
+        h = self.ln_2(x)
+        return (h if self.residual_post_ln else x) + self.drop(self.mlp(h)), present
 
 
 class AlibiLM(nn.Module):
-    """Pre-LayerNorm decoder-only LM with tied input/output embeddings."""
+    """Pre-LayerNorm decoder-only LM, with tied input/output embeddings unless the config says otherwise."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.ln_emb = _layer_norm(cfg) if cfg.embed_layernorm else None  # BLOOM's word_embeddings_layernorm
         self.pos = _POSITION_CLASSES[cfg.position](cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_f = _layer_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -395,12 +517,16 @@ class AlibiLM(nn.Module):
                 raise ValueError(f"attention_mask must have shape (batch, past + sequence) = ({input_ids.shape[0]}, "
                                  f"{past_len + input_ids.shape[1]}), got {tuple(attention_mask.shape)}")
             key_mask = key_padding_mask(attention_mask)  # (B, 1, 1, past + L)
-        x = self.drop(self.pos.embed(self.wte(input_ids), past_len))  # (B, L, d)
+        x = self.pos.embed(self.wte(input_ids), past_len)  # (B, L, d)
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        x = self.drop(x)
         presents = []
         for i, block in enumerate(self.blocks):
             x, present = block(x, self.pos, None if past_key_values is None else past_key_values[i], key_mask)
             presents.append(present)
-        logits = self.ln_f(x) @ self.wte.weight.T  # (B, L, V), tied embeddings
+        head = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = self.ln_f(x) @ head.T  # (B, L, V)
         return logits if past_key_values is None else (logits, presents)
 
     def num_parameters(self) -> int:

@@ -52,3 +52,38 @@ def test_bias_matches_direct_loop(q_len, k_len, past, causal):
                 else:
                     want = slopes[h] * ((j - pos_i) if causal else -abs(j - pos_i))
                     assert bias[h, i, j].item() == pytest.approx(want.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("heads", [1, 3, 4, 6, 8, 12, 16, 71])
+@pytest.mark.parametrize("bias_max", [8, 16, 4.5])
+def test_mpt_slopes_equal_transformers_builder(heads, bias_max):
+    """MPT's own rule, bit for bit in float32. With bias max 8 it is the paper's rule for every head count
+    (its odd-then-even reordering of the next power of two's slopes is the paper's interleaving); any
+    other bias max gives other slopes."""
+    mpt = pytest.importorskip("transformers.models.mpt.modeling_mpt")
+    from alibi_export.alibi import mpt_alibi_slopes
+
+    ref = mpt.build_mpt_alibi_tensor(heads, 5, bias_max)  # (H, 1, 5): m_h (j - 4)
+    mine = torch.tensor(mpt_alibi_slopes(heads, bias_max))[:, None, None] * torch.arange(-4, 1)
+    assert torch.equal(ref.float(), mine)
+    if bias_max == 8:
+        assert mpt_alibi_slopes(heads, bias_max) == pytest.approx(alibi_slopes(heads), rel=1e-6)
+    else:  # negative control: the bias max moves every slope
+        assert mpt_alibi_slopes(heads, bias_max) != pytest.approx(alibi_slopes(heads), rel=1e-3)
+
+
+@pytest.mark.parametrize("heads", [1, 3, 4, 6, 8, 12, 71])
+def test_paper_slopes_equal_bloom_and_falcon_builders(heads):
+    """BLOOM's and Falcon's slopes are the paper's (within float32 rounding: they take powers in float32);
+    Falcon's bias is then bf16(bf16(m) bf16(j)), which alibi_bias_bf16 reproduces exactly."""
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    falcon = pytest.importorskip("transformers.models.falcon.modeling_falcon")
+    from alibi_export.alibi import alibi_bias_bf16
+
+    mask = torch.ones(2, 600, dtype=torch.long)
+    ref = bloom.build_alibi_tensor(mask, heads, torch.float32).view(2, heads, 600)[0]  # m_h j
+    mine = torch.tensor(alibi_slopes(heads))[:, None] * torch.arange(600)
+    torch.testing.assert_close(ref, mine, rtol=2e-7 * 4, atol=0)  # a float32 ulp or two of m_h
+    ref_falcon = falcon.build_alibi_tensor(mask, heads, torch.float32).view(2, heads, 600)[0]
+    assert torch.equal(ref_falcon, alibi_bias_bf16(torch.tensor(alibi_slopes(heads)), torch.arange(600))[:, 0])
+    assert not torch.equal(ref_falcon, mine)  # negative control: the float32 bias is not Falcon's

@@ -76,7 +76,8 @@ def test_grads_float32(gpu):
 # tools/bench_attention_train.py --sweep may time computes the same function.
 BWD_CONFIGS = [(32, 64, 8, 3, 128, 32, 8, 3), (32, 128, 8, 3, 128, 64, 8, 3),
                (16, 64, 4, 3, 64, 64, 4, 3), (32, 64, 4, 3, 128, 64, 8, 2),
-               (16, 128, 8, 3, 128, 32, 8, 3)]
+               (16, 128, 8, 3, 128, 32, 8, 3), (32, 64, 4, 3, 128, 64, 8, 3),
+               (64, 64, 4, 2, 128, 64, 8, 2), (64, 128, 8, 2, 128, 64, 8, 3)]
 
 
 @pytest.mark.parametrize("cfg", BWD_CONFIGS, ids=lambda c: "-".join(map(str, c)))

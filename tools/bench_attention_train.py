@@ -38,9 +38,9 @@ from alibi_export.kernels import triton_alibi_bwd as kb  # noqa: E402
 
 DEV, DT, H, TOKENS = "cuda", torch.bfloat16, 16, 16384
 # backward configs timed by --sweep: (BLOCK_M, BLOCK_N, warps, stages) of dK/dV, then of dQ
-BWD_SWEEP = [(32, 64, 8, 3, 128, 32, 8, 3), (32, 128, 8, 3, 128, 64, 8, 3),
-             (16, 64, 4, 3, 64, 64, 4, 3), (32, 64, 4, 3, 128, 64, 8, 2),
-             (16, 128, 8, 3, 128, 32, 8, 3), (64, 64, 8, 2, 128, 64, 8, 2)]
+BWD_SWEEP = [(32, 64, 4, 3, 128, 64, 8, 3), (64, 64, 4, 2, 128, 64, 8, 2),
+             (64, 128, 8, 2, 128, 64, 8, 3), (32, 64, 4, 3, 128, 64, 8, 2),
+             (32, 128, 8, 3, 128, 64, 8, 3)]
 
 
 def bench(fn, grads=None):

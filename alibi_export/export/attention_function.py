@@ -22,7 +22,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from ..attention_contract import ATTRIBUTES, DOMAIN, MASKED_OP_TYPE, OP_TYPE
+from ..attention_contract import ATTRIBUTES, BF16_ATTRIBUTES, DOMAIN, MASKED_OP_TYPE, OP_TYPE
 
 __all__ = ["attention_function", "DEFAULT_Q_CHUNK", "DEFAULT_WHOLE_LEN"]
 
@@ -44,7 +44,7 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
 
 
 def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, out: str, *, masked: bool,
-                  causal: bool, alibi: bool) -> list[onnx.NodeProto]:
+                  causal: bool, alibi: bool, bf16: bool = False) -> list[onnx.NodeProto]:
     """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend) (None: all keys).
 
     The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
@@ -52,11 +52,14 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
     With ``masked`` the function's float32 ``key_mask_f`` (B, 1, 1, Lk) is added to the scores.
     ``causal`` and ``alibi`` (every slope > 0; False: all zero, plain attention) are fixed at export,
     so the graph holds only the passes it needs: with both, the causal -inf goes into (j - i) before
-    the slopes multiply it (a zero slope would turn that into NaN), one (H, C, kend) pass in all."""
+    the slopes multiply it (a zero slope would turn that into NaN), one (H, C, kend) pass in all.
+    ``bf16`` (Falcon): the per-key bias ``kbias`` built once by the function (see _falcon_key_bias) is
+    sliced to the chunk's keys and the causal -inf put over it."""
     n = helper.make_node
     logits = p + "logits_alibi" if masked else p + "logits"
     sources = [("k_t", "axis3"), ("v_f", "axis2"), ("k_pos_all", "axis0")]  # (B, H, D, k), (B, H, k, D), (k,)
     sources += [("key_mask_f", "axis3")] if masked else []  # (B, 1, 1, k)
+    sources += [("kbias", "axis_last")] if bf16 else []  # (H, 1, k) or (B, H, 1, k)
     keys = [n("Identity", [src], [p + src]) if kend is None else n("Slice", [src, "zero1", kend, axis], [p + src])
             for src, axis in sources]
     mask = [n("Add", [logits, p + "key_mask_f"], [p + "logits"])] if masked else []  # finite: padding rows stay finite
@@ -70,7 +73,10 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
         n("Sub", [p + "k_row", p + "q_col"], [p + "rel"]),  # (C, kend): j - i
     ]
     future = [n("Greater", [p + "rel", "zero_f"], [p + "future"])]
-    if causal and alibi:  # m_h (j - i), -inf above the diagonal; not scaled by 1/sqrt(d)
+    if bf16:  # Falcon: bias_scale * bf16(bf16(m) bf16(j)), -inf above the diagonal
+        assert causal and alibi, "Falcon's bf16 bias is causal ALiBi"
+        bias = [*positions, *future, n("Where", [p + "future", "neg_inf", p + "kbias"], [p + "bias"])]
+    elif causal and alibi:  # m_h (j - i), -inf above the diagonal; not scaled by 1/sqrt(d)
         bias = [*positions, *future, n("Where", [p + "future", "neg_inf", p + "rel"], [p + "rel_masked"]),
                 n("Mul", ["slopes3", p + "rel_masked"], [p + "bias"])]
     elif causal:  # zero slopes: the causal mask alone, built once for all heads
@@ -146,8 +152,40 @@ def _chunked_branch(**kind) -> onnx.GraphProto:
     return _graph("alibi_attention_chunked", nodes, [], [("l_out", TensorProto.FLOAT, None)])
 
 
+def _falcon_key_bias(masked: bool) -> list[onnx.NodeProto]:
+    """``kbias`` = bias_scale * bf16(bf16(m_h) * bf16(j)) per key, as Falcon computes it (see
+    alibi.alibi_bias_bf16): j counts from each row's first real token, so with a key mask it is
+    j - (padded keys in the row), (B, H, 1, Lk); without one (H, 1, Lk). The casts round to nearest
+    even in ONNX Runtime, as PyTorch's bfloat16 does."""
+    n = helper.make_node
+    bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    if masked:
+        positions = [
+            n("Less", ["key_mask_f", "zero_f"], ["padded_b"]),
+            n("Cast", ["padded_b"], ["padded_f"], to=f32),
+            n("ReduceSum", ["padded_f", "axis3"], ["n_pad"], keepdims=1),  # (B, 1, 1, 1)
+            n("Sub", ["k_pos_all", "n_pad"], ["k_pos_shift"]),
+            n("Max", ["k_pos_shift", "zero_f"], ["k_pos_row"]),  # (B, 1, 1, Lk)
+        ]
+    else:
+        positions = [n("Identity", ["k_pos_all"], ["k_pos_row"])]  # (Lk,)
+    return [
+        *positions,
+        _ref("bias_scale", "bias_scale", onnx.AttributeProto.FLOAT),
+        n("Cast", ["slopes3"], ["slopes_b"], to=bf16),
+        n("Cast", ["slopes_b"], ["slopes_r"], to=f32),
+        n("Cast", ["k_pos_row"], ["k_pos_b"], to=bf16),
+        n("Cast", ["k_pos_b"], ["k_pos_r"], to=f32),
+        n("Mul", ["slopes_r", "k_pos_r"], ["kbias_raw"]),  # exact in float32: 8 by at most 24 significant bits
+        n("Cast", ["kbias_raw"], ["kbias_b"], to=bf16),
+        n("Cast", ["kbias_b"], ["kbias_r"], to=f32),
+        n("Mul", ["kbias_r", "bias_scale"], ["kbias"]),
+    ]
+
+
 def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len: int = DEFAULT_WHOLE_LEN,
-                       masked: bool = False, causal: bool = True, alibi: bool = True) -> onnx.FunctionProto:
+                       masked: bool = False, causal: bool = True, alibi: bool = True,
+                       bf16: bool = False) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
 
     With ``masked``, ``AlibiAttentionMasked(q, k, v, key_mask) -> out`` instead, where ``key_mask``
@@ -158,12 +196,13 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     Up to ``whole_len``² query-key pairs the scores are computed whole (a Loop has a cost per
     iteration that dominates short sequences); beyond, in chunks of ``q_chunk`` queries.
     ``causal`` and ``alibi`` (slopes all > 0, else all 0) must match the node's attributes: the body
-    is specialized to them at export; see _attend_block.
+    is specialized to them at export; see _attend_block. ``bf16`` (Falcon's bias, attributes
+    ``bias_scale`` and ``bias_bf16``) likewise.
     """
     if q_chunk < 1:
         raise ValueError(f"q_chunk must be positive, got {q_chunk}")
     n = helper.make_node
-    kind = dict(masked=masked, causal=causal, alibi=alibi)
+    kind = dict(masked=masked, causal=causal, alibi=alibi, bf16=bf16)
     nodes = [
         _ref("slopes", "slopes", onnx.AttributeProto.FLOATS),
         _ref("scale", "scale", onnx.AttributeProto.FLOAT),
@@ -205,6 +244,9 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     if masked:
         inputs.append("key_mask")
         nodes.insert(-2, n("Cast", ["key_mask"], ["key_mask_f"], to=TensorProto.FLOAT))
+    if bf16:
+        nodes[-2:-2] = [_i64("axis_last", [-1]), *_falcon_key_bias(masked)]
     return helper.make_function(
         DOMAIN, MASKED_OP_TYPE if masked else OP_TYPE, inputs, ["out"], nodes,
-        opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES) + (list(BF16_ATTRIBUTES) if bf16 else []))

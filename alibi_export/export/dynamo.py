@@ -13,21 +13,34 @@ import warnings
 import onnx
 import torch
 
-from ..alibi import alibi_slopes
 from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION
 from ..model import AlibiLM, T5Bias, attend_eager
 from .attention_op import attention_op
 
-__all__ = ["dynamo_export"]
+__all__ = ["dynamo_export", "node_slopes"]
+
+
+def node_slopes(model: AlibiLM) -> list[float]:
+    """The slopes an attention node carries: effective ALiBi slopes, raw ones for the bf16 form, else zeros."""
+    cfg = model.config
+    if cfg.position != "alibi":
+        return [0.0] * cfg.n_head
+    slopes = model.pos.slopes if getattr(model.pos, "bf16", False) else model.pos.head_slopes()
+    return [float(s) for s in slopes]
 
 
 def _attention_node(model: AlibiLM):
     """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
-    with a key mask (KV-cache export) one AlibiAttentionMasked node."""
+    with a key mask (KV-cache export) one AlibiAttentionMasked node.
+
+    ``slopes`` are the effective ones (a scaled bias folded in). Falcon's bf16 bias is no function of
+    effective slopes: its node carries the raw slopes and ``bias_bf16`` = 1, ``bias_scale``, and its
+    function body computes that bias (see attention_function); a plugin must refuse such a node."""
     cfg = model.config
-    slopes = alibi_slopes(cfg.n_head) if cfg.position == "alibi" else [0.0] * cfg.n_head
-    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=[float(s) for s in slopes],
+    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=node_slopes(model),
                  scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
+    if getattr(model.pos, "bf16", False):
+        attrs.update(bias_bf16=1, bias_scale=float(model.pos.bias_scale))
 
     def attend(q, k, v, pos, past_len, key_mask=None):
         if key_mask is not None:

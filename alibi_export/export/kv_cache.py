@@ -1,8 +1,8 @@
 """The KV-cache decoder form: one graph for the prefill (past length 0) and every decoding step.
 
 Inputs: ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past_sequence + sequence; int64 1/0,
-left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch, heads,
-past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi
+left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch,
+kv heads (n_head, or 1 for multi-query), past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi
 columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
 absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
 """
@@ -57,7 +57,7 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.
 
     # The onnx form's cache holds the ALiBi columns beside each head (see attention_op).
     width = cfg.head_dim + (EXTRA_DIMS if form == "onnx" else 0)
-    cache = [torch.randn(_TRACE_BATCH, cfg.n_head, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
+    cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
     proto = dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset, form=form,
                            input_names=kv_input_names(cfg.n_layer), output_names=kv_output_names(cfg.n_layer))

@@ -10,14 +10,13 @@ import onnx.inliner
 import torch
 
 from .._io import check_replaceable, check_writable_dir
-from ..alibi import alibi_slopes
 from ..artifacts import PRODUCER, OnnxMetadata
 from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM
 from .attention_function import DEFAULT_Q_CHUNK, attention_function
-from .dynamo import dynamo_export
+from .dynamo import dynamo_export, node_slopes
 from .onnx_file import write_onnx, written_by_alibi_export
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
@@ -43,6 +42,20 @@ class ExportResult:
     metadata: OnnxMetadata
 
 
+def _check_onnx_form(cfg) -> None:
+    """The onnx attention form folds the q|k|v and output projections (with their biases) of a
+    multi-head block; refuse the attention variants it does not handle yet, rather than export a
+    different model. (Slope rules and a scaled bias reach it as effective slopes; LayerNorms, MLP and
+    block wiring are traced as usual.)"""
+    unsupported = {"n_kv_head": cfg.kv_heads != cfg.n_head, "qkv_bias": not cfg.qkv_bias,
+                   "proj_bias": not cfg.proj_bias, "clip_qkv": cfg.clip_qkv is not None,
+                   "softmax_scale": cfg.softmax_scale is not None, "alibi_bf16": cfg.alibi_bf16}
+    for name, refused in unsupported.items():
+        if refused:
+            raise ExportError(f"the onnx attention form does not handle {name}={getattr(cfg, name)!r} yet. "
+                              "Note: use the default (decomposed) form or --attention plugin")
+
+
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
            form: str = "plugin") -> onnx.ModelProto:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
@@ -60,7 +73,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
-                                                          causal=bool(attrs["causal"]), alibi=alibi))
+                                                          causal=bool(attrs["causal"]), alibi=alibi,
+                                                          bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
             proto = onnx.inliner.inline_local_functions(proto)
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
@@ -112,6 +126,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")  # before the minutes of tracing, not after
     cfg = checkpoint.config
+    if attention == "onnx":
+        _check_onnx_form(cfg)
     if kv_cache and attention == "onnx" and cfg.position == "rotary":
         # Rotary rotates every cached key by its position at each step; this form's op appends raw keys.
         raise ExportError("the onnx attention form has no KV cache for rotary positions. Note: use the "
@@ -135,7 +151,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         names = ["input_ids"], ["logits"]
     metadata = OnnxMetadata(
         version=__version__, position=cfg.position,
-        slopes=tuple(alibi_slopes(cfg.n_head)) if cfg.position == "alibi" else (), train_len=cfg.train_len,
+        slopes=tuple(node_slopes(model)) if cfg.position == "alibi" else (), train_len=cfg.train_len,
         source_name=checkpoint.path.resolve().name, source_sha256=checkpoint.sha256, dynamic_len=dynamic_len,
         dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
         tokenizer=checkpoint.tokenizer.to_str())  # the tokenizer travels inside: a served file needs nothing else

@@ -14,13 +14,16 @@ size L x L is ever stored. Two kernels, so that no accumulator needs atomics:
   every query head of the KV group, so under GQA/MQA dK and dV are summed over the group in
   registers and written once.
 * ``_bwd_dq_kernel``: one program per (query block, batch * head), walking the key blocks it sees.
+* ``_bwd_delta_kernel`` (run first): delta from the 16-bit dO and O in one pass.
 
 ``AlibiAttention`` (a ``torch.autograd.Function``) runs the forward kernel, which also stores
 ``lse``, and this backward; ``alibi_attention_train`` is its entry point.
 
 Scores are in log2 units (log2(e) folded into the scale and the slopes, ``lse`` stored in log2
-units by the forward), as in the forward. In both kernels the only masked tiles are the diagonal
-ones (causal) and the ragged last block: lengths need not be multiples of the block sizes.
+units by the forward), as in the forward. Causal tiles add the bias in rank-1 form (a per-key
+term plus a per-query term folded into lse), as the forward's column form does. In both kernels
+the only masked tiles are the diagonal ones (causal) and the ragged last block: lengths need not
+be multiples of the block sizes.
 """
 from __future__ import annotations
 
@@ -53,11 +56,17 @@ def _load_rows(src, start, offs0, stride, offs_d, n_rows, USE_TMA: tl.constexpr,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0, cols, Lq,
-               past_len, slope, qk_scale, sqm, sdom, offs_d,
+def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0, cols, col_b,
+               Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
                DOT_PREC: tl.constexpr):
-    """Add one query block's contribution to the key block's dK, dV (transposed tiles)."""
+    """Add one query block's contribution to the key block's dK, dV (transposed tiles).
+
+    Causal: the bias -m(i - j) = -m(i - j0) + m(j - j0) (j0 = cols[0]) is rank 1: ``col_b`` =
+    m(j - j0) per key, computed once per program, and m(i - j0) (``pos0`` = past_len - j0) is
+    folded into the row's lse, so a score costs one FMA and one subtraction (no per-element
+    int->float conversion). Where P is not negligible, m|i - j0| is bounded by the scores' range
+    plus m * BLOCK_N, so the fold loses no fp32 precision that matters."""
     offs_m = start_m + offs_m0
     q = _load_rows(q_src, start_m, offs_m0, sqm, offs_d, Lq, USE_TMA, MASKED)
     do = _load_rows(do_src, start_m, offs_m0, sdom, offs_d, Lq, USE_TMA, MASKED)
@@ -68,15 +77,16 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0
     else:
         lse = tl.load(lse_blk + offs_m)
         delta = tl.load(delta_blk + offs_m)
-    dist = (past_len + offs_m)[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j, exact
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
     if CAUSAL:
-        s_t = s_t - slope * dist.to(tl.float32)
+        row = lse + slope * (pos0 + offs_m).to(tl.float32)  # rows past Lq: inf
+        s_t = s_t + col_b[:, None] - row[None, :]
         if MASKED:
-            s_t = tl.where(dist >= 0, s_t, float("-inf"))
+            s_t = tl.where((past_len + offs_m)[None, :] >= cols[:, None], s_t, float("-inf"))
     else:
-        s_t = s_t - slope * tl.abs(dist).to(tl.float32)
-    p_t = tl.math.exp2(s_t - lse[None, :])
+        dist = (past_len + offs_m)[None, :] - cols[:, None]  # (BLOCK_N, BLOCK_M): i - j, exact
+        s_t = s_t - slope * tl.abs(dist).to(tl.float32) - lse[None, :]
+    p_t = tl.math.exp2(s_t)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -110,6 +120,7 @@ def _bwd_dkdv_kernel(
                 mask=c_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    pos0 = past_len - start_n  # query i sits at i + pos0 from the block's first key
 
     m_full = Lq // BLOCK_M * BLOCK_M
     if CAUSAL:
@@ -125,6 +136,7 @@ def _bwd_dkdv_kernel(
         h = hk * GROUP + g
         bh = b64 * H + h
         slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+        col_b = slope * tl.arange(0, BLOCK_N).to(tl.float32)
         q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
         do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
         if USE_TMA:  # rows past Lq read as zeros
@@ -139,15 +151,15 @@ def _bwd_dkdv_kernel(
         delta_blk = DELTA + bh * Lq
         for start_m in range(lo, tl.minimum(diag_end, Lq), BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
-                                cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
+                                cols, col_b, Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                                 CAUSAL, True, USE_TMA, DOT_PREC)
         for start_m in range(diag_end, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
-                                cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
+                                cols, col_b, Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                                 CAUSAL, False, USE_TMA, DOT_PREC)
         for start_m in range(tl.maximum(diag_end, m_full), Lq, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
-                                cols, Lq, past_len, slope, qk_scale, sqm, sdom, offs_d,
+                                cols, col_b, Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                                 CAUSAL, True, USE_TMA, DOT_PREC)
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hk.to(tl.int64) * sdkh + cols[:, None] * sdkn + offs_d[None, :],
@@ -157,23 +169,24 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope, qk_scale,
-             skn, svn, offs_d, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk, slope,
+             qk_scale, skn, svn, offs_d, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
              USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(k_src, start_n, offs_n, skn, offs_d, Lk, USE_TMA, MASKED)
     v = _load_rows(v_src, start_n, offs_n, svn, offs_d, Lk, USE_TMA, MASKED)
-    dist = cols[None, :] - rowpos[:, None]  # (BLOCK_M, BLOCK_N): j - i, exact
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if CAUSAL:
-        s = s + slope * dist.to(tl.float32)
+    if CAUSAL:  # rank-1 bias: lse holds lse_i + m(i - i0), i0 = q_pos0
+        s = s + (slope * (cols - q_pos0).to(tl.float32))[None, :] - lse[:, None]
         if MASKED:
-            s = tl.where((dist <= 0) & (cols < Lk)[None, :], s, float("-inf"))
+            s = tl.where((cols[None, :] <= rowpos[:, None]) & (cols < Lk)[None, :], s,
+                         float("-inf"))
     else:
-        s = s - slope * tl.abs(dist).to(tl.float32)
+        dist = cols[None, :] - rowpos[:, None]  # (BLOCK_M, BLOCK_N): j - i, exact
+        s = s - slope * tl.abs(dist).to(tl.float32) - lse[:, None]
         if MASKED:
             s = tl.where((cols < Lk)[None, :], s, float("-inf"))
-    p = tl.math.exp2(s - lse[:, None])
+    p = tl.math.exp2(s)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -208,6 +221,8 @@ def _bwd_dq_kernel(
                  + offs_d[None, :], mask=r_ok[:, None], other=0.0)
     row = pid_bh.to(tl.int64) * Lq + offs_m
     lse = tl.load(LSE + row, mask=r_ok, other=float("inf"))  # rows past Lq: P = 0
+    if CAUSAL:  # the row half of the rank-1 bias (see _dq_tile)
+        lse = lse + slope * tl.arange(0, BLOCK_M).to(tl.float32)
     delta = tl.load(DELTA + row, mask=r_ok, other=0.0)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
@@ -228,14 +243,32 @@ def _bwd_dq_kernel(
         n_full = Lk // BLOCK_N * BLOCK_N
         hi = Lk
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope,
-                      qk_scale, skn, svn, offs_d, CAUSAL, False, USE_TMA, DOT_PREC)
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk,
+                      slope, qk_scale, skn, svn, offs_d, CAUSAL, False, USE_TMA, DOT_PREC)
     for start_n in range(n_full, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, Lk, slope,
-                      qk_scale, skn, svn, offs_d, CAUSAL, True, USE_TMA, DOT_PREC)
+        dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk,
+                      slope, qk_scale, skn, svn, offs_d, CAUSAL, True, USE_TMA, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=r_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["H", "Lq"])
+def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq,
+                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id in fp32, read once from the 16-bit tensors (in torch it took
+    fp32 copies of both, several passes over memory)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = (offs_m < Lq)[:, None]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=ok,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 # Test / benchmark hook: force (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel then of
@@ -244,16 +277,17 @@ _BWD_CONFIG_OVERRIDE: tuple | None = None
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """Small query blocks for dK/dV and small key blocks for dQ: the resident tiles (K, V, dK, dV
-    resp. Q, dO, dQ) get the large side. Chosen CPU-side from ptxas -v for sm_90 (no spills; the
-    dK/dV kernel holds two fp32 accumulators: 128-key blocks at D=128 spill), see
-    tools/kernel_notes.md; tools/bench_attention_train.py --sweep times the alternatives. D=128: the
-    sweep's fastest at every length on an H200 (4 warps for dK/dV, 64-key dQ blocks, 2 stages): 1.36-1.60x
-    the first choice (BENCHMARKS.md)."""
+    """(BLOCK_M, BLOCK_N, warps, stages) of the dK/dV kernel, then of the dQ kernel.
+
+    D = 64 and 128: dK/dV on 64x64 tiles, 4 warps, 2 stages (2 stages keep it under 255
+    registers: 3 spill; ptxas -v for sm_90), dQ on 128x64 tiles, 8 warps, 3 stages: the fastest
+    dK/dV and the fastest dQ choice of the H200 sweep in tools/kernel_notes.md (issue 13 runs 1-2),
+    1.13-1.26x the previous defaults' fwd+bwd at L 2048-8192. D < 64 keeps the configs the GPU
+    tests covered first (32-query, 128-key dK/dV blocks; dQ 128x64)."""
     if dtype == torch.float32:
         return (32, 64, 4, 2, 64, 32, 4, 2)
-    if head_dim >= 128:
-        return (32, 64, 4, 3, 128, 64, 8, 2)
+    if head_dim >= 64:
+        return (64, 64, 4, 2, 128, 64, 8, 3)
     return (32, 128, 8, 3, 128, 64, 8, 3)
 
 
@@ -267,8 +301,11 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     forward kept: its output ``out`` and ``lse`` ((B*H*Lq,) fp32, log2 units)."""
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
-    q, k, v, do = (_unit_last(t) for t in (q, k, v, do))
-    delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, Lq): rowsum(dO * O)
+    q, k, v, do, out = (_unit_last(t) for t in (q, k, v, do, out))
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # rowsum(dO * O)
+    s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](out, do, delta, *s3(out), *s3(do), H, Lq,
+                                                    BLOCK=64, HEAD_DIM=D, num_warps=4)
     dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=k.dtype)
     dv = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=v.dtype)
@@ -276,7 +313,6 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     qk_scale = float(scale) * LOG2E
     group = H // H_kv
-    s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     use_tma = all(fwd._tma_ok(t, t.stride(), q.device) for t in (q, k, v, do))
     if use_tma and not _INTERPRET:
         fwd._ensure_allocator()

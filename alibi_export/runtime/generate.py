@@ -75,7 +75,7 @@ class GenerationSession:
         """Zero-length past tensors (batch, heads, 0, width) on the session's device: the prefill's cache."""
         from onnxruntime import OrtValue
 
-        empty = np.zeros((batch, self.config.n_head, 0, self.cache_width), dtype=self.cache_dtype)
+        empty = np.zeros((batch, self.config.kv_heads, 0, self.cache_width), dtype=self.cache_dtype)
         return [OrtValue.ortvalue_from_numpy(empty, self.device, self.device_id) for _ in self._past_names]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
@@ -133,8 +133,9 @@ class GenerationSession:
         ``greedy`` takes the argmax; ``greedy=False`` samples at ``temperature`` from the ``top_k`` most
         likely tokens and the smallest set whose probability reaches ``top_p``, with a generator seeded by
         ``seed`` (same seed, same text). A row stops at any of ``stop_tokens`` (ids or token strings;
-        default: the end-of-text token where the vocabulary has one). ``on_token(row, token_id, text)`` is
-        called for each new token with the text it adds (empty while a multi-byte character is incomplete).
+        default: the config's eos_token_id, else the end-of-text token where the vocabulary has one).
+        ``on_token(row, token_id, text)`` is called for each new token with the text it adds (empty while
+        a multi-byte character is incomplete).
         """
         rows = self._check_ids(prompt_ids)
         sampler = _Sampler(greedy, temperature, top_k, top_p, seed)
@@ -172,6 +173,8 @@ class GenerationSession:
 
     def _stop_ids(self, stop_tokens) -> set[int]:
         if stop_tokens is None:
+            if self.config.eos_token_id is not None:  # a Hugging Face model's config names its own
+                return {self.config.eos_token_id}
             eos = self.tokenizer.token_to_id(EOS_TOKEN)
             return set() if eos is None else {eos}
         ids = set()

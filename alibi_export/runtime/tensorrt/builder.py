@@ -130,6 +130,9 @@ def _parse(trt, builder, logger, onnx_path: Path, form: str, strongly_typed: boo
             parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)  # the plugin, not the function body
         proto = onnx.load(str(onnx_path))
         for node in proto.graph.node:  # the parser looks the creator up in the node's plugin_namespace
+            if node.op_type == "AlibiAttention" and any(a.name == "bias_bf16" for a in node.attribute):
+                raise EngineBuildError(f"{str(onnx_path)!r} has Falcon's bf16 ALiBi bias, which the AlibiAttention "
+                                       "plugin does not compute. Note: build from the default (decomposed) export")
             if node.op_type == "AlibiAttention" and not any(a.name == "plugin_namespace" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
         ok = parser.parse(proto.SerializeToString(), str(onnx_path))
