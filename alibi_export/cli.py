@@ -1,7 +1,6 @@
 """`alibi-export`: thin click commands over the library; every error a user can cause is one line."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -11,10 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import AlibiExportError
-
-_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = _ROOT / "models" / "alibi-small"
-DEFAULT_TEXT = _ROOT / "data" / "books-test-excerpt.txt"
+from .shipped import default_model, default_text
 
 
 def _lengths(ctx, param, value):
@@ -126,6 +122,7 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
 
     from .distributed import dist_info
     from .model import ModelConfig
+    from .progress import progress
     from .train import TrainConfig, preflight, train as run_training
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,19 +137,14 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
         except AlibiExportError:  # checked identically on every rank; rank 0 prints it
             sys.exit(1)
         return
-    preflight(cfg, resume=resume, overwrite=overwrite)  # before any work: a bad run is one line
-    with contextlib.ExitStack() as stack:
-        state = {"val": "", "bar": None}
+    preflight(cfg, resume=resume, overwrite=overwrite)  # before the progress bar: a bad run is one line
+    with progress(desc=f"training {position}", total=steps, unit="step") as bar:
 
         def on_progress(p):
-            if state["bar"] is None:  # shown from the first step: a refused input prints its error alone
-                state["bar"] = stack.enter_context(click.progressbar(
-                    length=steps, label=f"training {position}", show_pos=True, item_show_func=lambda s: s,
-                    file=sys.stderr))
-            if p.val_ppl is not None:
-                state["val"] = f" val_ppl {p.val_ppl:.2f}"
-                click.echo(f"\nstep {p.step}: loss {p.loss:.3f}{state['val']}", err=True)
-            state["bar"].update(1, f"loss {p.loss:.3f} {p.tokens_per_s:,.0f} tok/s{state['val']}")
+            bar.update(p.step - bar.n)  # a resumed run starts past step 0
+            bar.set_postfix_str(f"loss {p.loss:.3f}, {p.tokens_per_s:,.0f} tok/s", refresh=False)
+            if p.val_ppl is not None:  # evaluations are a log line, terminal or not
+                bar.write(f"step {p.step}: loss {p.loss:.3f} val_ppl {p.val_ppl:.2f}", file=sys.stderr)
 
         run_training(cfg, resume=resume, overwrite=overwrite, on_progress=on_progress)
     click.echo(f"wrote {out}")
@@ -161,10 +153,11 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
 def _default_model(model):
     if model:
         return Path(model)
-    if not DEFAULT_MODEL.is_dir():
-        raise click.ClickException(f"no MODEL given and the default model {DEFAULT_MODEL} is missing. "
+    shipped = default_model()  # package data: found wherever the package is installed
+    if not shipped.is_dir():
+        raise click.ClickException(f"no MODEL given and the default model {shipped} is missing. "
                                    "Note: pass a checkpoint folder")
-    return DEFAULT_MODEL
+    return shipped
 
 
 def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
@@ -206,10 +199,11 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
               help="Check parity and perplexity against PyTorch after export.")
 @click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16).")
 @click.option("--text", type=click.Path(), default=None, help="Text for perplexity (default: the shipped excerpt).")
+@click.option("--seed", type=int, help="Seed for the validation's random token ids (default: fresh).")
 @_one_line_errors
 def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_cache, ort_fusions, validate, lengths,
-         text):
-    """Export MODEL (default: models/alibi-small) to ONNX, then prove parity and perplexity across lengths."""
+         text, seed):
+    """Export MODEL (default: the shipped alibi-small) to ONNX, then prove parity and perplexity across lengths."""
     import time
 
     from ._io import check_replaceable, check_writable_dir
@@ -238,11 +232,11 @@ def onnx(model, out, dynamic_len, opset, dtype, attention, seq_len, batch, kv_ca
         return
     lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if dynamic_len else [seq_len or train_len])
     if kv_cache:
-        _validate_kv_cache(out, ckpt, lengths, train_len)
+        _validate_kv_cache(out, ckpt, lengths, train_len, seed=seed)
         return
-    if text is None and DEFAULT_TEXT.is_file():
-        text = DEFAULT_TEXT
-    _validate_and_report(out, ckpt, lengths, text, train_len, batch=1 if dynamic_len else batch)
+    if text is None and default_text().is_file():
+        text = default_text()
+    _validate_and_report(out, ckpt, lengths, text, train_len, batch=1 if dynamic_len else batch, seed=seed)
 
 
 def _source_checkpoint(onnx_path: Path, meta) -> Path:
@@ -251,7 +245,7 @@ def _source_checkpoint(onnx_path: Path, meta) -> Path:
     from ._io import sha256_file
     from .checkpoint import WEIGHTS
 
-    for folder in (onnx_path.parent / meta.source_name, DEFAULT_MODEL.parent / meta.source_name):
+    for folder in (onnx_path.parent / meta.source_name, default_model().parent / meta.source_name):
         if (folder / WEIGHTS).is_file() and sha256_file(folder / WEIGHTS) == meta.source_sha256:
             return folder
     raise click.ClickException(f"the checkpoint {meta.source_name!r} that {onnx_path} was exported from is neither "
@@ -386,11 +380,11 @@ def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cach
     click.echo(f"sidecar: {r.sidecar_path}")
 
 
-def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8):
+def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8, seed=None):
     from .validate import compare_kv_cache
 
     click.echo(f"KV-cache parity: prefill L-{steps} tokens, decode {steps} one at a time, vs one PyTorch forward")
-    result = compare_kv_cache(onnx_path, ckpt.model, lengths, steps=steps)
+    result = compare_kv_cache(onnx_path, ckpt.model, lengths, steps=steps, seed=seed)
     _print_parity(result, train_len=train_len)
     if not result:
         raise click.ClickException("parity check failed: ONNX Runtime logits differ from PyTorch beyond tolerance")

@@ -15,6 +15,7 @@ import numpy as np
 
 from ._io import atomic_path, check_replaceable, check_writable_dir
 from .errors import DataError
+from .progress import progress, runner_label
 
 __all__ = ["PerplexityRow", "perplexity", "evaluate_model", "write_json", "plot_perplexity", "check_outputs"]
 
@@ -66,16 +67,19 @@ def perplexity(runner, tokens: np.ndarray, lengths: list[int], *, stride: int | 
         if stride is not None and not 1 <= stride <= length:
             raise DataError(f"stride must be between 1 and the length ({length}), got {stride}")
     rows = []
-    with runner:
-        for length in lengths:
-            total, count, windows = 0.0, 0, 0
-            for start, first in _windows(len(tokens), length, stride):
+    plan = [(length, list(_windows(len(tokens), length, stride))) for length in lengths]
+    bar = progress(desc=f"perplexity {runner_label(runner)}", total=sum(len(w) for _, w in plan), unit="window")
+    with runner, bar:
+        for length, starts in plan:
+            bar.set_postfix_str(f"{length} tokens")
+            total, count = 0.0, 0
+            for start, first in starts:
                 window = tokens[start: start + length + 1]
                 logits = runner.infer({"input_ids": window[None, :-1]})["logits"][0]  # (length, V)
                 total += _nll(logits[first:], window[1 + first:])
                 count += length - first
-                windows += 1
-            rows.append(PerplexityRow(length, math.exp(total / count), count, windows))
+                bar.update(1)
+            rows.append(PerplexityRow(length, math.exp(total / count), count, len(starts)))
     return rows
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AlibiExportError
+from .progress import progress, runner_label
 
 __all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES", "tolerance_of"]
 
@@ -94,9 +95,11 @@ def _compare_runners(onnx_path, reference, candidate, lengths, *, batch, seed, t
     tol = tolerance or tolerance_of(read_metadata(onnx_path))
     rng = np.random.default_rng(seed)
     results = []
-    for length in lengths:
-        if length < 1:
-            raise AlibiExportError(f"lengths must be positive, got {length}")
+    if any(length < 1 for length in lengths):
+        raise AlibiExportError(f"lengths must be positive, got {min(lengths)}")
+    bar = progress(lengths, desc=f"parity {runner_label(candidate)}", unit="length")
+    for length in bar:
+        bar.set_postfix_str(f"{length} tokens")
         feed = [{"input_ids": rng.integers(0, cfg.vocab_size, size=(batch, length), dtype=np.int64)}]
         with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy logs every tensor at INFO
             runs = Comparator.run([reference, candidate], data_loader=feed)

@@ -1,18 +1,73 @@
-"""Shared fixtures: the shipped model, a tiny random model, and their ONNX exports (built once)."""
+"""Shared fixtures: the shipped model, a tiny random model, their ONNX exports (built once), and seeds.
+
+Every random draw in a test comes from the ``seed`` fixture (``rng`` for NumPy, ``torch_rng`` for
+PyTorch). The seed is derived from the test's id, so a run is reproducible and each test draws its own
+numbers; ``ALIBI_TEST_SEED=N`` gives every test the seed N, and ``ALIBI_TEST_SEED=random`` a fresh one
+per test (to hunt for flakes). A failing test prints its seed and the command that replays it.
+"""
 from __future__ import annotations
 
+import os
+import secrets
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from alibi_export import ModelConfig, AlibiLM, load, save
 from alibi_export.data import train_tokenizer
+from alibi_export.shipped import default_model, default_text, shipped_model
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "models" / "alibi-small"
-SHIPPED_SINUSOIDAL = ROOT / "models" / "sinusoidal-small"
-EXCERPT = ROOT / "data" / "books-test-excerpt.txt"
+SHIPPED = default_model()
+SHIPPED_SINUSOIDAL = shipped_model("sinusoidal-small")
+EXCERPT = default_text()
+SEED_ENV = "ALIBI_TEST_SEED"
+_SEED_KEY = pytest.StashKey[int]()
+
+
+def test_seed(nodeid: str) -> int:
+    """The seed of the test ``nodeid``: ALIBI_TEST_SEED if set, else a stable hash of the id."""
+    chosen = os.environ.get(SEED_ENV, "").strip()
+    if chosen == "random":
+        return secrets.randbelow(2**32)
+    if chosen:
+        return int(chosen)
+    return zlib.crc32(nodeid.encode())
+
+
+test_seed.__test__ = False  # a helper, not a test, despite its name
+
+
+@pytest.fixture
+def seed(request) -> int:
+    value = test_seed(request.node.nodeid)
+    request.node.stash[_SEED_KEY] = value
+    return value
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def torch_rng(seed) -> torch.Generator:
+    """A CPU generator: pass it as ``generator=`` and move the tensor, so CPU and CUDA draw the same numbers."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, print the test's seed and how to replay it (in the report's 'random seed' section)."""
+    outcome = yield
+    report = outcome.get_result()
+    value = item.stash.get(_SEED_KEY, None)
+    if value is not None and report.failed:
+        report.sections.append(("random seed", f"seed {value}; replay with {SEED_ENV}={value} "
+                                               f"python -m pytest {item.nodeid!r}"))
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +86,9 @@ def make_tiny(tmp_path: Path, tokenizer, **overrides) -> Path:
     """A tiny random model as a checkpoint folder (6 heads: not a power of two)."""
     cfg = ModelConfig(**{**dict(vocab_size=300, n_layer=2, n_head=6, d_model=48, d_ff=96, train_len=32,
                                 max_positions=32), **overrides})
-    torch.manual_seed(0)
-    model = AlibiLM(cfg)
+    with torch.random.fork_rng(devices=[]):  # fixed weights, and the global generator left as it was
+        torch.manual_seed(0)
+        model = AlibiLM(cfg)
     with torch.no_grad():  # random init gives near-zero logits; widen them so parity checks mean something
         model.wte.weight.mul_(20)
     save(model, tokenizer, tmp_path)
@@ -56,7 +112,6 @@ def shipped_onnx_fp16(tmp_path_factory, shipped):
     from alibi_export.export.onnx import export_onnx
 
     return export_onnx(shipped, tmp_path_factory.mktemp("onnx16") / "alibi-small-fp16.onnx", dtype="float16").path
-
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import pickle
 import shutil
 
 import pytest
@@ -72,9 +74,54 @@ def test_weights_not_matching_config(tiny_dir, tmp_path):
         load(ck)
 
 
-def test_never_unpickles(tiny_dir, tmp_path):
-    """A pickle renamed to model.safetensors is rejected as corrupt, never executed."""
-    ck = _copy(tiny_dir, tmp_path)
-    torch.save({"x": torch.zeros(1)}, ck / "model.safetensors")
+class _WritesSentinel:
+    """Unpickling this object opens (so creates) ``path``: proof that a loader ran pickle."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _plant_pickle(ck, sentinel, variant: str) -> None:
+    """Put a pickle whose loading writes ``sentinel`` where a loader might read weights."""
+    payload = {name: _WritesSentinel(sentinel) for name in ("wte.weight", "ln_f.weight")}
+    if variant == "safetensors-is-torch-save":  # torch.save's zip of pickles, named as safetensors
+        torch.save(payload, ck / "model.safetensors")
+    elif variant == "safetensors-is-raw-pickle":  # the legacy pickle format
+        (ck / "model.safetensors").write_bytes(pickle.dumps(payload, protocol=2))
+    else:  # only a legacy pytorch_model.bin: a loader that falls back to it must not unpickle it
+        (ck / "model.safetensors").unlink()
+        torch.save(payload, ck / "pytorch_model.bin")
+
+
+PICKLE_VARIANTS = ["safetensors-is-torch-save", "safetensors-is-raw-pickle", "pytorch-model-bin"]
+
+
+@pytest.mark.parametrize("variant", PICKLE_VARIANTS)
+def test_never_unpickles(tiny_dir, tmp_path, variant):
+    """A pickle where the weights should be is refused, and its code never runs (no sentinel file)."""
+    ck, sentinel = _copy(tiny_dir, tmp_path), tmp_path / "UNPICKLED"
+    _plant_pickle(ck, sentinel, variant)
     with pytest.raises(CheckpointError):
         load(ck)
+    assert not sentinel.exists(), "loading the checkpoint ran pickle code"
+
+
+def _careless_load(ck):
+    """The broken variant: a loader that unpickles whichever weights file it finds."""
+    weights = next(p for p in (ck / "model.safetensors", ck / "pytorch_model.bin") if p.exists())
+    with open(weights, "rb") as f:  # a file object: torch.load would hand a *.safetensors name to safetensors
+        return torch.load(f, weights_only=False)
+
+
+@pytest.mark.parametrize("variant", PICKLE_VARIANTS)
+def test_pickle_payload_is_live(tiny_dir, tmp_path, variant):
+    """Negative control for the test above: a loader that unpickles runs the payload, so the sentinel
+    check fails for it, whatever it raises afterwards."""
+    ck, sentinel = _copy(tiny_dir, tmp_path), tmp_path / "UNPICKLED"
+    _plant_pickle(ck, sentinel, variant)
+    with contextlib.suppress(Exception):
+        _careless_load(ck)
+    assert sentinel.exists()

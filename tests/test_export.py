@@ -17,33 +17,78 @@ from alibi_export.validate import TOLERANCES, compare
 TRAIN_LEN = 256
 
 
-def test_fp32_parity_far_beyond_training_length(shipped, shipped_onnx):
+def test_fp32_parity_far_beyond_training_length(shipped, shipped_onnx, seed):
     # 1 token, the training length (whole-score path), then 4x+3 and 10x (query-chunk Loop path).
     lengths = [1, 77, TRAIN_LEN, 4 * TRAIN_LEN + 3, 10 * TRAIN_LEN]
-    result = compare(shipped_onnx, TorchRunner(shipped.model), lengths, batch=1)
+    result = compare(shipped_onnx, TorchRunner(shipped.model), lengths, batch=1, seed=seed)
     worst = max(r.max_abs for r in result.lengths)
     assert result, f"max abs error {worst}"
     assert worst < 1e-3  # float32 through 4 layers: observed ~2e-5
     assert all(r.argmax_agreement == 1.0 for r in result.lengths)
 
 
-def test_fp32_parity_batched(shipped, shipped_onnx):
-    result = compare(shipped_onnx, TorchRunner(shipped.model), [300], batch=3)
+def test_fp32_parity_batched(shipped, shipped_onnx, seed):
+    result = compare(shipped_onnx, TorchRunner(shipped.model), [300], batch=3, seed=seed)
     assert result and result.lengths[0].argmax_agreement == 1.0
 
 
-def test_fp16_parity_at_8x_training_length(shipped, shipped_onnx_fp16):
-    """fp16 I/O and weights; the ALiBi term (up to m*L = 1024 at 8x) stays in float32 inside attention.
+# fp16 counts integers exactly only up to 2048: the long length goes past it (9x the training length), where
+# a bias built from fp16 positions is off by whole units and a float32 one is not.
+FP16_LENGTHS = [16, TRAIN_LEN, 9 * TRAIN_LEN]
 
-    Tolerance: |logits| reach ~20, where one fp16 ulp is 0.0156; TOLERANCES allows ~5 ulps absolute.
-    A bias computed in fp16 would be off by whole units at these positions and fail by far."""
-    lengths = [16, TRAIN_LEN, 8 * TRAIN_LEN]
-    result = compare(shipped_onnx_fp16, TorchRunner(shipped.model), lengths)
-    assert result, result
+
+def _fp16_long_length_check(onnx_path, model, seed):
+    """fp16 I/O and weights against the float32 PyTorch model at 1/16x, 1x and 9x the training length.
+
+    Tolerance: |logits| reach ~20, where one fp16 ulp is 0.0156; TOLERANCES allows ~5 ulps absolute
+    (observed 0.016). Returns the result and whether it passes, argmax agreement included."""
+    result = compare(onnx_path, TorchRunner(model), FP16_LENGTHS, seed=seed)
+    return result, bool(result) and all(r.argmax_agreement > 0.99 for r in result.lengths)
+
+
+def test_fp16_parity_past_fp16_exact_positions(shipped, shipped_onnx_fp16, seed):
+    """The ALiBi term (up to m*L = 1152 at 9x) and softmax stay in float32 inside attention."""
+    result, passed = _fp16_long_length_check(shipped_onnx_fp16, shipped.model, seed)
+    assert passed, result
     assert TOLERANCES["float16"]["atol"] <= 0.08
-    assert all(r.argmax_agreement > 0.99 for r in result.lengths)
     session = create_session(shipped_onnx_fp16)
     assert session.get_outputs()[0].type == "tensor(float16)"
+
+
+def _fp16_bias_block(real_block):
+    """_attend_block with the bias computed in fp16 arithmetic, as a bias built in the I/O dtype would be:
+    the positions, j - i and m*(j - i) each rounded to fp16 (each rounding of an exact float32 result
+    is what the fp16 operation gives)."""
+    from onnx import TensorProto, helper
+
+    def block(p, *args, **kwargs):
+        nodes = []
+        for node in real_block(p, *args, **kwargs):
+            name = node.output[0]
+            if name in {p + "q_pos", p + "k_row", p + "rel", p + "bias"}:
+                node.output[0] = name + "_f32"
+                nodes += [node, helper.make_node("Cast", [name + "_f32"], [name + "_f16"], to=TensorProto.FLOAT16),
+                          helper.make_node("Cast", [name + "_f16"], [name], to=TensorProto.FLOAT)]
+            else:
+                nodes.append(node)
+        return nodes
+
+    return block
+
+
+def test_fp16_check_rejects_a_bias_computed_in_fp16(shipped, tmp_path, monkeypatch, seed):
+    """Negative control for the check above: the same export with its bias in fp16 must fail it.
+
+    (A bias computed in float32 and only stored in fp16 would pass: with 8 heads the slopes are powers of
+    two, so m*(j - i) is exact in fp16 for |j - i| <= 2048. The positions are what fp16 loses.)"""
+    import alibi_export.export.attention_function as attention_function
+
+    monkeypatch.setattr(attention_function, "_attend_block", _fp16_bias_block(attention_function._attend_block))
+    broken = export_onnx(shipped, tmp_path / "bias16.onnx", dtype="float16").path
+    result, passed = _fp16_long_length_check(broken, shipped.model, seed)
+    assert not passed, result
+    assert result.lengths[-1].max_abs > 1.0  # off by far, not at the tolerance's edge (observed ~12)
+    assert all(r.passed for r in result.lengths[:-1]), result  # only a length past 2048 can tell them apart
 
 
 def _constants(graph: onnx.GraphProto):
@@ -64,51 +109,132 @@ def _constants(graph: onnx.GraphProto):
                 yield from _constants(attr.g)
 
 
+def _weights_by_shape(model: torch.nn.Module) -> dict[tuple, list[np.ndarray]]:
+    """The model's weights and their transposes (the exporter folds a Transpose into a new initializer)."""
+    by_shape: dict[tuple, list[np.ndarray]] = {}
+    for tensor in model.state_dict().values():
+        value = tensor.detach().float().numpy()
+        for candidate in (value, value.T) if value.ndim == 2 else (value,):
+            by_shape.setdefault(candidate.shape, []).append(candidate)
+    return by_shape
+
+
+def _length_sized_constants(proto: onnx.ModelProto, model: torch.nn.Module) -> list[str]:
+    """Every constant in ``proto`` (Loop bodies included) that is neither one of ``model``'s weights nor tiny.
+
+    A weight is recognized by what it holds, not by its shape: the shipped config has max_positions ==
+    d_model == 256, so a baked (256, 256) mask has the shape of a projection and a shape test lets it
+    through. A constant is exempt only when it equals a state-dict tensor (or its transpose) at the
+    export's dtype."""
+    weights = _weights_by_shape(model)
+    offenders = []
+    for name, value in _constants(proto.graph):
+        if value.size <= 8:  # scalars, axes, shapes, the H slopes
+            continue
+        if any(np.array_equal(value, w.astype(value.dtype)) for w in weights.get(value.shape, [])):
+            continue
+        offenders.append(f"{name} {value.dtype} {value.shape}")
+    return offenders
+
+
 def assert_no_length_constants(model: onnx.ModelProto, torch_model: torch.nn.Module, slopes: np.ndarray) -> None:
     """No constant in ``model`` but the weights of ``torch_model``, the H ``slopes`` and a few small
     ints: nothing sized by, or filled from, a maximum length. Inputs are dynamic (batch, sequence)."""
-    weights = {}
-    for p in torch_model.state_dict().values():
-        p = p.detach().float().numpy()
-        for w in (p, p.T):  # the exporter may store a transposed weight
-            weights.setdefault(w.shape, []).append(w)
-    n_slopes = 0
-    for name, value in _constants(model.graph):
-        if value.size > 8 and any(np.array_equal(value.astype(np.float32), w) for w in weights.get(value.shape, [])):
-            continue  # a learned weight: its shape is set by d_model, d_ff, vocab, never by a length
-        assert value.size <= 8, f"{name} has {value.size} elements {value.shape}: not a weight, not small"
-        if value.dtype == np.float32 and value.size == len(slopes) and np.allclose(value.ravel(), slopes):
-            n_slopes += 1
+    assert _length_sized_constants(model, torch_model) == []
+    slopes = np.asarray(slopes, dtype=np.float32).ravel()
+    n_slopes = sum(value.dtype == np.float32 and value.size == slopes.size and np.allclose(value.ravel(), slopes)
+                   for _, value in _constants(model.graph))
     assert n_slopes >= 1, "the H slopes must be in the graph"
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert inputs == {"input_ids": ["batch", "sequence"]}
 
 
-def test_no_tensor_depends_on_a_maximum_length(shipped, shipped_onnx):
-    assert_no_length_constants(onnx.load(shipped_onnx), shipped.model,
-                               np.array(alibi_slopes(shipped.config.n_head), dtype=np.float32))
+def _bake_initializer(proto, value):
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(value, "baked_max_len"))
 
 
-def test_model_metadata_and_versions(shipped, shipped_onnx):
+def _bake_in_loop_body(proto, value):
+    loop = next(n for n in _all_nodes(proto.graph) if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.type == onnx.AttributeProto.GRAPH)
+    body.node.insert(0, onnx.helper.make_node("Constant", [], ["baked_max_len"],
+                                              value=onnx.numpy_helper.from_array(value, "baked_max_len")))
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+
+
+@pytest.mark.parametrize("where", [_bake_initializer, _bake_in_loop_body], ids=["initializer", "loop-body"])
+@pytest.mark.parametrize("kind", ["causal-mask-LxL", "bias-Hx1xL"])
+def test_constants_check_catches_a_baked_maximum_length(shipped, shipped_onnx, where, kind):
+    """Negative control: the shipped graph with a (L, L) mask or an (H, 1, L) bias baked in at L = max_positions."""
+    cfg, length = shipped.config, shipped.config.max_positions
+    if kind == "causal-mask-LxL":
+        assert (length, length) in _weights_by_shape(shipped.model)  # the shape alone would pass for a weight
+        value = np.triu(np.full((length, length), -np.inf, np.float32), 1)
+    else:
+        slopes = np.array(alibi_slopes(cfg.n_head), np.float32)
+        value = (slopes[:, None, None] * -np.arange(length, dtype=np.float32)[::-1]).astype(np.float32)
+    proto = onnx.load(shipped_onnx)
+    where(proto, value)
+    assert _length_sized_constants(proto, shipped.model) == [f"baked_max_len float32 {value.shape}"]
+
+
+def _expected_metadata(ckpt, *, dtype: str, attention: str = "decomposed", dynamic_len: bool = True) -> dict:
+    """Every field an export of ``ckpt`` must record, decoded from its string form.
+
+    The one place the tests spell the metadata keys: when the format's owner (artifacts.py) renames
+    them or adds fields, this function changes and the tests below stay."""
+    from alibi_export import __version__
+
+    return {
+        "alibi_export.version": __version__,
+        "alibi_export.position": ckpt.config.position,
+        "alibi_export.slopes": pytest.approx(alibi_slopes(ckpt.config.n_head), rel=1e-7),
+        "alibi_export.train_len": ckpt.config.train_len,
+        "alibi_export.source_sha256": ckpt.sha256,
+        "alibi_export.source": str(ckpt.path),
+        "alibi_export.dynamic_len": dynamic_len,
+        "alibi_export.dtype": dtype,
+        "alibi_export.attention": attention,
+        "alibi_export.config": ckpt.config.to_dict(),
+        "alibi_export.tokenizer": json.loads(ckpt.tokenizer.to_str()),
+    }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_model_metadata_field_by_field(request, shipped, dtype):
+    proto = onnx.load(request.getfixturevalue("shipped_onnx" if dtype == "float32" else "shipped_onnx_fp16"))
+    got, want = {p.key: p.value for p in proto.metadata_props}, _expected_metadata(shipped, dtype=dtype)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():  # a string field as written; numbers, flags, lists and objects as JSON
+        assert (got[key] if isinstance(value, str) else json.loads(got[key])) == value, key
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_no_tensor_depends_on_a_maximum_length(request, shipped, dtype):
+    model = onnx.load(request.getfixturevalue("shipped_onnx" if dtype == "float32" else "shipped_onnx_fp16"))
+    assert_no_length_constants(model, shipped.model, np.array(alibi_slopes(shipped.config.n_head), np.float32))
+
+
+def test_model_versions(shipped_onnx):
     model = onnx.load(shipped_onnx)
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["alibi_export.position"] == "alibi"
-    assert json.loads(meta["alibi_export.slopes"]) == pytest.approx(alibi_slopes(8))
-    assert meta["alibi_export.train_len"] == "256"
-    assert meta["alibi_export.source_sha256"] == shipped.sha256
-    assert meta["alibi_export.version"]
     assert model.ir_version <= 13
     assert {o.domain for o in model.opset_import} == {""}
     onnx.checker.check_model(model, full_check=True)
 
 
 @pytest.mark.parametrize("opset", [17, 21])
-def test_opsets(tiny_dir, tmp_path, opset):
+def test_opsets(tiny_dir, tmp_path, opset, seed):
     ck = load(tiny_dir)
     res = export_onnx(ck, tmp_path / "m.onnx", opset=opset)
     model = onnx.load(res.path)
     assert [o.version for o in model.opset_import if o.domain == ""] == [opset]
-    assert compare(res.path, TorchRunner(ck.model), [5, 100])
+    assert compare(res.path, TorchRunner(ck.model), [5, 100], seed=seed)
 
 
 @pytest.mark.parametrize("opset", [11, 16, 99])
@@ -118,19 +244,19 @@ def test_unsupported_opset(tiny_dir, tmp_path, opset):
     assert not list(tmp_path.iterdir())
 
 
-def test_fixed_length_export(tiny_dir, tmp_path):
+def test_fixed_length_export(tiny_dir, tmp_path, rng):
     ck = load(tiny_dir)
     res = export_onnx(ck, tmp_path / "fixed.onnx", dynamic_len=False, batch=2, seq_len=48)
     session = create_session(res.path)
     assert session.get_inputs()[0].shape == [2, 48]
-    ids = np.random.default_rng().integers(0, 300, (2, 48))
+    ids = rng.integers(0, 300, (2, 48))
     got = session.run(None, {"input_ids": ids})[0]
     with torch.no_grad():
         want = ck.model(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_plugin_form_matches_default_export(shipped, shipped_onnx, tmp_path):
+def test_plugin_form_matches_default_export(shipped, shipped_onnx, tmp_path, rng):
     """One AlibiAttention node per block with a local function body: ONNX Runtime runs the same file."""
     res = export_onnx(shipped, tmp_path / "plugin.onnx", attention="plugin")
     model = onnx.load(res.path)
@@ -139,22 +265,22 @@ def test_plugin_form_matches_default_export(shipped, shipped_onnx, tmp_path):
     attrs = {a.name for a in nodes[0].attribute}
     assert {"num_heads", "head_dim", "slopes", "scale", "causal"} <= attrs
     assert [f.name for f in model.functions] == [OP_TYPE]
-    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, 700))
+    ids = rng.integers(0, shipped.config.vocab_size, (1, 700))
     plugin = create_session(res.path).run(None, {"input_ids": ids})[0]
     default = create_session(shipped_onnx).run(None, {"input_ids": ids})[0]
     np.testing.assert_allclose(plugin, default, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("position", ["sinusoidal", "rotary", "t5"])
-def test_other_position_methods_export(tiny_tokenizer, tmp_path, position):
+def test_other_position_methods_export(tiny_tokenizer, tmp_path, position, seed):
     from tests.conftest import make_tiny
 
     ck = load(make_tiny(tmp_path / "ck", tiny_tokenizer, position=position))
     res = export_onnx(ck, tmp_path / "m.onnx")
-    assert compare(res.path, TorchRunner(ck.model), [7, 64])
+    assert compare(res.path, TorchRunner(ck.model), [7, 64], seed=seed)
 
 
-def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch):
+def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch, seed):
     """Past protobuf's 2 GB limit the weights go to a side file; exercised here by lowering the limit."""
     import alibi_export.export.onnx as exp
 
@@ -166,13 +292,13 @@ def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch):
     locations = {e.value for t in onnx.load(res.path, load_external_data=False).graph.initializer
                  for e in t.external_data if e.key == "location"}
     assert locations == {data.name}  # relative to the .onnx
-    assert compare(res.path, TorchRunner(ck.model), [9])
+    assert compare(res.path, TorchRunner(ck.model), [9], seed=seed)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("alibi", [True, False])
 @pytest.mark.parametrize("lq,lk", [(5, 9), (40, 40), (33, 70)])  # whole and chunked paths, with past keys
-def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk):
+def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk, rng):
     """Every specialization of the function body, in ONNX Runtime, against softmax(qk/sqrt(d) + alibi_bias)v."""
     from onnx import TensorProto, helper
 
@@ -192,7 +318,6 @@ def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk):
     path = tmp_path / "attn.onnx"
     onnx.save(proto, path)
     sess = create_session(path)
-    rng = np.random.default_rng()
     q, k, v = (rng.standard_normal((2, H, n, D), dtype=np.float32) for n in (lq, lk, lk))
     got = sess.run(None, {"q": q, "k": k, "v": v})[0]
     bias = alibi_bias(torch.tensor(slopes), lq, lk, past_len=lk - lq, causal=causal).numpy()

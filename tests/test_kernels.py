@@ -21,6 +21,13 @@ from alibi_export.alibi import alibi_bias, alibi_slopes
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch(seed):
+    """Every torch.randn/randint below draws from the global generators (CPU and CUDA), seeded per test
+    by conftest's ``seed`` (printed when the test fails)."""
+    torch.manual_seed(seed)
+
+
 def test_import_is_lazy_and_error_is_actionable(monkeypatch):
     """Runs everywhere: importing the package never needs triton, and without triton (hidden here
     when it is installed) a call says how to get it."""

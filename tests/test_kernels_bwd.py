@@ -162,7 +162,7 @@ def test_model_training_grads(gpu):
     assert e_wrong > 1.5 * e_sdpa + 2e-3, (e_wrong, e_sdpa)
 
 
-def test_dropout_says_attention_stays_on_kernel(gpu, caplog, monkeypatch):
+def test_dropout_says_attention_stays_on_kernel(gpu, caplog, monkeypatch, seed):
     """ModelConfig.dropout > 0 drops embeddings and residual branches, not attention weights: the
     kernel keeps training attention, and the model says so once."""
     import alibi_export.kernels as K
@@ -174,6 +174,7 @@ def test_dropout_says_attention_stays_on_kernel(gpu, caplog, monkeypatch):
     monkeypatch.setattr(K, "alibi_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(model_mod, "_WARNED", set())
     cfg = ModelConfig(vocab_size=512, n_layer=2, n_head=8, d_model=256, d_ff=512, dropout=0.1)
+    torch.manual_seed(seed)  # weights, ids and dropout masks (CPU and CUDA generators)
     model = AlibiLM(cfg).to("cuda").train()
     ids = torch.randint(0, 512, (2, 100), device="cuda")
     with caplog.at_level("WARNING", logger="alibi_export.model"):

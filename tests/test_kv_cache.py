@@ -63,8 +63,8 @@ def _torch_logits(model, ids, attention_mask=None):
 PIECES = [1000, 1000] + [1] * 48
 
 
-def test_incremental_decoding_fp32_matches_full_forward_at_8x(shipped, session):
-    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
+def test_incremental_decoding_fp32_matches_full_forward_at_8x(shipped, session, rng):
+    ids = rng.integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
     incremental = _incremental(session, ids, PIECES)
     full = _incremental(session, ids, [ids.shape[1]])  # one forward, past length 0
     reference = _torch_logits(shipped.model, ids)
@@ -73,13 +73,13 @@ def test_incremental_decoding_fp32_matches_full_forward_at_8x(shipped, session):
     assert (incremental.argmax(-1) == reference.argmax(-1)).all()
 
 
-def test_incremental_decoding_fp16_matches_pytorch_at_8x(shipped, kv_onnx_fp16):
+def test_incremental_decoding_fp16_matches_pytorch_at_8x(shipped, kv_onnx_fp16, rng):
     """fp16 I/O, weights and cache; the ALiBi term (m*(j - i) up to ~1000 here) and softmax stay float32
     inside the attention function. Tolerance: TOLERANCES["float16"] (|logits| ~20, one fp16 ulp there is
     0.0156; a few ulps of rounding through 4 layers), as for the full-sequence fp16 export."""
     fp16 = GenerationSession(kv_onnx_fp16)
     assert fp16.cache_dtype == np.float16
-    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
+    ids = rng.integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
     incremental = _incremental(fp16, ids, PIECES)
     reference = _torch_logits(shipped.model, ids)
     tol = TOLERANCES["float16"]
@@ -89,7 +89,7 @@ def test_incremental_decoding_fp16_matches_pytorch_at_8x(shipped, kv_onnx_fp16):
 
 
 @pytest.mark.parametrize("form", ["op_session", "fused_session"])
-def test_onnx_attention_form_decoding_matches_pytorch_at_8x(request, shipped, form):
+def test_onnx_attention_form_decoding_matches_pytorch_at_8x(request, shipped, form, rng):
     """The Attention op appends to its own cache (head_dim + 8 wide: the ALiBi columns travel with each
     key) and keeps the causal mask bottom-right aligned. fp32; the folded term m*j (up to ~1000 here) is
     summed into the scores, an ulp of ~1e-4 there: hence 1e-3 (the default fp32 tolerance), not 1e-4."""
@@ -101,7 +101,7 @@ def test_onnx_attention_form_decoding_matches_pytorch_at_8x(request, shipped, fo
         assert len(node.input) == 6 and node.input[3] == ""  # past key/value, and no L x L mask at all
         assert {a.name: a.i for a in node.attribute if a.name == "is_causal"} == {"is_causal": 1}
     assert op_session.cache_width == shipped.config.head_dim + 8
-    ids = np.random.default_rng().integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
+    ids = rng.integers(0, shipped.config.vocab_size, (1, sum(PIECES)))
     incremental = _incremental(op_session, ids, PIECES)
     full = _incremental(op_session, ids, [ids.shape[1]])
     reference = _torch_logits(shipped.model, ids)
@@ -146,9 +146,8 @@ def test_fp16_onnx_attention_form_is_refused_on_cpu(shipped, tmp_path):
 
 
 @pytest.mark.parametrize("form", ["session", "op_session", "fused_session"])
-def test_left_padded_batch_matches_each_prompt_alone(request, shipped, form):
+def test_left_padded_batch_matches_each_prompt_alone(request, shipped, form, rng):
     session = request.getfixturevalue(form)
-    rng = np.random.default_rng()
     rows = [rng.integers(0, shipped.config.vocab_size, n).tolist() for n in (5, 40, 23)]
     from alibi_export.runtime.generate import _left_pad
 
@@ -179,9 +178,8 @@ def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("form", ["session", "op_session"])
-def test_greedy_generation_matches_pytorch(request, shipped, form):
+def test_greedy_generation_matches_pytorch(request, shipped, form, rng):
     session = request.getfixturevalue(form)
-    rng = np.random.default_rng()
     text = EXCERPT.read_text()
     start = int(rng.integers(0, len(text) - 2000))
     prompts = [session.tokenizer.encode(text[start:start + 1500]).ids,  # real text
@@ -228,12 +226,12 @@ def test_export_graph_and_metadata(shipped, kv_onnx):
     assert not any(node.op_type == MASKED_OP_TYPE for node in model.graph.node)  # decomposed: inlined
 
 
-def test_plugin_form_keeps_the_masked_node(shipped, session, tmp_path):
+def test_plugin_form_keeps_the_masked_node(shipped, session, tmp_path, rng):
     path = export_onnx(shipped, tmp_path / "kv-plugin.onnx", kv_cache=True, attention="plugin").path
     model = onnx.load(path)
     assert sum(node.op_type == MASKED_OP_TYPE for node in model.graph.node) == shipped.config.n_layer
     assert [f.name for f in model.functions] == [MASKED_OP_TYPE]
-    rows = [np.random.default_rng().integers(0, shipped.config.vocab_size, n).tolist() for n in (9, 3)]
+    rows = [rng.integers(0, shipped.config.vocab_size, n).tolist() for n in (9, 3)]
     assert GenerationSession(path).generate_ids(rows, 6).token_ids == session.generate_ids(rows, 6).token_ids
 
 
@@ -283,9 +281,9 @@ def test_cli_generate_refuses_a_model_without_kv_inputs(shipped_onnx):
     assert proc.returncode == 1 and proc.stderr.startswith("Error") and "no KV-cache inputs" in proc.stderr
 
 
-def test_cli_export_with_kv_cache_validates(tiny_dir, tmp_path):
+def test_cli_export_with_kv_cache_validates(tiny_dir, tmp_path, seed):
     out = tmp_path / "tiny-kv.onnx"
-    proc = _cli("onnx", tiny_dir, "--dynamic-len", "--kv-cache", "-o", out, "--lengths", "40,100")
+    proc = _cli("onnx", tiny_dir, "--dynamic-len", "--kv-cache", "-o", out, "--lengths", "40,100", "--seed", seed)
     assert proc.returncode == 0, proc.stderr
     assert "KV-cache parity" in proc.stdout and "parity PASS" in proc.stdout
     proc = _cli("onnx", tiny_dir, "--kv-cache", "-o", tmp_path / "f.onnx")

@@ -9,16 +9,17 @@ METHODS = ["alibi", "sinusoidal", "rotary", "learned", "t5"]
 
 
 def tiny(position, **kw):
-    torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=64, position=position, train_len=16,
                       max_positions=64, **kw)
-    return AlibiLM(cfg).eval()
+    with torch.random.fork_rng(devices=[]):  # fixed weights, and the global generator left as it was
+        torch.manual_seed(0)
+        return AlibiLM(cfg).eval()
 
 
 @pytest.mark.parametrize("position", METHODS)
-def test_sdpa_matches_eager(position):
+def test_sdpa_matches_eager(position, torch_rng):
     model = tiny(position)
-    ids = torch.randint(0, 97, (2, 40))
+    ids = torch.randint(0, 97, (2, 40), generator=torch_rng)
     with torch.no_grad():
         eager = model.set_attention("eager")(ids)
         sdpa = model.set_attention("sdpa")(ids)
@@ -27,9 +28,9 @@ def test_sdpa_matches_eager(position):
 
 
 @pytest.mark.parametrize("position", METHODS)
-def test_kv_cache_matches_full_forward(position):
+def test_kv_cache_matches_full_forward(position, torch_rng):
     model = tiny(position).set_attention("eager")
-    ids = torch.randint(0, 97, (1, 30))
+    ids = torch.randint(0, 97, (1, 30), generator=torch_rng)
     with torch.no_grad():
         full = model(ids)
         empty = [(torch.zeros(1, 4, 0, 8), torch.zeros(1, 4, 0, 8)) for _ in range(2)]
@@ -42,9 +43,9 @@ def test_kv_cache_matches_full_forward(position):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_query_chunking_is_exact(monkeypatch, impl):
+def test_query_chunking_is_exact(monkeypatch, impl, torch_rng):
     model = tiny("alibi").set_attention(impl)
-    ids = torch.randint(0, 97, (1, 300))
+    ids = torch.randint(0, 97, (1, 300), generator=torch_rng)
     with torch.no_grad():
         whole = model(ids)
         monkeypatch.setattr(model_mod, "CHUNK_SCORES", 4 * 300 * 37)  # forces chunks of 37 queries
@@ -57,12 +58,12 @@ def test_alibi_has_no_position_parameters():
     assert not any("wpe" in n or "rel_bias" in n for n in names)
 
 
-def test_alibi_attention_uses_unscaled_bias():
+def test_alibi_attention_uses_unscaled_bias(torch_rng):
     """One head, zero keys: the scores are exactly the bias m*(j-i), not m*(j-i)/sqrt(d)."""
     from alibi_export.model import Alibi, attend_eager
 
     cfg = ModelConfig(vocab_size=10, n_layer=1, n_head=1, d_model=64, d_ff=8, train_len=8)
-    q = torch.randn(1, 1, 3, 64)
+    q = torch.randn(1, 1, 3, 64, generator=torch_rng)
     k = torch.zeros(1, 1, 3, 64)
     v = torch.eye(3).reshape(1, 1, 3, 3)
     out = attend_eager(q, k, v, Alibi(cfg), 0)  # row i: softmax over j <= i of m*(j-i), m = 1/2^8
@@ -74,7 +75,7 @@ def test_alibi_attention_uses_unscaled_bias():
 def test_learned_positions_refuse_past_maximum():
     model = tiny("learned")
     with pytest.raises(ValueError, match="learned positions"):
-        model(torch.randint(0, 97, (1, 65)))
+        model(torch.zeros(1, 65, dtype=torch.long))
 
 
 @pytest.mark.parametrize("bad", [dict(position="xpos"), dict(n_head=3), dict(n_layer=0), dict(vocab_size="9")])

@@ -40,7 +40,7 @@ def onnx_attention_exports(tmp_path_factory, shipped):
 
 
 # ---------------------------------------------------------------- the onnx attention form (ONNX Runtime)
-def test_onnx_attention_form_matches_pytorch_in_onnxruntime(shipped, onnx_attention_exports):
+def test_onnx_attention_form_matches_pytorch_in_onnxruntime(shipped, onnx_attention_exports, seed):
     from alibi_export.runtime.pytorch import TorchRunner
     from alibi_export.validate import compare
 
@@ -50,7 +50,7 @@ def test_onnx_attention_form_matches_pytorch_in_onnxruntime(shipped, onnx_attent
     assert {o.version for o in proto.opset_import if o.domain == ""} == {23}
     for node in (n for n in proto.graph.node if n.op_type == "Attention"):  # causal, no (L, L) mask input
         assert len(node.input) == 3 and {a.name: a.i for a in node.attribute}["is_causal"] == 1
-    result = compare(path, TorchRunner(shipped.model), [1, 77, TRAIN_LEN, 16 * TRAIN_LEN])
+    result = compare(path, TorchRunner(shipped.model), [1, 77, TRAIN_LEN, 16 * TRAIN_LEN], seed=seed)
     assert result, [(r.length, r.max_abs) for r in result.lengths]
     # The folded m*j puts an ulp of 5e-4 into the fp32 scores at 4096 (max |dlogit| 5e-4..1.2e-3): a near-tie
     # among the 4096 positions flips its argmax in about 1 of 25 random draws (measured on CPU, before and
@@ -162,6 +162,37 @@ def test_engine_runner_is_polygraphys_trt_runner(trt, onnx_attention_exports, tm
     from polygraphy.backend.trt import TrtRunner
 
     assert isinstance(runner, TrtRunner)
+
+
+def test_build_phases_reach_the_progress_monitor_on_a_terminal(trt, onnx_attention_exports, tmp_path, monkeypatch):
+    """On a terminal TensorRT's build phases become bars (one per phase, stepped, then closed); in a pipe
+    (here: pytest's capture) no monitor is set at all."""
+    import alibi_export.runtime.tensorrt.builder as builder
+
+    class Bar:  # records what a tqdm bar would show
+        def __init__(self, *, desc, total, unit, position):
+            self.desc, self.total, self.n, self.closed = desc, total, 0, False
+            opened.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    opened = []
+    monkeypatch.setattr(builder, "progress", Bar)
+    monkeypatch.setattr(builder, "on_terminal", lambda: True)
+    builder.build_engine(onnx_attention_exports["float16"], tmp_path / "p.engine", min_len=1, opt_len=16,
+                         max_len=64, backend="tensorrt-rtx")
+    shown = [(bar.desc, bar.n, bar.total, bar.closed) for bar in opened]
+    assert shown, "TensorRT reported no build phase"
+    assert all(closed and 0 < n <= total for _, n, total, closed in shown if total), shown
+    monkeypatch.setattr(builder, "on_terminal", lambda: False)
+    opened.clear()
+    builder.build_engine(onnx_attention_exports["float16"], tmp_path / "q.engine", min_len=1, opt_len=16,
+                         max_len=64, backend="tensorrt-rtx")
+    assert opened == []
 
 
 # ---------------------------------------------------------------- builder errors

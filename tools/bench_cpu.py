@@ -17,7 +17,7 @@ Rows:
                head; same shapes, same count), in one ONNX Runtime graph: the floor under any export
                of this model, since no graph does fewer of them without skipping masked scores
 
-usage: python tools/bench_cpu.py [--model models/alibi-small] [--threads 2] [--json out.json]
+usage: python tools/bench_cpu.py [--model alibi_export/models/alibi-small] [--threads 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -141,8 +141,10 @@ def export_variants(model: str, out_dir: Path) -> dict:
 
 
 def main():
+    from alibi_export.shipped import default_model
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "models" / "alibi-small"))
+    ap.add_argument("--model", default=str(default_model()))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-lengths", default="256,512,1024,2048,4096")
     ap.add_argument("--memory-lengths", default="1024,4096,8192,16384")

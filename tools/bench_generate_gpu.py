@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from alibi_export import AlibiLM, ModelConfig, load, save  # noqa: E402
 from alibi_export.export.onnx import export_onnx  # noqa: E402
+from alibi_export.shipped import default_model  # noqa: E402
 
 
 def log(*a):
@@ -347,7 +348,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = AlibiLM(cfg).eval()
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    save(model, Tokenizer.from_file(str(ROOT / "models" / "alibi-small" / "tokenizer.json")), work / "ckpt")
+    save(model, Tokenizer.from_file(str(default_model() / "tokenizer.json")), work / "ckpt")
     t0 = time.perf_counter()
     if device == "cpu" and set(args.forms) - {"decomposed"}:
         args.forms = [f for f in args.forms if f == "decomposed"]  # fp16 onnx form: float32 accumulation needed

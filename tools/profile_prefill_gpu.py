@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from alibi_export import AlibiLM, ModelConfig, load, save  # noqa: E402
 from alibi_export.export.onnx import export_onnx  # noqa: E402
+from alibi_export.shipped import default_model  # noqa: E402
 
 
 def report(name: str, fn, top: int = 14) -> None:
@@ -60,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AlibiLM(cfg).eval()
     work = Path(tempfile.mkdtemp(prefix="profile-prefill-"))
-    save(model, Tokenizer.from_file(str(ROOT / "models" / "alibi-small" / "tokenizer.json")), work / "ckpt")
+    save(model, Tokenizer.from_file(str(default_model() / "tokenizer.json")), work / "ckpt")
     path = export_onnx(load(work / "ckpt"), work / "kv.onnx", kv_cache=True, dtype="float16", attention="onnx",
                        ort_fusions=args.ort_fusions).path
     session = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", {"use_tf32": 0})])

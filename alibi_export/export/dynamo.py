@@ -15,6 +15,7 @@ import torch
 
 from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION
 from ..model import AlibiLM, T5Bias, attend_eager
+from ._weights import detach_weights
 from .attention_op import attention_op
 
 __all__ = ["dynamo_export", "node_slopes"]
@@ -68,12 +69,13 @@ def _export_attention(model: AlibiLM, form: str = "plugin"):
 
 
 def dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
-                  input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
-    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node."""
+                  input_names: list[str], output_names: list[str]) -> tuple[onnx.ModelProto, dict]:
+    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node: the
+    graph with its weights pending, and the weights (see :mod:`alibi_export.export._weights`)."""
     with _export_attention(model, form), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
                                     input_names=input_names, output_names=output_names, optimize=True,
                                     verbose=False)
-    return program.model_proto
+    return detach_weights(program)

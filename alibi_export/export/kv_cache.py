@@ -2,7 +2,7 @@
 
 Inputs: ``input_ids`` (batch, sequence), ``attention_mask`` (batch, past_sequence + sequence; int64 1/0,
 left padding for prompts of different lengths) and ``past_key_values.{layer}.key|value`` (batch,
-kv heads (n_head, or 1 for multi-query), past_sequence, head_dim; head_dim + 8 in the onnx attention form, whose cache carries the ALiBi
+kv heads (n_head, or 1 for multi-query), past_sequence, head_dim; head_dim + 8 (see attention_op.extra_dims) in the onnx attention form, whose cache carries the ALiBi
 columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
 absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
 """
@@ -42,7 +42,7 @@ class _Decoder(torch.nn.Module):
         return (logits, *(t for kv in presents for t in kv))
 
 
-def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.ModelProto:
+def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
     """The dynamo export of ``model`` as a KV-cache decoder; batch, sequence and past are dynamic.
 
     Traced with a past of a few tokens; the past dim is declared with min=0 so that the prefill
@@ -53,14 +53,15 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> onnx.
     total = torch.export.Dim("total_sequence")  # past + sequence: torch.export has no sum of two dims
     ids = torch.randint(0, cfg.vocab_size, (_TRACE_BATCH, _TRACE_LEN))
     mask = torch.ones(_TRACE_BATCH, _TRACE_PAST + _TRACE_LEN, dtype=torch.int64)
-    from .attention_op import EXTRA_DIMS
+    from .attention_op import extra_dims
 
     # The onnx form's cache holds the ALiBi columns beside each head (see attention_op).
-    width = cfg.head_dim + (EXTRA_DIMS if form == "onnx" else 0)
+    width = cfg.head_dim + (extra_dims(cfg) if form == "onnx" else 0)
     cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
-    proto = dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset, form=form,
-                           input_names=kv_input_names(cfg.n_layer), output_names=kv_output_names(cfg.n_layer))
+    proto, weights = dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset,
+                                   form=form, input_names=kv_input_names(cfg.n_layer),
+                                   output_names=kv_output_names(cfg.n_layer))
     mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
     mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
-    return proto
+    return proto, weights

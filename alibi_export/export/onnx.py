@@ -15,6 +15,8 @@ from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
 from ..model import AlibiLM
+from ..progress import Steps
+from ._weights import attach_weights, weights_nbytes
 from .attention_function import DEFAULT_Q_CHUNK, attention_function
 from .dynamo import dynamo_export, node_slopes
 from .onnx_file import write_onnx, written_by_alibi_export
@@ -42,26 +44,34 @@ class ExportResult:
     metadata: OnnxMetadata
 
 
-def _check_onnx_form(cfg) -> None:
-    """The onnx attention form folds the q|k|v and output projections (with their biases) of a
-    multi-head block; refuse the attention variants it does not handle yet, rather than export a
-    different model. (Slope rules and a scaled bias reach it as effective slopes; LayerNorms, MLP and
-    block wiring are traced as usual.)"""
-    unsupported = {"n_kv_head": cfg.kv_heads != cfg.n_head, "qkv_bias": not cfg.qkv_bias,
-                   "proj_bias": not cfg.proj_bias, "clip_qkv": cfg.clip_qkv is not None,
-                   "softmax_scale": cfg.softmax_scale is not None, "alibi_bf16": cfg.alibi_bf16}
-    for name, refused in unsupported.items():
-        if refused:
-            raise ExportError(f"the onnx attention form does not handle {name}={getattr(cfg, name)!r} yet. "
-                              "Note: use the default (decomposed) form or --attention plugin")
-
-
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
-           form: str = "plugin") -> onnx.ModelProto:
+           form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
     return dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
                          input_names=["input_ids"], output_names=["logits"])
+
+
+def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
+    """The module to trace: the checkpoint's own when it is already in ``dtype`` (a second copy of the
+    weights would raise the export's peak memory by 1x; the export swaps attention only inside a
+    context manager that restores it), else a copy allocated directly in ``dtype``, its buffers (slopes,
+    frequencies, which the state dict does not hold) copied from the checkpoint's in ``dtype`` too."""
+    source, target = checkpoint.model, getattr(torch, dtype)
+    if all(p.dtype == target and p.device.type == "cpu" for p in source.parameters()) and not source.training:
+        return source
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(target)  # the parameters are allocated in the export's dtype, not float32 first
+    try:
+        model = AlibiLM(checkpoint.config).to(target)  # .to: the buffers built in float32 too, as before
+    finally:
+        torch.set_default_dtype(default)
+    model.load_state_dict(source.state_dict())  # copy_ converts each tensor
+    buffers = dict(source.named_buffers())  # the non-persistent ones (slopes, frequencies) are not in the state
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return model.eval()
 
 
 def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, metadata: dict) -> onnx.ModelProto:
@@ -76,7 +86,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
                                                           causal=bool(attrs["causal"]), alibi=alibi,
                                                           bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
-            proto = onnx.inliner.inline_local_functions(proto)
+            proto = onnx.inliner.inline_local_functions(proto)  # small: the weights are not in it
             kept = [o for o in proto.opset_import if o.domain != DOMAIN]
             del proto.opset_import[:]
             proto.opset_import.extend(kept)
@@ -90,7 +100,8 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
 
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
-                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False) -> ExportResult:
+                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False,
+                external_data_threshold: int | None = None) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -104,6 +115,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``ort_fusions`` (onnx
     form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
     :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else.
+    When the weights exceed ``external_data_threshold`` bytes (default: just under protobuf's 2 GB
+    limit) they go to one data file ``OUT.data`` beside the file, named by a relative location so the
+    pair can be moved together; tests lower the threshold to run that path on tiny models.
     """
     from .. import __version__
 
@@ -126,8 +140,6 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")  # before the minutes of tracing, not after
     cfg = checkpoint.config
-    if attention == "onnx":
-        _check_onnx_form(cfg)
     if kv_cache and attention == "onnx" and cfg.position == "rotary":
         # Rotary rotates every cached key by its position at each step; this form's op appends raw keys.
         raise ExportError("the onnx attention form has no KV cache for rotary positions. Note: use the "
@@ -135,20 +147,20 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     seq_len = seq_len or cfg.train_len
     if batch < 1 or seq_len < 1:
         raise ExportError(f"batch and sequence length must be positive, got {batch} and {seq_len}")
-    model = AlibiLM(cfg)
-    model.load_state_dict(checkpoint.model.state_dict())
-    model = model.to(getattr(torch, dtype)).eval()
+    steps = Steps(f"export {out.name}", ("trace (torch.onnx dynamo)", "assemble graph", "write and check"))
+    model = _export_model(checkpoint, dtype)
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
     if kv_cache:
         from .kv_cache import kv_input_names, kv_output_names, trace_kv_cache
 
-        proto = trace_kv_cache(model, opset=opset, form=attention)
+        proto, weights = trace_kv_cache(model, opset=opset, form=attention)
         names = kv_input_names(cfg.n_layer), kv_output_names(cfg.n_layer)
     else:
-        proto = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
+        proto, weights = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
+    steps.next()
     metadata = OnnxMetadata(
         version=__version__, position=cfg.position,
         slopes=tuple(node_slopes(model)) if cfg.position == "alibi" else (), train_len=cfg.train_len,
@@ -160,10 +172,17 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 
+        attach_weights(proto, weights)  # ONNX Runtime's optimizer reads them
+        weights = {}
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
         log.info("ONNX Runtime fusions: %s", fused)
+    steps.next()
     # Protobuf holds at most 2 GB: past that the weights go to one data file beside OUT.
-    large = sum(t.ByteSize() for t in proto.graph.initializer) > _TWO_GB - (64 << 20)
-    write_onnx(proto, out, external_data=large)
+    threshold = _TWO_GB - (64 << 20) if external_data_threshold is None else external_data_threshold
+    large = weights_nbytes(proto, weights) > threshold
+    if not large:
+        attach_weights(proto, weights)
+    write_onnx(proto, out, external_data=large, weights=weights if large and weights else None)
+    steps.close()
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
     return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)

@@ -21,6 +21,7 @@ import onnx
 from .._io import check_replaceable, check_writable_dir, sha256_file
 from ..artifacts import PRODUCER
 from ..errors import ExportError
+from ._weights import write_external_data
 
 __all__ = ["write_onnx", "written_by_alibi_export", "data_files_of", "PRODUCER"]
 
@@ -69,11 +70,13 @@ def _set_location(proto: onnx.ModelProto, location: str) -> None:
                 entry.value = location
 
 
-def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data: bool) -> Path | None:
+def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data: bool,
+               weights: dict | None = None) -> Path | None:
     """Check ``proto`` and write it to ``out``; with ``external_data`` its weights go to one data file beside it.
 
     Returns the data file's path, or None. ``out`` may be replaced only if this tool wrote it. ``proto`` is
-    consumed: with external data its tensors are emptied as they are written."""
+    consumed: with external data its tensors are emptied as they are written. ``weights``: the weights an
+    export kept apart from ``proto`` (see :mod:`._weights`), streamed into the data file one tensor at a time."""
     out = Path(out)
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")
@@ -82,7 +85,10 @@ def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data:
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
         staged = Path(staging) / out.name
         if external_data:
-            onnx.save(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=_STAGED)
+            if weights is not None:
+                write_external_data(proto, weights, Path(staging) / _STAGED, _STAGED)
+            else:
+                onnx.save(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=_STAGED)
             digest = sha256_file(Path(staging) / _STAGED)
             data = out.with_name(f"{out.name}.{digest[:16]}.data")
             _set_location(proto, data.name)  # the tensors now only point to their bytes: rewriting is cheap

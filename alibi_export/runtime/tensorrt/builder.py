@@ -18,6 +18,7 @@ from ..._io import atomic_files, atomic_path, check_replaceable, check_writable_
 from ...artifacts import PRODUCER, EngineSidecar, is_our_engine, read_metadata, relative_to_artifact, sidecar_path
 from ...attention_contract import OP_TYPE
 from ...errors import EngineBuildError
+from ...progress import Steps, on_terminal, progress
 from ._trt import BACKENDS, backend_of, import_trt
 
 __all__ = ["LengthProfile", "BuildResult", "build_engine", "attention_form", "PRECISIONS"]
@@ -98,6 +99,32 @@ def _logger(trt):
                 log.debug("%s", msg)  # e.g. one per Loop about its trip count; not the user's concern
 
     return Logger()
+
+
+def _progress_monitor(trt):
+    """TensorRT's build phases as nested bars (set only on a terminal: elsewhere nothing would show)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bars = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.bars[phase_name] = progress(desc=phase_name, total=num_steps, unit="step",
+                                             position=len(self.bars) + 1)  # below the build's own bar
+
+        def step_complete(self, phase_name, step):
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)  # steps count from 0
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    return Monitor()
 
 
 def _typing(trt, backend: str, onnx_dtype: str, precision: str) -> tuple[bool, list]:
@@ -189,12 +216,17 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
                                "Note: for TensorRT-RTX export with `--attention onnx` (native attention); the "
                                "plugin needs the full TensorRT (--backend tensorrt)")
     strongly_typed, flags = _typing(trt, backend, onnx_dtype, precision)
+    steps = Steps(f"engine {engine_path.name}", ("parse", f"build ({backend})", "write"))
     logger = _logger(trt)
     builder = trt.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path, form, strongly_typed)
     layer_types = dict(Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
                        .most_common())
+    steps.next()
     config = builder.create_builder_config()
+    monitor = _progress_monitor(trt) if on_terminal() else None  # held here while TensorRT calls it
+    if monitor is not None:
+        config.progress_monitor = monitor
     for flag in flags:
         config.set_flag(flag)
     shapes = profile.shapes()
@@ -217,6 +249,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
                 "`--attention onnx` (native attention)" if form == _DECOMPOSED and backend == "tensorrt-rtx" else "")
         raise EngineBuildError(f"{backend} {trt.__version__} failed to build an engine from {str(onnx_path)!r}."
                                f"{hint}. TensorRT said: {said}".replace("..", "."))
+    steps.next()
     if cache_path is not None:
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
@@ -235,6 +268,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
     with atomic_files([engine_path, side]) as (tmp_engine, tmp_side):
         tmp_engine.write_bytes(memoryview(plan))
         tmp_side.write_text(sidecar.to_json())
+    steps.close()
     log.info("built %s (%s %s, %s, %s) in %.1fs", engine_path, backend, trt.__version__, precision, form, seconds)
     return BuildResult(engine_path, side, backend, trt.__version__, precision, form, layer_types, seconds, sidecar)
 
