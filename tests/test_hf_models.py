@@ -9,6 +9,7 @@ with parallel attention and no bias).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -156,6 +157,56 @@ def test_ort_matches_transformers_at_1x_and_16x(models, variant):
         ids = _ids(seed, (2, length))
         rel = _rel(session.run(None, {"input_ids": ids})[0], m.logits(ids))
         assert rel <= FP32_REL, f"{variant} at {length} tokens (seed {seed}): relative error {rel:.2e}"
+
+
+@contextlib.contextmanager
+def _float64_softmax():
+    """transformers' BLOOM and MPT cast their scores to float32 for the softmax (``dtype=torch.float32``,
+    ``.float()``) even in a ``.double()`` model, which costs ~1e-5 at 2048 tokens; this undoes both casts
+    for float64 tensors only, so ``.double()`` computes the model wholly in float64 (the float64 truth)."""
+    softmax, to_float = torch.nn.functional.softmax, torch.Tensor.float
+
+    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    torch.nn.functional.softmax = softmax64
+    torch.Tensor.float = lambda t, *a, **k: t if t.dtype == torch.float64 else to_float(t, *a, **k)
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax, torch.Tensor.float = softmax, to_float
+
+
+def _absolute_position_bias(slopes, q_len, k_len, *, past_len=0, **_):
+    """m_h * j (transformers' BLOOM/MPT form: softmax ignores the per-query m_h * i) in float32."""
+    from alibi_export.alibi import alibi_bias
+
+    rows = (torch.arange(q_len) + past_len).float()
+    return alibi_bias(slopes, q_len, k_len, past_len=past_len) + slopes.float()[:, None, None] * rows[None, :, None]
+
+
+def test_export_vs_float64_beats_transformers_fp32_at_2048(models, monkeypatch):
+    """Against the float64 truth (the same transformers model in float64, softmax included) at 2048
+    tokens (64x), the fp32 export meets the issue's 1e-5 and is at least 2x closer than transformers'
+    own fp32 forward: the fp32-vs-fp32 bar is limited by transformers' rounding. Its bias is m_h * j
+    (up to m_h * 2048 in float32 scores, ulp ~1e-4), ours m_h * (j - i) (small where the softmax weight
+    is). Measured (seed 10): export 6.9e-7, transformers fp32 8.8e-6. Negative control: our PyTorch
+    model with the bias as m_h * j has transformers' error (8.5e-6) and fails the 2x bound."""
+    m = models(FAST[0])
+    ids = _ids(10, (1, 2048))
+    fp32 = m.logits(ids)
+    try:
+        with _float64_softmax():
+            truth = m.hf.double()(torch.from_numpy(ids)).logits.detach().numpy()
+    finally:
+        m.hf.float()
+    theirs = _rel(fp32, truth)
+    ours = _rel(create_session(m.export()).run(None, {"input_ids": ids})[0], truth)
+    assert ours <= FP32_REL and ours <= theirs / 2, f"export {ours:.2e}, transformers fp32 {theirs:.2e} (seed 10)"
+    monkeypatch.setattr("alibi_export.model.alibi_bias", _absolute_position_bias)
+    with torch.no_grad():
+        control = _rel(m.ckpt.model(torch.from_numpy(ids)).numpy(), truth)
+    assert control > theirs / 2, f"the m_h * j control ({control:.2e}) passes the bound: the test cannot tell"
 
 
 @pytest.mark.parametrize("variant", FAST)
