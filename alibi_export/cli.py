@@ -1,6 +1,7 @@
 """`alibi-export`: thin click commands over the library; every error a user can cause is one line."""
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -24,15 +25,36 @@ def _lengths(ctx, param, value):
     return lengths
 
 
+# Operating-system errors a user causes or can fix: a wrong path, permissions, a full or read-only disk.
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _one_line_errors(fn):
-    """Turn the library's errors into `Error: ...` and exit 1, never a traceback."""
+    """User mistakes become `Error: ...` and exit 1, never a traceback.
+
+    Anything else is a bug: one line that says so, and with -v (--verbose) its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (AlibiExportError, ValueError, OSError) as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except (click.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise  # click's own ways out
+        except (AlibiExportError, *_USER_OS_ERRORS) as e:
+            raise click.ClickException(_first_line(e)) from None
+        except Exception as e:
+            if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+                raise click.ClickException(_first_line(e)) from None
+            ctx = click.get_current_context(silent=True)
+            if ctx is not None and ctx.find_root().params.get("verbose"):
+                raise  # the traceback, for a bug report
+            raise click.ClickException(f"internal error: {type(e).__name__}: {_first_line(e)}. Note: this is a bug "
+                                       "in alibi-export; run with -v for the traceback") from None
 
     return wrapper
 
@@ -55,7 +77,8 @@ class _OneLineErrors(click.Group):
 
 @click.group(cls=_OneLineErrors)
 @click.version_option(package_name="alibi-export")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress of the library.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress of the library; show the traceback of an "
+                                                     "internal error.")
 def main(verbose: bool):
     """Export ALiBi language models to ONNX and TensorRT, and prove they still extrapolate."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -196,9 +219,6 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     import time
 
     from ._io import check_replaceable, check_writable_dir
-    from .checkpoint import load
-    from .export.genai import export_genai
-    from .export.onnx import export_onnx
     from .export.targets import resolve_target
     from .export.onnx_file import written_by_alibi_export
 
@@ -214,6 +234,10 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     check_writable_dir(out.parent)
     if not genai:  # a genai folder is checked by export_genai, which owns that format
         check_replaceable(out, written_by_alibi_export, "ONNX file")
+    from .checkpoint import load  # torch: after the checks above, so that they answer at once
+    from .export.genai import export_genai
+    from .export.onnx import export_onnx
+
     ckpt = load(model)
     train_len = ckpt.config.train_len
     t0 = time.perf_counter()
@@ -284,6 +308,19 @@ def _quantization_gate(onnx_path, ckpt, lengths, text, train_len, tolerance=None
                                    "(--ppl-tolerance changes it)")
 
 
+def _source_checkpoint(onnx_path: Path, meta) -> Path:
+    """The checkpoint an export came from: a folder of the recorded name beside the file or among the
+    shipped models, whose weights have the recorded SHA-256 (the file records no path)."""
+    from ._io import sha256_file
+    from .checkpoint import WEIGHTS
+
+    for folder in (onnx_path.parent / meta.source_name, default_model().parent / meta.source_name):
+        if (folder / WEIGHTS).is_file() and sha256_file(folder / WEIGHTS) == meta.source_sha256:
+            return folder
+    raise click.ClickException(f"the checkpoint {meta.source_name!r} that {onnx_path} was exported from is neither "
+                               "beside it nor shipped. Note: pass --model CHECKPOINT_FOLDER")
+
+
 def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, seed=None, provider="cpu"):
     from .data import encode_text, read_text
     from .perplexity import perplexity
@@ -307,7 +344,8 @@ def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, see
 
 @main.command()
 @click.argument("onnx_file", type=click.Path())
-@click.option("--model", "model", type=click.Path(), help="Source checkpoint (default: the one recorded in the file).")
+@click.option("--model", "model", type=click.Path(), help="Source checkpoint (default: the folder of the recorded "
+              "name beside the file or among the shipped models, if its weights' SHA-256 matches).")
 @click.option("--lengths", callback=_lengths, default="64,256,1024,4096", show_default=True)
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", type=int, help="Seed for the random token ids (default: fresh).")
@@ -316,17 +354,16 @@ def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, see
 @_one_line_errors
 def validate(onnx_file, model, lengths, batch, seed, provider, text):
     """Compare an .onnx (ONNX Runtime) or .engine (TensorRT) file with PyTorch at each length; exit 1 beyond tolerance."""
-    from .checkpoint import load
-    from .runtime.onnxruntime import read_metadata
+    from .artifacts import read_metadata
 
     meta = read_metadata(onnx_file)
-    model = model or meta.get("alibi_export.source")
-    if not model:
-        raise click.ClickException(f"{onnx_file} records no source checkpoint: pass --model")
+    model = Path(model) if model else _source_checkpoint(Path(onnx_file), meta)
+    from .checkpoint import load  # torch: after the file's checks, so that they answer at once
+
     ckpt = load(model)
-    if meta.get("alibi_export.source_sha256") not in (None, ckpt.sha256):
+    if ckpt.sha256 != meta.source_sha256:
         click.echo(f"warning: {model} is not the checkpoint {onnx_file} was exported from (SHA-256 differs)", err=True)
-    if meta.get("alibi_export.quantization"):  # not logit-identical by design: the perplexity gate decides
+    if meta.quantization:  # not logit-identical by design: the perplexity gate decides
         _quantization_gate(Path(onnx_file), ckpt, lengths, text or default_text(), ckpt.config.train_len)
         return
     _validate_and_report(Path(onnx_file), ckpt, lengths, text, ckpt.config.train_len, batch=batch, seed=seed,
@@ -363,7 +400,7 @@ def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_pat
 def _train_len(model) -> int | None:
     try:
         if str(model).endswith(".onnx"):
-            from .runtime.onnxruntime import model_config_of
+            from .artifacts import model_config_of
 
             return model_config_of(model).train_len
         from .checkpoint import _read_config
@@ -400,9 +437,11 @@ def _batch_range(ctx, param, value):
 @_one_line_errors
 def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cache, backend):
     """Build a TensorRT engine from an exported ONNX file, with a JSON sidecar beside it."""
+    from ._io import check_writable_dir
     from .runtime.tensorrt import build_engine
 
     out = Path(out or Path(onnx_file).with_suffix(".engine"))
+    check_writable_dir(out.parent)  # before a build of minutes, not after
     r = build_engine(onnx_file, out, min_len=min_len, opt_len=opt_len, max_len=max_len, batch=batch,
                      precision=precision, timing_cache=timing_cache, backend=backend)
     click.echo(f"parsed network: {sum(r.layer_types.values())} layers: "
@@ -432,18 +471,19 @@ def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8, provider="c
 @click.option("--top-k", type=int, help="Sample from the K most likely tokens.")
 @click.option("--top-p", type=float, help="Sample from the smallest set of tokens whose probability reaches P.")
 @click.option("--seed", type=int, help="Seed for sampling (default: fresh).")
-@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
 @_one_line_errors
 def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, threads):
     """Continue each --prompt with a KV-cache export (`onnx --dynamic-len --kv-cache`) in ONNX Runtime."""
-    from .runtime.generate import GenerationSession
+    from .runtime.generate import GenerationSession, check_sampling
 
-    session = GenerationSession(onnx_file, provider=provider, threads=threads)
     sampling = temperature is not None or top_k is not None or top_p is not None
     options = dict(greedy=not sampling, seed=seed)
     if sampling:
         options.update(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p)
+        check_sampling(options["temperature"], top_k, top_p)  # before the model loads
+    session = GenerationSession(onnx_file, provider=provider, threads=threads)
     rows = session.encode(list(prompts))  # errors (empty prompt) before anything is printed
     if len(prompts) == 1:  # one prompt streams as it is generated; the prompt once its options are accepted
         unprinted = [prompts[0]]

@@ -129,15 +129,16 @@ def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, s
     from .runtime import make_runner
 
     path = Path(model)
+    text = read_text(text)  # a missing or unreadable text fails before any model loads
     if path.suffix in (".onnx", ".engine"):
-        from .runtime.onnxruntime import tokenizer_of
+        from .artifacts import tokenizer_of
 
         tokenizer = tokenizer_of(path)
     else:
         from .checkpoint import load
 
         tokenizer = load(path).tokenizer
-    tokens = encode_text(tokenizer, read_text(text))
+    tokens = encode_text(tokenizer, text)
     return perplexity(make_runner(path, provider=provider), tokens, lengths, stride=stride, max_tokens=max_tokens)
 
 

@@ -21,7 +21,7 @@ from ._io import atomic_files, sha256_file
 from .checkpoint import CONFIG, TOKENIZER, WEIGHTS
 from .data import corpus_split, encode_text, read_text, train_tokenizer
 from .distributed import DistInfo, broadcast_text, check_batch, dist_info, mean_over_ranks, start, stop
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .model import AlibiLM, ModelConfig
 
 __all__ = ["TrainConfig", "TrainProgress", "train", "preflight", "prepare_output", "is_training_checkpoint",
@@ -225,12 +225,42 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         stop(info)
 
 
+def check_device(name: str) -> None:
+    """One line for a device this run cannot use: an unknown name, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}. Note: expected cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}. Note: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but CUDA is not available here. Note: pass --device cpu")
+
+
+def check_corpus_size(split: str, tokens: np.ndarray, cfg: TrainConfig) -> None:
+    """A split must hold at least one training window (train_len + 1 tokens, and one to spare for train)."""
+    need = cfg.model.train_len + (2 if split == "train" else 1)
+    if len(tokens) < need:
+        raise DataError(f"corpus too small: {split}.txt of {cfg.corpus!r} has {len(tokens)} tokens. Note: "
+                        f"--train-len {cfg.model.train_len} needs at least {need}")
+
+
+def _read_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for missing or corrupt files
+        raise DataError(f"cannot read the tokenizer {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
 def preflight(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> DistInfo:
     """The checks that need no data and no process group (so a bad run fails at once, on every
-    rank alike, never in a hang): the output folder, the batch split over the torchrun processes,
-    the resume config."""
+    rank alike, never in a hang): the output folder, the device, the batch split over the torchrun
+    processes, the resume config."""
     info = dist_info()
     prepare_output(cfg.out, resume=resume, overwrite=overwrite)
+    check_device(cfg.device)
     check_batch(cfg.batch_size, info)
     if resume:
         _check_resume_config(cfg)
@@ -241,9 +271,9 @@ def _load_tokenizer(cfg: TrainConfig, resume: bool, train_file, info: DistInfo, 
     from tokenizers import Tokenizer
 
     if resume:
-        return Tokenizer.from_file(str(Path(cfg.out) / TOKENIZER))
+        return _read_tokenizer(Path(cfg.out) / TOKENIZER)
     if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
+        return _read_tokenizer(cfg.tokenizer)
     # trained once, on rank 0, and sent to the others: every rank must use the same vocabulary
     trained = train_tokenizer([train_file], cfg.model.vocab_size).to_str() if info.is_main else None
     return Tokenizer.from_str(broadcast_text(trained, info, device))
@@ -258,6 +288,8 @@ def _train(cfg: TrainConfig, resume: bool, on_progress, info: DistInfo, device):
     t0 = time.perf_counter()
     train_tokens = encode_text(tokenizer, read_text(train_file))
     valid_tokens = encode_text(tokenizer, read_text(valid_file))[: cfg.eval_tokens + 1]
+    check_corpus_size("train", train_tokens, cfg)
+    check_corpus_size("valid", valid_tokens, cfg)
     if info.is_main:
         log.info("tokenized %d train / %d valid tokens in %.1fs", len(train_tokens), len(valid_tokens),
                  time.perf_counter() - t0)

@@ -29,20 +29,17 @@ TOLERANCES = {"float32": dict(atol=1e-3, rtol=1e-3), "float16": dict(atol=0.08, 
               "float32-folded": dict(atol=1e-2, rtol=1e-3)}
 
 
-def tolerance_of(metadata: dict[str, str]) -> dict:
-    """The tolerance for an export, from its alibi-export metadata (dtype and attention form).
+def tolerance_of(metadata) -> dict:
+    """The tolerance for an export, from its :class:`~alibi_export.artifacts.OnnxMetadata` (dtype and form).
 
     A quantized file has none: its logits are not PyTorch's by design, so it is checked by
     :func:`perplexity_gate` instead."""
-    from .export.quantize import quantization_of
-
-    if quantization_of(metadata):
-        raise AlibiExportError(f"a {quantization_of(metadata)}-quantized file is not logit-identical to PyTorch: it is "
+    if metadata.quantization:
+        raise AlibiExportError(f"a {metadata.quantization}-quantized file is not logit-identical to PyTorch: it is "
                                "checked by perplexity. Note: validate it with --text (the perplexity gate)")
-    dtype = metadata.get("alibi_export.dtype", "float32")
-    if dtype == "float32" and metadata.get("alibi_export.attention") == "onnx":
+    if metadata.dtype == "float32" and metadata.attention == "onnx":
         return TOLERANCES["float32-folded"]
-    return TOLERANCES[dtype]
+    return TOLERANCES[metadata.dtype]
 
 
 @dataclass
@@ -68,10 +65,10 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
             provider: str = "cpu", tolerance: dict | None = None, threads: int | None = None) -> CompareResult:
     """Compare ``onnx_path`` (an ``.onnx`` file in ONNX Runtime or an ``.engine`` in TensorRT) with
     ``reference`` (a TorchRunner or any Polygraphy runner)."""
+    from .artifacts import read_metadata
     from .runtime import make_runner
-    from .runtime.onnxruntime import read_metadata
 
-    fixed = read_metadata(onnx_path).get("alibi_export.dynamic_len") == "false"
+    fixed = not read_metadata(onnx_path).dynamic_len
     if fixed and len(set(lengths)) > 1:
         raise AlibiExportError(f"{str(onnx_path)!r} is a fixed-length export: validate it at its own length only")
     candidate = make_runner(onnx_path, provider=provider, threads=threads)  # ONNX Runtime, or TensorRT
@@ -99,7 +96,7 @@ def _compare_runners(onnx_path, reference, candidate, lengths, *, batch, seed, t
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    from .runtime.onnxruntime import model_config_of, read_metadata
+    from .artifacts import model_config_of, read_metadata
 
     cfg = model_config_of(onnx_path)
     tol = tolerance or tolerance_of(read_metadata(onnx_path))
@@ -171,17 +168,17 @@ def perplexity_gate(onnx_path: str | Path, model, tokens, lengths: list[int], *,
     """Perplexity of a quantized ``onnx_path`` against ``model`` (the float32 AlibiLM) on ``tokens`` at each
     length, and their argmax agreement; passes when every ratio is within ``tolerance`` (default: the
     quantization's, see ``PPL_TOLERANCE``). KV-cache files are run as one prefill per window."""
-    from .export.quantize import PPL_TOLERANCE, quantization_of
+    from .artifacts import read_metadata
+    from .export.quantize import PPL_TOLERANCE
     from .perplexity import compare_perplexity
     from .runtime import make_runner
     from .runtime.generate import GenerationSession
-    from .runtime.onnxruntime import read_metadata
     from .runtime.pytorch import TorchRunner
 
     meta = read_metadata(onnx_path)
-    quantization = quantization_of(meta) or meta.get("alibi_export.dtype", "float32")
+    quantization = meta.quantization or meta.dtype
     tolerance = tolerance if tolerance is not None else PPL_TOLERANCE.get(quantization, 1.0 + 1e-4)
-    if meta.get("alibi_export.kv_cache") == "true":
+    if meta.kv_cache:
         candidate = _incremental_runner(GenerationSession(onnx_path, provider=provider, threads=threads), 0)
     else:
         candidate = make_runner(onnx_path, provider=provider, threads=threads)

@@ -112,3 +112,11 @@ def shipped_onnx_fp16(tmp_path_factory, shipped):
     from alibi_export.export.onnx import export_onnx
 
     return export_onnx(shipped, tmp_path_factory.mktemp("onnx16") / "alibi-small-fp16.onnx", dtype="float16").path
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_export(tmp_path_factory, tiny_dir):
+    """The tiny model as a KV-cache decoder (an ExportResult): the artifact tests and the bad-input table share it."""
+    from alibi_export.export.onnx import export_onnx
+
+    return export_onnx(load(tiny_dir), tmp_path_factory.mktemp("tiny-kv") / "tiny.onnx", kv_cache=True)

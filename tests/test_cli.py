@@ -1,10 +1,9 @@
-"""The command line as a user meets it: the main job, and one-line errors for every bad input."""
+"""The command line as a user meets it: the main job and its outputs (bad inputs: test_bad_input.py)."""
 import json
 import os
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
 
 from alibi_export.cli import main
@@ -65,39 +64,6 @@ def test_ppl_writes_json_and_plot(tmp_path, shipped_onnx):
     assert [r["length"] for r in alibi] == [256, 512]
     assert sinus[1]["ppl"] > sinus[0]["ppl"] * 2  # sinusoidal blows up past its training length
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.mark.parametrize("args,match", [
-    (["onnx", "{tmp}/missing-ckpt", "--dynamic-len"], "not found"),
-    (["onnx", "{corrupt}", "--dynamic-len", "-o", "{tmp}/x.onnx"], "corrupt weights"),
-    (["onnx", "{unknown}", "--dynamic-len", "-o", "{tmp}/x.onnx"], "unknown config field"),
-    (["onnx", "{tiny}", "--dynamic-len", "--opset", "12", "-o", "{tmp}/x.onnx"], "unsupported opset 12"),
-    (["onnx", "{tiny}", "--dynamic-len", "--lengths", "0,64", "-o", "{tmp}/x.onnx"], "positive integers"),
-    (["onnx", "{tiny}", "--dynamic-len", "--lengths", "abc", "-o", "{tmp}/x.onnx"], "positive integers"),
-    (["onnx", "{tiny}", "--dynamic-len", "-o", "{tmp}/no/such/dir/x.onnx"], "does not exist"),
-    (["ppl", "{tiny}", "--text", "{short}", "--lengths", "64", "--json", "{tmp}/p.json", "--plot", "{tmp}/p.png"],
-     "text too short"),
-    (["ppl", "{tiny}", "--text", "{tmp}/nope.txt", "--lengths", "64", "--json", "{tmp}/p.json"], "not found"),
-    (["ppl", "{tiny}", "--text", "{short}", "--lengths", "-3", "--json", "{tmp}/p.json"], "positive integers"),
-    (["validate", "{tmp}/nope.onnx", "--model", "{tiny}"], "not found"),
-    (["validate", "{short}", "--model", "{tiny}"], "cannot read ONNX"),
-])
-def test_bad_input_gives_one_line_error(tmp_path, tiny_dir, args, match):
-    import shutil
-
-    corrupt, unknown = tmp_path / "corrupt", tmp_path / "unknown"
-    shutil.copytree(tiny_dir, corrupt)
-    (corrupt / "model.safetensors").write_bytes(b"not safetensors")
-    shutil.copytree(tiny_dir, unknown)
-    cfg = json.loads((unknown / "config.json").read_text())
-    (unknown / "config.json").write_text(json.dumps({**cfg, "flash": True}))
-    short = tmp_path / "short.txt"
-    short.write_text("Too short to evaluate.")
-    fmt = dict(tmp=tmp_path, corrupt=corrupt, unknown=unknown, tiny=tiny_dir, short=short)
-    before = set(os.listdir(tmp_path))
-    proc = run_cli(*[a.format(**fmt) for a in args], cwd=tmp_path)
-    assert_one_line_error(proc, match)
-    assert set(os.listdir(tmp_path)) == before, "no partial output left behind"
 
 
 def test_unwritable_output_directory(tmp_path, tiny_dir, monkeypatch):

@@ -198,18 +198,18 @@ def onnx_form(tmp_path_factory, tiny_dir):
 
 def test_engine_and_sidecar_are_written_as_a_pair(onnx_form, tmp_path, monkeypatch):
     from alibi_export._io import sha256_file
-    from alibi_export.runtime.tensorrt import build_engine, read_sidecar
+    from alibi_export.artifacts import EngineSidecar, read_sidecar
+    from alibi_export.runtime.tensorrt import build_engine
 
     engine = tmp_path / "tiny.engine"
     build_engine(onnx_form, engine, min_len=1, opt_len=16, max_len=64, backend="tensorrt-rtx")
-    assert read_sidecar(engine)["engine_sha256"] == sha256_file(engine)
+    assert read_sidecar(engine).engine_sha256 == sha256_file(engine)
     good = _snapshot(tmp_path)
-    import alibi_export.runtime.tensorrt.builder as builder
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # the process stops while the sidecar is being written
 
-    monkeypatch.setattr(builder.json, "dumps", crash)
+    monkeypatch.setattr(EngineSidecar, "to_json", crash)
     with pytest.raises(KeyboardInterrupt):
         build_engine(onnx_form, engine, min_len=1, opt_len=32, max_len=64, backend="tensorrt-rtx")
     assert _snapshot(tmp_path) == good  # the old pair, whole; no temporaries

@@ -8,7 +8,7 @@ import torch
 
 from alibi_export import alibi_slopes, load
 from alibi_export.errors import ExportError
-from alibi_export.export.attention_function import DOMAIN, OP_TYPE
+from alibi_export.attention_contract import DOMAIN, OP_TYPE
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.onnxruntime import create_session
 from alibi_export.runtime.pytorch import TorchRunner
@@ -197,10 +197,12 @@ def _expected_metadata(ckpt, *, dtype: str, attention: str = "decomposed", dynam
         "alibi_export.slopes": pytest.approx(alibi_slopes(ckpt.config.n_head), rel=1e-7),
         "alibi_export.train_len": ckpt.config.train_len,
         "alibi_export.source_sha256": ckpt.sha256,
-        "alibi_export.source": str(ckpt.path),
+        "alibi_export.source_name": ckpt.path.resolve().name,  # the folder's name: no local path in the file
         "alibi_export.dynamic_len": dynamic_len,
         "alibi_export.dtype": dtype,
         "alibi_export.attention": attention,
+        "alibi_export.kv_cache": False,
+        "alibi_export.ort_fusions": False,
         "alibi_export.config": ckpt.config.to_dict(),
         "alibi_export.tokenizer": json.loads(ckpt.tokenizer.to_str()),
     }
@@ -328,9 +330,10 @@ def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk, rng):
 
 
 def test_tolerance_follows_dtype_and_attention_form():
+    from types import SimpleNamespace as Meta
+
     from alibi_export.validate import tolerance_of
 
-    assert tolerance_of({"alibi_export.dtype": "float32"}) == TOLERANCES["float32"]
-    assert tolerance_of({"alibi_export.dtype": "float16", "alibi_export.attention": "onnx"}) == TOLERANCES["float16"]
-    assert tolerance_of({"alibi_export.dtype": "float32", "alibi_export.attention": "onnx"}) == \
-        TOLERANCES["float32-folded"]
+    assert tolerance_of(Meta(dtype="float32", attention="decomposed")) == TOLERANCES["float32"]
+    assert tolerance_of(Meta(dtype="float16", attention="onnx")) == TOLERANCES["float16"]
+    assert tolerance_of(Meta(dtype="float32", attention="onnx")) == TOLERANCES["float32-folded"]

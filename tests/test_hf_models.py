@@ -292,13 +292,14 @@ def test_tensorrt_rtx_builds_the_onnx_form(models, tmp_path, variant):
     """`alibi-export trt` builds each family's onnx-form export into a TensorRT-RTX engine on CPU. It is not
     run: TensorRT-RTX engines need an RTX-class GPU (the lead's GPU run covers execution)."""
     pytest.importorskip("tensorrt_rtx_libs", reason="needs TensorRT-RTX: pip install 'alibi-export[trt-rtx]'")
-    from alibi_export.runtime.tensorrt import build_engine, read_sidecar
+    from alibi_export.artifacts import read_sidecar
+    from alibi_export.runtime.tensorrt import build_engine
 
     engine = tmp_path / f"{variant}.engine"
     r = build_engine(models(variant).export("onnx-form", attention="onnx"), engine, min_len=1, opt_len=LEN,
                      max_len=16 * LEN, backend="tensorrt-rtx")
     assert r.layer_types["ATTENTION_OUTPUT"] == 2 and engine.stat().st_size > 100_000, r.layer_types
-    assert read_sidecar(engine)["attention"] == "native attention"
+    assert read_sidecar(engine).attention == "native attention"
 
 
 # ----------------------------------------------------------------------------------------- generation

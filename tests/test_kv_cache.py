@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from alibi_export.errors import AlibiExportError, ExportError
-from alibi_export.export.attention_function import MASKED_OP_TYPE
+from alibi_export.attention_contract import MASKED_OP_TYPE
 from alibi_export.export.onnx import export_onnx
 from alibi_export.runtime.generate import GenerationSession
-from alibi_export.runtime.onnxruntime import read_metadata
+from alibi_export.artifacts import read_metadata
 from alibi_export.validate import TOLERANCES
 from tests.conftest import EXCERPT
 
@@ -120,7 +120,7 @@ def test_ort_fusions_replace_the_layer_norm_tails(shipped, fused_session):
     assert ops.count("SkipLayerNormalization") == 2 * n_layer and ops.count("LayerNormalization") == 1
     assert ops.count("BiasGelu") == n_layer and ops.count("Gelu") == 0
     assert ops.count("Attention") == n_layer and ops.count("Add") <= 1  # the mask's past + sequence only
-    assert read_metadata(fused_session.path)["alibi_export.ort_fusions"] == "true"
+    assert read_metadata(fused_session.path).ort_fusions is True
 
 
 def test_ort_fusions_need_the_onnx_form(shipped, tmp_path):
@@ -273,16 +273,7 @@ def test_cli_generate_streams_and_reports_speed(kv_onnx):
     assert proc.stdout.startswith("The king said") and "tokens/s" in proc.stderr
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--prompt", ""], "prompt 0 is empty"),
-    (["--prompt", "hi", "--provider", "tpu"], "unknown provider"),
-    (["--prompt", "hi", "--temperature", "0"], "temperature must be positive"),
-])
-def test_cli_one_line_errors(kv_onnx, args, match):
-    proc = _cli("generate", kv_onnx, *args)
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error") and match in lines[0], proc.stderr
-    assert proc.stdout == ""
+# The command's one-line errors (empty prompt, provider, sampling parameters): tests/test_bad_input.py.
 
 
 def test_cli_generate_refuses_a_model_without_kv_inputs(shipped_onnx):

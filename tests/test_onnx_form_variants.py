@@ -149,10 +149,11 @@ def test_tensorrt_rtx_builds_each_variant(exports, tmp_path, name):
     """`alibi-export trt` on each variant's onnx form: TensorRT-RTX builds engines on CPU (it cannot run
     them here: its engines need an RTX-class GPU). One native attention layer per block."""
     pytest.importorskip("tensorrt_rtx_libs", reason="needs TensorRT-RTX: pip install 'alibi-export[trt-rtx]'")
-    from alibi_export.runtime.tensorrt import build_engine, read_sidecar
+    from alibi_export.artifacts import read_sidecar
+    from alibi_export.runtime.tensorrt import build_engine
 
     engine = tmp_path / f"{name}.engine"
     r = build_engine(exports[name], engine, min_len=1, opt_len=TRAIN_LEN, max_len=16 * TRAIN_LEN,
                      backend="tensorrt-rtx")
     assert engine.stat().st_size > 100_000 and r.layer_types["ATTENTION_OUTPUT"] == 2, r.layer_types
-    assert read_sidecar(engine)["attention"] == "native attention"
+    assert read_sidecar(engine).attention == "native attention"

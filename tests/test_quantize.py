@@ -9,7 +9,7 @@ from alibi_export.data import encode_text, read_text
 from alibi_export.errors import AlibiExportError, EngineBuildError, ExportError
 from alibi_export.export.onnx import export_onnx
 from alibi_export.export.targets import resolve_target
-from alibi_export.runtime.onnxruntime import read_metadata
+from alibi_export.artifacts import read_metadata
 from alibi_export.validate import GateResult, perplexity_gate, tolerance_of
 from tests.conftest import EXCERPT
 
@@ -64,7 +64,7 @@ def test_files_hold_onnxruntime_quantized_operators(shipped_int8, shipped_int4_k
     assert len(nbits) == 17 and {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
     assert any(n.op_type == "GatherBlockQuantized" for n in ops4)
     meta = read_metadata(shipped_int4_kv)
-    assert meta["alibi_export.quantization"] == "int4" and meta["alibi_export.quantization_block_size"] == "32"
+    assert (meta.quantization, meta.quantization_block_size) == ("int4", 32)
     with pytest.raises(AlibiExportError, match="not logit-identical"):  # validate's tolerance logic knows
         tolerance_of(meta)
     path = export_onnx(load(tiny_dir), tmp_path / "b64.onnx", quantize="int4", block_size=64).path
@@ -137,4 +137,4 @@ def test_cli_target_prints_its_choice_and_exports_it(tmp_path, tiny_dir):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("target tensorrt-rtx: --dynamic-len --attention onnx"), result.output
     meta = read_metadata(out)
-    assert (meta["alibi_export.attention"], meta["alibi_export.dynamic_len"]) == ("onnx", "true")
+    assert (meta.attention, meta.dynamic_len) == ("onnx", True)

@@ -69,7 +69,8 @@ def test_onnx_attention_form_needs_opset_23(shipped, tmp_path):
 def test_tensorrt_rtx_engine_builds_with_native_attention(trt, onnx_attention_exports, tmp_path, capsys,
                                                          dtype, precision):
     from alibi_export._io import sha256_file
-    from alibi_export.runtime.tensorrt import build_engine, read_sidecar
+    from alibi_export.artifacts import read_sidecar
+    from alibi_export.runtime.tensorrt import build_engine
 
     side_of = read_sidecar
     src = onnx_attention_exports[dtype]
@@ -81,15 +82,17 @@ def test_tensorrt_rtx_engine_builds_with_native_attention(trt, onnx_attention_ex
               f"built in {r.build_seconds:.2f}s; parsed network layer types: "
               + ", ".join(f"{k} {v}" for k, v in r.layer_types.items()))
     assert engine.stat().st_size > 1_000_000
-    assert not cache.exists() and side_of(engine)["timing_cache"] is None  # a no-op in TensorRT-RTX
+    assert not cache.exists() and side_of(engine).timing_cache is None  # a no-op in TensorRT-RTX
     assert r.layer_types["ATTENTION_OUTPUT"] == 4 and r.layer_types["MATRIX_MULTIPLY"] > 0
     side = read_sidecar(engine)
-    assert side == json.loads(r.sidecar_path.read_text()) and r.sidecar_path.name == engine.name + ".json"
-    assert side["backend"] == "tensorrt-rtx" and side["backend_version"] == trt.__version__
-    assert side["precision"] == precision and side["strongly_typed"] is True
-    assert side["attention"] == "native attention" and side["plugin"] is None
-    assert side["profile"] == {"input": "input_ids", "min": [1, 1], "opt": [1, TRAIN_LEN], "max": [2, 4096]}
-    assert side["onnx_sha256"] == sha256_file(src) and side["train_len"] == TRAIN_LEN
+    assert side == r.sidecar and r.sidecar_path.name == engine.name + ".json"
+    assert json.loads(r.sidecar_path.read_text())["engine_sha256"] == sha256_file(engine) == side.engine_sha256
+    assert side.backend == "tensorrt-rtx" and side.backend_version == trt.__version__
+    assert side.precision == precision and side.strongly_typed is True
+    assert side.attention == "native attention" and side.plugin is None
+    assert side.profile == {"input": "input_ids", "min": [1, 1], "opt": [1, TRAIN_LEN], "max": [2, 4096]}
+    assert side.onnx_sha256 == sha256_file(src) and side.train_len == TRAIN_LEN
+    assert side.onnx == f"../{src.parent.name}/{src.name}"  # relative to the engine, not the working directory
 
 
 def test_cli_trt_prints_layer_types_and_sidecar(trt, onnx_attention_exports, tmp_path):
@@ -212,12 +215,18 @@ def test_onnx_without_alibi_is_refused(tmp_path):
     y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.INT64, ["b", "s"])
     model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input_ids"],
                                                                                  ["logits"])], "g", [x], [y]))
-    for position in (None, "sinusoidal"):
-        if position:
-            onnx.helper.set_model_props(model, {"alibi_export.position": position})
-        onnx.save(model, tmp_path / "plain.onnx")
-        with pytest.raises(EngineBuildError, match="no ALiBi attention"):
-            build_engine(tmp_path / "plain.onnx", tmp_path / "x.engine", min_len=1, opt_len=2, max_len=4)
+    from alibi_export.artifacts import NotOurArtifact, OnnxMetadata
+
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(NotOurArtifact, match="not written by alibi-export"):
+        build_engine(tmp_path / "plain.onnx", tmp_path / "x.engine", min_len=1, opt_len=2, max_len=4)
+    meta = OnnxMetadata(version="0", position="sinusoidal", slopes=(), train_len=2, source_name="m", source_sha256="0",
+                        dynamic_len=True, dtype="float32", attention="decomposed", kv_cache=False, ort_fusions=False,
+                        config={}, tokenizer="{}")
+    onnx.helper.set_model_props(model, meta.to_props())
+    onnx.save(model, tmp_path / "plain.onnx")
+    with pytest.raises(EngineBuildError, match="no ALiBi attention"):
+        build_engine(tmp_path / "plain.onnx", tmp_path / "x.engine", min_len=1, opt_len=2, max_len=4)
 
 
 def test_plugin_export_with_tensorrt_rtx_is_refused(trt, tiny_dir, tmp_path):
@@ -288,7 +297,7 @@ def plugin(trt):
 
 
 def test_creator_describes_the_onnx_node(trt):
-    from alibi_export.export.attention_function import ATTRIBUTES, DOMAIN, OP_TYPE
+    from alibi_export.attention_contract import ATTRIBUTES, DOMAIN, OP_TYPE
     from alibi_export.runtime.tensorrt.plugin import plugin_creator
 
     creator = plugin_creator(trt)

@@ -22,15 +22,12 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["DOMAIN", "OP_TYPE", "MASKED_OP_TYPE", "OP_VERSION", "attention_function", "DEFAULT_Q_CHUNK",
-           "DEFAULT_WHOLE_LEN"]
+from ..attention_contract import ATTRIBUTES, BF16_ATTRIBUTES, DOMAIN, MASKED_OP_TYPE, OP_TYPE
 
-DOMAIN, OP_TYPE, OP_VERSION = "alibi_export", "AlibiAttention", 1
-MASKED_OP_TYPE = "AlibiAttentionMasked"
+__all__ = ["attention_function", "DEFAULT_Q_CHUNK", "DEFAULT_WHOLE_LEN"]
+
 DEFAULT_Q_CHUNK = 256
 DEFAULT_WHOLE_LEN = 1024
-ATTRIBUTES = ("num_heads", "head_dim", "slopes", "scale", "causal")
-BF16_ATTRIBUTES = ("bias_scale", "bias_bf16")  # Falcon's bias only; see _falcon_key_bias
 
 
 def _i64(name: str, values: list[int]) -> onnx.NodeProto:

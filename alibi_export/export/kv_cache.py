@@ -12,7 +12,7 @@ import onnx
 import torch
 
 from ..model import AlibiLM
-from .onnx import _dynamo_export
+from .dynamo import dynamo_export
 
 __all__ = ["kv_input_names", "kv_output_names", "trace_kv_cache"]
 
@@ -59,9 +59,9 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> tuple
     width = cfg.head_dim + (extra_dims(cfg) if form == "onnx" else 0)
     cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
-    proto, weights = _dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset,
-                                    form=form, input_names=kv_input_names(cfg.n_layer),
-                                    output_names=kv_output_names(cfg.n_layer))
+    proto, weights = dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset,
+                                   form=form, input_names=kv_input_names(cfg.n_layer),
+                                   output_names=kv_output_names(cfg.n_layer))
     mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
     mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
     return proto, weights

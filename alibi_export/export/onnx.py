@@ -1,12 +1,8 @@
 """PyTorch checkpoint -> ONNX file whose ALiBi bias is built from the runtime sequence length."""
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -14,15 +10,17 @@ import onnx.inliner
 import torch
 
 from .._io import check_replaceable, check_writable_dir
+from ..artifacts import PRODUCER, OnnxMetadata
+from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE
 from ..checkpoint import Checkpoint
 from ..errors import ExportError
-from ..model import AlibiLM, T5Bias, attend_eager
+from ..model import AlibiLM
 from ..progress import Steps
-from .attention_function import DEFAULT_Q_CHUNK, DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION, attention_function
-from ._weights import attach_weights, detach_weights, weights_nbytes, write_external_data
-from .attention_op import attention_op
-from .quantize import DEFAULT_BLOCK_SIZE, check_quantize_options, quantization_metadata, quantize_model
-from .onnx_file import PRODUCER, write_onnx, written_by_alibi_export
+from ._weights import attach_weights, weights_nbytes
+from .attention_function import DEFAULT_Q_CHUNK, attention_function
+from .dynamo import dynamo_export, node_slopes
+from .onnx_file import write_onnx, written_by_alibi_export
+from .quantize import DEFAULT_BLOCK_SIZE, check_quantize_options, quantize_model
 
 __all__ = ["ExportResult", "export_onnx", "SUPPORTED_OPSETS", "ATTENTION_FORMS", "DEFAULT_OPSET"]
 
@@ -44,75 +42,15 @@ class ExportResult:
     opset: int
     dtype: str
     attention: str
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-def _attention_node(model: AlibiLM):
-    """An attend() that emits one AlibiAttention node (plain causal attention when slopes are 0), or
-    with a key mask (KV-cache export) one AlibiAttentionMasked node.
-
-    ``slopes`` are the effective ones (a scaled bias folded in). Falcon's bf16 bias is no function of
-    effective slopes: its node carries the raw slopes and ``bias_bf16`` = 1, ``bias_scale``, and its
-    function body computes that bias (see attention_function); a plugin must refuse such a node."""
-    cfg = model.config
-    attrs = dict(num_heads=cfg.n_head, head_dim=cfg.head_dim, slopes=_node_slopes(model),
-                 scale=1.0 / math.sqrt(cfg.head_dim), causal=1)
-    if getattr(model.pos, "bf16", False):
-        attrs.update(bias_bf16=1, bias_scale=float(model.pos.bias_scale))
-
-    def attend(q, k, v, pos, past_len, key_mask=None):
-        if key_mask is not None:
-            return torch.onnx.ops.symbolic(f"{DOMAIN}::{MASKED_OP_TYPE}", (q, k, v, key_mask), attrs, dtype=q.dtype,
-                                           shape=q.shape, version=OP_VERSION)
-        return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", (q, k, v), attrs, dtype=q.dtype, shape=q.shape,
-                                       version=OP_VERSION)
-
-    return attend
-
-
-def _node_slopes(model: AlibiLM) -> list[float]:
-    """The slopes an attention node carries: effective ALiBi slopes, raw ones for the bf16 form, else zeros."""
-    cfg = model.config
-    if cfg.position != "alibi":
-        return [0.0] * cfg.n_head
-    slopes = model.pos.slopes if getattr(model.pos, "bf16", False) else model.pos.head_slopes()
-    return [float(s) for s in slopes]
-
-
-@contextlib.contextmanager
-def _export_attention(model: AlibiLM, form: str = "plugin"):
-    """Swap every block's attention for the ONNX node during export; restore on exit."""
-    saved = [b.attn.attend for b in model.blocks]
-    # T5's learned bias is not a function of the slopes: it keeps the decomposed math.
-    attend = attend_eager if isinstance(model.pos, T5Bias) else (attention_op if form == "onnx" else _attention_node)(model)
-    try:
-        for b in model.blocks:
-            b.attn.attend = attend
-        yield
-    finally:
-        for b, fn in zip(model.blocks, saved):
-            b.attn.attend = fn
-
-
-def _dynamo_export(model: AlibiLM, module: torch.nn.Module, args: tuple, *, dynamic, opset: int, form: str,
-                   input_names: list[str], output_names: list[str]) -> tuple[onnx.ModelProto, dict]:
-    """torch.onnx's dynamo export of ``module`` with ``model``'s attention swapped for the ONNX node: the
-    graph with its weights pending, and the weights (see :mod:`alibi_export.export._weights`)."""
-    with _export_attention(model, form), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
-                                    input_names=input_names, output_names=output_names, optimize=True,
-                                    verbose=False)
-    return detach_weights(program)
+    metadata: OnnxMetadata
 
 
 def _trace(model: AlibiLM, *, dynamic_len: bool, batch: int, seq_len: int, opset: int,
            form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
     example = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},) if dynamic_len else None
-    return _dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
-                          input_names=["input_ids"], output_names=["logits"])
+    return dynamo_export(model, model, (example,), dynamic=dynamic, opset=opset, form=form,
+                         input_names=["input_ids"], output_names=["logits"])
 
 
 def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
@@ -157,7 +95,7 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
     proto.ir_version = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)], True)
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
-    proto.producer_name = "alibi-export"
+    proto.producer_name = PRODUCER
     return proto
 
 
@@ -228,26 +166,15 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
                        opset=opset, form=attention)
         names = ["input_ids"], ["logits"]
     steps.next()
-    metadata = {
-        "alibi_export.version": __version__,
-        "alibi_export.position": cfg.position,
-        "alibi_export.slopes": json.dumps(_node_slopes(model) if cfg.position == "alibi" else []),
-        "alibi_export.train_len": str(cfg.train_len),
-        "alibi_export.source_sha256": checkpoint.sha256,
-        "alibi_export.source": str(checkpoint.path),
-        "alibi_export.dynamic_len": str(dynamic_len).lower(),
-        "alibi_export.dtype": dtype,
-        "alibi_export.attention": attention,
-        "alibi_export.config": json.dumps(cfg.to_dict()),
-        # The tokenizer travels inside the file, so a served model needs nothing beside it.
-        "alibi_export.tokenizer": checkpoint.tokenizer.to_str(),
-    }
-    if kv_cache:
-        metadata["alibi_export.kv_cache"] = "true"
-    if ort_fusions:
-        metadata["alibi_export.ort_fusions"] = "true"
-    metadata.update(quantization_metadata(quantize, block_size))
-    proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk, metadata=metadata)
+    metadata = OnnxMetadata(
+        version=__version__, position=cfg.position,
+        slopes=tuple(node_slopes(model)) if cfg.position == "alibi" else (), train_len=cfg.train_len,
+        source_name=checkpoint.path.resolve().name, source_sha256=checkpoint.sha256, dynamic_len=dynamic_len,
+        dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
+        tokenizer=checkpoint.tokenizer.to_str(),  # the tokenizer travels inside: a served file needs nothing else
+        quantization=quantize or "", quantization_block_size=block_size if quantize == "int4" else 0)
+    proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk,
+                    metadata=metadata.to_props())
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 
@@ -261,7 +188,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         proto = quantize_model(proto, quantize, block_size=block_size)
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))  # int4 needs 21
         del proto.metadata_props[:]
-        onnx.helper.set_model_props(proto, metadata)
+        onnx.helper.set_model_props(proto, metadata.to_props())
         proto.producer_name = PRODUCER  # the tools write their own; ours marks a file this tool may replace
     steps.next()
     # Protobuf holds at most 2 GB: past that the weights go to one data file beside OUT.

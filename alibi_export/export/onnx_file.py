@@ -19,12 +19,12 @@ from pathlib import Path
 import onnx
 
 from .._io import check_replaceable, check_writable_dir, sha256_file
+from ..artifacts import PRODUCER
 from ..errors import ExportError
 from ._weights import write_external_data
 
 __all__ = ["write_onnx", "written_by_alibi_export", "data_files_of", "PRODUCER"]
 
-PRODUCER = "alibi-export"
 _STAGED = "weights.data"  # the data file's name inside the staging folder, before it gets its content name
 
 

@@ -25,8 +25,7 @@ from onnx import numpy_helper
 
 from ..errors import ExportError
 
-__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "PPL_TOLERANCE", "check_quantize_options", "quantize_model",
-           "quantization_metadata", "quantization_of"]
+__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "PPL_TOLERANCE", "check_quantize_options", "quantize_model"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ QUANTIZATIONS = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 # Accuracy gate: perplexity of the quantized file over the fp32 PyTorch model's, at 1x, 4x, 16x train length.
 PPL_TOLERANCE = {"int8": 1.02, "int4": 1.08}
-_KEY, _BLOCK_KEY = "alibi_export.quantization", "alibi_export.quantization_block_size"
 
 
 def check_quantize_options(quantize: str | None, block_size: int = DEFAULT_BLOCK_SIZE, *, attention: str,
@@ -71,21 +69,6 @@ def quantize_model(proto: onnx.ModelProto, quantize: str, *, block_size: int = D
     log.info("quantized to %s: %d weight products", quantize,
              sum(n.op_type in ("MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul") for n in out.graph.node))
     return out
-
-
-def quantization_metadata(quantize: str | None, block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, str]:
-    """The metadata keys that record a quantization (none for float exports)."""
-    if quantize is None:
-        return {}
-    meta = {_KEY: quantize}
-    if quantize == "int4":
-        meta[_BLOCK_KEY] = str(block_size)
-    return meta
-
-
-def quantization_of(metadata: dict[str, str]) -> str | None:
-    """"int8", "int4" or None, from a file's alibi-export metadata."""
-    return metadata.get(_KEY)
 
 
 def _untie_lm_head(proto: onnx.ModelProto) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import AlibiExportError
 
-__all__ = ["GenerationSession", "GenerationResult", "EOS_TOKEN"]
+__all__ = ["GenerationSession", "GenerationResult", "EOS_TOKEN", "check_sampling"]
 
 EOS_TOKEN = "<|endoftext|>"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -53,7 +53,8 @@ class GenerationSession:
     """
 
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None, device_id: int = 0):
-        from .onnxruntime import create_session, model_config_of, tokenizer_of
+        from ..artifacts import model_config_of, tokenizer_of
+        from .onnxruntime import create_session
 
         self.path = Path(path)
         self.session = create_session(self.path, provider=provider, threads=threads)
@@ -196,16 +197,21 @@ def _left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Refuse sampling parameters out of range: temperature > 0 and finite, top_k >= 1, top_p in (0, 1]."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise AlibiExportError(f"temperature must be a positive finite number, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise AlibiExportError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise AlibiExportError(f"top_p must be in (0, 1], got {top_p}")
+
+
 class _Sampler:
     def __init__(self, greedy: bool, temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
         if greedy and (temperature != 1.0 or top_k is not None or top_p is not None):
             raise AlibiExportError("temperature, top_k and top_p apply to sampling. Note: pass greedy=False")
-        if not temperature > 0:
-            raise AlibiExportError(f"temperature must be positive, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise AlibiExportError(f"top_k must be a positive integer, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise AlibiExportError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling(temperature, top_k, top_p)
         self.greedy, self.temperature, self.top_k, self.top_p = greedy, temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
 

@@ -4,10 +4,10 @@ Nothing here imports TensorRT at import time; :mod:`._trt` picks the installed f
 """
 from __future__ import annotations
 
-from .builder import PRECISIONS, BuildResult, LengthProfile, attention_form, build_engine, read_sidecar, sidecar_path
+from .builder import PRECISIONS, BuildResult, LengthProfile, attention_form, build_engine
 
-__all__ = ["build_engine", "BuildResult", "LengthProfile", "PRECISIONS", "attention_form", "read_sidecar",
-           "sidecar_path", "register_plugin", "TrtEngineRunner"]
+__all__ = ["build_engine", "BuildResult", "LengthProfile", "PRECISIONS", "attention_form", "register_plugin",
+           "TrtEngineRunner"]
 
 
 def register_plugin(trt=None, **kwargs):

@@ -8,7 +8,6 @@ and version, attention form, plugin, and the SHA-256 of the ONNX file it came fr
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -16,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..._io import atomic_files, atomic_path, check_replaceable, check_writable_dir, sha256_file
+from ...artifacts import PRODUCER, EngineSidecar, is_our_engine, read_metadata, relative_to_artifact, sidecar_path
+from ...attention_contract import OP_TYPE
 from ...errors import EngineBuildError
 from ...progress import Steps, on_terminal, progress
 from ._trt import BACKENDS, backend_of, import_trt
 
-__all__ = ["LengthProfile", "BuildResult", "build_engine", "sidecar_path", "read_sidecar", "attention_form",
-           "PRECISIONS"]
+__all__ = ["LengthProfile", "BuildResult", "build_engine", "attention_form", "PRECISIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,49 +65,21 @@ class BuildResult:
     attention: str
     layer_types: dict[str, int]
     build_seconds: float
-    sidecar: dict = field(default_factory=dict, repr=False)
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def read_sidecar(engine_path: str | Path) -> dict:
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EngineBuildError(f"corrupt engine sidecar {str(path)!r}: {e}") from None
-
-
-def written_by_alibi_export(engine_path: str | Path) -> bool:
-    """An engine this tool built: its sidecar says so and names it."""
-    try:
-        side = read_sidecar(engine_path)
-    except EngineBuildError:
-        return False
-    return str(side.get("created_by", "")).startswith("alibi-export") and side.get("engine") == Path(engine_path).name
+    sidecar: EngineSidecar = field(repr=False)
 
 
 def attention_form(onnx_path: str | Path) -> str:
     """"plugin" (AlibiAttention nodes), "native attention" (ONNX Attention) or "decomposed"; raises
     EngineBuildError for a file without ALiBi attention."""
-    import onnx
-
-    from ...export.attention_function import OP_TYPE
-    from ..onnxruntime import read_metadata
+    from ...artifacts import check_onnx_file
 
     meta = read_metadata(onnx_path)
-    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
-    position = meta.get("alibi_export.position")
+    ops = check_onnx_file(onnx_path)  # the graph's and its functions' op types
     if OP_TYPE in ops:
         return _PLUGIN
-    if position != "alibi":
+    if meta.position != "alibi":
         raise EngineBuildError(f"{str(onnx_path)!r} has no ALiBi attention. Note: expected an alibi-export ONNX "
-                               f"file of an ALiBi model, got position method {position or 'unknown (no metadata)'}")
+                               f"file of an ALiBi model, got position method {meta.position}")
     return _NATIVE if "Attention" in ops else _DECOMPOSED
 
 
@@ -216,12 +188,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
     Writes the engine and its sidecar (``ENGINE.json``) atomically.
     """
     from ... import __version__
-    from ..onnxruntime import read_metadata
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     check_writable_dir(engine_path.parent)
-    check_replaceable(engine_path, written_by_alibi_export, "engine")
-    if sidecar_path(engine_path).exists() and not written_by_alibi_export(engine_path):
+    check_replaceable(engine_path, is_our_engine, "engine")
+    if sidecar_path(engine_path).exists() and not is_our_engine(engine_path):
         raise EngineBuildError(f"{str(sidecar_path(engine_path))!r} exists and was not written by alibi-export: "
                                "refusing to replace it. Note: choose another engine path")
     profile = LengthProfile(min_len, opt_len, max_len, tuple(batch))
@@ -232,14 +203,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         raise EngineBuildError(f"unknown backend {backend!r}. Note: expected one of {BACKENDS}")
     form = attention_form(onnx_path)
     meta = read_metadata(onnx_path)
-    if meta.get("alibi_export.ort_fusions") == "true":
+    if meta.ort_fusions:
         raise EngineBuildError(f"{onnx_path} holds ONNX Runtime's fused operators (exported with --ort-fusions), "
                                "which TensorRT cannot parse. Note: export without --ort-fusions for TensorRT")
-    if meta.get("alibi_export.quantization"):
-        raise EngineBuildError(f"{onnx_path} is quantized ({meta['alibi_export.quantization']}) with ONNX Runtime's "
+    if meta.quantization:
+        raise EngineBuildError(f"{onnx_path} is quantized ({meta.quantization}) with ONNX Runtime's "
                                "CPU operators, which TensorRT cannot parse. Note: build engines from an unquantized "
                                "export (--attention onnx)")
-    onnx_dtype = meta.get("alibi_export.dtype", "float32")
+    onnx_dtype = meta.dtype
     precision = precision or _ONNX_DTYPE.get(onnx_dtype, "fp32")
     trt = import_trt(backend)
     backend = backend_of(trt)
@@ -287,24 +258,20 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
     engine_sha256 = hashlib.sha256(memoryview(plan)).hexdigest()
-    sidecar = {
-        "engine": engine_path.name, "engine_sha256": engine_sha256, "created_by": f"alibi-export {__version__}",
-        "backend": backend, "backend_version": trt.__version__,
-        "precision": precision, "strongly_typed": strongly_typed, "onnx_dtype": onnx_dtype,
-        "attention": form,
-        "plugin": _plugin_info() if form == _PLUGIN else None,
-        "profile": {"input": network.get_input(0).name, **shapes},
-        "train_len": int(meta["alibi_export.train_len"]) if "alibi_export.train_len" in meta else None,
-        "onnx": str(onnx_path), "onnx_sha256": sha256_file(onnx_path),
-        "timing_cache": str(cache_path) if cache_path else None,
-        "layer_types": layer_types, "build_seconds": round(seconds, 3),
-    }
+    sidecar = EngineSidecar(
+        engine=engine_path.name, engine_sha256=engine_sha256, created_by=f"{PRODUCER} {__version__}",
+        backend=backend, backend_version=trt.__version__, precision=precision, strongly_typed=strongly_typed,
+        onnx_dtype=onnx_dtype, attention=form, plugin=_plugin_info() if form == _PLUGIN else None,
+        profile={"input": network.get_input(0).name, **shapes}, train_len=meta.train_len,
+        onnx=relative_to_artifact(onnx_path, engine_path), onnx_sha256=sha256_file(onnx_path),
+        timing_cache=relative_to_artifact(cache_path, engine_path) if cache_path else None,
+        layer_types=layer_types, build_seconds=round(seconds, 3))
     side = sidecar_path(engine_path)
     # Engine and sidecar are written as a pair: both staged, then renamed; the sidecar names the engine's
     # SHA-256, so a reader detects a pair that a crash between the two renames could mismatch.
     with atomic_files([engine_path, side]) as (tmp_engine, tmp_side):
         tmp_engine.write_bytes(memoryview(plan))
-        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
+        tmp_side.write_text(sidecar.to_json())
     steps.close()
     log.info("built %s (%s %s, %s, %s) in %.1fs", engine_path, backend, trt.__version__, precision, form, seconds)
     return BuildResult(engine_path, side, backend, trt.__version__, precision, form, layer_types, seconds, sidecar)

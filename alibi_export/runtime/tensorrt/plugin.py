@@ -19,7 +19,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ...export.attention_function import ATTRIBUTES, DOMAIN, OP_TYPE, OP_VERSION
+from ...attention_contract import ATTRIBUTES, DOMAIN, OP_TYPE, OP_VERSION
 from ._trt import import_trt
 
 __all__ = ["PLUGIN_NAME", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "plugin_creator", "register_plugin",

@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..._io import sha256_file
+from ...artifacts import read_sidecar
 from ...errors import AlibiExportError
 from ._trt import import_trt
-from .builder import read_sidecar
 
 __all__ = ["TrtEngineRunner"]
 
@@ -36,15 +35,10 @@ def TrtEngineRunner(path: str | Path, *, name: str | None = None):
     """Polygraphy's TrtRunner over the engine file ``path``. Its sidecar (``ENGINE.json``) says which
     TensorRT family built it and whether the AlibiAttention plugin must be registered first."""
     path = Path(path)
-    if not path.is_file():
-        raise AlibiExportError(f"engine {str(path)!r} not found")
-    side = read_sidecar(path)
-    if side.get("engine_sha256") and side["engine_sha256"] != sha256_file(path):
-        raise AlibiExportError(f"engine {str(path)!r} does not match its sidecar (SHA-256 differs). Note: rebuild it "
-                               "with `alibi-export trt`")
-    trt = import_trt(side.get("backend"), why="running a TensorRT engine")
+    side = read_sidecar(path)  # refuses a missing engine, a missing sidecar and one that does not match
+    trt = import_trt(side.backend, why="running a TensorRT engine")
     backend = "tensorrt-rtx" if "rtx" in trt.__name__ else "tensorrt"
-    if side.get("attention") == "plugin":
+    if side.attention == "plugin":
         from .plugin import register_plugin
 
         register_plugin(trt)
