@@ -66,6 +66,7 @@ def quantize_model(proto: onnx.ModelProto, quantize: str, *, block_size: int = D
         out = _int8(proto) if quantize == "int8" else _int4(proto, block_size)
     finally:
         logging.disable(logging.NOTSET)
+    _sort_with_outer_scope(out.graph)
     log.info("quantized to %s: %d weight products", quantize,
              sum(n.op_type in ("MatMulInteger", "MatMulNBits", "DynamicQuantizeMatMul") for n in out.graph.node))
     return out
@@ -82,6 +83,36 @@ def _untie_lm_head(proto: onnx.ModelProto) -> None:
                 continue
             proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), node.output[0]))
             proto.graph.node.remove(node)
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Every name ``node`` reads: its inputs and what its subgraphs (If branches) read from outside them."""
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
+            names |= {x for n in g.node for x in _outer_names(n)} - inner
+    return names
+
+
+def _sort_with_outer_scope(graph: onnx.GraphProto) -> None:
+    """Re-sort ``graph``'s nodes (in place, stably) so each comes after what it reads, including the names its
+    If branches read from the outer graph. ONNX Runtime's quantizers sort ignoring those: the int8 KV-cache
+    export of multi-query Falcon came out with an If before the Mul that makes its key bias (onnx.checker:
+    "Nodes in a graph must be topologically sorted")."""
+    nodes = list(graph.node)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    needs = [{made[x] for x in _outer_names(n) if x in made} for n in nodes]
+    done, order = set(), []
+    while len(order) < len(nodes):
+        ready = [i for i in range(len(nodes)) if i not in done and needs[i] <= done]
+        if not ready:
+            return  # a cycle: leave it to onnx.checker to report
+        done.update(ready)
+        order += ready
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
 
 
 def _int8(proto: onnx.ModelProto) -> onnx.ModelProto:
