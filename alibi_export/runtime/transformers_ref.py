@@ -6,6 +6,7 @@ transformers is an optional extra (``[hf]``) imported only here, only when this 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import OrderedDict
@@ -57,8 +58,9 @@ class TransformersRunner(BaseRunner):
         if self.model_type == "mpt":
             max_seq_len = json.loads((self.folder / "config.json").read_text()).get("max_seq_len", 2048)
             extra["max_seq_len"] = max(max_seq_len, self.max_len)
-        self.model = _transformers().AutoModelForCausalLM.from_pretrained(
-            self.folder, local_files_only=True, dtype=torch.float32, **extra).eval()
+        with _quiet(_transformers()):  # its loading bar and notes would break the CLI's one-line stderr
+            self.model = _transformers().AutoModelForCausalLM.from_pretrained(
+                self.folder, local_files_only=True, dtype=torch.float32, **extra).eval()
         if self.model_type == "mpt":
             configured_mpt_bias(self.model)
 
@@ -77,6 +79,21 @@ class TransformersRunner(BaseRunner):
 
     def deactivate_impl(self):
         del self.model
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' progress bars off and its log at ERROR for the block; both restored after."""
+    logging, bars = transformers.utils.logging, transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def hf_model_type(folder: Path) -> str:
