@@ -13,6 +13,7 @@ import torch
 
 from ..model import ModelConfig
 from ._options import field, not_alibi, refuse, refuse_unless
+from .bloom import _LAYER as BLOOM_LAYER
 from .weights import rename, split_per_head_qkv
 
 __all__ = ["config_from_hf", "convert", "skip", "DEFAULT_TRAIN_LEN"]
@@ -21,13 +22,7 @@ DEFAULT_TRAIN_LEN = 2048  # transformers' default max_position_embeddings
 
 _NAMES = {"word_embeddings.weight": "wte.weight", "ln_f.weight": "ln_f.weight", "ln_f.bias": "ln_f.bias",
           "lm_head.weight": "lm_head.weight"}
-_LAYER = {"input_layernorm.weight": "ln_1.weight", "input_layernorm.bias": "ln_1.bias",
-          "self_attention.query_key_value.weight": "attn.qkv.weight",
-          "self_attention.query_key_value.bias": "attn.qkv.bias",
-          "self_attention.dense.weight": "attn.proj.weight", "self_attention.dense.bias": "attn.proj.bias",
-          "post_attention_layernorm.weight": "ln_2.weight", "post_attention_layernorm.bias": "ln_2.bias",
-          "mlp.dense_h_to_4h.weight": "mlp.0.weight", "mlp.dense_h_to_4h.bias": "mlp.0.bias",
-          "mlp.dense_4h_to_h.weight": "mlp.2.weight", "mlp.dense_4h_to_h.bias": "mlp.2.bias"}
+_LAYER = BLOOM_LAYER  # Falcon-RW keeps BLOOM's per-layer tensor names (and its per-head fused qkv)
 
 
 def config_from_hf(data: dict) -> ModelConfig:
