@@ -321,14 +321,16 @@ def _source_checkpoint(onnx_path: Path, meta) -> Path:
                                "beside it nor shipped. Note: pass --model CHECKPOINT_FOLDER")
 
 
-def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, seed=None, provider="cpu"):
+def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, seed=None, provider="cpu",
+                         reference=None):
+    """Parity (and with ``text`` perplexity) of ``onnx_path`` against ``reference`` (default: ``ckpt``'s model)."""
     from .data import encode_text, read_text
     from .perplexity import perplexity
     from .runtime import make_runner
     from .runtime.pytorch import TorchRunner
     from .validate import compare
 
-    reference = TorchRunner(ckpt.model, name="pytorch")
+    reference = TorchRunner(ckpt.model, name="pytorch") if reference is None else reference
     result = compare(onnx_path, reference, lengths, batch=batch, seed=seed, provider=provider)
     ppl_onnx = ppl_torch = None
     if text is not None:  # perplexity only where a text is given (the main job: the shipped excerpt)
@@ -339,7 +341,8 @@ def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, see
         click.echo(f"perplexity on the first {len(tokens) - 1} tokens of {text} (non-overlapping windows)")
     _print_parity(result, ppl_onnx, ppl_torch, train_len)
     if not result:
-        raise click.ClickException("parity check failed: ONNX Runtime logits differ from PyTorch beyond tolerance")
+        raise click.ClickException(f"parity check failed: ONNX Runtime logits differ from the {reference.name} "
+                                   "reference beyond tolerance")
 
 
 @main.command()
@@ -351,13 +354,25 @@ def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, see
 @click.option("--seed", type=int, help="Seed for the random token ids (default: fresh).")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--text", type=click.Path(), help="Also compare perplexity on this text.")
+@click.option("--reference", default="pytorch", show_default=True, type=click.Choice(["pytorch", "transformers"]),
+              help="pytorch: this project's model of the checkpoint; transformers: transformers' own forward of a "
+                   "Hugging Face --model folder (needs the [hf] extra).")
 @_one_line_errors
-def validate(onnx_file, model, lengths, batch, seed, provider, text):
-    """Compare an .onnx (ONNX Runtime) or .engine (TensorRT) file with PyTorch at each length; exit 1 beyond tolerance."""
+def validate(onnx_file, model, lengths, batch, seed, provider, text, reference):
+    """Compare an .onnx (ONNX Runtime) or .engine (TensorRT) file with PyTorch (or transformers) at each length;
+    exit 1 beyond tolerance."""
     from .artifacts import read_metadata
 
     meta = read_metadata(onnx_file)
     model = Path(model) if model else _source_checkpoint(Path(onnx_file), meta)
+    runner = None
+    if reference == "transformers":
+        if meta.quantization:
+            raise click.ClickException("a quantized file is checked by perplexity against this project's model. "
+                                       "Note: drop --reference transformers")
+        from .runtime.transformers_ref import TransformersRunner
+
+        runner = TransformersRunner(model, max_len=max(lengths))  # refuses a non-HF folder before loading
     from .checkpoint import load  # torch: after the file's checks, so that they answer at once
 
     ckpt = load(model)
@@ -367,7 +382,7 @@ def validate(onnx_file, model, lengths, batch, seed, provider, text):
         _quantization_gate(Path(onnx_file), ckpt, lengths, text or default_text(), ckpt.config.train_len)
         return
     _validate_and_report(Path(onnx_file), ckpt, lengths, text, ckpt.config.train_len, batch=batch, seed=seed,
-                         provider=provider)
+                         provider=provider, reference=runner)
 
 
 @main.command()

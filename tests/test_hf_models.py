@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -120,11 +121,9 @@ def _mpt_bias_max_as_configured(hf) -> None:
     """transformers' MptModel builds its bias with alibi_bias_max 8 whatever attn_config says; MosaicML's
     own code (and so the trained models) uses the configured value. The reference here calls transformers'
     own build_mpt_alibi_tensor with the configured value (the negative control shows the difference)."""
-    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+    from alibi_export.runtime.transformers_ref import configured_mpt_bias
 
-    bias_max = hf.config.attn_config.alibi_bias_max
-    hf.transformer.build_mpt_alibi_tensor = (
-        lambda n, length, alibi_bias_max=8, device=None: build_mpt_alibi_tensor(n, length, bias_max, device))
+    configured_mpt_bias(hf)
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +330,71 @@ def test_kv_cache_greedy_generation_equals_transformers_and_padding_is_invisible
     together = session.generate_ids(prompts, 32, stop_tokens=[])
     assert together.token_ids == alone
     assert session._stop_ids(None) == {0}  # the config's eos_token_id, not the tokenizer's <|endoftext|>
+
+
+# ----------------------------------------------------------------------------------------- validate --reference
+@pytest.mark.parametrize("variant", [FAST[0], FAST[2]])
+def test_cli_validate_against_transformers_passes_at_1x_and_16x(models, variant):
+    """`validate --reference transformers`: transformers' own forward of the folder (AutoModelForCausalLM,
+    local files only; Falcon through sdpa) on Polygraphy's comparison, fp32 tolerance (atol/rtol 1e-3)."""
+    m = models(variant)
+    proc = run_cli("validate", m.export(), "--model", m.folder, "--reference", "transformers",
+                   "--lengths", f"{LEN},{16 * LEN}", "--seed", 11)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr  # no loading bar in a pipe
+    assert "parity PASS" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
+
+
+def test_mpt_transformers_reference_runs_past_max_seq_len(models):
+    """MPT in transformers cannot run past max_seq_len: the runner raises it to the longest length (the
+    slopes do not read it) and applies the configured alibi_bias_max (16 here); the comparison path is
+    validate.compare, as in the CLI."""
+    from alibi_export.runtime.transformers_ref import TransformersRunner
+    from alibi_export.validate import compare
+
+    m = models(FAST[1])
+    result = compare(m.export(), TransformersRunner(m.folder, max_len=16 * LEN), [LEN, 16 * LEN], seed=13)
+    assert result, f"seed 13: {result.lengths}"
+
+
+def test_falcon_transformers_reference_needs_sdpa(models, monkeypatch):
+    """Negative control of the runner's sdpa choice: transformers' eager Falcon adds ALiBi twice, and the
+    same comparison then fails (observed relative error 0.17 at 1x)."""
+    from alibi_export.runtime.transformers_ref import TransformersRunner
+    from alibi_export.validate import compare
+
+    m = models(FAST[2])
+    assert compare(m.export(), TransformersRunner(m.folder, max_len=LEN), [LEN], seed=14)
+    monkeypatch.setattr(TransformersRunner, "activate_impl", _eager_activate)
+    assert not compare(m.export(), TransformersRunner(m.folder, max_len=LEN), [LEN], seed=14)
+
+
+def _eager_activate(self):
+    self.model = transformers.AutoModelForCausalLM.from_pretrained(
+        self.folder, local_files_only=True, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_cli_validate_against_transformers_fails_on_another_model(models):
+    """Negative control: the Falcon export against the BLOOM folder (same vocabulary) fails with exit 1,
+    the message naming the reference."""
+    proc = run_cli("validate", models(FAST[2]).export(), "--model", models(FAST[0]).folder,
+                   "--reference", "transformers", "--lengths", str(LEN), "--seed", 12)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "parity FAIL" in proc.stdout
+    assert "differ from the transformers reference" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_cli_validate_against_transformers_refuses_own_checkpoint(models, tiny_dir):
+    proc = run_cli("validate", models(FAST[0]).export(), "--model", tiny_dir, "--reference", "transformers")
+    assert_one_line_error(proc, "needs a Hugging Face model folder")
+
+
+def test_transformers_reference_without_transformers_names_the_extra(models, monkeypatch):
+    from alibi_export.errors import MissingDependencyError
+    from alibi_export.runtime.transformers_ref import TransformersRunner
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"alibi-export\[hf\]"):
+        TransformersRunner(models(FAST[0]).folder, max_len=LEN)
 
 
 # ----------------------------------------------------------------------------------------- formats
