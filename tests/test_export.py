@@ -334,6 +334,6 @@ def test_tolerance_follows_dtype_and_attention_form():
 
     from alibi_export.validate import tolerance_of
 
-    assert tolerance_of(Meta(dtype="float32", attention="decomposed")) == TOLERANCES["float32"]
-    assert tolerance_of(Meta(dtype="float16", attention="onnx")) == TOLERANCES["float16"]
-    assert tolerance_of(Meta(dtype="float32", attention="onnx")) == TOLERANCES["float32-folded"]
+    assert tolerance_of(Meta(dtype="float32", attention="decomposed", quantization="")) == TOLERANCES["float32"]
+    assert tolerance_of(Meta(dtype="float16", attention="onnx", quantization="")) == TOLERANCES["float16"]
+    assert tolerance_of(Meta(dtype="float32", attention="onnx", quantization="")) == TOLERANCES["float32-folded"]
