@@ -120,3 +120,13 @@ def tiny_kv_export(tmp_path_factory, tiny_dir):
     from alibi_export.export.onnx import export_onnx
 
     return export_onnx(load(tiny_dir), tmp_path_factory.mktemp("tiny-kv") / "tiny.onnx", kv_cache=True)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small training corpus (train.txt, valid.txt) cut from the shipped excerpt, for the training tests."""
+    d = tmp_path_factory.mktemp("corpus")
+    text = EXCERPT.read_text()
+    (d / "train.txt").write_text(text[:60000])
+    (d / "valid.txt").write_text(text[60000:70000])
+    return d

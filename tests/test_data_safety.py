@@ -16,21 +16,12 @@ from alibi_export.errors import AlibiExportError, CheckpointError
 from alibi_export.export.onnx import export_onnx
 from alibi_export.train import TrainConfig, train
 from alibi_export.model import ModelConfig
-from tests.conftest import EXCERPT, SHIPPED
+from tests.conftest import SHIPPED
 from tests.test_cli import assert_one_line_error, run_cli
 
 
 def _snapshot(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = EXCERPT.read_text()
-    (d / "train.txt").write_text(text[:40000])
-    (d / "valid.txt").write_text(text[40000:46000])
-    return d
 
 
 def _train_cfg(corpus, out, steps=2, **kw):

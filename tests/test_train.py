@@ -7,16 +7,6 @@ from safetensors.torch import load_file
 from alibi_export import load
 from alibi_export.model import ModelConfig
 from alibi_export.train import TrainConfig, lr_at, train
-from tests.conftest import EXCERPT
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = EXCERPT.read_text()
-    (d / "train.txt").write_text(text[:60000])
-    (d / "valid.txt").write_text(text[60000:70000])
-    return d
 
 
 def cfg(corpus, out, steps, **kw):

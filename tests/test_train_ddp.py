@@ -17,19 +17,9 @@ from safetensors.torch import load_file
 from alibi_export.errors import ConfigError
 from alibi_export.model import ModelConfig
 from alibi_export.train import TrainConfig, train
-from tests.conftest import EXCERPT
 from tests.test_cli import assert_one_line_error, run_cli
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    text = EXCERPT.read_text()
-    (d / "train.txt").write_text(text[:60000])
-    (d / "valid.txt").write_text(text[60000:70000])
-    return d
 
 
 @pytest.fixture(autouse=True)
