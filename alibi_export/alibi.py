@@ -10,7 +10,8 @@ import math
 
 import torch
 
-__all__ = ["alibi_slopes", "mpt_alibi_slopes", "slopes_for", "SLOPE_RULES", "alibi_bias", "alibi_bias_bf16"]
+__all__ = ["alibi_slopes", "mpt_alibi_slopes", "slopes_for", "SLOPE_RULES", "alibi_bias", "alibi_bias_bf16",
+           "token_positions"]
 
 SLOPE_RULES = ("paper", "mpt")
 
@@ -80,6 +81,16 @@ def alibi_bias_bf16(slopes: torch.Tensor, key_positions: torch.Tensor) -> torch.
     return (m[:, None, None] * j[..., None, None, :]).to(bf16).to(torch.float32)  # (..., H, 1, Lk)
 
 
+def token_positions(real: torch.Tensor) -> torch.Tensor:
+    """(B, Lk) float32 position of each key among the real tokens of its row: cumsum(real) - 1, 0 before the first.
+
+    ``real``: (B, Lk), true (or 1) for real tokens, false for padding. Padding is skipped wherever it sits:
+    on the left (this project's GenerationSession), or on the right of a prompt with the generated tokens
+    after it, as onnxruntime-genai batches prompts (its mask then has a hole). Hugging Face's BLOOM and
+    Falcon count ALiBi positions the same way (the attention mask's cumulative sum)."""
+    return (real.to(torch.float32).cumsum(-1) - 1).clamp(min=0)
+
+
 def alibi_bias(
     slopes: torch.Tensor,
     q_len: int | torch.SymInt,
@@ -88,6 +99,7 @@ def alibi_bias(
     past_len: int | torch.SymInt = 0,
     causal: bool = True,
     dtype: torch.dtype = torch.float32,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention bias of shape (H, q_len, k_len): m_h * (j - i).
 
@@ -95,14 +107,21 @@ def alibi_bias(
     scaled by 1/sqrt(d). With ``causal`` the keys after each query get -inf (the bias term
     itself is <= 0 there). Without it the bidirectional form -m_h * |j - i| is returned.
     Sizes may be symbolic so that an export keeps them dynamic.
+
+    ``positions`` (B, k_len), from :func:`token_positions`, puts padded batches' tokens at their
+    positions among their row's real tokens: the distance becomes p_j - p_i (the queries are the
+    last q_len keys) and the result (B, H, q_len, k_len); the causal mask stays on the raw indices.
     """
     device = slopes.device
     q_pos = torch.arange(q_len, device=device) + past_len  # (q_len,)
     k_pos = torch.arange(k_len, device=device)  # (k_len,)
     rel = (k_pos[None, :] - q_pos[:, None]).to(torch.float32)  # (q_len, k_len), j - i
+    future = rel > 0
+    if positions is not None:
+        rel = positions[:, None, :] - positions[:, k_len - q_len:, None]  # (B, q_len, k_len): p_j - p_i
     if not causal:
         rel = -rel.abs()
-    bias = slopes.to(torch.float32)[:, None, None] * rel[None]  # (H, q_len, k_len)
+    bias = slopes.to(torch.float32)[:, None, None] * rel[..., None, :, :]  # (H, q, k) or (B, H, q, k)
     if causal:
-        bias = bias.masked_fill(rel[None] > 0, float("-inf"))
+        bias = bias.masked_fill(future, float("-inf"))
     return bias.to(dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .alibi import SLOPE_RULES, alibi_bias, alibi_bias_bf16, slopes_for
+from .alibi import SLOPE_RULES, alibi_bias, alibi_bias_bf16, slopes_for, token_positions
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE"]
@@ -153,7 +153,7 @@ class PositionMethod(nn.Module):
         """Additive (H, q_len, k_len) bias including the causal mask, or None for plain causal.
 
         ``key_mask`` (B, 1, 1, k_len), see :func:`key_padding_mask`, is for methods whose bias depends on
-        each row's padding (Falcon's absolute positions); they return (B, H, q_len, k_len)."""
+        each row's padding (ALiBi counts positions over real tokens); they return (B, H, q_len, k_len)."""
         return None
 
 
@@ -176,16 +176,14 @@ class Alibi(PositionMethod):
         return self.slopes if self.bias_scale == 1.0 else self.slopes * self.bias_scale
 
     def bias(self, q_len, k_len, past_len, key_mask=None):
+        # A padded batch: each row's tokens sit at their positions among its real tokens (token_positions).
+        positions = None if key_mask is None else token_positions(key_mask[:, 0, 0, :] >= 0)  # (B, k)
         if not self.bf16:
-            return alibi_bias(self.head_slopes(), q_len, k_len, past_len=past_len)
+            return alibi_bias(self.head_slopes(), q_len, k_len, past_len=past_len, positions=positions)
         k_pos = torch.arange(k_len, device=self.slopes.device)
         q_pos = torch.arange(q_len, device=self.slopes.device) + past_len
         future = k_pos[None, :] > q_pos[:, None]  # (q, k)
-        positions = k_pos
-        if key_mask is not None:  # left padding: a row's positions count from its first real token
-            n_pad = (key_mask[:, 0, 0, :] < 0).sum(-1, keepdim=True)  # (B, 1)
-            positions = (k_pos[None, :] - n_pad).clamp(min=0)  # (B, k)
-        bias = alibi_bias_bf16(self.slopes, positions) * self.bias_scale  # (H, 1, k) or (B, H, 1, k)
+        bias = alibi_bias_bf16(self.slopes, k_pos if positions is None else positions) * self.bias_scale
         return bias.masked_fill(future, float("-inf"))  # (H, q, k) or (B, H, q, k)
 
 
@@ -503,9 +501,11 @@ class AlibiLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None):
         """Logits (B, L, V); with ``past_key_values`` (one (k, v) per layer) also the new cache.
 
-        ``attention_mask`` (B, past_len + L), 1 for real tokens and 0 for padding (left padding for
-        prompts of different lengths), masks padded keys. ALiBi depends only on j - i, so a left-padded
-        row gives the same logits as the row alone; absolute position methods do not have that property."""
+        ``attention_mask`` (B, past_len + L), 1 for real tokens and 0 for padding, masks padded keys, and
+        ALiBi counts each row's positions over its real tokens only (``alibi.token_positions``). So a
+        padded row gives the same logits as the row alone, whether padded on the left or on the right
+        with its generated tokens after the padding (onnxruntime-genai's batches); absolute position
+        methods do not have that property."""
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if self.training and self.config.dropout > 0 and input_ids.is_cuda:
             _warn_once(f"dropout {self.config.dropout:g} acts on the embeddings and residual branches only: "

@@ -21,7 +21,7 @@ from alibi_export.runtime.generate import GenerationSession
 from alibi_export.runtime.onnxruntime import create_session
 from alibi_export.validate import GateResult, perplexity_gate
 from tests.conftest import EXCERPT
-from tests.test_genai import genai_greedy
+from tests.test_genai import check_genai_batch
 from tests.test_hf_models import FAST, LEN, models  # noqa: F401  (models: the module fixture, reused)
 
 LENGTHS = [LEN, 4 * LEN]  # 1x and 4x the training length
@@ -33,7 +33,10 @@ TOKENS = 8 * LEN + 1  # 8 windows at 1x, 2 at 4x: fewer make one window's noise 
 BLOOM_INT4 = pytest.mark.xfail(strict=True, reason="random BLOOM's int4 ratio 1.086 > 1.08 at 1x (measured)")
 CASES = [(FAST[0], "int8", False), pytest.param(FAST[0], "int4", True, marks=BLOOM_INT4),
          (FAST[2], "int4", False), (FAST[2], "int4", True), (FAST[2], "int8", True), (FAST[1], "int8", False)]
-PROMPTS = ["It was a dark and stormy night, and", "The old"]  # different lengths: genai left-pads the batch
+# Different lengths (genai right-pads the batch), 20+ tokens apart: on these random models' near-constant
+# output a shorter gap of attended padding does not change the short row's tokens (the negative control).
+PROMPTS = ["It was a dark and stormy night, and the rain fell in torrents, except at occasional intervals, when it "
+           "was checked", "The old"]
 NEW_TOKENS = 12
 
 
@@ -92,20 +95,14 @@ def test_genai_config_comes_from_the_hf_config(genai_folders, variant):
     assert decoder["eos_token_id"] == 7 != ckpt.tokenizer.token_to_id("<|endoftext|>")
 
 
-# Found here, not fixed: onnxruntime-genai 0.18's append_tokens feeds an all-ones attention_mask for a
-# left-padded batch (its model_input_values log: pad ids 0 with mask 1), so the pads are attended as tokens;
-# GenerationSession masks them (its padded prefill gives the unpadded logits exactly). With 16 pads on these
-# models that changes the first greedy token (our session fed the all-ones mask gives genai's token).
-GENAI_PADDING = pytest.mark.xfail(strict=True, reason="genai 0.18 attends left pads (all-ones mask)")
-
-
-@pytest.mark.parametrize("batch", [1, pytest.param(2, marks=GENAI_PADDING)])
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("variant", [FAST[2], FAST[0]])
 def test_genai_greedy_equals_generation_session(genai_folders, variant, batch):
+    """genai pads a batch on the right and keeps the hole while it generates; ALiBi positions counted over
+    real tokens make that padding invisible (test_kv_cache's right-padding tests), for BLOOM and Falcon too."""
     m, ckpt, out = genai_folders(variant)
     rows = [ckpt.tokenizer.encode(p).ids for p in PROMPTS[:batch]]
     assert len({len(r) for r in rows}) == batch  # the batch of 2 really has two lengths
     ours = GenerationSession(out / "model.onnx").generate_ids(rows, NEW_TOKENS, stop_tokens=[]).token_ids
     assert all(7 not in r for r in ours), ours  # genai stops at eos; GenerationSession here does not
-    theirs = genai_greedy(out, rows, NEW_TOKENS)
-    assert theirs == ours, f"{variant}: genai {theirs} != GenerationSession {ours}"
+    check_genai_batch(out, PROMPTS[:batch], ours, rows)

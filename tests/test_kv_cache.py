@@ -165,6 +165,54 @@ def test_left_padded_batch_matches_each_prompt_alone(request, shipped, form, rng
         assert together.token_ids[i] == session.generate_ids([row], 12, stop_tokens=[]).token_ids[0]
 
 
+# (5, 40, 23): the attention function's whole-score path; (700, 1100): its Loop over query chunks (1100² > 1024²).
+@pytest.mark.parametrize("lengths", [(5, 40, 23), (700, 1100)], ids=["whole", "loop"])
+@pytest.mark.parametrize("form", ["session", "op_session", "fused_session"])
+def test_right_padded_batch_with_a_hole_matches_each_prompt_alone(request, shipped, form, lengths, rng):
+    """onnxruntime-genai's batches: each prompt padded on the right, its generated tokens after the padding,
+    so the mask has a hole. ALiBi counts positions over real tokens (alibi.token_positions): the hole is
+    invisible, in the prefill and in the steps after it."""
+    session = request.getfixturevalue(form)
+    # fp32; the onnx form sums the folded m*j (j up to ~1100 here) into the scores: 1e-3 there, as in the 8x test
+    tol = 1e-4 if form == "session" else 1e-3
+    vocab, width, new = shipped.config.vocab_size, max(lengths), 6
+    rows = [rng.integers(0, vocab, n).tolist() for n in lengths]
+    steps = rng.integers(0, vocab, (len(rows), new))  # the same continuation fed to the batch and to each row
+    ids, mask = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width + new), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    mask[:, width:] = 1
+    prefill, cache = session.step(ids, mask[:, :width], session.new_cache(len(rows)))
+    after, _ = session.step(steps, mask, cache)  # six tokens at once after the hole, through the cache
+    full_ids = np.concatenate([ids, steps], 1)
+    torch_full = _torch_logits(shipped.model, full_ids, mask)
+    all_ones, _ = session.step(full_ids, np.ones_like(mask), session.new_cache(len(rows)))
+    for i, row in enumerate(rows):
+        alone = _torch_logits(shipped.model, np.array([row + steps[i].tolist()]))[0]
+        assert np.abs(prefill[i, len(row) - 1] - alone[len(row) - 1]).max() < tol
+        assert np.abs(after[i] - alone[len(row):]).max() < tol
+        assert np.abs(torch_full[i, width:] - alone[len(row):]).max() < 1e-4
+        if len(row) < width:  # negative control: attending the padding changes the tokens after it
+            assert np.abs(all_ones[i, width:] - alone[len(row):]).max() > 1e-2
+
+
+def test_right_padding_needs_positions_over_real_tokens(shipped, monkeypatch, rng):
+    """Negative control of the test above: with positions that count the padding (j - i on raw indices, the
+    form before token_positions), the tokens after a hole get other logits."""
+    from alibi_export.alibi import alibi_bias
+
+    rows, steps = [rng.integers(0, 512, n).tolist() for n in (5, 40)], rng.integers(0, 512, (2, 6))
+    ids = np.zeros((2, 40 + 6), np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], ids[i, 40:], mask[i, :len(row)], mask[i, 40:] = row, steps[i], 1, 1
+    alone = _torch_logits(shipped.model, np.array([rows[0] + steps[0].tolist()]))[0, 5:]
+    assert np.abs(_torch_logits(shipped.model, ids, mask)[0, 40:] - alone).max() < 1e-4
+    raw = shipped.model.pos
+    monkeypatch.setattr(raw, "bias", lambda q, k, past, key_mask=None: alibi_bias(raw.head_slopes(), q, k, past_len=past))
+    assert np.abs(_torch_logits(shipped.model, ids, mask)[0, 40:] - alone).max() > 1e-2
+
+
 def _torch_greedy(model, prompt: list[int], n: int) -> list[int]:
     cfg = model.config
     empty = [(torch.zeros(1, cfg.n_head, 0, cfg.head_dim),) * 2 for _ in range(cfg.n_layer)]

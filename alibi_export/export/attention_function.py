@@ -14,8 +14,10 @@ built from the runtime positions in float32 whatever the I/O dtype: the ALiBi te
 m·L in magnitude, which fp16 cannot hold to the precision softmax needs.
 
 The KV-cache export uses a second op, ``AlibiAttentionMasked(q, k, v, key_mask)``, with the
-same body plus an additive float key mask (B, 1, 1, Lk) for left-padded batches; both ops share
-:func:`_attend_block`, and the 3-input op is unchanged by the masked one.
+same body plus an additive float key mask (B, 1, 1, Lk) for padded batches: padded keys are masked
+and the ALiBi distance is counted over each row's real tokens, so padding anywhere (left, or a hole
+between a prompt and its generated tokens) changes no logit. Both ops share :func:`_attend_block`,
+and the 3-input op is unchanged by the masked one.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
 
 
 def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, out: str, *, masked: bool,
-                  causal: bool, alibi: bool, bf16: bool = False) -> list[onnx.NodeProto]:
+                  causal: bool, alibi: bool, bf16: bool = False, q_tok: str = "k_tok") -> list[onnx.NodeProto]:
     """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend) (None: all keys).
 
     The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
@@ -54,11 +56,14 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
     so the graph holds only the passes it needs: with both, the causal -inf goes into (j - i) before
     the slopes multiply it (a zero slope would turn that into NaN), one (H, C, kend) pass in all.
     ``bf16`` (Falcon): the per-key bias ``kbias`` built once by the function (see _falcon_key_bias) is
-    sliced to the chunk's keys and the causal -inf put over it."""
+    sliced to the chunk's keys and the causal -inf put over it. ``q_tok``: the tensor the queries'
+    real-token positions are sliced from (k_tok, or in a Loop k_tok padded to whole chunks)."""
     n = helper.make_node
+    tok = masked and alibi and not bf16  # the distance is p_j - p_i over real tokens (k_tok)
     logits = p + "logits_alibi" if masked else p + "logits"
     sources = [("k_t", "axis3"), ("v_f", "axis2"), ("k_pos_all", "axis0")]  # (B, H, D, k), (B, H, k, D), (k,)
     sources += [("key_mask_f", "axis3")] if masked else []  # (B, 1, 1, k)
+    sources += [("k_tok", "axis3")] if tok else []  # (B, 1, 1, k)
     sources += [("kbias", "axis_last")] if bf16 else []  # (H, 1, k) or (B, H, 1, k)
     keys = [n("Identity", [src], [p + src]) if kend is None else n("Slice", [src, "zero1", kend, axis], [p + src])
             for src, axis in sources]
@@ -70,9 +75,15 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
         n("Cast", [p + "q_pos_i"], [p + "q_pos"], to=TensorProto.FLOAT),  # (C,) absolute query positions
         n("Unsqueeze", [p + "k_pos_all", "axis0"], [p + "k_row"]),
         n("Unsqueeze", [p + "q_pos", "axis1"], [p + "q_col"]),
-        n("Sub", [p + "k_row", p + "q_col"], [p + "rel"]),  # (C, kend): j - i
+        n("Sub", [p + "k_row", p + "q_col"], [p + ("raw_rel" if tok else "rel")]),  # (C, kend): j - i
     ]
-    future = [n("Greater", [p + "rel", "zero_f"], [p + "future"])]
+    if tok:  # p_j - p_i over each row's real tokens (k_tok, see _token_positions); queries are keys too
+        positions += [
+            n("Slice", [q_tok, q_start, q_end, "axis3"], [p + "q_tok"]),  # (B, 1, 1, C)
+            n("Transpose", [p + "q_tok"], [p + "q_tok_col"], perm=[0, 1, 3, 2]),  # (B, 1, C, 1)
+            n("Sub", [p + "k_tok", p + "q_tok_col"], [p + "rel"]),  # (B, 1, C, kend)
+        ]
+    future = [n("Greater", [p + ("raw_rel" if tok else "rel"), "zero_f"], [p + "future"])]  # on raw indices
     if bf16:  # Falcon: bias_scale * bf16(bf16(m) bf16(j)), -inf above the diagonal
         assert causal and alibi, "Falcon's bf16 bias is causal ALiBi"
         bias = [*positions, *future, n("Where", [p + "future", "neg_inf", p + "kbias"], [p + "bias"])]
@@ -122,7 +133,7 @@ def _chunk_body(**kind) -> onnx.GraphProto:
         n("Add", ["c1", "past"], ["q_end"]),
         # causal: a chunk never reads keys after its last query
         *([n("Min", ["q_end", "k_len"], ["kend"])] if kind["causal"] else [n("Identity", ["k_len"], ["kend"])]),
-        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", **kind),
+        *_attend_block("c_", "q_c", "q_start", "q_end", "kend", "out_c", q_tok="k_tok_qpad", **kind),
         n("Identity", ["cond_in"], ["cond_out"]),
     ]
     return _graph("alibi_attention_chunk", nodes, [("iter", TensorProto.INT64, []), ("cond_in", TensorProto.BOOL, [])],
@@ -143,6 +154,9 @@ def _chunked_branch(**kind) -> onnx.GraphProto:
         n("Sub", ["q_padded", "q_len"], ["pad_len"]),
         n("Concat", ["zeros6", "pad_len", "zero1"], ["pads"], axis=0),
         n("Pad", ["q_scaled", "pads"], ["q_pad"]),  # (B, H, n*C, D); padded rows are dropped below
+        *([n("Concat", ["zeros6", "zero1", "pad_len"], ["tok_pads"], axis=0),
+           n("Pad", ["k_tok", "tok_pads"], ["k_tok_qpad"])]  # the padded queries' positions: (B, 1, 1, past + n*C)
+          if kind["masked"] and kind["alibi"] and not kind["bf16"] else []),
         n("Loop", ["trip", "true"], ["chunks"], body=_chunk_body(**kind)),  # (n, B, H, C, D)
         n("Transpose", ["chunks"], ["chunks_t"], perm=[1, 2, 0, 3, 4]),  # (B, H, n, C, D)
         n("Concat", ["reshape_tail", "head_dim"], ["out_shape"], axis=0),
@@ -152,25 +166,37 @@ def _chunked_branch(**kind) -> onnx.GraphProto:
     return _graph("alibi_attention_chunked", nodes, [], [("l_out", TensorProto.FLOAT, None)])
 
 
+def _counts_real_tokens(masked: bool, alibi: bool, bf16: bool) -> bool:
+    """Whether the graph needs ``k_tok``: a padded batch's ALiBi distance or Falcon's per-key positions."""
+    return masked and (alibi or bf16)
+
+
+def _token_positions() -> list[onnx.NodeProto]:
+    """``k_tok`` (B, 1, 1, Lk): each key's position among its row's real tokens, cumsum(real) - 1 and 0
+    before the first (alibi.token_positions), so padding on either side, or a hole where genai's batches
+    pad a prompt before its generated tokens, moves no real token."""
+    n = helper.make_node
+    return [
+        n("Constant", [], ["axis3_s"], value=helper.make_tensor("axis3_s", TensorProto.INT64, [], [3])),
+        n("Constant", [], ["one_f"], value=helper.make_tensor("one_f", TensorProto.FLOAT, [], [1.0])),
+        n("Less", ["key_mask_f", "zero_f"], ["padded_b"]),
+        n("Not", ["padded_b"], ["real_b"]),
+        n("Cast", ["real_b"], ["real_f"], to=TensorProto.FLOAT),
+        n("CumSum", ["real_f", "axis3_s"], ["real_count"]),
+        n("Sub", ["real_count", "one_f"], ["k_tok_raw"]),
+        n("Max", ["k_tok_raw", "zero_f"], ["k_tok"]),
+    ]
+
+
 def _falcon_key_bias(masked: bool) -> list[onnx.NodeProto]:
     """``kbias`` = bias_scale * bf16(bf16(m_h) * bf16(j)) per key, as Falcon computes it (see
-    alibi.alibi_bias_bf16): j counts from each row's first real token, so with a key mask it is
-    j - (padded keys in the row), (B, H, 1, Lk); without one (H, 1, Lk). The casts round to nearest
-    even in ONNX Runtime, as PyTorch's bfloat16 does."""
+    alibi.alibi_bias_bf16): j counts over each row's real tokens, so with a key mask it is ``k_tok``,
+    (B, H, 1, Lk); without one (H, 1, Lk). The casts round to nearest even in ONNX Runtime, as
+    PyTorch's bfloat16 does."""
     n = helper.make_node
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-    if masked:
-        positions = [
-            n("Less", ["key_mask_f", "zero_f"], ["padded_b"]),
-            n("Cast", ["padded_b"], ["padded_f"], to=f32),
-            n("ReduceSum", ["padded_f", "axis3"], ["n_pad"], keepdims=1),  # (B, 1, 1, 1)
-            n("Sub", ["k_pos_all", "n_pad"], ["k_pos_shift"]),
-            n("Max", ["k_pos_shift", "zero_f"], ["k_pos_row"]),  # (B, 1, 1, Lk)
-        ]
-    else:
-        positions = [n("Identity", ["k_pos_all"], ["k_pos_row"])]  # (Lk,)
     return [
-        *positions,
+        n("Identity", ["k_tok" if masked else "k_pos_all"], ["k_pos_row"]),  # (B, 1, 1, Lk) or (Lk,)
         _ref("bias_scale", "bias_scale", onnx.AttributeProto.FLOAT),
         n("Cast", ["slopes3"], ["slopes_b"], to=bf16),
         n("Cast", ["slopes_b"], ["slopes_r"], to=f32),
@@ -243,7 +269,10 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     inputs = ["q", "k", "v"]
     if masked:
         inputs.append("key_mask")
-        nodes.insert(-2, n("Cast", ["key_mask"], ["key_mask_f"], to=TensorProto.FLOAT))
+        nodes[-2:-2] = [
+            n("Cast", ["key_mask"], ["key_mask_f"], to=TensorProto.FLOAT),
+            *(_token_positions() if _counts_real_tokens(masked, alibi, bf16) else []),
+        ]
     if bf16:
         nodes[-2:-2] = [_i64("axis_last", [-1]), *_falcon_key_bias(masked)]
     return helper.make_function(

@@ -2,12 +2,10 @@
 bias folded into extra head dimensions, each block emitted as one unit in the op's layout."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from ..alibi import alibi_bias_bf16
+from ..alibi import alibi_bias_bf16, token_positions
 from ..model import AlibiLM
 
 __all__ = ["attention_op", "extra_dims", "EXTRA_DIMS", "POS_BASE", "PAD_SCORE"]
@@ -114,22 +112,22 @@ def _clip_bounds(cfg, H: int, KV: int, dtype: torch.dtype):
 
 def _position_features(x: torch.Tensor, past_len, key_mask: torch.Tensor | None, cfg,
                        raw_slopes: torch.Tensor | None) -> torch.Tensor:
-    """(B, L, n features) of the new keys j = past_len + t, from the runtime shapes (see _HI...)."""
+    """(B, L, n features) of the new keys j = past_len + t, from the runtime shapes (see _HI...).
+
+    In a padded batch (``key_mask``) a key's position is counted over its row's real tokens
+    (``alibi.token_positions``, over past and new keys), so padding anywhere in the row is invisible."""
     B, L, _ = x.shape
-    j = torch.arange(L, device=x.device) + past_len
-    hi, lo = torch.div(j, POS_BASE, rounding_mode="floor"), torch.remainder(j, POS_BASE)
     if key_mask is None:
+        j = (torch.arange(L, device=x.device) + past_len).expand(B, L)
         padded = torch.zeros(B, L, dtype=x.dtype, device=x.device)
     else:
+        j = token_positions(key_mask[:, 0, 0, :] >= 0)[:, past_len:].long()  # (B, L)
         padded = (key_mask[:, 0, 0, past_len:] < 0).to(x.dtype)  # (B, L): 1 for padding
-    columns = [hi.to(x.dtype).expand(B, L), lo.to(x.dtype).expand(B, L), padded * POS_BASE, torch.ones_like(padded)]
+    hi, lo = torch.div(j, POS_BASE, rounding_mode="floor"), torch.remainder(j, POS_BASE)
+    columns = [hi.to(x.dtype), lo.to(x.dtype), padded * POS_BASE, torch.ones_like(padded)]
     features = torch.stack(columns, -1)  # (B, L, 4)
-    if cfg.alibi_bf16:  # Falcon: bf16(m_h * j') with j' counted from the row's first real token
-        positions = j.expand(B, L)
-        if key_mask is not None:
-            n_pad = (key_mask[:, 0, 0, :] < 0).sum(-1, keepdim=True)  # (B, 1) over past and new keys
-            positions = (positions - n_pad).clamp(min=0)
-        bias = alibi_bias_bf16(raw_slopes, positions)[:, :, 0, :].transpose(1, 2)  # (B, L, H)
+    if cfg.alibi_bf16:  # Falcon: bf16(m_h * j) with j counted over the row's real tokens
+        bias = alibi_bias_bf16(raw_slopes, j)[:, :, 0, :].transpose(1, 2)  # (B, L, H)
         features = torch.cat([features, bias.to(x.dtype)], -1)
     pad = _n_features(cfg) - features.shape[-1]
     return torch.cat([features, features.new_zeros(B, L, pad)], -1) if pad else features
