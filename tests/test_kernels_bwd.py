@@ -93,6 +93,44 @@ def test_grads_bwd_configs(gpu, cfg):
         kb._BWD_CONFIG_OVERRIDE = None
 
 
+def test_projection_layout_and_concurrent_dq(gpu, seed):
+    """The model's q, k, v are head views of one (B, L, (H + 2 Hk) D) projection. The output and the
+    gradients come back in that memory order ((B, L, H, D): the model's transpose back is a view, no
+    copy) with the same values as for contiguous inputs, and the dQ kernel on its own stream (the
+    default) gives the values of the one-stream backward. Control: contiguous inputs get contiguous
+    outputs."""
+    from alibi_export.alibi import alibi_slopes
+    from alibi_export.kernels import alibi_attention
+    from alibi_export.kernels import triton_alibi_bwd as kb
+
+    B, L, H, Hk, D = 2, 777, 8, 2, 64
+    g = torch.Generator("cuda").manual_seed(seed)
+    proj = torch.randn(B, L, (H + 2 * Hk) * D, device="cuda", dtype=torch.bfloat16, generator=g)
+    do = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    slopes = torch.tensor(alibi_slopes(H), device="cuda")
+
+    def run(contiguous: bool, concurrent: bool = True):
+        x = proj.detach().clone().requires_grad_()
+        q, k, v = x[..., :H * D], x[..., H * D:(H + Hk) * D], x[..., (H + Hk) * D:]
+        q, k, v = (t.view(B, L, -1, D).transpose(1, 2) for t in (q, k, v))
+        if contiguous:
+            q, k, v = (t.contiguous() for t in (q, k, v))
+        kb._BWD_CONCURRENT = concurrent
+        try:
+            out = alibi_attention(q, k, v, slopes)
+            return (out, *torch.autograd.grad(out, (q, k, v), do))  # as the backward returned them
+        finally:
+            kb._BWD_CONCURRENT = True
+
+    views, dense = run(False), run(True)
+    for name, a, b in zip(NAMES, views, dense):
+        assert torch.equal(a, b), name
+        assert a.transpose(1, 2).is_contiguous(), (name, a.stride())  # (B, L, H, D) in memory
+        assert b.is_contiguous() and not b.transpose(1, 2).is_contiguous(), (name, b.stride())  # control
+    for name, a, b in zip(NAMES, run(False, concurrent=False), views):
+        assert torch.equal(a, b), name
+
+
 def test_grads_negative_control(gpu):
     """Wrong slopes (halved) in the kernel must break the 2x-SDPA bound the tests above assert."""
     res = compare(2, 4, 4, 700, 700, 64, torch.bfloat16, slope_factor=0.5)

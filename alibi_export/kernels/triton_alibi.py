@@ -500,7 +500,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     if out is None:
-        out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+        out = empty_in_layout_of(q, (B, H, Lq, D))
     elif tuple(out.shape) != (B, H, Lq, D) or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"alibi_attention: out must be {(B, H, Lq, D)} {q.dtype} on {q.device}")
     if B == 0 or H == 0 or Lq == 0:
@@ -561,6 +561,18 @@ def _check_inputs(q, k, v, slopes, past_len, scale):
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     return slopes, past_len, float(scale)
+
+
+def empty_in_layout_of(t: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new (B, H, L, D) tensor stored in ``t``'s memory order: positions outside heads, (B, L, H, D), when
+    ``t`` is the model's head view of a (B, L, H * D) projection, else contiguous. The caller's
+    transpose back to (B, L, H * D) is then a view, not a copy (one per output per layer otherwise:
+    about 2% of a training step of the 12-layer d768 model at 2048 tokens, by profile)."""
+    B, H, L, D = shape
+    dtype = t.dtype if dtype is None else dtype
+    if t.dim() == 4 and t.shape[1] > 1 and t.shape[2] > 1 and t.stride(1) < t.stride(2):
+        return torch.empty((B, L, H, D), device=t.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(shape, device=t.device, dtype=dtype)
 
 
 class _nullctx:

@@ -274,6 +274,9 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq,
 # Test / benchmark hook: force (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel then of
 # the dQ kernel, 8 ints.
 _BWD_CONFIG_OVERRIDE: tuple | None = None
+# The dQ kernel runs on a second CUDA stream, concurrently with the dK/dV kernel: +3% fwd+bwd at
+# D=64, L 2048-8192, +-1% at D=128 (H200, tools/kernel_notes.md). False: one stream (test hook).
+_BWD_CONCURRENT = True
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
@@ -306,9 +309,10 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](out, do, delta, *s3(out), *s3(do), H, Lq,
                                                     BLOCK=64, HEAD_DIM=D, num_warps=4)
-    dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=k.dtype)
-    dv = torch.empty((B, H_kv, Lk, D), device=q.device, dtype=v.dtype)
+    # each gradient in its input's memory order (see triton_alibi.empty_in_layout_of)
+    dq = fwd.empty_in_layout_of(q, (B, H, Lq, D))
+    dk = fwd.empty_in_layout_of(k, (B, H_kv, Lk, D))
+    dv = fwd.empty_in_layout_of(v, (B, H_kv, Lk, D))
     bm1, bn1, w1, st1, bm2, bn2, w2, st2 = _BWD_CONFIG_OVERRIDE or _bwd_config(D, q.dtype)
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     qk_scale = float(scale) * LOG2E
@@ -316,6 +320,10 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     use_tma = all(fwd._tma_ok(t, t.stride(), q.device) for t in (q, k, v, do))
     if use_tma and not _INTERPRET:
         fwd._ensure_allocator()
+    side = None
+    if _BWD_CONCURRENT and q.is_cuda:
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main)  # delta and the inputs are ready; dK/dV (main) and dQ (side) overlap
     _bwd_dkdv_kernel[(triton.cdiv(Lk, bn1), B * H_kv)](
         q, k, v, do, dk, dv, lse, delta, slopes,
         *s3(q), *s3(k), *s3(v), *s3(do), *s3(dk), *s3(dv),
@@ -323,14 +331,31 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
         CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
         num_warps=w1, num_stages=st1,
     )
-    _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
-        q, k, v, do, dq, lse, delta, slopes,
-        *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
-        H, group, Lq, Lk, past_len, qk_scale, float(scale),
-        CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
-        num_warps=w2, num_stages=st2,
-    )
+    with torch.cuda.stream(side) if side is not None else fwd._nullctx():
+        _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
+            q, k, v, do, dq, lse, delta, slopes,
+            *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
+            H, group, Lq, Lk, past_len, qk_scale, float(scale),
+            CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
+            num_warps=w2, num_stages=st2,
+        )
+    if side is not None:
+        # Joined before anything else on the main stream: memory the side stream used (all of it
+        # allocated on the main stream) is reused only after it is done, so no record_stream.
+        main.wait_stream(side)
     return dq, dk, dv
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU, made once: creating a stream per backward costs host time that
+    short sequences feel."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 class AlibiAttention(torch.autograd.Function):
@@ -340,7 +365,7 @@ class AlibiAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, slopes, causal: bool, scale: float, past_len: int):
         B, H, Lq, D = q.shape
         H_kv, Lk = k.shape[1], k.shape[2]
-        out = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
+        out = fwd.empty_in_layout_of(q, (B, H, Lq, D))
         lse = torch.empty((B * H * Lq,), device=q.device, dtype=torch.float32)
         use_tma = fwd._tma_ok(k, k.stride(), q.device) and fwd._tma_ok(v, v.stride(), q.device)
         if use_tma and not _INTERPRET:
