@@ -10,7 +10,10 @@ __all__ = ["DOMAIN", "OP_TYPE", "MASKED_OP_TYPE", "OP_VERSION", "ATTRIBUTES", "B
 
 DOMAIN = "alibi_export"  # the ONNX domain of the node, and the TensorRT plugin's namespace
 OP_TYPE = "AlibiAttention"  # (q, k, v) -> out, each (batch, heads, length, head_dim)
-MASKED_OP_TYPE = "AlibiAttentionMasked"  # (q, k, v, key_mask) -> out: the KV-cache decoder's form
+# (q, k, v, key_mask, key_pos) -> out: the KV-cache decoder's form. key_mask (B, 1, 1, Lk) is additive (0 or a
+# large negative value for padding); key_pos (B, 1, 1, Lk) is each key's position among its row's real tokens
+# (alibi.token_positions), computed once per graph and shared by every layer.
+MASKED_OP_TYPE = "AlibiAttentionMasked"
 OP_VERSION = 1
 # The node's attributes, in the order the plugin's fields are declared: ints num_heads, head_dim, causal;
 # floats slopes (one per head; all zero for plain causal attention) and scale (1 / sqrt(head_dim)).

@@ -13,10 +13,11 @@ O(B·H·q_chunk·L), linear in L, and half of the L² products are never compute
 built from the runtime positions in float32 whatever the I/O dtype: the ALiBi term reaches
 m·L in magnitude, which fp16 cannot hold to the precision softmax needs.
 
-The KV-cache export uses a second op, ``AlibiAttentionMasked(q, k, v, key_mask)``, with the
-same body plus an additive float key mask (B, 1, 1, Lk) for padded batches: padded keys are masked
-and the ALiBi distance is counted over each row's real tokens, so padding anywhere (left, or a hole
-between a prompt and its generated tokens) changes no logit. Both ops share :func:`_attend_block`,
+The KV-cache export uses a second op, ``AlibiAttentionMasked(q, k, v, key_mask, key_pos)``, with
+the same body plus an additive float key mask (B, 1, 1, Lk) for padded batches and each key's position
+among its row's real tokens (B, 1, 1, Lk, computed once per graph): padded keys are masked and the
+ALiBi distance is p_j - p_i, so padding anywhere (left, or a hole between a prompt and its generated
+tokens) changes no logit. Both ops share :func:`_attend_block`,
 and the 3-input op is unchanged by the masked one.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
         n("Unsqueeze", [p + "q_pos", "axis1"], [p + "q_col"]),
         n("Sub", [p + "k_row", p + "q_col"], [p + ("raw_rel" if tok else "rel")]),  # (C, kend): j - i
     ]
-    if tok:  # p_j - p_i over each row's real tokens (k_tok, see _token_positions); queries are keys too
+    if tok:  # p_j - p_i over each row's real tokens (k_tok, the key_pos input); queries are keys too
         positions += [
             n("Slice", [q_tok, q_start, q_end, "axis3"], [p + "q_tok"]),  # (B, 1, 1, C)
             n("Transpose", [p + "q_tok"], [p + "q_tok_col"], perm=[0, 1, 3, 2]),  # (B, 1, C, 1)
@@ -166,28 +167,6 @@ def _chunked_branch(**kind) -> onnx.GraphProto:
     return _graph("alibi_attention_chunked", nodes, [], [("l_out", TensorProto.FLOAT, None)])
 
 
-def _counts_real_tokens(masked: bool, alibi: bool, bf16: bool) -> bool:
-    """Whether the graph needs ``k_tok``: a padded batch's ALiBi distance or Falcon's per-key positions."""
-    return masked and (alibi or bf16)
-
-
-def _token_positions() -> list[onnx.NodeProto]:
-    """``k_tok`` (B, 1, 1, Lk): each key's position among its row's real tokens, cumsum(real) - 1 and 0
-    before the first (alibi.token_positions), so padding on either side, or a hole where genai's batches
-    pad a prompt before its generated tokens, moves no real token."""
-    n = helper.make_node
-    return [
-        n("Constant", [], ["axis3_s"], value=helper.make_tensor("axis3_s", TensorProto.INT64, [], [3])),
-        n("Constant", [], ["one_f"], value=helper.make_tensor("one_f", TensorProto.FLOAT, [], [1.0])),
-        n("Less", ["key_mask_f", "zero_f"], ["padded_b"]),
-        n("Not", ["padded_b"], ["real_b"]),
-        n("Cast", ["real_b"], ["real_f"], to=TensorProto.FLOAT),
-        n("CumSum", ["real_f", "axis3_s"], ["real_count"]),
-        n("Sub", ["real_count", "one_f"], ["k_tok_raw"]),
-        n("Max", ["k_tok_raw", "zero_f"], ["k_tok"]),
-    ]
-
-
 def _falcon_key_bias(masked: bool) -> list[onnx.NodeProto]:
     """``kbias`` = bias_scale * bf16(bf16(m_h) * bf16(j)) per key, as Falcon computes it (see
     alibi.alibi_bias_bf16): j counts over each row's real tokens, so with a key mask it is ``k_tok``,
@@ -214,8 +193,9 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
                        bf16: bool = False) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
 
-    With ``masked``, ``AlibiAttentionMasked(q, k, v, key_mask) -> out`` instead, where ``key_mask``
-    (B, 1, 1, Lk) is added to the scores (in float32) after the ALiBi bias.
+    With ``masked``, ``AlibiAttentionMasked(q, k, v, key_mask, key_pos) -> out`` instead, where ``key_mask``
+    (B, 1, 1, Lk) is added to the scores (in float32) after the ALiBi bias and ``key_pos`` (B, 1, 1, Lk)
+    places each key among its row's real tokens (attention_contract).
 
     Query i sits at absolute position ``Lk - Lq + i`` (so a KV cache of past keys works unchanged).
     Attributes: num_heads, head_dim, slopes (H floats), scale, causal (1, or 0 for -m|j - i|).
@@ -268,10 +248,10 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     nodes.insert(5, _i64("one1", [1]))
     inputs = ["q", "k", "v"]
     if masked:
-        inputs.append("key_mask")
+        inputs += ["key_mask", "key_pos"]
         nodes[-2:-2] = [
             n("Cast", ["key_mask"], ["key_mask_f"], to=TensorProto.FLOAT),
-            *(_token_positions() if _counts_real_tokens(masked, alibi, bf16) else []),
+            n("Cast", ["key_pos"], ["k_tok"], to=TensorProto.FLOAT),  # (B, 1, 1, Lk): see the contract
         ]
     if bf16:
         nodes[-2:-2] = [_i64("axis_last", [-1]), *_falcon_key_bias(masked)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..alibi import alibi_bias_bf16, token_positions
+from ..alibi import alibi_bias_bf16
 from ..model import AlibiLM
+from ._positions import shared_token_positions
 
 __all__ = ["attention_op", "extra_dims", "EXTRA_DIMS", "POS_BASE", "PAD_SCORE"]
 
@@ -111,17 +112,18 @@ def _clip_bounds(cfg, H: int, KV: int, dtype: torch.dtype):
 
 
 def _position_features(x: torch.Tensor, past_len, key_mask: torch.Tensor | None, cfg,
-                       raw_slopes: torch.Tensor | None) -> torch.Tensor:
+                       raw_slopes: torch.Tensor | None, positions) -> torch.Tensor:
     """(B, L, n features) of the new keys j = past_len + t, from the runtime shapes (see _HI...).
 
     In a padded batch (``key_mask``) a key's position is counted over its row's real tokens
-    (``alibi.token_positions``, over past and new keys), so padding anywhere in the row is invisible."""
+    (``alibi.token_positions``, over past and new keys; ``positions``: export._positions.shared_token_positions),
+    so padding anywhere in the row is invisible."""
     B, L, _ = x.shape
     if key_mask is None:
         j = (torch.arange(L, device=x.device) + past_len).expand(B, L)
         padded = torch.zeros(B, L, dtype=x.dtype, device=x.device)
     else:
-        j = token_positions(key_mask[:, 0, 0, :] >= 0)[:, past_len:].long()  # (B, L)
+        j = positions(key_mask)[:, 0, 0, past_len:].long()  # (B, L)
         padded = (key_mask[:, 0, 0, past_len:] < 0).to(x.dtype)  # (B, L): 1 for padding
     hi, lo = torch.div(j, POS_BASE, rounding_mode="floor"), torch.remainder(j, POS_BASE)
     columns = [hi.to(x.dtype), lo.to(x.dtype), padded * POS_BASE, torch.ones_like(padded)]
@@ -155,12 +157,13 @@ def attention_op(model: AlibiLM):
     dtype = next(model.parameters()).dtype
     weights = {id(b.attn): _folded_block_weights(b.attn, cfg, slopes, dtype) for b in model.blocks}
     rotary = cfg.position == "rotary"
+    positions = shared_token_positions()
 
     def attend_block(attn, x, pos, past, key_mask=None):
         w_q, w_k, w_v, w_o, b_o, clip = weights[id(attn)]
         B, L, _ = x.shape
         past_len = 0 if past is None else past[0].shape[2]
-        x = torch.cat([x, _position_features(x, past_len, key_mask, cfg, raw)], -1)
+        x = torch.cat([x, _position_features(x, past_len, key_mask, cfg, raw, positions)], -1)
         q, k, v = x @ w_q, x @ w_k, x @ w_v  # (B, L, heads * (D + E))
         if clip is not None:  # MPT's clip_qkv on the projections, not on the ALiBi columns
             q, k, v = (torch.minimum(torch.maximum(t, -c), c) for t, c in zip((q, k, v), clip))

@@ -16,6 +16,7 @@ import torch
 from ..attention_contract import DOMAIN, MASKED_OP_TYPE, OP_TYPE, OP_VERSION
 from ..model import AlibiLM, T5Bias, attend_eager
 from ._weights import detach_weights
+from ._positions import shared_token_positions
 from .attention_op import attention_op
 
 __all__ = ["dynamo_export", "node_slopes"]
@@ -43,10 +44,12 @@ def _attention_node(model: AlibiLM):
     if getattr(model.pos, "bf16", False):
         attrs.update(bias_bf16=1, bias_scale=float(model.pos.bias_scale))
 
+    positions = shared_token_positions()
+
     def attend(q, k, v, pos, past_len, key_mask=None):
         if key_mask is not None:
-            return torch.onnx.ops.symbolic(f"{DOMAIN}::{MASKED_OP_TYPE}", (q, k, v, key_mask), attrs, dtype=q.dtype,
-                                           shape=q.shape, version=OP_VERSION)
+            return torch.onnx.ops.symbolic(f"{DOMAIN}::{MASKED_OP_TYPE}", (q, k, v, key_mask, positions(key_mask)),
+                                           attrs, dtype=q.dtype, shape=q.shape, version=OP_VERSION)
         return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP_TYPE}", (q, k, v), attrs, dtype=q.dtype, shape=q.shape,
                                        version=OP_VERSION)
 
