@@ -47,16 +47,48 @@ def _one_line_errors(fn):
             raise  # click's own ways out
         except (AlibiExportError, *_USER_OS_ERRORS) as e:
             raise click.ClickException(_first_line(e)) from None
+        except ModuleNotFoundError as e:
+            missing = _missing_requirement(e)
+            if missing is None:
+                raise _internal_error(e) from None
+            raise click.ClickException(f"the package {missing!r}, which alibi-export requires, is not installed. "
+                                       f"Note: the install is incomplete; pip install 'alibi-export' (or "
+                                       f"'{missing}') installs it") from None
         except Exception as e:
             if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
                 raise click.ClickException(_first_line(e)) from None
-            ctx = click.get_current_context(silent=True)
-            if ctx is not None and ctx.find_root().params.get("verbose"):
-                raise  # the traceback, for a bug report
-            raise click.ClickException(f"internal error: {type(e).__name__}: {_first_line(e)}. Note: this is a bug "
-                                       "in alibi-export; run with -v for the traceback") from None
+            raise _internal_error(e) from None
 
     return wrapper
+
+
+def _internal_error(e: Exception) -> click.ClickException:
+    """A bug: one line that says so; with -v, the exception itself (its traceback) instead."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("verbose"):
+        raise e  # the traceback, for a bug report
+    return click.ClickException(f"internal error: {type(e).__name__}: {_first_line(e)}. Note: this is a bug "
+                                "in alibi-export; run with -v for the traceback")
+
+
+def _missing_requirement(e: ModuleNotFoundError) -> str | None:
+    """The distribution name when ``e`` is a package alibi-export declares (any extra) that is not installed:
+    a broken install, not a bug. Optional packages raise MissingDependencyError before this."""
+    import re
+    from importlib import metadata
+
+    if not e.name:
+        return None
+    top = e.name.split(".")[0]
+    try:
+        requires = metadata.requires("alibi-export") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for req in requires:
+        dist = re.match(r"[A-Za-z0-9_.-]+", req).group(0)
+        if dist.lower().replace("-", "_") == top.lower():
+            return dist
+    return None
 
 
 class _OneLineErrors(click.Group):

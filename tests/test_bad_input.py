@@ -351,6 +351,26 @@ def test_internal_error_is_not_hidden(tmp_path, verbose):
         assert "run with -v" in proc.stderr
 
 
+@pytest.mark.parametrize("module, expected", [
+    ("polygraphy", "the package 'polygraphy', which alibi-export requires, is not installed"),
+    ("not_a_dependency", "internal error: ModuleNotFoundError"),  # control: a module we do not declare is a bug
+])
+def test_a_missing_required_package_is_an_install_problem(tmp_path, module, expected):
+    """A required package that is missing (a broken install; seen on a machine without polygraphy) is said as
+    such in one line, not reported as a bug in alibi-export."""
+    from alibi_export.shipped import default_model
+
+    stub = tmp_path / "stubs" / "polygraphy"  # shadows the installed package; importing it fails
+    stub.mkdir(parents=True)
+    message = f"No module named {module!r}"
+    (stub / "__init__.py").write_text(f"raise ModuleNotFoundError({message!r}, name={module!r})\n")
+    (tmp_path / "text.txt").write_text("Some text.")
+    proc = subprocess.run([sys.executable, "-m", "alibi_export", "ppl", str(default_model()), "--text", "text.txt",
+                           "--lengths", "64"], capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT_S,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path / 'stubs'}{os.pathsep}{ROOT}"})
+    assert_one_line_error(proc, expected)
+
+
 def test_user_error_with_verbose_stays_one_line(tmp_path):
     assert_one_line_error(run_cli("-v", "validate", "missing.onnx", "--model", "m", cwd=tmp_path), "not found")
 
