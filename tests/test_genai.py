@@ -140,6 +140,14 @@ def test_refuses_a_folder_it_did_not_write_and_replaces_its_own(tmp_path, traine
     with pytest.raises(ExportError, match="not written by alibi-export"):
         export_genai(trained, user, kv_cache=True, dynamic_len=True)
     assert [p.name for p in user.iterdir()] == ["notes.txt"]  # untouched
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "link").symlink_to(empty)
+    with pytest.raises(ExportError, match="symbolic link"):  # even to an empty folder: the link is not ours
+        export_genai(trained, tmp_path / "link", kv_cache=True, dynamic_len=True)
+    assert (tmp_path / "link").is_symlink() and not any(empty.iterdir())
+    (tmp_path / "link").unlink()
+    empty.rmdir()
     ours = tmp_path / "ours"
     shutil.copytree(folders("fp32"), ours)
     export_genai(trained, ours, kv_cache=True, dynamic_len=True, quantize="int4")  # replaced whole

@@ -131,6 +131,8 @@ def _staged_folder(out_dir: Path):
 def _check_replaceable(out_dir: Path) -> None:
     """An existing folder is replaced only if it is empty or holds nothing but a folder of ours."""
     check_writable_dir(out_dir.parent if str(out_dir.parent) else Path("."))
+    if out_dir.is_symlink():  # replacing it would move the link, and removing "the old folder" would follow it
+        raise ExportError(f"{str(out_dir)!r} is a symbolic link. Note: pass the folder itself, or a new path")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{str(out_dir)!r} exists and is not a folder. Note: a genai export writes a folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
