@@ -271,37 +271,14 @@ TRAIN_ROWS = [
 ]
 
 
-def _params(rows):
-    return [pytest.param(args, match, id=f"{i:02d}-{match[:40]}") for i, (args, match) in enumerate(rows)]
+TABLES = {"onnx": ONNX_ROWS, "validate": VALIDATE_ROWS, "ppl": PPL_ROWS, "generate": GENERATE_ROWS,
+          "trt": TRT_ROWS, "train": TRAIN_ROWS}
 
 
-@pytest.mark.parametrize("args,match", _params(ONNX_ROWS))
-def test_onnx_bad_input(args, match, bad, tmp_path):
-    check_row(args, match, bad, tmp_path)
-
-
-@pytest.mark.parametrize("args,match", _params(VALIDATE_ROWS))
-def test_validate_bad_input(args, match, bad, tmp_path):
-    check_row(args, match, bad, tmp_path)
-
-
-@pytest.mark.parametrize("args,match", _params(PPL_ROWS))
-def test_ppl_bad_input(args, match, bad, tmp_path):
-    check_row(args, match, bad, tmp_path)
-
-
-@pytest.mark.parametrize("args,match", _params(GENERATE_ROWS))
-def test_generate_bad_input(args, match, bad, tmp_path):
-    check_row(args, match, bad, tmp_path)
-
-
-@pytest.mark.parametrize("args,match", _params(TRT_ROWS))
-def test_trt_bad_input(args, match, bad, tmp_path):
-    check_row(args, match, bad, tmp_path)
-
-
-@pytest.mark.parametrize("args,match", _params(TRAIN_ROWS))
-def test_train_bad_input(args, match, bad, tmp_path):
+@pytest.mark.parametrize("args,match", [
+    pytest.param(args, match, id=f"{command}-{i:02d}-{match[:40]}")
+    for command, rows in TABLES.items() for i, (args, match) in enumerate(rows)])
+def test_bad_input(args, match, bad, tmp_path):
     check_row(args, match, bad, tmp_path)
 
 
@@ -315,8 +292,7 @@ def test_cuda_device_without_cuda(bad, tmp_path):
 
 
 def test_table_has_forty_rows_or_more():
-    tables = (ONNX_ROWS, VALIDATE_ROWS, PPL_ROWS, GENERATE_ROWS, TRT_ROWS, TRAIN_ROWS)
-    assert sum(map(len, tables)) >= 40 and all(len(t) >= 8 for t in tables)
+    assert sum(map(len, TABLES.values())) >= 40 and all(len(t) >= 8 for t in TABLES.values())
 
 
 # ----------------------------------------------------------------------------- bugs are not user mistakes

@@ -56,6 +56,17 @@ def _load_rows(src, start, offs0, stride, offs_d, n_rows, USE_TMA: tl.constexpr,
 
 
 @triton.jit
+def _row_source(base, n_rows, stride, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """What _load_rows reads a (n_rows, HEAD_DIM) matrix from, BLOCK rows at a time: a TMA descriptor
+    (rows past n_rows read as zeros, in hardware) or the matrix's base pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride, 1],
+                                         block_shape=[BLOCK, HEAD_DIM])
+    else:
+        return base
+
+
+@triton.jit
 def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0, cols, col_b,
                Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                CAUSAL: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
@@ -137,16 +148,8 @@ def _bwd_dkdv_kernel(
         bh = b64 * H + h
         slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
         col_b = slope * tl.arange(0, BLOCK_N).to(tl.float32)
-        q_base = Q + b64 * sqb + h.to(tl.int64) * sqh
-        do_base = DO + b64 * sdob + h.to(tl.int64) * sdoh
-        if USE_TMA:  # rows past Lq read as zeros
-            q_src = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_DIM], strides=[sqm, 1],
-                                              block_shape=[BLOCK_M, HEAD_DIM])
-            do_src = tl.make_tensor_descriptor(do_base, shape=[Lq, HEAD_DIM], strides=[sdom, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
-        else:
-            q_src = q_base
-            do_src = do_base
+        q_src = _row_source(Q + b64 * sqb + h.to(tl.int64) * sqh, Lq, sqm, BLOCK_M, HEAD_DIM, USE_TMA)
+        do_src = _row_source(DO + b64 * sdob + h.to(tl.int64) * sdoh, Lq, sdom, BLOCK_M, HEAD_DIM, USE_TMA)
         lse_blk = LSE + bh * Lq
         delta_blk = DELTA + bh * Lq
         for start_m in range(lo, tl.minimum(diag_end, Lq), BLOCK_M):
@@ -224,16 +227,8 @@ def _bwd_dq_kernel(
     if CAUSAL:  # the row half of the rank-1 bias (see _dq_tile)
         lse = lse + slope * tl.arange(0, BLOCK_M).to(tl.float32)
     delta = tl.load(DELTA + row, mask=r_ok, other=0.0)
-    k_base = K + b64 * skb + hk.to(tl.int64) * skh
-    v_base = V + b64 * svb + hk.to(tl.int64) * svh
-    if USE_TMA:  # rows past Lk read as zeros
-        k_src = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_DIM], strides=[skn, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_DIM], strides=[svn, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        k_src = k_base
-        v_src = v_base
+    k_src = _row_source(K + b64 * skb + hk.to(tl.int64) * skh, Lk, skn, BLOCK_N, HEAD_DIM, USE_TMA)
+    v_src = _row_source(V + b64 * svb + hk.to(tl.int64) * svh, Lk, svn, BLOCK_N, HEAD_DIM, USE_TMA)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     q_pos0 = past_len + start_m
     if CAUSAL:  # keys [0, n_full) are visible to every row of the block and in bounds
