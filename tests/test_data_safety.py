@@ -218,3 +218,34 @@ def test_engine_never_replaces_a_foreign_file_and_a_mismatched_pair_is_refused(o
     engine.write_bytes(engine.read_bytes()[:-1] + b"\0")  # an engine that is not the one its sidecar names
     with pytest.raises(AlibiExportError, match="does not match its sidecar"):
         TrtEngineRunner(engine)
+
+
+class _FakeConfig:
+    """TensorRT's builder config as far as timing caches go: a blob it cannot read gives an empty cache."""
+
+    class _Cache:
+        def __init__(self, blob: bytes):
+            self.blob = blob
+
+        def serialize(self):
+            return self.blob
+
+    def create_timing_cache(self, data: bytes):
+        return self._Cache(data if data.startswith(b"TRTCACHE") else b"")
+
+
+def test_timing_cache_refuses_a_file_tensorrt_cannot_read(tmp_path):
+    """--timing-cache is read and written back after the build: a user's file given there by mistake is refused
+    before anything runs, and left as it was. Controls: a readable cache and a new path are accepted."""
+    from alibi_export.errors import EngineBuildError
+    from alibi_export.runtime.tensorrt.builder import _timing_cache
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(EngineBuildError, match="not a TensorRT timing cache"):
+        _timing_cache(_FakeConfig(), notes)
+    assert notes.read_text() == "my notes"
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"TRTCACHE-blob")
+    assert _timing_cache(_FakeConfig(), cache).serialize() == b"TRTCACHE-blob"
+    assert _timing_cache(_FakeConfig(), tmp_path / "new.cache").serialize() == b""

@@ -178,6 +178,21 @@ def _parse(trt, builder, logger, onnx_path: Path, form: str, strongly_typed: boo
     return network, parser  # the parser must outlive the network
 
 
+
+def _timing_cache(config, path: Path):
+    """The timing cache in ``path`` (an empty one when there is no file). The file is written back after the
+    build, so one that TensorRT cannot read (a user's file given by mistake) is refused before anything runs."""
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # noqa: BLE001 - TensorRT's own exception types differ between releases
+        cache = None
+    if data and (cache is None or not len(memoryview(cache.serialize()))):
+        raise EngineBuildError(f"{str(path)!r} is not a TensorRT timing cache: refusing to read or replace it. "
+                               "Note: pass a new path, or a cache an earlier build wrote")
+    return cache
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int, opt_len: int, max_len: int,
                  batch: tuple[int, int, int] = (1, 1, 1), precision: str | None = None,
                  timing_cache: str | Path | None = None, backend: str | None = None) -> BuildResult:
@@ -242,8 +257,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         log.warning("TensorRT-RTX ignores timing caches (a no-op since 1.2): %s is not used", cache_path)
         cache_path = None
     if cache_path is not None:
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        config.set_timing_cache(_timing_cache(config, cache_path), ignore_mismatch=False)
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
