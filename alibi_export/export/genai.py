@@ -20,6 +20,9 @@ Written for onnxruntime-genai 0.18 (``GENAI_VERSIONS``); every field below is on
   empty past of the prefill); ``num_key_value_heads`` is 1 for multi-query models (Falcon).
 - ``context_length`` and ``search.max_length`` are 16x the training length, the longest this
   project validates (ALiBi has no hard limit; ``set_search_options(max_length=...)`` raises it).
+- ``pad_token_id`` is the end-of-text id. genai pads a batch's prompts on the right and keeps that
+  padding, masked, between each prompt and its generated tokens; the export counts ALiBi positions over
+  real tokens (alibi.token_positions), so the padding changes no token.
 """
 from __future__ import annotations
 
