@@ -8,7 +8,10 @@ bf16, causal, H=16, 16384 tokens per batch (B = 16384 / L), D in --dims, L in --
 TFLOP/s of forward + backward with the FlashAttention convention: the forward's causal count
 2*B*H*L^2*D, the backward 2.5x that (5 matmuls against 2), so fwd+bwd = 7*B*H*L^2*D. Also the
 forward alone (ours and Flex) and the relative difference of our gradients from Flex's.
-Timing: triton.testing.do_bench (median), gradients reset between runs.
+Timing: triton.testing.do_bench (median), gradients reset between runs; each peer timed --repeats
+times, interleaved, and the median of those reported. Also the host time to enqueue one step
+(``*_host_us``): where it exceeds the step's GPU time (short L, slow host CPU) the timings measure
+the host.
 
 Usage (from the repo root): PYTHONPATH=. python tools/bench_attention_train.py [--sweep]
   [--dims 64,128] [--lengths 1024,...,16384] [--json F]; writes $OUT/bench_attention_train.json
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -64,7 +68,25 @@ def fwd_bwd(fn, q, k, v, do):
     return step, grads
 
 
-def one_shape(D, L, flex, sweep):
+def host_us(step, grads, n=20):
+    """Host time to enqueue one step (us), GPU idle at the start: when it exceeds the step's GPU time,
+    the timings below measure the host, not the kernels (short L)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        for g in grads:
+            g.grad = None
+        step()
+    dt = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return dt
+
+
+def one_shape(D, L, flex, sweep, repeats=1):
+    """Each peer timed ``repeats`` times, interleaved (flash, Flex, ours, flash, ...): the reported value is
+    the median, every run is kept under ``<peer>_runs``. One process's timings of the same kernel can
+    differ by several percent between calls (host stalls at short L), so a ratio from one run each
+    is read against the spread."""
     B = max(1, TOKENS // L)
     g = torch.Generator(DEV).manual_seed(L + D)
     q, k, v = (torch.randn(B, H, L, D, device=DEV, dtype=DT, generator=g).requires_grad_()
@@ -78,27 +100,34 @@ def one_shape(D, L, flex, sweep):
     def flash(a, b, c):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(a, b, c, is_causal=True)
-    step, _ = fwd_bwd(flash, q, k, v, do)
-    r["flash_nobias"] = tf(bench(step, [q, k, v]))
 
     def score_mod(score, b, h, qi, kv):
         return score + m[h] * (kv - qi)
     bm = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, L, device=DEV)
     flex_fn = lambda a, b, c: flex(a, b, c, score_mod=score_mod, block_mask=bm)  # noqa: E731
-    try:
-        step, g_flex = fwd_bwd(flex_fn, q, k, v, do)
-        r["flex_alibi"] = tf(bench(step, [q, k, v]))
-        with torch.no_grad():
-            r["flex_fwd"] = tf(bench(lambda: flex_fn(q, k, v)), 1.0)
-    except Exception as e:  # noqa: BLE001
-        print("flex failed", repr(e)[:300], flush=True)
-        g_flex, r["flex_alibi"], r["flex_fwd"] = None, float("nan"), float("nan")
-
     ours_fn = lambda a, b, c: alibi_attention(a, b, c, m)  # noqa: E731
-    step, g_ours = fwd_bwd(ours_fn, q, k, v, do)
-    r["ours"] = tf(bench(step, [q, k, v]))
+    steps = {}
+    grads = {}
+    for name, fn in (("flash_nobias", flash), ("flex_alibi", flex_fn), ("ours", ours_fn)):
+        try:
+            steps[name], grads[name] = fwd_bwd(fn, q, k, v, do)
+        except Exception as e:  # noqa: BLE001
+            print(name, "failed", repr(e)[:300], flush=True)
+    runs = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            runs[name].append(tf(bench(step, [q, k, v])))
+    for name in ("flash_nobias", "flex_alibi", "ours"):
+        r[name] = statistics.median(runs[name]) if runs.get(name) else float("nan")
+        r[name + "_runs"] = [round(x, 1) for x in runs.get(name, [])]
+    for name in ("flex_alibi", "ours"):
+        if name in steps:
+            r[name + "_host_us"] = round(host_us(steps[name], (q, k, v)), 1)
     with torch.no_grad():
+        r["flex_fwd"] = (tf(bench(lambda: flex_fn(q, k, v)), 1.0) if "flex_alibi" in steps
+                         else float("nan"))
         r["ours_fwd"] = tf(bench(lambda: ours_fn(q, k, v)), 1.0)
+    g_flex, g_ours = grads.get("flex_alibi"), grads["ours"]
     if g_flex is not None:
         r["grad_err_vs_flex"] = max(rel_err(a, b) for a, b in zip(g_ours, g_flex))
     best, best_cfg = r["ours"], "default"
@@ -127,6 +156,8 @@ def main():
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     ap.add_argument("--sweep", action="store_true", help="also time the BWD_SWEEP configs")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved timings per peer; the median is reported (default 3)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64  # one compile per (L, D) shape
@@ -138,7 +169,7 @@ def main():
     for D in (int(x) for x in a.dims.split(",")):
         for L in (int(x) for x in a.lengths.split(",")):
             t1 = time.time()
-            rows.append(one_shape(D, L, flex, a.sweep))
+            rows.append(one_shape(D, L, flex, a.sweep, a.repeats))
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in rows[-1].items()}), f"({time.time() - t1:.0f} s)",
                   flush=True)
@@ -146,12 +177,15 @@ def main():
     print(f"\nforward+backward, bf16 causal H={H} tokens/batch={TOKENS}, TFLOP/s "
           f"(7*B*H*L^2*D), {torch.cuda.get_device_name()}")
     print(f"{'D':>4} {'L':>6} {'B':>3} {'flash':>7} {'flex':>7} {'ours':>7} {'x flex':>7} "
-          f"{'x flash':>7} | fwd: {'flex':>6} {'ours':>6} | grad err  best cfg")
+          f"{'x flash':>7} | fwd: {'flex':>6} {'ours':>6} | host us: {'flex':>5} {'ours':>5} "
+          f"| grad err  best cfg")
     for r in rows:
         print(f"{r['D']:>4} {r['L']:>6} {r['B']:>3} {r['flash_nobias']:7.1f} {r['flex_alibi']:7.1f}"
               f" {r['ours_best']:7.1f} {r['ours_best'] / r['flex_alibi']:7.2f} "
               f"{r['ours_best'] / r['flash_nobias']:7.2f} | {r['flex_fwd']:10.1f} "
-              f"{r['ours_fwd']:6.1f} | {r.get('grad_err_vs_flex', float('nan')):.1e}  "
+              f"{r['ours_fwd']:6.1f} | {r.get('flex_alibi_host_us', float('nan')):14.0f} "
+              f"{r.get('ours_host_us', float('nan')):5.0f} | "
+              f"{r.get('grad_err_vs_flex', float('nan')):.1e}  "
               f"{r['ours_best_cfg']} (default {r['ours']:.1f})")
     path = a.json or (os.path.join(os.environ["OUT"], "bench_attention_train.json")
                       if os.environ.get("OUT") else None)

@@ -326,7 +326,9 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
         CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
         num_warps=w1, num_stages=st1,
     )
-    with torch.cuda.stream(side) if side is not None else fwd._nullctx():
+    if side is not None:
+        torch.cuda.set_stream(side)  # cheaper on the host than `with torch.cuda.stream(...)`
+    try:
         _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
             q, k, v, do, dq, lse, delta, slopes,
             *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
@@ -334,6 +336,9 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
             CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
             num_warps=w2, num_stages=st2,
         )
+    finally:
+        if side is not None:
+            torch.cuda.set_stream(main)
     if side is not None:
         # Joined before anything else on the main stream: memory the side stream used (all of it
         # allocated on the main stream) is reused only after it is done, so no record_stream.
