@@ -68,14 +68,14 @@ def fwd_bwd(fn, q, k, v, do):
     return step, grads
 
 
-def host_us(step, grads, n=20):
+def host_us(step, leaves, n=20):
     """Host time to enqueue one step (us), GPU idle at the start: when it exceeds the step's GPU time,
     the timings below measure the host, not the kernels (short L)."""
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
-        for g in grads:
-            g.grad = None
+        for t in leaves:
+            t.grad = None
         step()
     dt = (time.perf_counter() - t) / n * 1e6
     torch.cuda.synchronize()

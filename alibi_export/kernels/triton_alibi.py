@@ -334,16 +334,20 @@ def _alibi_combine_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-_SM_COUNT: dict[int, int] = {}
+_PROPS: dict[int, object] = {}
+
+
+def _props(device: torch.device):
+    """torch's properties of the GPU, asked once per GPU: the query costs 2.5-5 us of host time, and
+    the training path needed the compute capability six times per attention call."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PROPS:
+        _PROPS[idx] = torch.cuda.get_device_properties(idx)
+    return _PROPS[idx]
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _props(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype, q_len: int, kv_len: int | None = None,
@@ -391,26 +395,13 @@ _DECODE_MAX_ROWS = 64
 _TMA_OVERRIDE: bool | None = None
 
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    """The GPU's compute capability, asked once per GPU: torch's query costs 2.5-5 us of host
-    time, and the training path asked it six times per attention call."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITY.get(idx)
-    if cap is None:
-        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return cap
-
-
 def _tma_ok(t, strides, device) -> bool:
     """TMA needs sm_90+, a 16-byte aligned base, unit last stride, 16-byte aligned other strides."""
     if _TMA_OVERRIDE is not None:
         return _TMA_OVERRIDE
     if device.type != "cuda":
         return False
-    if _capability(device)[0] < 9:
+    if _props(device).major < 9:
         return False
     es = t.dtype.itemsize
     return (t.data_ptr() % 16 == 0 and strides[3] == 1

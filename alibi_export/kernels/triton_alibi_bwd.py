@@ -339,10 +339,9 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     finally:
         if side is not None:
             torch.cuda.set_stream(main)
-    if side is not None:
-        # Joined before anything else on the main stream: memory the side stream used (all of it
-        # allocated on the main stream) is reused only after it is done, so no record_stream.
-        main.wait_stream(side)
+            # Joined before anything else on the main stream: memory the side stream used (all of it
+            # allocated on the main stream) is reused only after it is done, so no record_stream.
+            main.wait_stream(side)
     return dq, dk, dv
 
 
