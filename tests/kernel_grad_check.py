@@ -90,6 +90,40 @@ def compare(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="cuda
     return res
 
 
+def _window_run(q, k, v, do, slopes, causal, past_len, gap):
+    """The kernel's (out, dq, dk, dv) with the backward window's gap forced to ``gap`` (inf: no
+    tile skipped), and the (dK/dV, dQ) tiles it computed."""
+    from alibi_export.kernels import alibi_attention
+    from alibi_export.kernels import triton_alibi_bwd as kb
+
+    kb._SKIP_GAP, kb._TILE_COUNTS = gap, torch.zeros(2, dtype=torch.int32, device=q.device)
+    try:
+        got = _grads(lambda a, b, c: alibi_attention(a, b, c, slopes, causal=causal,
+                                                     past_len=past_len), q, k, v, do)
+        return got, kb._TILE_COUNTS.tolist()
+    finally:
+        kb._SKIP_GAP, kb._TILE_COUNTS = None, None
+
+
+def window_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="cuda", seed=0,
+                 slope_scale=1.0, cut_gap=-32.0):
+    """The backward's ALiBi window against the full computation on the same inputs: the tiles each
+    computed, and max |difference| / max |full| of out, dq, dk, dv, for the default window and for
+    one cut short (gap ``cut_gap``: the negative control)."""
+    past = Lk - Lq if past_len is None else past_len
+    q, k, v, do, slopes = make_inputs(B, H, Hk, Lq, Lk, D, dtype, device, seed)
+    slopes = slopes * slope_scale
+    full, n_full = _window_run(q, k, v, do, slopes, causal, past, float("inf"))
+    win, n_win = _window_run(q, k, v, do, slopes, causal, past, None)
+    cut, _ = _window_run(q, k, v, do, slopes, causal, past, cut_gap)
+    diff = lambda a, b: ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()  # noqa: E731
+    return {"shape": [B, H, Hk, Lq, Lk, D], "dtype": str(dtype)[6:], "causal": causal,
+            "past_len": past, "seed": seed, "slope_scale": slope_scale,
+            "tiles": n_win, "tiles_full": n_full,
+            "diff": {n: diff(a, b) for n, a, b in zip(NAMES, win, full)},
+            "diff_cut": {n: diff(a, b) for n, a, b in zip(NAMES, cut, full)}}
+
+
 def _patch_interpreter() -> None:
     """Triton 3.6's interpreter converts scalars to Python ints with int(ndarray), which NumPy 2.4
     refuses for 1-element arrays (loop bounds computed in the kernel); .item() works for both."""
@@ -115,6 +149,16 @@ INTERPRET_CASES = [
 ]
 
 
+# The backward's window on tiny shapes: slopes 64x the standard ones (steep heads) so that it
+# skips tiles at these lengths; causal and not, GQA, a KV cache.
+WINDOW_CASES = [
+    dict(B=1, H=2, Hk=1, Lq=260, Lk=260, D=32, dtype=torch.float32, slope_scale=64.0),
+    dict(B=1, H=4, Hk=2, Lq=200, Lk=260, D=16, dtype=torch.float16, past_len=60, slope_scale=64.0),
+    dict(B=1, H=2, Hk=2, Lq=150, Lk=200, D=16, dtype=torch.float32, causal=False, past_len=50,
+         slope_scale=64.0),
+]
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1")
@@ -132,6 +176,8 @@ def main() -> None:
         triton_alibi._TMA_OVERRIDE = None
     bad = dict(INTERPRET_CASES[0], slope_factor=0.5)  # negative control: wrong slopes
     print(json.dumps({**compare(**bad, device="cpu", with_sdpa=False), "control": True}), flush=True)
+    for case in WINDOW_CASES:
+        print(json.dumps({**window_check(**case, device="cpu"), "window": True}), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernel_grad_check import NAMES, compare
+from tests.kernel_grad_check import NAMES, compare, window_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,11 +138,33 @@ def test_grads_negative_control(gpu):
         assert res["kernel"][n] > 2 * res["sdpa"][n], res
 
 
+@pytest.mark.parametrize("B,H,Hk,L,D,dtype,causal,slope_scale", [
+    (1, 16, 16, 4097, 128, torch.bfloat16, True, 1.0),  # the slopes of 16 heads: the steep half skips
+    (2, 8, 2, 1500, 64, torch.float16, True, 16.0),
+    (1, 4, 4, 1000, 128, torch.bfloat16, False, 16.0),
+    (1, 4, 1, 777, 32, torch.float32, True, 16.0),
+])
+def test_window_skips_tiles_and_changes_nothing(gpu, seed, B, H, Hk, L, D, dtype, causal, slope_scale):
+    """The backward skips the tiles whose every P is below 2^-gap (skip_gap: the skipped P of a row
+    sum to < 2^-32 of it). The claim: on these shapes it skips a fifth of the tiles or more, and
+    out, dq, dk, dv are those of the full computation to fp32 rounding (max difference <= 1e-6 of
+    the largest value; measured: equal). Control: a window cut short (gap -32; the bound is loose by
+    its Cauchy-Schwarz term, so only a negative gap drops P that matter) changes the gradients by
+    more than 1e-3 (measured 0.35-0.92)."""
+    res = window_check(B, H, Hk, L, L, D, dtype, causal=causal, seed=seed, slope_scale=slope_scale)
+    print("WINDOW", res)
+    n_win, n_full = res["tiles"], res["tiles_full"]
+    assert n_win[0] <= 0.8 * n_full[0] and n_win[1] <= 0.8 * n_full[1], res
+    assert max(res["diff"].values()) <= 1e-6, res
+    assert max(res["diff_cut"][n] for n in ("dq", "dk", "dv")) > 1e-3, res
+
+
 def test_grads_interpreted_on_cpu():
     """The kernels (forward with lse, dK/dV, dQ) under Triton's CPU interpreter, in a subprocess
     (TRITON_INTERPRET is read at import), on the tiny shapes of kernel_grad_check.INTERPRET_CASES (two of them again through the
-    TMA-descriptor loads);
-    ~10 s on 2 cores. Bounds are the forward's (tests/test_kernels.py): fp16 2e-3 (P and dS
+    TMA-descriptor loads), and the backward's window on kernel_grad_check.WINDOW_CASES (it skips
+    tiles, changes nothing, and a window cut short does change the gradients);
+    ~15 s on 2 cores. Bounds are the forward's (tests/test_kernels.py): fp16 2e-3 (P and dS
     rounded to 11-bit mantissas, measured 3.4e-4), fp32 1e-4 (tf32x3 dots, measured 4e-7). The
     last case runs the kernel with halved slopes and must miss the bound by far (measured 0.22)."""
     pytest.importorskip("triton")
@@ -151,7 +173,14 @@ def test_grads_interpreted_on_cpu():
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 8, proc.stdout
+    windows = [r for r in results if r.get("window")]
+    results = [r for r in results if not r.get("window")]
+    assert len(results) == 8 and len(windows) == 3, proc.stdout
+    for res in windows:  # as test_window_skips_tiles_and_changes_nothing, on a few tiles only
+        print("INTERPRET WINDOW", json.dumps(res))
+        assert all(w < f for w, f in zip(res["tiles"], res["tiles_full"])), res
+        assert max(res["diff"].values()) <= 1e-6, res
+        assert max(res["diff_cut"][n] for n in ("dq", "dk", "dv")) > 1e-3, res
     tol = {"float16": 2e-3, "float32": 1e-4}
     for res in results:
         print("INTERPRET", json.dumps(res))

@@ -5,6 +5,8 @@ bf16, causal, H=16, 16384 tokens per batch (B = 16384 / L), D in --dims, L in --
   flash_nobias : torch SDPA flash backend, causal, no bias (the "ALiBi is free" ceiling)
   flex_alibi   : FlexAttention with an ALiBi score_mod + causal block mask, torch.compile'd
   ours         : alibi_export.kernels.alibi_attention (autograd: forward with lse + dK/dV + dQ)
+  ours_nowin   : the same with the backward's ALiBi window off (every causal tile computed);
+                 ``tiles_kept`` is the share of the backward's tiles the window keeps
 TFLOP/s of forward + backward with the FlashAttention convention: the forward's causal count
 2*B*H*L^2*D, the backward 2.5x that (5 matmuls against 2), so fwd+bwd = 7*B*H*L^2*D. Also the
 forward alone (ours and Flex) and the relative difference of our gradients from Flex's.
@@ -72,12 +74,12 @@ def host_us(step, leaves, n=20):
     """Host time to enqueue one step (us), GPU idle at the start: when it exceeds the step's GPU time,
     the timings below measure the host, not the kernels (short L)."""
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(n):
-        for t in leaves:
-            t.grad = None
+        for leaf in leaves:
+            leaf.grad = None
         step()
-    dt = (time.perf_counter() - t) / n * 1e6
+    dt = (time.perf_counter() - t0) / n * 1e6
     torch.cuda.synchronize()
     return dt
 
@@ -106,9 +108,22 @@ def one_shape(D, L, flex, sweep, repeats=1):
     bm = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, L, device=DEV)
     flex_fn = lambda a, b, c: flex(a, b, c, score_mod=score_mod, block_mask=bm)  # noqa: E731
     ours_fn = lambda a, b, c: alibi_attention(a, b, c, m)  # noqa: E731
+
+    class ours_nowin:  # noqa: N801  the backward's window off: every causal tile computed
+        def __init__(self, a, b, c):
+            self.out = ours_fn(a, b, c)
+
+        def backward(self, grad):
+            kb._SKIP_GAP = float("inf")
+            try:
+                self.out.backward(grad)
+            finally:
+                kb._SKIP_GAP = None
     steps = {}
     grads = {}
-    for name, fn in (("flash_nobias", flash), ("flex_alibi", flex_fn), ("ours", ours_fn)):
+    peers = (("flash_nobias", flash), ("flex_alibi", flex_fn), ("ours", ours_fn),
+             ("ours_nowin", ours_nowin))
+    for name, fn in peers:
         try:
             steps[name], grads[name] = fwd_bwd(fn, q, k, v, do)
         except Exception as e:  # noqa: BLE001
@@ -117,7 +132,7 @@ def one_shape(D, L, flex, sweep, repeats=1):
     for _ in range(repeats):
         for name, step in steps.items():
             runs[name].append(tf(bench(step, [q, k, v])))
-    for name in ("flash_nobias", "flex_alibi", "ours"):
+    for name, _ in peers:
         r[name] = statistics.median(runs[name]) if runs.get(name) else float("nan")
         r[name + "_runs"] = [round(x, 1) for x in runs.get(name, [])]
     for name in ("flex_alibi", "ours"):
@@ -127,6 +142,16 @@ def one_shape(D, L, flex, sweep, repeats=1):
         r["flex_fwd"] = (tf(bench(lambda: flex_fn(q, k, v)), 1.0) if "flex_alibi" in steps
                          else float("nan"))
         r["ours_fwd"] = tf(bench(lambda: ours_fn(q, k, v)), 1.0)
+    # the backward's tiles with the window and without (TILE_COUNTS: dK/dV, dQ)
+    for name in ("ours", "ours_nowin"):
+        kb._TILE_COUNTS = torch.zeros(2, dtype=torch.int32, device=DEV)
+        try:
+            fwd_bwd(dict(peers)[name], q, k, v, do)
+            r[name + "_tiles"] = kb._TILE_COUNTS.tolist()
+        finally:
+            kb._TILE_COUNTS = None
+    r["tiles_kept"] = sum(r["ours_tiles"]) / sum(r["ours_nowin_tiles"])
+    r["grad_diff_nowin"] = max(rel_err(a, b) for a, b in zip(grads["ours"], grads["ours_nowin"]))
     g_flex, g_ours = grads.get("flex_alibi"), grads["ours"]
     if g_flex is not None:
         r["grad_err_vs_flex"] = max(rel_err(a, b) for a, b in zip(g_ours, g_flex))
@@ -178,7 +203,7 @@ def main():
           f"(7*B*H*L^2*D), {torch.cuda.get_device_name()}")
     print(f"{'D':>4} {'L':>6} {'B':>3} {'flash':>7} {'flex':>7} {'ours':>7} {'x flex':>7} "
           f"{'x flash':>7} | fwd: {'flex':>6} {'ours':>6} | host us: {'flex':>5} {'ours':>5} "
-          f"| grad err  best cfg")
+          f"| grad err  best cfg | no window  tiles kept")
     for r in rows:
         print(f"{r['D']:>4} {r['L']:>6} {r['B']:>3} {r['flash_nobias']:7.1f} {r['flex_alibi']:7.1f}"
               f" {r['ours_best']:7.1f} {r['ours_best'] / r['flex_alibi']:7.2f} "
@@ -186,7 +211,8 @@ def main():
               f"{r['ours_fwd']:6.1f} | {r.get('flex_alibi_host_us', float('nan')):14.0f} "
               f"{r.get('ours_host_us', float('nan')):5.0f} | "
               f"{r.get('grad_err_vs_flex', float('nan')):.1e}  "
-              f"{r['ours_best_cfg']} (default {r['ours']:.1f})")
+              f"{r['ours_best_cfg']} (default {r['ours']:.1f}) | {r['ours_nowin']:7.1f} "
+              f"{r['tiles_kept']:5.2f}")
     path = a.json or (os.path.join(os.environ["OUT"], "bench_attention_train.json")
                       if os.environ.get("OUT") else None)
     if path:

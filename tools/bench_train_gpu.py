@@ -3,6 +3,7 @@
 --mode single (one GPU): train_len 512, 2048, 8192 with 16384 tokens per step (B = 16384 / L), in
 three attention configurations of the same model:
   fused : the Triton kernel, forward + backward (attention "triton"; bias regenerated in-kernel)
+  fused-nowin : the same with the backward's ALiBi window off (every causal tile computed)
   flex  : FlexAttention with an ALiBi score_mod and a causal block mask (torch.compile'd)
   sdpa  : PyTorch SDPA with the materialized (H, L, L) bias, as BLOOM/MPT training in transformers
 --mode ddp: DistributedDataParallel over --gpus GPUs (NCCL) at train_len 2048, fused attention,
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from alibi_export.kernels import triton_alibi_bwd as kb  # noqa: E402
 from alibi_export.model import AlibiLM, ModelConfig  # noqa: E402
 
 TOKENS_PER_GPU = 16384
@@ -71,7 +73,7 @@ def build(train_len: int, attention: str, device) -> tuple[torch.nn.Module, torc
         for block in model.blocks:
             block.attn.attend = attend
     else:
-        model.set_attention({"fused": "triton", "sdpa": "sdpa"}[attention])
+        model.set_attention({"fused": "triton", "fused-nowin": "triton", "sdpa": "sdpa"}[attention])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     return model.train(), opt
 
@@ -117,9 +119,12 @@ def single(args) -> dict:
             model = opt = None
             try:
                 model, opt = build(L, attention, device)
+                kb._SKIP_GAP = float("inf") if attention == "fused-nowin" else None
                 r = timed_steps(model, model, opt, B, L, device, args.warmup, args.steps)
             except torch.cuda.OutOfMemoryError:
                 r = {"tokens_per_s": float("nan"), "peak_GiB": float("nan"), "error": "OOM"}
+            finally:
+                kb._SKIP_GAP = None
             rows.append({"train_len": L, "B": B, "attention": attention, **r})
             print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
             del model, opt
@@ -180,7 +185,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=["single", "ddp"], required=True)
     ap.add_argument("--lengths", default="512,2048,8192")
-    ap.add_argument("--attention", default="fused,flex,sdpa")
+    ap.add_argument("--attention", default="fused,fused-nowin,flex,sdpa")
     ap.add_argument("--gpus", type=int, default=2, help="ddp without torchrun: processes to spawn")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)

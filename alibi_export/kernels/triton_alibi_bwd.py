@@ -14,7 +14,17 @@ size L x L is ever stored. Two kernels, so that no accumulator needs atomics:
   every query head of the KV group, so under GQA/MQA dK and dV are summed over the group in
   registers and written once.
 * ``_bwd_dq_kernel``: one program per (query block, batch * head), walking the key blocks it sees.
-* ``_bwd_delta_kernel`` (run first): delta from the 16-bit dO and O in one pass.
+* ``_bwd_delta_kernel`` (run first): delta from the 16-bit dO and O in one pass, and the bounds
+  of the window below.
+
+**The ALiBi window.** The bias decays linearly with distance, so far from its query a key's P
+is exactly negligible, whatever the data: by Cauchy-Schwarz, ``s_ij - lse_i <= |scale| * |q_i| *
+|k_j| - lse_i - m_h * |i - j|``. Each program bounds the first term with the largest |q| and |k|
+of its block or (batch, head) and the smallest lse, and walks only the tiles within the distance
+beyond which every P is below ``2^-gap`` (``skip_gap``: the skipped P of a row sum to < 2^-32 of
+it, below fp32 rounding). Steep heads skip most of a long sequence; shallow heads, or q and k of
+large norm, skip little or nothing. The gradients are those of the full computation (tested
+bitwise-equal to 1e-6 of the largest; tests/test_kernels_bwd.py).
 
 ``AlibiAttention`` (a ``torch.autograd.Function``) runs the forward kernel, which also stores
 ``lse``, and this backward; ``alibi_attention_train`` is its entry point.
@@ -27,6 +37,7 @@ be multiples of the block sizes.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -105,14 +116,15 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "H_KV", "GROUP", "Lq", "Lk", "past_len"])
+@triton.jit(do_not_specialize=["H", "H_KV", "GROUP", "Lq", "Lk", "past_len", "NB"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, Slopes,
+    Q, K, V, DO, DK, DV, LSE, DELTA, Slopes, QN, LM, KN, CNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    H, H_KV, GROUP, Lq, Lk, past_len, qk_scale, scale,
+    H, H_KV, GROUP, Lq, Lk, past_len, qk_scale, scale, NB, gap,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    BND_ROWS: tl.constexpr, COUNT: tl.constexpr,
 ):
     """Rows of every tensor are contiguous in the head dim (stride 1, ensured by the host)."""
     pid_n = tl.program_id(0)  # causal: key block 0 sees every query block, launched first
@@ -143,27 +155,45 @@ def _bwd_dkdv_kernel(
     else:
         lo = 0
         diag_end = 0
+    # largest |k_j| of this key block, from the delta kernel's per-BND_ROWS maxima
+    kblk = start_n // BND_ROWS
+    kn = _reduce_row(KN + (b64 * H + hk * GROUP) * NB + kblk,
+                     tl.minimum(tl.maximum(BLOCK_N // BND_ROWS, 1), NB - kblk), True)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b64 * H + h
         slope = tl.load(Slopes + h).to(tl.float32) * 1.4426950408889634
+        # the query rows that can give this key block a P >= 2^-gap: within w of its keys
+        a = tl.abs(qk_scale) * _reduce_row(QN + bh * NB, NB, True) * kn \
+            - _reduce_row(LM + bh * NB, NB, False)
+        w = _window(a, slope, gap, Lq + Lk + past_len)
+        m_hi = tl.maximum(start_n + BLOCK_N + w - past_len, 0)
+        m_hi = tl.minimum((m_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Lq)
+        if CAUSAL:
+            m_lo = lo
+        else:
+            m_lo = tl.maximum(start_n - w - past_len, 0) // BLOCK_M * BLOCK_M
         col_b = slope * tl.arange(0, BLOCK_N).to(tl.float32)
         q_src = _row_source(Q + b64 * sqb + h.to(tl.int64) * sqh, Lq, sqm, BLOCK_M, HEAD_DIM, USE_TMA)
         do_src = _row_source(DO + b64 * sdob + h.to(tl.int64) * sdoh, Lq, sdom, BLOCK_M, HEAD_DIM, USE_TMA)
         lse_blk = LSE + bh * Lq
         delta_blk = DELTA + bh * Lq
-        for start_m in range(lo, tl.minimum(diag_end, Lq), BLOCK_M):
+        for start_m in range(m_lo, tl.minimum(diag_end, m_hi), BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
                                 cols, col_b, Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                                 CAUSAL, True, USE_TMA, DOT_PREC)
-        for start_m in range(diag_end, m_full, BLOCK_M):
+        for start_m in range(tl.maximum(diag_end, m_lo), tl.minimum(m_full, m_hi), BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
                                 cols, col_b, Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                                 CAUSAL, False, USE_TMA, DOT_PREC)
-        for start_m in range(tl.maximum(diag_end, m_full), Lq, BLOCK_M):
+        for start_m in range(tl.maximum(tl.maximum(diag_end, m_full), m_lo), m_hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0,
                                 cols, col_b, Lq, past_len, pos0, slope, qk_scale, sqm, sdom, offs_d,
                                 CAUSAL, True, USE_TMA, DOT_PREC)
+        if COUNT:  # test / benchmark hook: tiles computed
+            tl.atomic_add(CNT, _trips(m_lo, tl.minimum(diag_end, m_hi), BLOCK_M)
+                          + _trips(tl.maximum(diag_end, m_lo), tl.minimum(m_full, m_hi), BLOCK_M)
+                          + _trips(tl.maximum(tl.maximum(diag_end, m_full), m_lo), m_hi, BLOCK_M))
     dk = dk * scale
     tl.store(DK + b64 * sdkb + hk.to(tl.int64) * sdkh + cols[:, None] * sdkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=c_ok[:, None])
@@ -195,13 +225,14 @@ def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
 
-@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len"])
+@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "NB"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, Slopes,
+    Q, K, V, DO, DQ, LSE, DELTA, Slopes, QN, LM, KN, CNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-    H, GROUP, Lq, Lk, past_len, qk_scale, scale,
+    H, GROUP, Lq, Lk, past_len, qk_scale, scale, NB, gap,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+    BND_ROWS: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest query blocks (most key tiles) first, for load balance
@@ -231,39 +262,102 @@ def _bwd_dq_kernel(
     v_src = _row_source(V + b64 * svb + hk.to(tl.int64) * svh, Lk, svn, BLOCK_N, HEAD_DIM, USE_TMA)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     q_pos0 = past_len + start_m
+    # the keys this block's rows can give a P >= 2^-gap: within w of [q_pos0, q_pos0 + BLOCK_M)
+    nbnd = tl.minimum(tl.maximum(BLOCK_M // BND_ROWS, 1), NB - start_m // BND_ROWS)
+    blk = pid_bh.to(tl.int64) * NB + start_m // BND_ROWS
+    a = tl.abs(qk_scale) * _reduce_row(QN + blk, nbnd, True) \
+        * _reduce_row(KN + (b64 * H + hk * GROUP) * NB, NB, True) - _reduce_row(LM + blk, nbnd, False)
+    w = _window(a, slope, gap, Lq + Lk + past_len)
+    lo = tl.maximum(q_pos0 - w, 0) // BLOCK_N * BLOCK_N
     if CAUSAL:  # keys [0, n_full) are visible to every row of the block and in bounds
         n_full = tl.minimum((q_pos0 + 1) // BLOCK_N * BLOCK_N, Lk // BLOCK_N * BLOCK_N)
         hi = tl.minimum(q_pos0 + BLOCK_M, Lk)
     else:
         n_full = Lk // BLOCK_N * BLOCK_N
-        hi = Lk
-    for start_n in range(0, n_full, BLOCK_N):
+        hi = tl.minimum(q_pos0 + BLOCK_M + w, Lk)
+    for start_n in range(lo, tl.minimum(n_full, hi), BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk,
                       slope, qk_scale, skn, svn, offs_d, CAUSAL, False, USE_TMA, DOT_PREC)
-    for start_n in range(n_full, hi, BLOCK_N):
+    for start_n in range(tl.maximum(n_full, lo), hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos0, Lk,
                       slope, qk_scale, skn, svn, offs_d, CAUSAL, True, USE_TMA, DOT_PREC)
+    if COUNT:
+        tl.atomic_add(CNT + 1, _trips(lo, tl.minimum(n_full, hi), BLOCK_N)
+                      + _trips(tl.maximum(n_full, lo), hi, BLOCK_N))
     dq = dq * scale
     tl.store(DQ + b64 * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=r_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["H", "Lq"])
-def _bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sdob, sdoh, sdom, H, Lq,
+@triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "NB"])
+def _bwd_delta_kernel(O, DO, DELTA, Q, K, LSE, QN, LM, KN, sob, soh, som, sdob, sdoh, sdom,
+                      sqb, sqh, sqm, skb, skh, skn, H, GROUP, Lq, Lk, NB,
                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """delta_i = sum_d dO_id * O_id in fp32, read once from the 16-bit tensors (in torch it took
-    fp32 copies of both, several passes over memory)."""
+    fp32 copies of both, several passes over memory); and, per block of BLOCK rows, what the
+    backward kernels bound their windows with (see ``_window``): the largest |q_i| and the smallest
+    lse_i of the block's query rows (``QN``, ``LM``), and the largest |k_j| of its key rows (``KN``),
+    each (B*H, NB), NB = cdiv(max(Lq, Lk), BLOCK) (rows past Lq or Lk count as |x| = 0, lse = inf)."""
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = (offs_m < Lq)[:, None]
+    r_ok = offs_m < Lq
+    ok = r_ok[:, None]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=ok,
                  other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=r_ok)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    k = tl.load(K + b * skb + hk * skh + offs_m[:, None] * skn + offs_d[None, :],
+                mask=(offs_m < Lk)[:, None], other=0.0).to(tl.float32)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=r_ok, other=float("inf"))
+    slot = pid_bh.to(tl.int64) * NB + pid_m
+    tl.store(QN + slot, tl.sqrt(tl.max(tl.sum(q * q, 1), 0)))
+    tl.store(LM + slot, tl.min(lse, 0))
+    tl.store(KN + slot, tl.sqrt(tl.max(tl.sum(k * k, 1), 0)))
+
+
+@triton.jit
+def _reduce_row(ptr, n, MAX: tl.constexpr):
+    """max (MAX) or min of the n floats at ptr, 128 at a time."""
+    offs = tl.arange(0, 128)
+    if MAX:
+        acc = tl.max(tl.load(ptr + offs, mask=offs < n, other=0.0), 0)
+    else:
+        acc = tl.min(tl.load(ptr + offs, mask=offs < n, other=float("inf")), 0)
+    for c in range(128, n, 128):
+        if MAX:
+            acc = tl.maximum(acc, tl.max(tl.load(ptr + c + offs, mask=c + offs < n, other=0.0), 0))
+        else:
+            acc = tl.minimum(acc, tl.min(tl.load(ptr + c + offs, mask=c + offs < n,
+                                                 other=float("inf")), 0))
+    return acc
+
+
+@triton.jit
+def _trips(start, end, step):
+    """Iterations of range(start, end, step)."""
+    return tl.maximum(end - start + step - 1, 0) // step
+
+
+@triton.jit
+def _window(a, slope, gap, cap):
+    """How far from its query a key can sit and still get a P of 2^-gap or more: keys more than w
+    positions away have ``a - slope * |i - j| < -gap``. An integer in [0, cap].
+
+    ``a`` bounds ``s_ij - lse_i + slope * |i - j|`` (log2 units), i.e. the score without its bias
+    minus the row's log-sum-exp, by Cauchy-Schwarz: |qk_scale| * max|q_i| * max|k_j| - min lse_i.
+    Every row sees some key, so lse_i is finite. A slope <= 0, an infinite gap (skipping off) or
+    a NaN give ``cap`` (callers pass one beyond any distance): nothing is skipped."""
+    w = (a + gap) / slope
+    ok = (slope > 0) & (w < cap)  # False for NaN
+    return tl.where(ok, tl.ceil(tl.where(ok, w, 0.0)), cap.to(tl.float32)).to(tl.int32)
 
 
 # Test / benchmark hook: force (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel then of
@@ -289,6 +383,24 @@ def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
     return (32, 128, 8, 3, 128, 64, 8, 3)
 
 
+# Rows per block of the window bounds the delta kernel stores (max |q|, min lse, max |k|).
+_BND_ROWS = 64
+# Test / benchmark hook: the window's gap in log2 units (None: skip_gap's rule; inf: skip nothing).
+_SKIP_GAP: float | None = None
+# Test / benchmark hook: an int32 CUDA tensor of 2 to which the kernels add the tiles they compute
+# (dK/dV, dQ).
+_TILE_COUNTS: torch.Tensor | None = None
+
+
+def skip_gap(kv_len: int) -> float:
+    """The backward skips the (query, key) tiles where every P is below 2^-gap. With gap =
+    32 + log2(kv_len), the skipped P of a row sum to less than 2^-32 of the row's total: below the
+    fp32 rounding of the accumulators they would have been added to (2^-24 relative)."""
+    if _SKIP_GAP is not None:
+        return float(_SKIP_GAP)
+    return 32.0 + math.ceil(math.log2(max(kv_len, 2)))
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -300,10 +412,17 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     B, H, Lq, D = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     q, k, v, do, out = (_unit_last(t) for t in (q, k, v, do, out))
+    group = H // H_kv
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # rowsum(dO * O)
+    nb = triton.cdiv(max(Lq, Lk), _BND_ROWS)
+    qn, lm, kn = torch.empty((3, B * H, nb), device=q.device, dtype=torch.float32)  # window bounds
     s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
-    _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](out, do, delta, *s3(out), *s3(do), H, Lq,
-                                                    BLOCK=64, HEAD_DIM=D, num_warps=4)
+    _bwd_delta_kernel[(nb, B * H)](out, do, delta, q, k, lse, qn, lm, kn, *s3(out), *s3(do),
+                                   *s3(q), *s3(k), H, group, Lq, Lk, nb,
+                                   BLOCK=_BND_ROWS, HEAD_DIM=D, num_warps=4)
+    gap = skip_gap(Lk)
+    count = _TILE_COUNTS is not None
+    cnt = _TILE_COUNTS if count else lse
     # each gradient in its input's memory order (see triton_alibi.empty_in_layout_of)
     dq = fwd.empty_in_layout_of(q, (B, H, Lq, D))
     dk = fwd.empty_in_layout_of(k, (B, H_kv, Lk, D))
@@ -311,7 +430,6 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     bm1, bn1, w1, st1, bm2, bn2, w2, st2 = _BWD_CONFIG_OVERRIDE or _bwd_config(D, q.dtype)
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     qk_scale = float(scale) * LOG2E
-    group = H // H_kv
     use_tma = all(fwd._tma_ok(t, t.stride(), q.device) for t in (q, k, v, do))
     if use_tma and not _INTERPRET:
         fwd._ensure_allocator()
@@ -320,21 +438,21 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
         main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
         side.wait_stream(main)  # delta and the inputs are ready; dK/dV (main) and dQ (side) overlap
     _bwd_dkdv_kernel[(triton.cdiv(Lk, bn1), B * H_kv)](
-        q, k, v, do, dk, dv, lse, delta, slopes,
+        q, k, v, do, dk, dv, lse, delta, slopes, qn, lm, kn, cnt,
         *s3(q), *s3(k), *s3(v), *s3(do), *s3(dk), *s3(dv),
-        H, H_kv, group, Lq, Lk, past_len, qk_scale, float(scale),
+        H, H_kv, group, Lq, Lk, past_len, qk_scale, float(scale), nb, gap,
         CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
-        num_warps=w1, num_stages=st1,
+        BND_ROWS=_BND_ROWS, COUNT=count, num_warps=w1, num_stages=st1,
     )
     if side is not None:
         torch.cuda.set_stream(side)  # cheaper on the host than `with torch.cuda.stream(...)`
     try:
         _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
-            q, k, v, do, dq, lse, delta, slopes,
+            q, k, v, do, dq, lse, delta, slopes, qn, lm, kn, cnt,
             *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
-            H, group, Lq, Lk, past_len, qk_scale, float(scale),
+            H, group, Lq, Lk, past_len, qk_scale, float(scale), nb, gap,
             CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
-            num_warps=w2, num_stages=st2,
+            BND_ROWS=_BND_ROWS, COUNT=count, num_warps=w2, num_stages=st2,
         )
     finally:
         if side is not None:
