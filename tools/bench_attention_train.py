@@ -10,6 +10,8 @@ bf16, causal, H=16, 16384 tokens per batch (B = 16384 / L), D in --dims, L in --
 TFLOP/s of forward + backward with the FlashAttention convention: the forward's causal count
 2*B*H*L^2*D, the backward 2.5x that (5 matmuls against 2), so fwd+bwd = 7*B*H*L^2*D. Also the
 forward alone (ours and Flex) and the relative difference of our gradients from Flex's.
+--graphs also times each peer's step replayed from a CUDA graph (``*_graph``): the GPU's time alone, without
+the host's launch cost, which bounds short steps on a slow host CPU.
 Timing: triton.testing.do_bench (median), gradients reset between runs; each peer timed --repeats
 times, interleaved, and the median of those reported. Also the host time to enqueue one step
 (``*_host_us``): where it exceeds the step's GPU time (short L, slow host CPU) the timings measure
@@ -84,7 +86,38 @@ def host_us(step, leaves, n=20):
     return dt
 
 
-def one_shape(D, L, flex, sweep, repeats=1):
+def graph_ms(step, leaves, replays=20, repeats=5):
+    """GPU time of one step (ms) replayed from a CUDA graph, the host's launch cost taken out for every
+    peer alike: median of ``repeats`` timings of ``replays`` replays. The step is captured once (after
+    warm-up on a side stream, as torch.cuda.graph asks); gradients land in the graph's own buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for leaf in leaves:
+                leaf.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for leaf in leaves:
+        leaf.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    for leaf in leaves:
+        leaf.grad = None
+    return statistics.median(times)
+
+
+def one_shape(D, L, flex, sweep, repeats=1, graphs=False):
     """Each peer timed ``repeats`` times, interleaved (flash, Flex, ours, flash, ...): the reported value is
     the median, every run is kept under ``<peer>_runs``. One process's timings of the same kernel can
     differ by several percent between calls (host stalls at short L), so a ratio from one run each
@@ -138,6 +171,11 @@ def one_shape(D, L, flex, sweep, repeats=1):
     for name in ("flex_alibi", "ours"):
         if name in steps:
             r[name + "_host_us"] = round(host_us(steps[name], (q, k, v)), 1)
+    for name in (steps if graphs else ()):
+        try:
+            r[name + "_graph"] = tf(graph_ms(steps[name], (q, k, v)))
+        except Exception as e:  # noqa: BLE001
+            print(name, "CUDA graph failed", repr(e)[:300], flush=True)
     with torch.no_grad():
         r["flex_fwd"] = (tf(bench(lambda: flex_fn(q, k, v)), 1.0) if "flex_alibi" in steps
                          else float("nan"))
@@ -183,6 +221,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time the BWD_SWEEP configs")
     ap.add_argument("--repeats", type=int, default=3,
                     help="interleaved timings per peer; the median is reported (default 3)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time each peer's step replayed from a CUDA graph (no host launch cost)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64  # one compile per (L, D) shape
@@ -194,7 +234,7 @@ def main():
     for D in (int(x) for x in a.dims.split(",")):
         for L in (int(x) for x in a.lengths.split(",")):
             t1 = time.time()
-            rows.append(one_shape(D, L, flex, a.sweep, a.repeats))
+            rows.append(one_shape(D, L, flex, a.sweep, a.repeats, a.graphs))
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                               for k, v in rows[-1].items()}), f"({time.time() - t1:.0f} s)",
                   flush=True)
@@ -213,6 +253,11 @@ def main():
               f"{r.get('grad_err_vs_flex', float('nan')):.1e}  "
               f"{r['ours_best_cfg']} (default {r['ours']:.1f}) | {r['ours_nowin']:7.1f} "
               f"{r['tiles_kept']:5.2f}")
+    if a.graphs:
+        print("\nreplayed from CUDA graphs, TFLOP/s: D L flash flex ours (x flex) ours_nowin")
+        for r in rows:
+            g = [r.get(n + "_graph", float("nan")) for n in ("flash_nobias", "flex_alibi", "ours", "ours_nowin")]
+            print(f"{r['D']:>4} {r['L']:>6} {g[0]:7.1f} {g[1]:7.1f} {g[2]:7.1f} ({g[2] / g[1]:.2f}) {g[3]:7.1f}")
     path = a.json or (os.path.join(os.environ["OUT"], "bench_attention_train.json")
                       if os.environ.get("OUT") else None)
     if path:
