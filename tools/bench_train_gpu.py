@@ -1,7 +1,7 @@
 """Training throughput of a 12-layer d 768 ALiBi LM on H200s: tokens/s and peak memory per attention.
 
 --mode single (one GPU): train_len 512, 2048, 8192 with 16384 tokens per step (B = 16384 / L), in
-three attention configurations of the same model:
+four attention configurations of the same model:
   fused : the Triton kernel, forward + backward (attention "triton"; bias regenerated in-kernel)
   fused-nowin : the same with the backward's ALiBi window off (every causal tile computed)
   flex  : FlexAttention with an ALiBi score_mod and a causal block mask (torch.compile'd)
