@@ -296,8 +296,9 @@ def _bwd_delta_kernel(O, DO, DELTA, Q, K, LSE, QN, LM, KN, sob, soh, som, sdob, 
     """delta_i = sum_d dO_id * O_id in fp32, read once from the 16-bit tensors (in torch it took
     fp32 copies of both, several passes over memory); and, per block of BLOCK rows, what the
     backward kernels bound their windows with (see ``_window``): the largest |q_i| and the smallest
-    lse_i of the block's query rows (``QN``, ``LM``), and the largest |k_j| of its key rows (``KN``),
-    each (B*H, NB), NB = cdiv(max(Lq, Lk), BLOCK) (rows past Lq or Lk count as |x| = 0, lse = inf)."""
+    lse_i of the block's query rows (``QN``, ``LM``), and the largest |k_j| of its key rows (``KN``,
+    in the slot of the group's first query head), each (B*H, NB), NB = cdiv(max(Lq, Lk), BLOCK) (rows
+    past Lq or Lk count as |x| = 0, lse = inf)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -314,8 +315,9 @@ def _bwd_delta_kernel(O, DO, DELTA, Q, K, LSE, QN, LM, KN, sob, soh, som, sdob, 
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=r_ok)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=ok,
                 other=0.0).to(tl.float32)
+    # |k| once per KV head: the first query head of each group reads it (the only slot read back)
     k = tl.load(K + b * skb + hk * skh + offs_m[:, None] * skn + offs_d[None, :],
-                mask=(offs_m < Lk)[:, None], other=0.0).to(tl.float32)
+                mask=((offs_m < Lk) & (h % GROUP == 0))[:, None], other=0.0).to(tl.float32)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=r_ok, other=float("inf"))
     slot = pid_bh.to(tl.int64) * NB + pid_m
     tl.store(QN + slot, tl.sqrt(tl.max(tl.sum(q * q, 1), 0)))
