@@ -178,7 +178,6 @@ def _parse(trt, builder, logger, onnx_path: Path, form: str, strongly_typed: boo
     return network, parser  # the parser must outlive the network
 
 
-
 def _timing_cache(config, path: Path):
     """The timing cache in ``path`` (an empty one when there is no file). The file is written back after the
     build, so one that TensorRT cannot read (a user's file given by mistake) is refused before anything runs."""
