@@ -356,21 +356,21 @@ def test_mpt_transformers_reference_runs_past_max_seq_len(models):
     assert result, f"seed 13: {result.lengths}"
 
 
-def test_falcon_transformers_reference_needs_sdpa(models, monkeypatch):
-    """Negative control of the runner's sdpa choice: transformers' eager Falcon adds ALiBi twice, and the
-    same comparison then fails (observed relative error 0.17 at 1x)."""
+def test_falcon_transformers_reference_catches_a_doubled_bias(models, monkeypatch):
+    """The Falcon reference passes, and the same comparison fails when the reference's ALiBi bias is doubled.
+
+    The broken variant is built here: transformers' own ``build_alibi_tensor`` wrapped to return twice its
+    bias (what eager Falcon did before transformers 5.25 fixed it; the control no longer relies on that bug)."""
+    from transformers.models.falcon import modeling_falcon
+
     from alibi_export.runtime.transformers_ref import TransformersRunner
     from alibi_export.validate import compare
 
     m = models(FAST[2])
     assert compare(m.export(), TransformersRunner(m.folder, max_len=LEN), [LEN], seed=14)
-    monkeypatch.setattr(TransformersRunner, "activate_impl", _eager_activate)
+    build = modeling_falcon.build_alibi_tensor  # fails here, loudly, if transformers renames it
+    monkeypatch.setattr(modeling_falcon, "build_alibi_tensor", lambda *a, **k: 2 * build(*a, **k))
     assert not compare(m.export(), TransformersRunner(m.folder, max_len=LEN), [LEN], seed=14)
-
-
-def _eager_activate(self):
-    self.model = transformers.AutoModelForCausalLM.from_pretrained(
-        self.folder, local_files_only=True, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def test_cli_validate_against_transformers_fails_on_another_model(models):

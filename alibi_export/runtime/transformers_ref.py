@@ -35,8 +35,8 @@ class TransformersRunner(BaseRunner):
     Where transformers' code cannot serve as the reference as it stands, the model is loaded so that it can,
     never so that it matches the export more loosely:
 
-    - Falcon-ALiBi runs with ``attn_implementation="sdpa"``: transformers' eager Falcon adds the ALiBi bias
-      twice (found by tests/test_hf_models.py).
+    - Falcon-ALiBi runs with ``attn_implementation="sdpa"``: before transformers 5.25 its eager Falcon added the
+      ALiBi bias twice (found by tests/test_hf_models.py); sdpa is right in every version we support.
     - MPT cannot run past ``max_seq_len`` (transformers builds its bias as a (heads, 1, max_seq_len) tensor),
       so ``max_seq_len`` in the loaded config is raised to ``max_len``, the longest validated length. ALiBi's
       slopes do not read it: the model is the same.
