@@ -10,22 +10,19 @@ Decode (q_len 1, bf16, H=16, D=128): microseconds per step (CUDA-graph replays, 
 that the working set exceeds L2) and GB/s of K+V+q+out against a measured D2D copy bandwidth.
 
 The peer side mirrors shared/device/peer_attention_bench.py (a project helper). Timing:
-triton.testing.do_bench, median. Usage: python tools/bench_attention.py [--sweep] [--json F]
+triton.testing.do_bench, median, as one sample of tools/harness.py's timer. Usage: python tools/bench_attention.py [--sweep] [--json F]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
-import sys
 import time
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import time_one, write_record
 
 import triton.testing as tt  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -119,7 +116,9 @@ def variants(dims, lengths, flex_lengths, flex, H=16):
 
 
 def bench(fn):
-    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """ms per call: one harness sample measured by triton's GPU timer (itself a median over ~100 runs)."""
+    return time_one(fn, warmup=0, repeats=1,
+                    measure=lambda f: tt.do_bench(f, warmup=25, rep=100, return_mode="median") / 1e3).ms
 
 
 def copy_bandwidth():
@@ -221,7 +220,8 @@ def decode(H, D, kv_lens, batches, peers, flex, bw):
                 torch.cuda.synchronize()
                 if not graph:  # launch gaps included
                     return bench(run_all) / nsets * 1e3
-                return tt.do_bench_cudagraph(run_all, rep=50, return_mode="median") / nsets * 1e3
+                return time_one(run_all, warmup=0, repeats=1, measure=lambda f: tt.do_bench_cudagraph(
+                    f, rep=50, return_mode="median") / 1e3).ms / nsets * 1e3
 
             us = timeit(lambda q, k, v: ka.alibi_attention(q, k, v, m))
             r["ours_us"] = us
@@ -282,8 +282,7 @@ def main():
         rows = variants([int(x) for x in a.dims.split(",")], lengths,
                         [int(x) for x in a.flex_lengths.split(",")], flex)
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_record(a.json, rows)
         print(f"total {time.time() - t0:.0f} s")
         return
     res = {"device": torch.cuda.get_device_name(), "copy_GBps": bw, "prefill": [], "decode": []}
@@ -293,8 +292,7 @@ def main():
         res["decode"] = decode(16, 128, [1024, 4096, 16384, 32768], [1, 16, 64],
                                not a.no_peers, flex, bw)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_record(a.json, res)
     # summary tables
     print(f"\nprefill bf16 causal H=16 tokens/batch=16384, TFLOP/s (2*B*H*L^2*D), "
           f"{res['device']}")

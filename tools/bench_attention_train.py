@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import out_path, time_one, time_peers, write_record
 
 import triton.testing as tt  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -103,18 +100,18 @@ def graph_ms(step, leaves, replays=20, repeats=5):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    times = []
-    for _ in range(repeats):
+    def replays_s(_):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(replays):
             graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / replays)
+        return start.elapsed_time(end) / replays / 1e3
+    ms = time_one(None, warmup=0, repeats=repeats, measure=replays_s).ms
     for leaf in leaves:
         leaf.grad = None
-    return statistics.median(times)
+    return ms
 
 
 def one_shape(D, L, flex, sweep, repeats=1, graphs=False):
@@ -161,10 +158,8 @@ def one_shape(D, L, flex, sweep, repeats=1, graphs=False):
             steps[name], grads[name] = fwd_bwd(fn, q, k, v, do)
         except Exception as e:  # noqa: BLE001
             print(name, "failed", repr(e)[:300], flush=True)
-    runs = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            runs[name].append(tf(bench(step, [q, k, v])))
+    timings = time_peers(steps, warmup=0, repeats=repeats, measure=lambda step: bench(step, [q, k, v]) / 1e3)
+    runs = {name: [tf(1e3 * s) for s in timing.samples] for name, timing in timings.items()}
     for name, _ in peers:
         r[name] = statistics.median(runs[name]) if runs.get(name) else float("nan")
         r[name + "_runs"] = [round(x, 1) for x in runs.get(name, [])]
@@ -258,12 +253,9 @@ def main():
         for r in rows:
             g = [r.get(n + "_graph", float("nan")) for n in ("flash_nobias", "flex_alibi", "ours", "ours_nowin")]
             print(f"{r['D']:>4} {r['L']:>6} {g[0]:7.1f} {g[1]:7.1f} {g[2]:7.1f} ({g[2] / g[1]:.2f}) {g[3]:7.1f}")
-    path = a.json or (os.path.join(os.environ["OUT"], "bench_attention_train.json")
-                      if os.environ.get("OUT") else None)
+    path = out_path("bench_attention_train.json", a.json)
     if path:
-        with open(path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+        write_record(path, {"rows": rows})
         print("wrote", path)
     print(f"total {time.time() - t0:.0f} s")
 

@@ -32,15 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's package, whatever is installed
+from harness import PRODUCER, ROOT, time_one, write_record
 
 
 def child(kind: str, model: str, onnx_path: str, length: int, threads: int, repeats: int) -> dict:
@@ -76,13 +74,7 @@ def child(kind: str, model: str, onnx_path: str, length: int, threads: int, repe
         def run():
             with torch.inference_mode():
                 return lm(x)
-    run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return {"ms": 1000 * statistics.median(times), "rss_mb": peak_rss_mb()}
+    return {"ms": time_one(run, warmup=1, repeats=repeats).ms, "rss_mb": peak_rss_mb()}
 
 
 def decode_child(onnx_path: str, new_tokens: int, threads: int, repeats: int, prompt_len: int = 32) -> dict:
@@ -94,11 +86,12 @@ def decode_child(onnx_path: str, new_tokens: int, threads: int, repeats: int, pr
     session = GenerationSession(onnx_path, threads=threads)
     prompt = [np.random.default_rng(0).integers(0, session.config.vocab_size, prompt_len).tolist()]
     session.generate_ids(prompt, 4, stop_tokens=[])  # warm-up
-    rates = []
-    for _ in range(repeats):
+
+    def seconds_per_token(_):
         r = session.generate_ids(prompt, new_tokens, stop_tokens=[])
-        rates.append(r.steps / r.decode_seconds)
-    return {"tokens_per_s": statistics.median(rates), "rss_mb": peak_rss_mb()}
+        return r.decode_seconds / r.steps
+    timing = time_one(None, warmup=0, repeats=repeats, measure=seconds_per_token)
+    return {"tokens_per_s": 1 / timing.median, "rss_mb": peak_rss_mb()}
 
 
 def matmuls_only(model: str, length: int):
@@ -149,6 +142,7 @@ def measure(kind, model, onnx_path, length, threads, repeats, cap_gb) -> dict:
 
 
 def export_variants(model: str, out_dir: Path) -> dict:
+    import alibi_export.export.dynamo as dynamo
     import alibi_export.export.onnx as exp
     from alibi_export import load
     from alibi_export.model import attend_eager
@@ -157,12 +151,12 @@ def export_variants(model: str, out_dir: Path) -> dict:
     t = time.perf_counter()
     exp.export_onnx(ck, out_dir / "ours.onnx")
     export_s = time.perf_counter() - t
-    real = exp._attention_node
-    exp._attention_node = lambda m: attend_eager  # the naive export: attention written out whole
+    real = dynamo._attention_node
+    dynamo._attention_node = lambda m: attend_eager  # the naive export: attention written out whole
     try:
         exp.export_onnx(ck, out_dir / "naive.onnx")
     finally:
-        exp._attention_node = real
+        dynamo._attention_node = real
     exp.export_onnx(ck, out_dir / "op.onnx", attention="onnx")
     return {"export_s": export_s}
 
@@ -232,7 +226,7 @@ def print_quantized(name: str, r: dict) -> None:
 def main_quantized(args) -> None:
     lengths = [int(x) for x in args.latency_lengths.split(",")]
     results = {"threads": args.threads, "repeats": args.repeats, "large_repeats": args.large_repeats,
-               "new_tokens": args.new_tokens, "command": " ".join(["python"] + sys.argv), "models": {}}
+               "new_tokens": args.new_tokens, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "small").mkdir()
@@ -245,11 +239,12 @@ def main_quantized(args) -> None:
             results["models"][f"random-{args.large}"] = quantized_rows(big, tmp / "large", large_lengths, args)
     for name, r in results["models"].items():
         print_quantized(name, r)
-    if args.json:  # kept beside the float32 rows of the same file, under "quantized"
+    if args.json:  # kept beside the float32 rows of the same file's results, under "quantized"
         path = Path(args.json)
         merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged = merged["results"] if merged.get("producer") == PRODUCER else merged
         merged["quantized"] = results
-        path.write_text(json.dumps(merged, indent=2))
+        write_record(path, merged)
 
 
 def main():
@@ -310,7 +305,7 @@ def main():
         print(f"{length:>6} {cell(row['ort']):>8} {cell(row['ort-op']):>8} {cell(row['ort-naive']):>10} "
               f"{cell(row['torch-chunk']):>12}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_record(args.json, results)
 
 
 if __name__ == "__main__":

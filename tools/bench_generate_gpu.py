@@ -32,7 +32,6 @@ import copy
 import gc
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -41,8 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import time_one, write_record  # noqa: E402
 
 from alibi_export import AlibiLM, ModelConfig, load, save  # noqa: E402
 from alibi_export.export.onnx import export_onnx  # noqa: E402
@@ -63,20 +61,8 @@ class Clock:
 
     def time(self, fn, warmup: int, repeats: int, budget_s: float = 20.0) -> tuple[float, int]:
         """Median seconds of fn() and the number of timed calls (fewer when one call is slow)."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        start = time.perf_counter()
-        for _ in range(repeats):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-            if time.perf_counter() - start > budget_s and len(times) >= 2:
-                break
-        return statistics.median(times), len(times)
+        timing = time_one(fn, warmup=warmup, repeats=repeats, sync=self.sync, budget_s=budget_s)
+        return timing.median, len(timing.samples)
 
 
 # ----------------------------------------------------------------------------------------- ONNX Runtime
@@ -429,7 +415,7 @@ def main(argv=None):
         log(f"[{time.perf_counter() - t_start:.0f}s] done torch-{impl}")
 
     meta["total_s"] = round(time.perf_counter() - t_start, 1)
-    (args.out / "bench_generate_gpu.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    write_record(args.out / "bench_generate_gpu.json", dict(meta=meta, results=results))
     text = table(results)
     (args.out / "bench_generate_gpu.md").write_text(text + "\n")
     log(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=None))

@@ -11,7 +11,7 @@ peak RSS within about 2.5x the weights' size.
 without the Hugging Face loaders). Nothing is downloaded. Needs ~3x the weights in free RAM and ~3x on
 disk under --work (default: a temporary folder, removed at the end unless --keep).
 
-usage: python tools/bench_large_export.py [--shape 560m|1b1] [--format hf|native] [--work DIR] [--keep]
+usage: python tools/bench_large_export.py [--shape 560m|1b1|tiny] [--format hf|native] [--work DIR] [--keep]
                                           [--json out.json] [--attention decomposed|onnx]
 """
 from __future__ import annotations
@@ -26,10 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, time_one, write_record
+
 SHAPES = {  # bigscience/bloom-560m and bloom-1b1's config.json (the fields that set the weights' shapes)
     "560m": dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
     "1b1": dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16),
+    "tiny": dict(vocab_size=1000, hidden_size=64, n_layer=2, n_head=4),  # a smoke test of this tool only
 }
 
 
@@ -103,14 +105,18 @@ def run_export(folder: Path, out: Path, attention: str) -> dict:
     cmd = [sys.executable, "-m", "alibi_export", "onnx", str(folder), "-o", str(out), "--dynamic-len",
            "--no-validate", "--dtype", "float32", "--attention", attention]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return dict(command=" ".join(["alibi-export"] + cmd[3:]), returncode=proc.returncode, output=output.strip(),
-                wall_s=round(wall, 1), peak_rss_bytes=usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    done = {}
+
+    def export():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        done["output"] = proc.stdout.read()
+        _, status, done["usage"] = os.wait4(proc.pid, 0)
+        done["returncode"] = os.waitstatus_to_exitcode(status)
+
+    wall = time_one(export, warmup=0, repeats=1).median  # one export: it is the measurement, not a warm-up
+    return dict(command=" ".join(["alibi-export"] + cmd[3:]), returncode=done["returncode"],
+                output=done["output"].strip(), wall_s=round(wall, 1),
+                peak_rss_bytes=done["usage"].ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
 
 
 def main() -> int:
@@ -141,7 +147,7 @@ def main() -> int:
               f"{rec['peak_rss_bytes'] / 1e9:.2f} GB | {rec['peak_over_weights']:.2f}x | "
               f"{(rec['onnx_bytes'] or 0) / 1e6:.1f} MB + {(rec['data_bytes'] or 0) / 1e9:.2f} GB |")
         if args.json:
-            args.json.write_text(json.dumps(rec, indent=1) + "\n")
+            write_record(args.json, rec)
         return rec["returncode"]
     finally:
         if not args.keep and args.work is None:

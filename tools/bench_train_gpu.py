@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import out_path, time_one, write_record  # noqa: E402
 
 from alibi_export.kernels import triton_alibi_bwd as kb  # noqa: E402
 from alibi_export.model import AlibiLM, ModelConfig  # noqa: E402
@@ -93,17 +91,17 @@ def timed_steps(net, model, opt, B, L, device, warmup, steps) -> dict:
         opt.step()
         return loss
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
+    last = []
+
+    def run(n):
+        for _ in range(n):
+            last[:] = [step()]
+
+    sync = torch.cuda.synchronize
+    warm_s = time_one(lambda: run(warmup), warmup=0, repeats=1, sync=sync).median  # compiles: reported apart
     torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt = time_one(lambda: run(steps), warmup=0, repeats=1, sync=sync).median  # one block of steps
+    loss = last[0]
     return {"tokens_per_s": steps * B * L / dt, "step_ms": 1e3 * dt / steps,
             "peak_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
             "loss": float(loss), "warmup_s": warm_s}
@@ -173,11 +171,9 @@ def ddp_rank(rank: int, world: int, args, port: int, results: dict | None) -> No
 
 
 def _write(args, mode, res) -> None:
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], f"bench_train_gpu_{mode}.json")
-        with open(path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "args": {k: v for k, v in vars(args).items()}, **res}, f, indent=1)
+    path = out_path(f"bench_train_gpu_{mode}.json")
+    if path:
+        write_record(path, {"args": dict(vars(args)), **res})
         print("wrote", path, flush=True)
 
 

@@ -5,23 +5,29 @@ that the perplexity is measured on). Prints perplexity at 1x, 4x, 16x the traini
 ms at 256 and 1024 tokens with the three sessions interleaved in one process (median of 7), so that a
 shared machine's load falls on all three alike.
 
-usage: python tools/compare_int8_methods.py
+usage: python tools/compare_int8_methods.py [--ppl-lengths 256,1024,4096] [--forward-lengths 256,1024]
+                                            [--repeats 7] [--json F]
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import time_peers, write_record
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ppl-lengths", default="256,1024,4096", help="Perplexity evaluation lengths.")
+    ap.add_argument("--forward-lengths", default="256,1024", help="Forward timing lengths (batch 1).")
+    ap.add_argument("--repeats", type=int, default=7, help="Interleaved timings per session (median).")
+    ap.add_argument("--json", help="Write the harness record here.")
+    args = ap.parse_args()
+    ppl_lengths = [int(x) for x in args.ppl_lengths.split(",")]
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -55,23 +61,22 @@ def main():
     quantize_static(str(tmp / "untied.onnx"), str(paths["qdq"]), Calibration(), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    results = {"ppl": {}, "forward_ms": {}}
     for name, path in paths.items():
-        rows = perplexity(make_runner(path), evaluated, [256, 1024, 4096])
+        rows = perplexity(make_runner(path), evaluated, ppl_lengths)
+        results["ppl"][name] = {n: r.ppl for n, r in zip(ppl_lengths, rows)}
         print(f"ppl {name:>8}: " + " / ".join(f"{r.ppl:.3f}" for r in rows), flush=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-    for length in (256, 1024):
-        ids = evaluated[None, :length].astype(np.int64)
-        times = {k: [] for k in sessions}
-        for s in sessions.values():
-            s.run(None, {"input_ids": ids})
-        for _ in range(7):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run(None, {"input_ids": ids})
-                times[k].append(time.perf_counter() - t)
-        print(f"forward ms at {length}: " + ", ".join(f"{k} {1e3 * np.median(v):.1f}" for k, v in times.items()))
+    for length in (int(x) for x in args.forward_lengths.split(",")):
+        feeds = {"input_ids": evaluated[None, :length].astype(np.int64)}
+        times = time_peers({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, warmup=1,
+                           repeats=args.repeats)
+        results["forward_ms"][length] = {k: v.ms for k, v in times.items()}
+        print(f"forward ms at {length}: " + ", ".join(f"{k} {v.ms:.1f}" for k, v in times.items()))
+    if args.json:
+        write_record(args.json, results)
 
 
 if __name__ == "__main__":

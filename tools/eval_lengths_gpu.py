@@ -1,25 +1,41 @@
 """Perplexity of checkpoints on a text at several lengths (non-overlapping windows), on one device.
-Used once on the GPU machine for the model cards' full-test-split tables.
-usage: python3 tools/eval_lengths_gpu.py TEXT OUT.json CKPT [CKPT ...]"""
-import json
-import sys
+Used on the GPU machine for the model cards' full-test-split tables; a CPU runs it too (slowly).
+usage: python3 tools/eval_lengths_gpu.py TEXT OUT.json CKPT [CKPT ...] [--multiples 1,2,4,8,16,32]"""
+from __future__ import annotations
+
+import argparse
 
 import torch
 
-from alibi_export import load
-from alibi_export.data import encode_text, read_text
-from alibi_export.train import evaluate
+from harness import write_record
 
-text, out, ckpts = sys.argv[1], sys.argv[2], sys.argv[3:]
-device = "cuda" if torch.cuda.is_available() else "cpu"
-results = {}
-for path in ckpts:
-    ck = load(path, device=device)
-    tokens = encode_text(ck.tokenizer, read_text(text))
-    n = ck.config.train_len
-    row = {}
-    for mult in (1, 2, 4, 8, 16, 32):
-        row[n * mult] = evaluate(ck.model, tokens, n * mult, device, lambda: torch.autocast(device, enabled=False))
-        print(path, n * mult, round(row[n * mult], 3), flush=True)
-    results[path] = {"tokens": int(len(tokens)), "ppl": row}
-json.dump(results, open(out, "w"), indent=2)
+from alibi_export import load  # noqa: E402  (harness puts this checkout first on the path)
+from alibi_export.data import encode_text, read_text  # noqa: E402
+from alibi_export.train import evaluate  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("text", help="UTF-8 text to evaluate on.")
+    ap.add_argument("out", help="JSON record to write.")
+    ap.add_argument("ckpts", nargs="+", help="Checkpoint folders.")
+    ap.add_argument("--multiples", default="1,2,4,8,16,32", help="Evaluation lengths as multiples of each "
+                                                                  "checkpoint's training length.")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for path in args.ckpts:
+        ck = load(path, device=device)
+        tokens = encode_text(ck.tokenizer, read_text(args.text))
+        n = ck.config.train_len
+        row = {}
+        for mult in (int(m) for m in args.multiples.split(",")):
+            row[n * mult] = evaluate(ck.model, tokens, n * mult, device,
+                                     lambda: torch.autocast(device, enabled=False))
+            print(path, n * mult, round(row[n * mult], 3), flush=True)
+        results[path] = {"tokens": int(len(tokens)), "ppl": row}
+    write_record(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

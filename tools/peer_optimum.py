@@ -34,7 +34,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, write_record
+
 LENGTH = 128  # "the model's length": MPT's max_seq_len, Falcon's max_position_embeddings (BLOOM has none)
 MULTIPLES = (1, 4, 16)
 SEED = 0
@@ -209,7 +210,7 @@ def main() -> int:
           f"{LENGTH}; max |dlogit| / max |logit|")
     print(table(optimum, ours))
     if args.json:
-        args.json.write_text(json.dumps(dict(versions=versions, optimum=optimum, ours=ours), indent=1) + "\n")
+        write_record(args.json, dict(versions=versions, optimum=optimum, ours=ours))
     return 0
 
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import time_one
 from torch.profiler import ProfilerActivity, profile
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from alibi_export import AlibiLM, ModelConfig, load, save  # noqa: E402
 from alibi_export.export.onnx import export_onnx  # noqa: E402
@@ -27,13 +23,7 @@ from alibi_export.shipped import default_model  # noqa: E402
 
 
 def report(name: str, fn, top: int = 14) -> None:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    wall = 1000 * (time.perf_counter() - t)
+    wall = time_one(fn, warmup=3, repeats=1, sync=torch.cuda.synchronize).ms
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()

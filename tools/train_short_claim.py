@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import out_path, write_record
 
 from alibi_export.data import corpus_split, encode_text, read_text, train_tokenizer  # noqa: E402
 from alibi_export.model import ModelConfig  # noqa: E402
@@ -122,8 +119,7 @@ def main():
         "alibi_peak_memory_vs_sinusoidal": (a["peak_GiB"] / s["peak_GiB"]
                                             if a["peak_GiB"] and s["peak_GiB"] else None),
     }
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+    res = {"args": {k: str(v) for k, v in vars(args).items()},
            "runs": runs, "summary": summary, "total_s": time.perf_counter() - t_all}
     print(f"\nperplexity at {long} on the test split: ALiBi@{args.short} "
           f"{a[f'test_ppl_{long}']:.2f}, sinusoidal@{long} {s[f'test_ppl_{long}']:.2f}; "
@@ -131,10 +127,9 @@ def main():
           + (f", peak memory {100 * summary['alibi_peak_memory_vs_sinusoidal']:.0f}%"
              if summary["alibi_peak_memory_vs_sinusoidal"] else "")
           + f"; total {res['total_s']:.0f} s", flush=True)
-    path = args.json or (Path(os.environ["OUT"]) / "train_short_claim.json"
-                         if os.environ.get("OUT") else None)
+    path = out_path("train_short_claim.json", args.json)
     if path:
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        write_record(path, res)
         print("wrote", path)
 
 

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from harness import out_path, write_record
 
 from alibi_export import checkpoint as ckpt  # noqa: E402
 from alibi_export import shipped  # noqa: E402
@@ -70,11 +67,9 @@ def main():
                    "kept": round(sum(kept) / sum(full), 3), "grad_max_rel_diff": diff}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "window_share.json"), "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "model": a.model, "text": a.text,
-                       "rows": rows}, f, indent=1)
+    path = out_path("window_share.json")
+    if path:
+        write_record(path, {"model": a.model, "text": a.text, "rows": rows})
 
 
 if __name__ == "__main__":
