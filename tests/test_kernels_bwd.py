@@ -41,6 +41,7 @@ def check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, seed=0):
     return res
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [16, 32, 64, 128])
 @pytest.mark.parametrize("causal", [True, False])
@@ -48,24 +49,28 @@ def test_grads_dtypes_headdims(gpu, dtype, D, causal):
     check(2, 4, 4, 700, 700, D, dtype, causal)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("L", [2, 17, 255, 4097])
 def test_grads_lengths(gpu, L):
     check(2, 4, 4, L, L, 128, torch.bfloat16)
     check(1, 5, 5, L, L, 64, torch.float16)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("H,Hk", [(12, 4), (8, 1)])
 def test_grads_gqa_mqa(gpu, H, Hk):
     check(2, H, Hk, 1000, 1000, 128, torch.bfloat16)
     check(1, H, Hk, 333, 333, 64, torch.float16, causal=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("Lq,Lk,past", [(255, 1000, None), (300, 1000, 100), (1, 300, None)])
 def test_grads_past_len(gpu, Lq, Lk, past):
     check(2, 8, 8, Lq, Lk, 128, torch.bfloat16, past_len=past)
     check(1, 8, 2, Lq, Lk, 64, torch.float16, causal=False, past_len=past)
 
 
+@pytest.mark.gpu
 def test_grads_float32(gpu):
     """fp32 inputs (tf32x3 dots, as the forward): error ~1e-6, bound 1e-4 (tests/test_kernels.py)."""
     res = compare(2, 4, 2, 500, 500, 128, torch.float32, with_sdpa=False)
@@ -80,6 +85,7 @@ BWD_CONFIGS = [(32, 64, 8, 3, 128, 32, 8, 3), (32, 128, 8, 3, 128, 64, 8, 3),
                (64, 64, 4, 2, 128, 64, 8, 2), (64, 128, 8, 2, 128, 64, 8, 3)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("cfg", BWD_CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_grads_bwd_configs(gpu, cfg):
     from alibi_export.kernels import triton_alibi_bwd as kb
@@ -93,6 +99,7 @@ def test_grads_bwd_configs(gpu, cfg):
         kb._BWD_CONFIG_OVERRIDE = None
 
 
+@pytest.mark.gpu
 def test_projection_layout_and_concurrent_dq(gpu, seed):
     """The model's q, k, v are head views of one (B, L, (H + 2 Hk) D) projection. The output and the
     gradients come back in that memory order ((B, L, H, D): the model's transpose back is a view, no
@@ -131,6 +138,7 @@ def test_projection_layout_and_concurrent_dq(gpu, seed):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.gpu
 def test_grads_negative_control(gpu):
     """Wrong slopes (halved) in the kernel must break the 2x-SDPA bound the tests above assert."""
     res = compare(2, 4, 4, 700, 700, 64, torch.bfloat16, slope_factor=0.5)
@@ -138,6 +146,7 @@ def test_grads_negative_control(gpu):
         assert res["kernel"][n] > 2 * res["sdpa"][n], res
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,H,Hk,L,D,dtype,causal,slope_scale", [
     (1, 16, 16, 4097, 128, torch.bfloat16, True, 1.0),  # the slopes of 16 heads: the steep half skips
     (2, 8, 2, 1500, 64, torch.float16, True, 16.0),
@@ -191,6 +200,7 @@ def test_grads_interpreted_on_cpu():
             assert worst <= tol[res["dtype"]], res
 
 
+@pytest.mark.gpu
 def test_model_training_grads(gpu):
     """One training step's parameter gradients of a 2-layer bf16 AlibiLM through the kernel
     ("triton") and through SDPA with the materialized bias ("sdpa", what training used before),
@@ -229,6 +239,7 @@ def test_model_training_grads(gpu):
     assert e_wrong > 1.5 * e_sdpa + 2e-3, (e_wrong, e_sdpa)
 
 
+@pytest.mark.gpu
 def test_dropout_says_attention_stays_on_kernel(gpu, caplog, monkeypatch, seed):
     """ModelConfig.dropout > 0 drops embeddings and residual branches, not attention weights: the
     kernel keeps training attention, and the model says so once."""
