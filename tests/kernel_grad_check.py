@@ -124,11 +124,12 @@ def window_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device=
 
 def nan_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="cuda", seed=0, slope_scale=1.0,
               bad=float("nan")):
-    """One ``bad`` value (NaN or inf) in v and one in dO: the window must turn itself off (every tile
-    computed, as with no window) so the gradients are those of the full computation, NaNs included."""
+    """One ``bad`` value (NaN or inf) in v and one in dO of every (batch, head): the window, decided per
+    (batch, head), must turn itself off in each (every tile computed, as with no window) so the gradients
+    are those of the full computation, NaNs included."""
     past = Lk - Lq if past_len is None else past_len
     q, k, v, do, slopes = make_inputs(B, H, Hk, Lq, Lk, D, dtype, device, seed)
-    v[0, 0, Lk // 3, 0], do[0, 0, Lq // 2, 1] = bad, bad
+    v[:, :, Lk // 3, 0], do[:, :, Lq // 2, 1] = bad, bad
     slopes = slopes * slope_scale
     full, n_full = _window_run(q, k, v, do, slopes, causal, past, float("inf"))
     win, n_win = _window_run(q, k, v, do, slopes, causal, past, None)

@@ -252,8 +252,9 @@ def test_window_holds_with_spiked_values_and_gradients(gpu, seed, B, H, Hk, L, D
 @pytest.mark.gpu
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_window_is_off_on_nan_or_inf(gpu, seed, bad):
-    """A NaN or an inf in v and dO: the window turns itself off (every tile computed, as without it), so
-    the gradients are the full computation's, NaNs and all. Control: the same shape with finite data skips."""
+    """A NaN or an inf in v and dO of every (batch, head): the window, decided per (batch, head), turns itself
+    off (every tile computed, as without it), so the gradients are the full computation's, NaNs and all.
+    Control: the same shape with finite data skips."""
     from tests.kernel_grad_check import nan_check, window_check
 
     res = nan_check(1, 8, 8, 2048, 2048, 64, torch.bfloat16, seed=seed, bad=bad)

@@ -94,6 +94,14 @@ class _Outcomes:
         if report.failed:
             self.tests[report.nodeid or "<collection>"] = {"outcome": "error", "seconds": 0.0,
                                                             "reason": str(report.longrepr)[-500:]}
+        elif report.skipped and _has_gpu_tests(report.nodeid):  # a module skipped whole hides its gpu tests
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            self.tests[report.nodeid] = {"outcome": "skipped", "seconds": 0.0, "reason": reason}
+
+
+def _has_gpu_tests(nodeid: str) -> bool:
+    path = ROOT / nodeid.split("::")[0]
+    return path.suffix == ".py" and path.is_file() and "mark.gpu" in path.read_text(errors="replace")
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ GROUP * Lq terms, one of dQ at most Lk; ``skip_gap`` takes gap = 32 + log2 of th
 skipped part of every gradient element is below 2^-32 of one term at the floor scale, P = 1: the
 size of an ordinary element, whose fp32 rounding is 2^-24 of it. Whatever the data, large rows
 widen the window (by E / m_h positions) instead of hiding in it. Any NaN or inf in q, k, v, dO
-(or a zero slope) makes the bound infinite: the window is off and every tile is computed. Steep
+of a (batch, head) (or a zero slope) makes its bound infinite: its window is off, every tile computed. Steep
 heads skip most of a long sequence; shallow heads, or data of large norm or range, skip little
 or nothing. The gradients are those of the full computation (tested equal to 1e-6 of the largest,
 and row by row with spiked v and dO; tests/test_kernels_bwd.py).
