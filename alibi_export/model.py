@@ -169,6 +169,15 @@ class Alibi(PositionMethod):
         self.bf16 = cfg.alibi_bf16
         self.fused_kernel_ok = not self.bf16
 
+    def _apply(self, fn, recurse=True):
+        """Moves the slopes to the module's new device but keeps them float32 whatever its dtype: MPT's
+        slopes reach 2^-32 (alibi_bias_max 32), below fp16's smallest subnormal, so ``.half()`` would
+        round a head's slope to 0 and silently drop its bias (the bias is computed in float32 anyway)."""
+        slopes = self.slopes
+        super()._apply(fn, recurse)
+        self.slopes = slopes.to(device=self.slopes.device, dtype=torch.float32)
+        return self
+
     def head_slopes(self):
         """Effective slopes (the bias scale folded in); None for the bf16 form, which no kernel implements."""
         if self.bf16:

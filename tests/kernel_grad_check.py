@@ -2,7 +2,7 @@
 reference of the same formula, on the same inputs.
 
 Imported by tests/test_kernels_bwd.py (GPU), and run as a script under TRITON_INTERPRET=1 on CPU
-(``python tests/kernel_grad_check.py``): Triton's interpreter executes the kernels with numpy, so
+(``python tests/kernel_grad_check.py [--spikes]``): Triton's interpreter executes the kernels with numpy, so
 the CPU suite checks the kernels' index and mask logic on tiny shapes (fp16 and fp32 only: the
 interpreter has no bfloat16 arithmetic). Prints one JSON line per case.
 """
@@ -122,6 +122,86 @@ def window_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device=
             "diff_cut": {n: diff(a, b) for n, a, b in zip(NAMES, cut, full)}}
 
 
+def nan_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="cuda", seed=0, slope_scale=1.0,
+              bad=float("nan")):
+    """One ``bad`` value (NaN or inf) in v and one in dO of every (batch, head): the window, decided per
+    (batch, head), must turn itself off in each (every tile computed, as with no window) so the gradients
+    are those of the full computation, NaNs included."""
+    past = Lk - Lq if past_len is None else past_len
+    q, k, v, do, slopes = make_inputs(B, H, Hk, Lq, Lk, D, dtype, device, seed)
+    v[:, :, Lk // 3, 0], do[:, :, Lq // 2, 1] = bad, bad
+    slopes = slopes * slope_scale
+    full, n_full = _window_run(q, k, v, do, slopes, causal, past, float("inf"))
+    win, n_win = _window_run(q, k, v, do, slopes, causal, past, None)
+    same = all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+               for a, b in zip(win, full))
+    return {"shape": [B, H, Hk, Lq, Lk, D], "dtype": str(dtype)[6:], "bad": str(bad), "tiles": n_win,
+            "tiles_full": n_full, "same": same}
+
+
+def _forward_with_lse(q, k, v, slopes, causal, past_len):
+    """The fused forward's output and its rows' log-sum-exp (log2 units), what the backward reads."""
+    from alibi_export.kernels import triton_alibi as fwd
+
+    B, H, Lq, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B * H * Lq,), device=q.device, dtype=torch.float32)
+    slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    fwd._launch_prefill(q, k, v, out, slopes, B, H, k.shape[1], Lq, k.shape[2], D, past_len, causal, D ** -0.5,
+                        q.stride(), k.stride(), v.stride(), out.stride(), q.device, use_tma=False, lse=lse)
+    return out, lse
+
+
+def row_rel(a, b) -> float:
+    """max over rows (the last dim) of ||a_r - b_r|| / ||b_r||: a change in one row shows however
+    small that row is against the tensor's largest."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-300)).max().item()
+
+
+def spike_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="cuda", seed=0,
+                slope_scale=1.0, spike=1e12, n_spikes=2, q_scale=0.01):
+    """The window with values and upstream gradients that are ``spike`` times larger in a few rows
+    (v: ``n_spikes`` key rows per KV head; dO: as many query rows per head), against the full
+    computation: row-relative differences (``row_rel``) of dq, dk, dv for the window (``diff``) and
+    for the window bounded by P alone (``diff_p_only``: the window of before, the negative control),
+    and the tiles each computed. q is scaled by ``q_scale``: with small scores the Cauchy-Schwarz
+    term of the bound is small, so the P just past the window sit near its bound 2^-gap, where a
+    spike of 1e12 (2^40) makes them count."""
+    from alibi_export.kernels import triton_alibi_bwd as kb
+
+    past = Lk - Lq if past_len is None else past_len
+    q, k, v, do, slopes = make_inputs(B, H, Hk, Lq, Lk, D, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    scale = lambda n, m: torch.ones(n, m).index_put_(  # noqa: E731
+        (torch.arange(n).repeat_interleave(n_spikes), torch.randint(0, m, (n * n_spikes,), generator=g)),
+        torch.tensor(spike))
+    v = v * scale(B * Hk, Lk).view(B, Hk, Lk, 1).to(device=device, dtype=dtype)
+    do = do * scale(B * H, Lq).view(B, H, Lq, 1).to(device=device, dtype=dtype)
+    slopes, q = slopes * slope_scale, q * q_scale
+    out, lse = _forward_with_lse(q, k, v, slopes, causal, past)  # once: the three backwards share it
+
+    def backward(gap, data_bound=True):
+        kb._SKIP_GAP, kb._TILE_COUNTS = gap, torch.zeros(2, dtype=torch.int32, device=q.device)
+        kb._WINDOW_DATA_BOUND = data_bound
+        try:
+            grads = kb.alibi_attention_backward(do, q, k, v, out, lse, slopes, causal=causal,
+                                                scale=q.shape[-1] ** -0.5, past_len=past)
+            return (out, *grads), kb._TILE_COUNTS.tolist()
+        finally:
+            kb._SKIP_GAP, kb._TILE_COUNTS, kb._WINDOW_DATA_BOUND = None, None, True
+
+    full, n_full = backward(float("inf"))
+    win, n_win = backward(None)
+    old, n_old = backward(None, data_bound=False)
+    return {"shape": [B, H, Hk, Lq, Lk, D], "dtype": str(dtype)[6:], "causal": causal, "past_len": past,
+            "seed": seed, "slope_scale": slope_scale, "spike": spike,
+            "tiles": n_win, "tiles_p_only": n_old, "tiles_full": n_full,
+            "finite": all(bool(torch.isfinite(t).all()) for t in full),
+            "diff": {n: row_rel(a, b) for n, a, b in zip(NAMES, win, full)},
+            "diff_p_only": {n: row_rel(a, b) for n, a, b in zip(NAMES, old, full)}}
+
+
 def _patch_interpreter() -> None:
     """Triton 3.6's interpreter converts scalars to Python ints with int(ndarray), which NumPy 2.4
     refuses for 1-element arrays (loop bounds computed in the kernel); .item() works for both."""
@@ -157,10 +237,24 @@ WINDOW_CASES = [
 ]
 
 
+# The window with v and dO spiked 1e12 in a few rows (fp32: no overflow), under the interpreter: a shallow
+# head (slope 2^-4, w ~ 460 keys before its data term) beside a steep one (slope 1, which still skips tiles
+# with it), at 1024 tokens so that the shallow head's skipped tiles start at its window's edge; 128-key
+# blocks keep the interpreter's tile count down (~30 s on 2 cores).
+SPIKE_CASE = dict(B=1, H=2, Hk=1, Lq=1024, Lk=1024, D=16, dtype=torch.float32, slope_scale=16.0, n_spikes=2)
+SPIKE_BLOCKS = (64, 128, 4, 2, 128, 64, 4, 2)
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1")
     _patch_interpreter()
+    if sys.argv[1:] == ["--spikes"]:
+        from alibi_export.kernels import triton_alibi_bwd as kb
+
+        kb._BWD_CONFIG_OVERRIDE = SPIKE_BLOCKS
+        print(json.dumps({**spike_check(**SPIKE_CASE, device="cpu"), "spikes": True}), flush=True)
+        return
     from alibi_export.kernels import triton_alibi
 
     for case in INTERPRET_CASES:
@@ -176,6 +270,7 @@ def main() -> None:
     print(json.dumps({**compare(**bad, device="cpu", with_sdpa=False), "control": True}), flush=True)
     for case in WINDOW_CASES:
         print(json.dumps({**window_check(**case, device="cpu"), "window": True}), flush=True)
+    print(json.dumps({**nan_check(**WINDOW_CASES[0], device="cpu"), "nan": True}), flush=True)
 
 
 if __name__ == "__main__":

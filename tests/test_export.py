@@ -298,23 +298,26 @@ def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch, seed):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("alibi", [True, False])
+@pytest.mark.parametrize("alibi", ["all", "none", "some-zero"])
 @pytest.mark.parametrize("lq,lk", [(5, 9), (40, 40), (33, 70)])  # whole and chunked paths, with past keys
 def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk, rng):
-    """Every specialization of the function body, in ONNX Runtime, against softmax(qk/sqrt(d) + alibi_bias)v."""
+    """Every specialization of the function body, in ONNX Runtime, against softmax(qk/sqrt(d) + alibi_bias)v.
+    "some-zero": one head's slope is 0 and one 2^-32; the others keep their ALiBi (a zero slope is a per-head
+    fact; the causal body multiplies before masking there, as 0 * -inf would be NaN)."""
     from onnx import TensorProto, helper
 
     from alibi_export import alibi_bias
     from alibi_export.export.attention_function import attention_function
 
     H, D = 4, 8
-    slopes = alibi_slopes(H) if alibi else [0.0] * H
+    slopes = {"all": alibi_slopes(H), "none": [0.0] * H, "some-zero": [0.5, 0.0, 0.25, 2.0 ** -32]}[alibi]
     node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["out"], domain=DOMAIN, num_heads=H, head_dim=D,
                             slopes=slopes, scale=D ** -0.5, causal=int(causal))
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v", "out")]
     graph = helper.make_graph([node], "g", io[:3], io[3:])
     # whole_len 6: 5x9 runs whole, the others take the chunked Loop with 16-query chunks
-    fn = attention_function(18, q_chunk=16, whole_len=6, causal=causal, alibi=alibi)
+    fn = attention_function(18, q_chunk=16, whole_len=6, causal=causal, alibi=alibi != "none",
+                            zero_slope=0.0 in slopes)
     proto = helper.make_model(graph, functions=[fn], ir_version=8,
                               opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     path = tmp_path / "attn.onnx"
@@ -327,6 +330,11 @@ def test_attention_function_bodies(tmp_path, causal, alibi, lq, lk, rng):
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     want = (probs / probs.sum(-1, keepdims=True)) @ v
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)  # fp32 on both sides
+    if alibi == "some-zero" and causal:  # control: the mask-first body, built here, gives that head NaN
+        proto.functions[0].CopyFrom(attention_function(18, q_chunk=16, whole_len=6, causal=True, alibi=True))
+        onnx.save(proto, path)
+        broken = create_session(path).run(None, {"q": q, "k": k, "v": v})[0]
+        assert np.isnan(broken[:, 1]).any() and np.isfinite(broken[:, [0, 2, 3]]).all()
 
 
 def test_tolerance_follows_dtype_and_attention_form():

@@ -45,6 +45,8 @@ VARIANTS = {
                                                     bias=False)),
     "bloom-4h": ("bloom", dict(n_head=4)),
     "mpt-4h": ("mpt", dict(n_heads=4)),
+    # slopes 2^-2 ... 2^-32: two below fp16's smallest subnormal (2^-24); d_model 80 for 10 heads of 8
+    "mpt-10h-max32": ("mpt", dict(n_heads=10, d_model=80, attn_config=dict(alibi_bias_max=32))),
     "falcon-4h-rw": ("falcon", dict(num_attention_heads=4, multi_query=False, parallel_attn=False, bias=True)),
 }
 FAST = ["bloom-6h-postln", "mpt-6h-max16-clip-scale", "falcon-6h-mq-parallel-nobias"]
@@ -60,7 +62,7 @@ def _hf_config(kind: str, fields: dict):
     if kind == "bloom":
         return transformers.BloomConfig(hidden_size=48, n_layer=2, seq_length=LEN, **common, **fields)
     if kind == "mpt":
-        return transformers.MptConfig(d_model=48, n_layers=2, max_seq_len=LEN, **common, **fields)
+        return transformers.MptConfig(**{"d_model": 48, "n_layers": 2, "max_seq_len": LEN, **common, **fields})
     return transformers.FalconConfig(hidden_size=48, num_hidden_layers=2, alibi=True, max_position_embeddings=LEN,
                                      **common, **fields)
 
@@ -262,6 +264,44 @@ def test_fp16_export_at_16x(models, variant):
     cosine = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
     assert agreement > 0.99, f"argmax agreement {agreement:.4f}"
     assert cosine.min() > 0.999, f"min cosine {cosine.min():.6f}"
+
+
+FP16_FORMS = {"decomposed": {}, "plugin": dict(attention="plugin"), "onnx": dict(attention="onnx"),
+              "kv-cache": dict(kv_cache=True)}
+
+
+@pytest.mark.parametrize("form", ["decomposed", pytest.param("plugin", marks=SLOW), "kv-cache",
+                                  pytest.param("onnx", marks=pytest.mark.gpu)])  # fp16 onnx form: CUDA only
+def test_fp16_keeps_alibi_when_slopes_underflow_fp16(models, form):
+    """MPT with 10 heads and alibi_bias_max 32 has slopes down to 2^-32; fp16 rounds two of them to 0. The fp16
+    export of every form must keep float32 slopes (a zero one would be that head's fact only) and match
+    transformers' fp32 forward within the fp16 tolerance (validate.TOLERANCES), at 1x and 8x the training
+    length (ONNX Runtime CPU; the onnx form's fp16 Attention op runs on CUDA only, TF32 off). Negative control: the same weights with every slope 0 (built here) must fail the same check,
+    which is what the file matched when one underflowing slope switched ALiBi off for the whole graph."""
+    from alibi_export.runtime.pytorch import TorchRunner
+    from alibi_export.runtime.transformers_ref import TransformersRunner
+    from alibi_export.validate import compare, compare_kv_cache
+
+    m = models("mpt-10h-max32")
+    slopes = m.ckpt.model.pos.head_slopes()
+    assert slopes.dtype == torch.float32 and float(slopes.min()) == 2.0 ** -32
+    assert int((slopes.half() == 0).sum()) == 2  # the case: fp16 cannot hold them
+    path = m.export(f"fp16-{form}", dtype="float16", **FP16_FORMS[form])
+    no_alibi = AlibiLM(m.ckpt.config)
+    no_alibi.load_state_dict(m.ckpt.model.state_dict())
+    no_alibi.pos.slopes.zero_()
+    lengths = [LEN, 8 * LEN]
+    if form == "kv-cache":  # prefill, then 8 single-token steps through the cache, against one forward
+        real = compare_kv_cache(path, m.ckpt.model, lengths, batch=2, seed=11)
+        control = compare_kv_cache(path, no_alibi.eval(), lengths, batch=2, seed=11)
+    else:
+        provider = "cuda" if form == "onnx" else "cpu"
+        real = compare(path, TransformersRunner(m.folder, max_len=8 * LEN), lengths, batch=2, seed=11,
+                       provider=provider)
+        control = compare(path, TorchRunner(no_alibi), lengths, batch=2, seed=11, provider=provider)
+    worst = max(r.max_abs for r in real.lengths)
+    assert real, f"{form}: fp16 export vs transformers, max abs {worst:.3g} (tolerance {real.atol}, {real.rtol})"
+    assert not control, f"{form}: the export matches the model without ALiBi ({control.lengths})"
 
 
 @pytest.mark.parametrize("variant", FAST)

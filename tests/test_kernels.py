@@ -113,6 +113,7 @@ def check(ka, B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, layout="bh
     return err
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
@@ -120,17 +121,20 @@ def test_prefill_dtypes_headdims(ka, dtype, D, causal):
     check(ka, 2, 12, 12, 1000, 1000, D, dtype, causal)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("L", [1, 17, 255, 4097])
 def test_lengths(ka, L):
     check(ka, 3, 4, 4, L, L, 128, torch.bfloat16)
     check(ka, 1, 5, 5, L, L, 64, torch.float16)
 
 
+@pytest.mark.gpu
 def test_long_32768(ka):
     check(ka, 1, 2, 2, 32768, 32768, 128, torch.bfloat16)
     check(ka, 1, 2, 2, 32768, 32768, 64, torch.float16)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("Lq,Lk,past", [(255, 1000, None), (300, 1000, 100), (129, 4097, None),
                                         (1000, 1000, 0)])
 def test_past_len(ka, Lq, Lk, past):
@@ -138,6 +142,7 @@ def test_past_len(ka, Lq, Lk, past):
     check(ka, 1, 8, 8, Lq, Lk, 64, torch.float16, causal=False, past_len=past)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("H,Hk", [(12, 4), (8, 1), (16, 2)])
 def test_gqa_mqa(ka, H, Hk):
     check(ka, 2, H, Hk, 1000, 1000, 128, torch.bfloat16)
@@ -145,6 +150,7 @@ def test_gqa_mqa(ka, H, Hk):
     check(ka, 1, H, Hk, 7, 2000, 64, torch.float16, causal=False)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("Lk", [1, 1000, 4097, 32768])
 @pytest.mark.parametrize("B", [1, 3])
 def test_decode(ka, Lk, B):
@@ -152,6 +158,7 @@ def test_decode(ka, Lk, B):
     check(ka, B, 12, 12, 1, Lk, 64, torch.float16)
 
 
+@pytest.mark.gpu
 def test_decode_small_q_and_noncausal(ka):
     check(ka, 2, 8, 8, 4, 4097, 128, torch.bfloat16)           # speculative decode, 4 queries
     check(ka, 2, 8, 8, 1, 4097, 128, torch.float32)
@@ -159,12 +166,14 @@ def test_decode_small_q_and_noncausal(ka):
     check(ka, 1, 4, 4, 3, 50, 128, torch.float16, past_len=10)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["blhd", "sliced"])
 def test_strided_views(ka, layout):
     check(ka, 2, 6, 3, 517, 517, 64, torch.bfloat16, layout=layout)
     check(ka, 2, 6, 3, 1, 900, 64, torch.bfloat16, layout=layout)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("D", [16, 32])
 def test_small_head_dims(ka, D):
     check(ka, 2, 4, 4, 300, 300, D, torch.float16)
@@ -182,6 +191,7 @@ PREFILL_CONFIGS = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("cfg", PREFILL_CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_prefill_configs(ka, cfg):
     """Every config the benchmark may pick computes the same function. B*H = 15 with 1500 queries
@@ -197,6 +207,7 @@ def test_prefill_configs(ka, cfg):
         ka._CONFIG_OVERRIDE = None
 
 
+@pytest.mark.gpu
 def test_pointer_path_without_tma(ka):
     try:
         ka._TMA_OVERRIDE = False
@@ -206,6 +217,7 @@ def test_pointer_path_without_tma(ka):
         ka._TMA_OVERRIDE = None
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pointer_launcher(ka, dtype):
     check(ka, 2, 8, 2, 333, 333, 128, dtype, pointer=True)
@@ -216,6 +228,7 @@ def test_pointer_launcher(ka, dtype):
                                   kv_len=1, head_dim=64, dtype=dtype, stream=0)
 
 
+@pytest.mark.gpu
 def test_validation(ka):
     dev = "cuda"
     q = torch.randn(1, 4, 8, 64, device=dev, dtype=torch.float16)
@@ -262,6 +275,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("L", [37, 300])  # 37: split-KV kernel (rows <= 64); 300: prefill kernel
 def test_model_triton_matches_eager(lm, L):
     """Logits with set_attention("triton") against "eager", both bf16, and both against an fp32
@@ -302,6 +316,7 @@ def test_model_triton_matches_eager(lm, L):
     assert e_wrong >= 2 * 4e-2, e_wrong                  # the tolerance does catch a wrong bias
 
 
+@pytest.mark.gpu
 def test_model_auto_routes_to_triton(lm, monkeypatch, caplog):
     """The default attention ("auto": no set_attention call) uses the fused kernel for bf16/fp16
     CUDA inference and training (it has a backward); fp32 on CUDA takes SDPA, and in training says
@@ -356,6 +371,7 @@ def test_model_auto_routes_to_triton(lm, monkeypatch, caplog):
     assert len(falls) == 1 and "float32" in falls[0].getMessage(), caplog.text
 
 
+@pytest.mark.gpu
 def test_model_kv_cache_triton(lm):
     """Prefill + decode through past_key_values (triton path) reproduces the full forward: prefill
     of 150 tokens (prefill kernel), a 4-token chunk and single-token steps (split-KV kernel)."""

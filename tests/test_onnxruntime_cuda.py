@@ -18,8 +18,8 @@ from alibi_export.validate import TOLERANCES, compare
 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a CUDA GPU")
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
-pytestmark = pytest.mark.skipif(not (HAS_CUDA_EP and torch.cuda.is_available()),
-                                reason="needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider)")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (HAS_CUDA_EP and torch.cuda.is_available()),
+                                                  reason="needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider)")]
 
 TRAIN_LEN = 256
 LENGTHS = [1, 300, 8 * TRAIN_LEN, 16 * TRAIN_LEN]  # 2048 and 4096: 8x and 16x the training length

@@ -392,6 +392,7 @@ def _reference(q, k, v, past_len):
     return torch.softmax(s, -1) @ v.double()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (100, 100), (1000, 1000), (4096, 4096), (1, 4096),
                                           (100, 1000)])

@@ -47,15 +47,18 @@ def _ref(name: str, attr: str, attr_type: int) -> onnx.NodeProto:
 
 
 def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, out: str, *, masked: bool,
-                  causal: bool, alibi: bool, bf16: bool = False, q_tok: str = "k_tok") -> list[onnx.NodeProto]:
+                  causal: bool, alibi: bool, zero_slope: bool = False, bf16: bool = False,
+                  q_tok: str = "k_tok") -> list[onnx.NodeProto]:
     """Queries ``q`` at absolute positions [q_start, q_end) attend to keys [0, kend) (None: all keys).
 
     The one place the graph builds the ALiBi bias; the whole-sequence path and each Loop chunk use
     it. Names are prefixed with ``p``: a subgraph may not redefine a name of its outer scope.
     With ``masked`` the function's float32 ``key_mask_f`` (B, 1, 1, Lk) is added to the scores.
-    ``causal`` and ``alibi`` (every slope > 0; False: all zero, plain attention) are fixed at export,
+    ``causal`` and ``alibi`` (some slope is not 0; False: all zero, plain attention) are fixed at export,
     so the graph holds only the passes it needs: with both, the causal -inf goes into (j - i) before
-    the slopes multiply it (a zero slope would turn that into NaN), one (H, C, kend) pass in all.
+    the slopes multiply it, one (H, C, kend) pass in all. A zero slope is a per-head fact (``zero_slope``:
+    some heads have one, e.g. a custom slope list): 0 * -inf is NaN, so those graphs multiply first and
+    mask after, one more (H, C, kend) pass; the other heads keep their ALiBi.
     ``bf16`` (Falcon): the per-key bias ``kbias`` built once by the function (see _falcon_key_bias) is
     sliced to the chunk's keys and the causal -inf put over it. ``q_tok``: the tensor the queries'
     real-token positions are sliced from (k_tok, or in a Loop k_tok padded to whole chunks)."""
@@ -88,6 +91,9 @@ def _attend_block(p: str, q: str, q_start: str, q_end: str, kend: str | None, ou
     if bf16:  # Falcon: bias_scale * bf16(bf16(m) bf16(j)), -inf above the diagonal
         assert causal and alibi, "Falcon's bf16 bias is causal ALiBi"
         bias = [*positions, *future, n("Where", [p + "future", "neg_inf", p + "kbias"], [p + "bias"])]
+    elif causal and alibi and zero_slope:  # m_h (j - i) first, then -inf above the diagonal (0 * -inf is NaN)
+        bias = [*positions, *future, n("Mul", ["slopes3", p + "rel"], [p + "bias_raw"]),
+                n("Where", [p + "future", "neg_inf", p + "bias_raw"], [p + "bias"])]
     elif causal and alibi:  # m_h (j - i), -inf above the diagonal; not scaled by 1/sqrt(d)
         bias = [*positions, *future, n("Where", [p + "future", "neg_inf", p + "rel"], [p + "rel_masked"]),
                 n("Mul", ["slopes3", p + "rel_masked"], [p + "bias"])]
@@ -189,7 +195,7 @@ def _falcon_key_bias(masked: bool) -> list[onnx.NodeProto]:
 
 
 def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len: int = DEFAULT_WHOLE_LEN,
-                       masked: bool = False, causal: bool = True, alibi: bool = True,
+                       masked: bool = False, causal: bool = True, alibi: bool = True, zero_slope: bool = False,
                        bf16: bool = False) -> onnx.FunctionProto:
     """FunctionProto for ``AlibiAttention(q, k, v) -> out``; q (B, H, Lq, D), k and v (B, H, Lk, D).
 
@@ -201,14 +207,14 @@ def attention_function(opset: int, *, q_chunk: int = DEFAULT_Q_CHUNK, whole_len:
     Attributes: num_heads, head_dim, slopes (H floats), scale, causal (1, or 0 for -m|j - i|).
     Up to ``whole_len``² query-key pairs the scores are computed whole (a Loop has a cost per
     iteration that dominates short sequences); beyond, in chunks of ``q_chunk`` queries.
-    ``causal`` and ``alibi`` (slopes all > 0, else all 0) must match the node's attributes: the body
-    is specialized to them at export; see _attend_block. ``bf16`` (Falcon's bias, attributes
+    ``causal``, ``alibi`` (some slope is not 0) and ``zero_slope`` (some slope is 0) must match the node's
+    attributes: the body is specialized to them at export; see _attend_block. ``bf16`` (Falcon's bias, attributes
     ``bias_scale`` and ``bias_bf16``) likewise.
     """
     if q_chunk < 1:
         raise ValueError(f"q_chunk must be positive, got {q_chunk}")
     n = helper.make_node
-    kind = dict(masked=masked, causal=causal, alibi=alibi, bf16=bf16)
+    kind = dict(masked=masked, causal=causal, alibi=alibi, zero_slope=zero_slope and alibi, bf16=bf16)
     nodes = [
         _ref("slopes", "slopes", onnx.AttributeProto.FLOATS),
         _ref("scale", "scale", onnx.AttributeProto.FLOAT),

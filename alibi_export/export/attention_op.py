@@ -144,7 +144,9 @@ def attention_op(model: AlibiLM):
     product: each query gets the columns m_h [POS_BASE, 1] and each key [j // POS_BASE, j % POS_BASE].
     Both factors are exact in fp16 (the slope itself is rounded once, the same for every key, so the
     bias stays m'_h (j - i) for a slope within 2^-11 of m_h) and their products are summed in float32
-    by the kernel. A third column carries the key padding mask (PAD_SCORE for padded keys). The
+    by the kernel. A slope below fp16's normal range (MPT's reach 2^-32) is rounded to a subnormal, at
+    most 2^-25 off in each column, so its head's bias is off by at most 2^-25 (j // POS_BASE + j % POS_BASE),
+    under 2^-13 up to 2^19 tokens; the slopes themselves are float32 until this fold. A third column carries the key padding mask (PAD_SCORE for padded keys). The
     op's own past_key/past_value append the cache, which keeps the causal mask bottom-right aligned;
     the cache therefore holds the padded head (head_dim + extra_dims(cfg)) and the positions. The op reads
     and writes (batch, sequence, heads * width), the layout of the projections around it (see

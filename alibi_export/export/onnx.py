@@ -57,7 +57,8 @@ def _export_model(checkpoint: Checkpoint, dtype: str) -> AlibiLM:
     """The module to trace: the checkpoint's own when it is already in ``dtype`` (a second copy of the
     weights would raise the export's peak memory by 1x; the export swaps attention only inside a
     context manager that restores it), else a copy allocated directly in ``dtype``, its buffers (slopes,
-    frequencies, which the state dict does not hold) copied from the checkpoint's in ``dtype`` too."""
+    frequencies, which the state dict does not hold) copied from the checkpoint's. The slopes stay float32
+    in every dtype (model.Alibi._apply): MPT's reach 2^-32, which fp16 rounds to 0."""
     source, target = checkpoint.model, getattr(torch, dtype)
     if all(p.dtype == target and p.device.type == "cpu" for p in source.parameters()) and not source.training:
         return source
@@ -80,11 +81,14 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
     if OP_TYPE in used or MASKED_OP_TYPE in used:
         node = next(n for n in proto.graph.node if n.op_type in (OP_TYPE, MASKED_OP_TYPE))
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        alibi = all(s > 0 for s in attrs["slopes"])  # ALiBi's are; plain causal attention has zeros
+        # Plain causal attention has all zeros. A zero slope among others is that head's fact only (the
+        # body then masks after multiplying); the slopes are float32 whatever the export's dtype.
+        zeros = [s == 0 for s in attrs["slopes"]]
         for masked, op in ((False, OP_TYPE), (True, MASKED_OP_TYPE)):
             if op in used:
                 proto.functions.append(attention_function(opset, q_chunk=q_chunk, masked=masked,
-                                                          causal=bool(attrs["causal"]), alibi=alibi,
+                                                          causal=bool(attrs["causal"]), alibi=not all(zeros),
+                                                          zero_slope=any(zeros),
                                                           bf16=bool(attrs.get("bias_bf16", 0))))
         if inline:
             proto = onnx.inliner.inline_local_functions(proto)  # small: the weights are not in it

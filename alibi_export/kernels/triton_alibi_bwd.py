@@ -18,13 +18,31 @@ size L x L is ever stored. Two kernels, so that no accumulator needs atomics:
   of the window below.
 
 **The ALiBi window.** The bias decays linearly with distance, so far from its query a key's P
-is exactly negligible, whatever the data: by Cauchy-Schwarz, ``s_ij - lse_i <= |scale| * |q_i| *
-|k_j| - lse_i - m_h * |i - j|``. Each program bounds the first term with the largest |q| and |k|
-of its block or (batch, head) and the smallest lse, and walks only the tiles within the distance
-beyond which every P is below ``2^-gap`` (``skip_gap``: the skipped P of a row sum to < 2^-32 of
-it, below fp32 rounding). Steep heads skip most of a long sequence; shallow heads, or q and k of
-large norm, skip little or nothing. The gradients are those of the full computation (tested
-bitwise-equal to 1e-6 of the largest; tests/test_kernels_bwd.py).
+is negligible: by Cauchy-Schwarz, ``s_ij - lse_i <= |scale| * |q_i| * |k_j| - lse_i - m_h * |i - j|``
+(log2 units). Each program bounds the first two terms with the largest |q| and |k| of its block or
+(batch, head) and the smallest lse (``a``), and walks only the tiles within the distance beyond
+which every P is below ``2^-(gap + E)``. A small P alone is not enough: the gradients' terms are
+P times data, and a value or upstream gradient 1e12 larger at some positions would carry a P of
+2^-40 into them. So ``E`` prices the data in, per (batch, head). Write Q, K, V, G for the largest
+|q_i|, |k_j|, |v_j|, |dO_i| of the (batch, head) and q_, k_, v_, g_ for their floors, the smallest
+nonzero maximum over its 64-row blocks (the scale of the ordinary rows; blocks of zeros carry no
+terms). With ``E = 1 + log2(Q/q_) + log2(K/k_) + log2(V/v_) + log2(G/g_)`` (>= 1) and P_ij <
+2^-(gap + E) on every skipped (i, j), each skipped term of each gradient is bounded, using
+|delta_i| = |dO_i . O_i| <= G V (O_i is a convex combination of the v_j):
+
+    dV_j: P_ij dO_i                               |.| <= P_ij G                 < 2^-gap g_
+    dK_j: scale P_ij (dO_i . v_j - delta_i) q_i   |.| <= |scale| P_ij 2 G V Q   < 2^-gap |scale| g_ v_ q_
+    dQ_i: scale P_ij (dO_i . v_j - delta_i) k_j   |.| <= |scale| P_ij 2 G V K   < 2^-gap |scale| g_ v_ k_
+
+(each ratio X/x_ >= 1, so every one of them fits in E). An element of dV or dK sums at most
+GROUP * Lq terms, one of dQ at most Lk; ``skip_gap`` takes gap = 32 + log2 of that count, so the
+skipped part of every gradient element is below 2^-32 of one term at the floor scale, P = 1: the
+size of an ordinary element, whose fp32 rounding is 2^-24 of it. Whatever the data, large rows
+widen the window (by E / m_h positions) instead of hiding in it. Any NaN or inf in q, k, v, dO
+of a (batch, head) (or a zero slope) makes its bound infinite: its window is off, every tile computed. Steep
+heads skip most of a long sequence; shallow heads, or data of large norm or range, skip little
+or nothing. The gradients are those of the full computation (tested equal to 1e-6 of the largest,
+and row by row with spiked v and dO; tests/test_kernels_bwd.py).
 
 ``AlibiAttention`` (a ``torch.autograd.Function``) runs the forward kernel, which also stores
 ``lse``, and this backward; ``alibi_attention_train`` is its entry point.
@@ -118,13 +136,13 @@ def _dkdv_tile(dk, dv, k, v, q_src, do_src, lse_blk, delta_blk, start_m, offs_m0
 
 @triton.jit(do_not_specialize=["H", "H_KV", "GROUP", "Lq", "Lk", "past_len", "NB"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, Slopes, QN, LM, KN, CNT,
+    Q, K, V, DO, DK, DV, LSE, DELTA, Slopes, QN, LM, KN, VN, GN, CNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     H, H_KV, GROUP, Lq, Lk, past_len, qk_scale, scale, NB, gap,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
-    BND_ROWS: tl.constexpr, COUNT: tl.constexpr,
+    BND_ROWS: tl.constexpr, COUNT: tl.constexpr, DATA_BOUND: tl.constexpr,
 ):
     """Rows of every tensor are contiguous in the head dim (stride 1, ensured by the host)."""
     pid_n = tl.program_id(0)  # causal: key block 0 sees every query block, launched first
@@ -166,6 +184,9 @@ def _bwd_dkdv_kernel(
         # the query rows that can give this key block a P >= 2^-gap: within w of its keys
         a = tl.abs(qk_scale) * _reduce_row(QN + bh * NB, NB, True) * kn \
             - _reduce_row(LM + bh * NB, NB, False)
+        if DATA_BOUND:  # the data's range (see the module docstring)
+            a = a + _data_bits(QN + bh * NB, GN + bh * NB, KN + (b64 * H + hk * GROUP) * NB,
+                               VN + (b64 * H + hk * GROUP) * NB, NB)
         w = _window(a, slope, gap, Lq + Lk + past_len)
         m_hi = tl.maximum(start_n + BLOCK_N + w - past_len, 0)
         m_hi = tl.minimum((m_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Lq)
@@ -227,12 +248,12 @@ def _dq_tile(dq, q, do, lse, delta, k_src, v_src, start_n, offs_n, rowpos, q_pos
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "NB"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, Slopes, QN, LM, KN, CNT,
+    Q, K, V, DO, DQ, LSE, DELTA, Slopes, QN, LM, KN, VN, GN, CNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
     H, GROUP, Lq, Lk, past_len, qk_scale, scale, NB, gap,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
-    BND_ROWS: tl.constexpr, COUNT: tl.constexpr,
+    BND_ROWS: tl.constexpr, COUNT: tl.constexpr, DATA_BOUND: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest query blocks (most key tiles) first, for load balance
@@ -267,6 +288,9 @@ def _bwd_dq_kernel(
     blk = pid_bh.to(tl.int64) * NB + start_m // BND_ROWS
     a = tl.abs(qk_scale) * _reduce_row(QN + blk, nbnd, True) \
         * _reduce_row(KN + (b64 * H + hk * GROUP) * NB, NB, True) - _reduce_row(LM + blk, nbnd, False)
+    if DATA_BOUND:  # the data's range (see the module docstring)
+        a = a + _data_bits(QN + pid_bh.to(tl.int64) * NB, GN + pid_bh.to(tl.int64) * NB,
+                           KN + (b64 * H + hk * GROUP) * NB, VN + (b64 * H + hk * GROUP) * NB, NB)
     w = _window(a, slope, gap, Lq + Lk + past_len)
     lo = tl.maximum(q_pos0 - w, 0) // BLOCK_N * BLOCK_N
     if CAUSAL:  # keys [0, n_full) are visible to every row of the block and in bounds
@@ -289,16 +313,26 @@ def _bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=r_ok[:, None])
 
 
+@triton.jit
+def _block_norm(x):
+    """The largest row norm of a (rows, HEAD_DIM) fp32 block; inf if any row holds a NaN or an inf
+    (tl.max need not propagate NaN): the window bound then turns the window off."""
+    n2 = tl.sum(x * x, 1)
+    bad = tl.max(((n2 != n2) | (n2 == float("inf"))).to(tl.int32), 0)
+    return tl.where(bad > 0, float("inf"), tl.sqrt(tl.max(n2, 0)))
+
+
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "NB"])
-def _bwd_delta_kernel(O, DO, DELTA, Q, K, LSE, QN, LM, KN, sob, soh, som, sdob, sdoh, sdom,
-                      sqb, sqh, sqm, skb, skh, skn, H, GROUP, Lq, Lk, NB,
+def _bwd_delta_kernel(O, DO, DELTA, Q, K, V, LSE, QN, LM, KN, VN, GN, sob, soh, som, sdob, sdoh, sdom,
+                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, H, GROUP, Lq, Lk, NB,
                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """delta_i = sum_d dO_id * O_id in fp32, read once from the 16-bit tensors (in torch it took
     fp32 copies of both, several passes over memory); and, per block of BLOCK rows, what the
-    backward kernels bound their windows with (see ``_window``): the largest |q_i| and the smallest
-    lse_i of the block's query rows (``QN``, ``LM``), and the largest |k_j| of its key rows (``KN``,
-    in the slot of the group's first query head), each (B*H, NB), NB = cdiv(max(Lq, Lk), BLOCK) (rows
-    past Lq or Lk count as |x| = 0, lse = inf)."""
+    backward kernels bound their windows with (see ``_window`` and the module docstring): the
+    largest |q_i|, |dO_i| and the smallest lse_i of the block's query rows (``QN``, ``GN``, ``LM``),
+    and the largest |k_j|, |v_j| of its key rows (``KN``, ``VN``, in the slot of the group's first
+    query head), each (B*H, NB), NB = cdiv(max(Lq, Lk), BLOCK) (rows past Lq or Lk count as |x| = 0,
+    lse = inf; a NaN or inf as |x| = inf)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -315,14 +349,19 @@ def _bwd_delta_kernel(O, DO, DELTA, Q, K, LSE, QN, LM, KN, sob, soh, som, sdob, 
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=r_ok)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=ok,
                 other=0.0).to(tl.float32)
-    # |k| once per KV head: the first query head of each group reads it (the only slot read back)
-    k = tl.load(K + b * skb + hk * skh + offs_m[:, None] * skn + offs_d[None, :],
-                mask=((offs_m < Lk) & (h % GROUP == 0))[:, None], other=0.0).to(tl.float32)
+    # |k|, |v| once per KV head: the first query head of each group reads them (the only slot read back)
+    kv_ok = ((offs_m < Lk) & (h % GROUP == 0))[:, None]
+    k = tl.load(K + b * skb + hk * skh + offs_m[:, None] * skn + offs_d[None, :], mask=kv_ok,
+                other=0.0).to(tl.float32)
+    v = tl.load(V + b * svb + hk * svh + offs_m[:, None] * svn + offs_d[None, :], mask=kv_ok,
+                other=0.0).to(tl.float32)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=r_ok, other=float("inf"))
     slot = pid_bh.to(tl.int64) * NB + pid_m
-    tl.store(QN + slot, tl.sqrt(tl.max(tl.sum(q * q, 1), 0)))
-    tl.store(LM + slot, tl.min(lse, 0))
-    tl.store(KN + slot, tl.sqrt(tl.max(tl.sum(k * k, 1), 0)))
+    tl.store(QN + slot, _block_norm(q))
+    tl.store(GN + slot, _block_norm(do.to(tl.float32)))
+    tl.store(LM + slot, tl.min(tl.where(lse != lse, float("-inf"), lse), 0))  # NaN: -inf, window off
+    tl.store(KN + slot, _block_norm(k))
+    tl.store(VN + slot, _block_norm(v))
 
 
 @triton.jit
@@ -340,6 +379,31 @@ def _reduce_row(ptr, n, MAX: tl.constexpr):
             acc = tl.minimum(acc, tl.min(tl.load(ptr + c + offs, mask=c + offs < n,
                                                  other=float("inf")), 0))
     return acc
+
+
+@triton.jit
+def _floor_row(ptr, n):
+    """The smallest positive of the n floats at ptr (inf if none), 128 at a time."""
+    offs = tl.arange(0, 128)
+    x = tl.load(ptr + offs, mask=offs < n, other=float("inf"))
+    acc = tl.min(tl.where(x > 0, x, float("inf")), 0)
+    for c in range(128, n, 128):
+        x = tl.load(ptr + c + offs, mask=c + offs < n, other=float("inf"))
+        acc = tl.minimum(acc, tl.min(tl.where(x > 0, x, float("inf")), 0))
+    return acc
+
+
+@triton.jit
+def _range_bits(ptr, n):
+    """log2(max / floor) of one (batch, head)'s block maxima (0 for all zeros; inf for an inf)."""
+    mx = _reduce_row(ptr, n, True)
+    return tl.where(mx > 0, tl.log2(mx / _floor_row(ptr, n)), 0.0)
+
+
+@triton.jit
+def _data_bits(qn, gn, kn, vn, n):
+    """E of the module docstring: 1 + the log2 ranges of |q|, |dO|, |k|, |v| in one (batch, head)."""
+    return 1.0 + _range_bits(qn, n) + _range_bits(gn, n) + _range_bits(kn, n) + _range_bits(vn, n)
 
 
 @triton.jit
@@ -392,15 +456,20 @@ _SKIP_GAP: float | None = None
 # Test / benchmark hook: an int32 CUDA tensor of 2 to which the kernels add the tiles they compute
 # (dK/dV, dQ).
 _TILE_COUNTS: torch.Tensor | None = None
+# Test hook: False bounds the window by P alone (|q|, |k| and lse, without the data's range E): the window
+# of before, whose skipped terms large values or upstream gradients can make matter (the negative control).
+_WINDOW_DATA_BOUND = True
 
 
-def skip_gap(kv_len: int) -> float:
-    """The backward skips the (query, key) tiles where every P is below 2^-gap. With gap =
-    32 + log2(kv_len), the skipped P of a row sum to less than 2^-32 of the row's total: below the
-    fp32 rounding of the accumulators they would have been added to (2^-24 relative)."""
+def skip_gap(n_terms: int) -> float:
+    """The backward skips the (query, key) tiles where every P is below 2^-(gap + E) (E: the data's
+    range, see the module docstring). ``n_terms``: the most terms one gradient element sums
+    (max(Lk, GROUP * Lq)); with gap = 32 + log2(n_terms) the skipped terms of an element sum to less
+    than 2^-32 of one term at the data's floor scale: below the fp32 rounding of the accumulators
+    they would have been added to (2^-24 relative)."""
     if _SKIP_GAP is not None:
         return float(_SKIP_GAP)
-    return 32.0 + math.ceil(math.log2(max(kv_len, 2)))
+    return 32.0 + math.ceil(math.log2(max(n_terms, 2)))
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -417,12 +486,12 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
     group = H // H_kv
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)  # rowsum(dO * O)
     nb = triton.cdiv(max(Lq, Lk), _BND_ROWS)
-    qn, lm, kn = torch.empty((3, B * H, nb), device=q.device, dtype=torch.float32)  # window bounds
+    qn, lm, kn, vn, gn = torch.empty((5, B * H, nb), device=q.device, dtype=torch.float32)  # window bounds
     s3 = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
-    _bwd_delta_kernel[(nb, B * H)](out, do, delta, q, k, lse, qn, lm, kn, *s3(out), *s3(do),
-                                   *s3(q), *s3(k), H, group, Lq, Lk, nb,
+    _bwd_delta_kernel[(nb, B * H)](out, do, delta, q, k, v, lse, qn, lm, kn, vn, gn, *s3(out), *s3(do),
+                                   *s3(q), *s3(k), *s3(v), H, group, Lq, Lk, nb,
                                    BLOCK=_BND_ROWS, HEAD_DIM=D, num_warps=4)
-    gap = skip_gap(Lk)
+    gap = skip_gap(max(Lk, group * Lq))
     count = _TILE_COUNTS is not None
     cnt = _TILE_COUNTS if count else lse
     # each gradient in its input's memory order (see triton_alibi.empty_in_layout_of)
@@ -440,21 +509,21 @@ def alibi_attention_backward(do, q, k, v, out, lse, slopes, *, causal: bool, sca
         main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
         side.wait_stream(main)  # delta and the inputs are ready; dK/dV (main) and dQ (side) overlap
     _bwd_dkdv_kernel[(triton.cdiv(Lk, bn1), B * H_kv)](
-        q, k, v, do, dk, dv, lse, delta, slopes, qn, lm, kn, cnt,
+        q, k, v, do, dk, dv, lse, delta, slopes, qn, lm, kn, vn, gn, cnt,
         *s3(q), *s3(k), *s3(v), *s3(do), *s3(dk), *s3(dv),
         H, H_kv, group, Lq, Lk, past_len, qk_scale, float(scale), nb, gap,
         CAUSAL=causal, BLOCK_M=bm1, BLOCK_N=bn1, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
-        BND_ROWS=_BND_ROWS, COUNT=count, num_warps=w1, num_stages=st1,
+        BND_ROWS=_BND_ROWS, COUNT=count, DATA_BOUND=_WINDOW_DATA_BOUND, num_warps=w1, num_stages=st1,
     )
     if side is not None:
         torch.cuda.set_stream(side)  # cheaper on the host than `with torch.cuda.stream(...)`
     try:
         _bwd_dq_kernel[(triton.cdiv(Lq, bm2), B * H)](
-            q, k, v, do, dq, lse, delta, slopes, qn, lm, kn, cnt,
+            q, k, v, do, dq, lse, delta, slopes, qn, lm, kn, vn, gn, cnt,
             *s3(q), *s3(k), *s3(v), *s3(do), *s3(dq),
             H, group, Lq, Lk, past_len, qk_scale, float(scale), nb, gap,
             CAUSAL=causal, BLOCK_M=bm2, BLOCK_N=bn2, HEAD_DIM=D, USE_TMA=use_tma, DOT_PREC=prec,
-            BND_ROWS=_BND_ROWS, COUNT=count, num_warps=w2, num_stages=st2,
+            BND_ROWS=_BND_ROWS, COUNT=count, DATA_BOUND=_WINDOW_DATA_BOUND, num_warps=w2, num_stages=st2,
         )
     finally:
         if side is not None:
