@@ -56,7 +56,7 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end-of-text token
+    stop_token_ids: tuple[int, ...] = ()  # more token ids that end the text, besides the model's end of text
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,9 @@ class Engine:
         try:
             (ids,) = self.session.check_ids([prompt_ids])
             _sampler(params)
-            self.session.stop_ids(params.stop_token_ids)
+            vocab = self.session.config.vocab_size
+            if any(not 0 <= t < vocab for t in params.stop_token_ids):
+                raise AlibiExportError(f"stop_token_ids must be token ids in [0, {vocab}), got {list(params.stop_token_ids)}")
         except AlibiExportError as e:
             raise RequestRejected(str(e)) from None
         cfg = self.config
@@ -266,7 +268,7 @@ class Engine:
 
     def _prepare(self, r: EngineRequest) -> None:
         r.sampler = _sampler(r.params)
-        r.stops = self.session.stop_ids(r.params.stop_token_ids)
+        r.stops = self.session.stop_ids(None) | self.session.stop_ids(r.params.stop_token_ids)
         r.stream = TokenStream(self.session.tokenizer, 0, lambda row, token, text: setattr(r, "text", r.text + text))
 
     def _prefill(self) -> None:
