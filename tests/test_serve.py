@@ -161,7 +161,7 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(session, rng):
 
 def test_kv_budget_waits_and_refuses(session, rng):
     vocab = session.config.vocab_size
-    engine = Engine(session, EngineConfig(max_batch=4, max_tokens_in_flight=100, max_context=256))
+    engine = Engine(session, EngineConfig(max_batch=4, max_tokens_in_flight=90, max_context=256))
     with pytest.raises(RequestRejected, match="KV-cache tokens") as e:
         engine.submit([1] * 60, SamplingParams(max_tokens=50), lambda ev: None)
     assert e.value.status == 400
@@ -169,13 +169,13 @@ def test_kv_budget_waits_and_refuses(session, rng):
     engine.submit(rng.integers(0, vocab, 30).tolist(), SamplingParams(max_tokens=20, temperature=0), got(0))
     engine.submit(rng.integers(0, vocab, 10).tolist(), SamplingParams(max_tokens=10, temperature=0), got(1))
     engine.iterate()
-    assert engine.batch_size == 1 and engine.queue_depth == 1  # 2 rows x 50 tokens would hold 100: it fits...
-    assert engine.kv_tokens <= 100
+    assert engine.batch_size == 1 and engine.queue_depth == 1  # 2 rows x 50 tokens would exceed 90: it waits
+    assert engine.kv_tokens <= 90
     for _ in range(60):
         if len(got.results) == 2:
             break
         engine.iterate()
-        assert engine.kv_tokens <= 100
+        assert engine.kv_tokens <= 90
     assert len(got.results) == 2
 
 
