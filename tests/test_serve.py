@@ -182,3 +182,280 @@ def test_kv_budget_waits_and_refuses(session, rng):
 def test_engine_config_is_checked():
     with pytest.raises(Exception, match="max_batch must be a positive integer"):
         EngineConfig(max_batch=0)
+
+
+# ----------------------------------------------------------------------------- the server, as a process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """`python -m alibi_export serve PATH ...` on a free loopback port; its log in a file (no pipe to fill)."""
+
+    def __init__(self, path, tmp_path, *options):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"server-{self.port}.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "alibi_export", "serve", str(path), "--port",
+                                          str(self.port), *map(str, options)], stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"the server did not come up: {self.log.read_text()}")
+
+    def client(self):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def metrics(self) -> dict:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(kv_path, tmp_path_factory):
+    srv = _Server(kv_path, tmp_path_factory.mktemp("server"), "--max-batch", 8, "--prefill-chunk", 32,
+                  "--max-context", 320, "--queue", 64)
+    yield srv
+    srv.stop()
+
+
+def _complete(client, prompt, max_tokens, stream, delay, **options):
+    time.sleep(delay)
+    if not stream:
+        r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=max_tokens, temperature=0, **options)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage
+    text, reason, usage = [], None, None
+    for chunk in client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, **options):
+        for c in chunk.choices:
+            text.append(c.text)
+            reason = c.finish_reason or reason
+        usage = chunk.usage or usage
+    return "".join(text), reason, usage
+
+
+def test_32_concurrent_clients_each_equal_the_prompt_alone(server, session, rng):
+    """Mixed lengths (1-250 tokens: chunked prefill at 32), text and token-id prompts, streamed and not,
+    starting at different times; each completion equals the prompt alone through GenerationSession."""
+    from tests.conftest import EXCERPT
+
+    text = EXCERPT.read_text()
+    prompts, ids = [], []
+    for i in range(32):
+        if i % 3 == 0:
+            start = int(rng.integers(0, len(text) - 2000))
+            prompts.append(text[start:start + int(rng.integers(1, 1000))])
+            ids.append(session.encode(prompts[-1])[0])
+        else:
+            prompts.append(rng.integers(0, session.config.vocab_size, int(rng.integers(1, 250))).tolist())
+            ids.append(prompts[-1])
+    max_tokens = rng.integers(1, 40, 32).tolist()
+    before = server.metrics()
+    client = server.client()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_complete, client, p, m, i % 2 == 1, 0.05 * float(rng.integers(0, 20)))
+                   for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+        answers = [f.result(timeout=300) for f in futures]
+    for i, ((got, reason, usage), row, m) in enumerate(zip(answers, ids, max_tokens)):
+        alone = session.generate_ids([row], m)
+        assert got == alone.texts[0], i
+        assert reason == ("length" if len(alone.token_ids[0]) == m else "stop"), i
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(row), len(alone.token_ids[0])), i
+    after = server.metrics()
+    assert after['alibi_serve_requests_total{success}'] - before['alibi_serve_requests_total{success}'] == 32
+    generated = sum(u.completion_tokens for _, _, u in answers)
+    assert after["alibi_serve_generation_tokens_total"] - before["alibi_serve_generation_tokens_total"] == generated
+    assert after["alibi_serve_prompt_tokens_total"] - before["alibi_serve_prompt_tokens_total"] == sum(map(len, ids))
+    assert after["alibi_serve_time_to_first_token_seconds_count"] - before[
+        "alibi_serve_time_to_first_token_seconds_count"] == 32
+    assert after["alibi_serve_inter_token_latency_seconds_count"] - before[
+        "alibi_serve_inter_token_latency_seconds_count"] == generated - 32 + sum(
+        1 for _, r, u in answers if r == "stop" and u.completion_tokens < 40)  # a stop token is a step too
+    assert after["alibi_serve_running_requests"] == 0 and after["alibi_serve_kv_tokens_in_use"] == 0
+
+
+def test_models_health_and_metrics(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    names = {f.name for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text)}
+    assert {"alibi_serve_requests", "alibi_serve_prompt_tokens", "alibi_serve_generation_tokens",
+            "alibi_serve_time_to_first_token_seconds", "alibi_serve_inter_token_latency_seconds",
+            "alibi_serve_queue_depth", "alibi_serve_running_requests", "alibi_serve_kv_tokens_in_use"} <= names
+
+
+BAD = [  # (body, status, what the message must say)
+    (b'{"prompt": "hi", ', 400, "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b'[1, 2]', 400, "JSON object"),
+    (b'{"max_tokens": 4}', 400, "prompt is required"),
+    (b'{"prompt": ""}', 400, "empty"),
+    (b'{"prompt": [1, "a"]}', 400, "prompt"),
+    (b'{"prompt": [99999]}', 400, "outside the vocabulary"),
+    (b'{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
+    (b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 1.5}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 100000}', 400, "past the context"),
+    (b'{"prompt": ' + str(list(range(1, 400))).encode() + b'}', 400, "the prompt has 399 tokens"),
+    (b'{"prompt": "hi", "temperature": -0.5}', 400, "temperature"),
+    (b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": "hi", "top_p": 0}', 400, "top_p"),
+    (b'{"prompt": "hi", "top_p": 1.5}', 400, "top_p"),
+    (b'{"prompt": "hi", "top_k": 0}', 400, "top_k"),
+    (b'{"prompt": "hi", "stop": 5}', 400, "stop"),
+    (b'{"prompt": "hi", "stop": ["a", 3]}', 400, "stop"),
+    (b'{"prompt": "hi", "stop": [""]}', 400, "stop"),
+    (b'{"prompt": "hi", "n": 2}', 400, "not supported"),
+    (b'{"prompt": "hi", "logprobs": 2}', 400, "not supported"),
+    (b'{"prompt": "hi", "echo": true}', 400, "not supported"),
+    (b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
+    (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "at most 1048576"),
+]
+
+
+@pytest.mark.parametrize("body,status,says", BAD, ids=[f"{i}-{s}" for i, (_, s, _) in enumerate(BAD)])
+def test_bad_input_gets_an_openai_error(server, body, status, says):
+    r = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_large_body_without_a_length_is_cut_off_at_the_limit(server):
+    chunks = (b"a" * 65536 for _ in range(20))  # chunked transfer: the limit is counted as the body arrives
+    r = httpx.post(f"{server.url}/v1/completions", content=chunks, timeout=30)
+    assert r.status_code == 413 and "at most 1048576" in r.json()["error"]["message"]
+
+
+def test_bad_input_leaves_the_server_serving(server):
+    before = server.metrics()["alibi_serve_requests_total{invalid}"]
+    assert httpx.post(f"{server.url}/v1/completions", content=b"{", timeout=10).status_code == 400
+    assert server.metrics()["alibi_serve_requests_total{invalid}"] == before + 1
+    text, reason, usage = _complete(server.client(), "Once upon a time", 4, False, 0)
+    assert usage.completion_tokens >= 1 and reason in ("stop", "length")
+
+
+def test_chat_without_a_template_is_refused_with_the_reason(server):
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        server.client().chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_stop_strings_cut_the_text(server, session):
+    client = server.client()
+    full, _, _ = _complete(client, "It was a dark and stormy night", 30, False, 0)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3 and stop in full
+    for stream in (False, True):
+        text, reason, _ = _complete(client, "It was a dark and stormy night", 30, stream, 0, stop=[stop])
+        assert text == full[:full.index(stop)] and reason == "stop"
+
+
+def _wait_for(server, predicate, seconds=20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if predicate(m):
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"metrics never got there: {m}")
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    before = server.metrics()["alibi_serve_requests_total{cancelled}"]
+    body = {"model": MODEL_ID, "prompt": "The", "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert '"finish_reason": null' in first
+            assert server.metrics()["alibi_serve_running_requests"] == 1  # still generating
+    m = _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 1)
+    m = _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
+    assert m["alibi_serve_queue_depth"] == 0
+
+
+def test_full_queue_answers_429_and_sigterm_drains(kv_path, tmp_path):
+    """One slot and a queue of one: a third request is refused with Retry-After. Then SIGTERM: the two
+    accepted requests still complete, and the process exits 0."""
+    srv = _Server(kv_path, tmp_path, "--max-batch", 1, "--queue", 1, "--max-context", 320)
+    try:
+        client = srv.client()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(_complete, client, "The", 200, True, 0)
+            _wait_for(srv, lambda m: m["alibi_serve_running_requests"] == 1)
+            queued = pool.submit(_complete, client, "A", 5, False, 0)
+            _wait_for(srv, lambda m: m["alibi_serve_queue_depth"] == 1)
+            r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "B", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "queue is full" in r.text
+            assert srv.metrics()["alibi_serve_requests_total{queue_full}"] == 1
+            srv.proc.send_signal(signal.SIGTERM)
+            text, reason, usage = running.result(timeout=120)
+            assert usage.completion_tokens == len(srv_session_tokens(kv_path, "The", 200)) and reason in ("length", "stop")
+            assert queued.result(timeout=120)[2].completion_tokens >= 1
+        assert srv.proc.wait(60) == 0, srv.log.read_text()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{srv.url}/health", timeout=2)
+    finally:
+        srv.stop()
+
+
+def srv_session_tokens(path, prompt, n):
+    return GenerationSession(path).generate(prompt, n).token_ids[0]
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "alibi_export", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.mark.parametrize("args,says", [
+    (["serve", "missing.onnx"], "not found"),
+    (["serve", "--replicas", "2", "x.onnx"], "--replicas applies to --ray"),
+    (["serve", "--max-batch", "0", "x.onnx"], "--max-batch"),
+])
+def test_cli_serve_refuses_bad_options_in_one_line(tmp_path, args, says):
+    proc = _cli(*args)
+    assert proc.returncode != 0 and proc.stderr.startswith("Error") and says in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_serve_refuses_a_folder_without_a_model(tmp_path):
+    proc = _cli("serve", tmp_path)
+    assert proc.returncode == 1 and "without model.onnx" in proc.stderr
+
+
+@pytest.mark.slow  # exports the shipped model (~25 s)
+def test_shipped_model_is_exported_once_into_the_user_cache(tmp_path, monkeypatch):
+    from alibi_export.serve.model_cache import shipped_kv_export
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    path = shipped_kv_export()
+    assert path.is_relative_to(tmp_path / "cache" / "alibi-export") and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert shipped_kv_export() == path and path.stat().st_mtime_ns == stamp  # not exported again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -137,7 +137,8 @@ async def _body(request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+            raise ApiError(413, f"the request body has more than {limit} bytes; at most {limit} are accepted",
+                           code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
