@@ -459,3 +459,38 @@ def test_shipped_model_is_exported_once_into_the_user_cache(tmp_path, monkeypatc
     assert shipped_kv_export() == path and path.stat().st_mtime_ns == stamp  # not exported again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+@pytest.mark.slow  # a local Ray instance and two replicas: about a minute on 2 cores
+def test_ray_serve_spreads_requests_over_two_replicas(kv_path, session, rng):
+    """Two CPU replicas behind Ray Serve's proxy on loopback: both serve (their ids in X-Replica-Id), and
+    every answer equals the prompt alone through GenerationSession, so equals what one replica gives."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from alibi_export.serve.ray_app import REPLICA_HEADER, application
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(str(kv_path), EngineConfig(max_batch=4, max_context=320), replicas=2, threads=1),
+                  name="alibi-export", route_prefix="/")
+        prompts = _prompts(rng, session.config.vocab_size, 16, longest=60)
+        replicas, url = set(), f"http://127.0.0.1:{port}/v1/completions"
+
+        def ask(prompt):
+            r = httpx.post(url, json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 8, "temperature": 0},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+            return r.headers[REPLICA_HEADER], r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, prompts))
+        for (replica, text), prompt in zip(answers, prompts):
+            replicas.add(replica)
+            assert text == session.generate_ids([prompt], 8).texts[0]
+        assert len(replicas) == 2, replicas
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -49,14 +49,16 @@ class Served:
 
 
 def build(path: str | Path | None, config: EngineConfig = EngineConfig(), *, provider: str = "cpu",
-          threads: int | None = None, headers: dict | None = None) -> Served:
-    """Load the model, start the engine, and make the app (not yet listening)."""
+          threads: int | None = None, headers: dict | None = None, model_id: str | None = None) -> Served:
+    """Load the model, start the engine, and make the app (not yet listening). ``model_id``: the name
+    clients use (default: the export's file stem or folder name)."""
     from ..runtime.generate import GenerationSession
     from .app import create_app
     from .metrics import ServeMetrics
 
     metrics = ServeMetrics()  # first: a missing [serve] extra is reported before the model loads
-    onnx_path, model_id = resolve_model(path)
+    onnx_path, default_id = resolve_model(path)
+    model_id = model_id or default_id
     session = GenerationSession(onnx_path, provider=provider, threads=threads)
     engine = Engine(session, config, observer=metrics).start()
     metrics.bind(engine)
