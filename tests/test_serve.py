@@ -494,3 +494,20 @@ def test_ray_serve_spreads_requests_over_two_replicas(kv_path, session, rng):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.slow  # a genai export of the tiny model (~15 s)
+def test_a_genai_folder_is_served_through_its_model_onnx(tmp_path, tiny_dir, rng):
+    from alibi_export import load
+    from alibi_export.export.genai import export_genai
+    from alibi_export.serve.server import resolve_model
+
+    folder = tmp_path / "tiny-genai"
+    export_genai(load(tiny_dir), folder)
+    path, model_id = resolve_model(folder)
+    assert path == folder / "model.onnx" and model_id == "tiny-genai"
+    genai = GenerationSession(path)
+    prompts, max_tokens, joins = _schedule(rng, genai, n=4)
+    got = _run_schedule(Engine(genai, EngineConfig(max_batch=4, prefill_chunk=16)), prompts, max_tokens, joins)
+    assert [got.results[i].text for i in range(4)] == [genai.generate_ids([p], m).texts[0]
+                                                       for p, m in zip(prompts, max_tokens)]

@@ -12,7 +12,7 @@ time to first token p50/p99, inter-token latency p50/p99 (measured by the client
 chunks), and the single-stream decode step time (GenerationSession, batch 1) that the ITL target is
 stated against. Requests ignore no end-of-text token: a greedy request may stop early, on every system alike.
 
-usage: python tools/bench_serve.py [--model X.onnx] [--clients 16] [--requests 48] [--max-tokens 64]
+usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--clients 16] [--requests 48] [--max-tokens 64]
                                    [--lengths 16:512] [--rate 8] [--threads 2] [--json out.json]
 """
 from __future__ import annotations
@@ -191,6 +191,8 @@ def git_commit() -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="A --kv-cache export (default: the shipped model, cached export).")
+    ap.add_argument("--random", metavar="DxL", help="Instead, a random-weights model of the shipped architecture, "
+                                                    "d_model x layers (e.g. 1024x12), exported to a temp folder.")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=48, help="Requests per system and load.")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -207,7 +209,16 @@ def main():
     from alibi_export.runtime.generate import GenerationSession
     from alibi_export.serve.model_cache import shipped_kv_export
 
-    model = args.model or shipped_kv_export()
+    if args.random:
+        from alibi_export import load
+        from alibi_export.export.onnx import export_onnx
+        from tools.bench_cpu import large_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        model = export_onnx(load(large_model(tmp / "ckpt", args.random)), tmp / f"random-{args.random}.onnx",
+                            kv_cache=True).path
+    else:
+        model = args.model or shipped_kv_export()
     session = GenerationSession(model, threads=args.threads)
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.requests, low, high)
