@@ -405,7 +405,7 @@ def test_full_queue_answers_429_and_sigterm_drains(kv_path, tmp_path):
     try:
         client = srv.client()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            running = pool.submit(_complete, client, "The", 200, True, 0)
+            running = pool.submit(_complete, client, "The", 300, True, 0)
             _wait_for(srv, lambda m: m["alibi_serve_running_requests"] == 1)
             queued = pool.submit(_complete, client, "A", 5, False, 0)
             _wait_for(srv, lambda m: m["alibi_serve_queue_depth"] == 1)
@@ -414,7 +414,7 @@ def test_full_queue_answers_429_and_sigterm_drains(kv_path, tmp_path):
             assert srv.metrics()["alibi_serve_requests_total{queue_full}"] == 1
             srv.proc.send_signal(signal.SIGTERM)
             text, reason, usage = running.result(timeout=120)
-            assert usage.completion_tokens == len(srv_session_tokens(kv_path, "The", 200)) and reason in ("length", "stop")
+            assert usage.completion_tokens == len(_alone_tokens(kv_path, "The", 300)) and reason in ("length", "stop")
             assert queued.result(timeout=120)[2].completion_tokens >= 1
         assert srv.proc.wait(60) == 0, srv.log.read_text()
         with pytest.raises(httpx.TransportError):
@@ -423,7 +423,7 @@ def test_full_queue_answers_429_and_sigterm_drains(kv_path, tmp_path):
         srv.stop()
 
 
-def srv_session_tokens(path, prompt, n):
+def _alone_tokens(path, prompt, n):
     return GenerationSession(path).generate(prompt, n).token_ids[0]
 
 
