@@ -504,7 +504,7 @@ def test_a_genai_folder_is_served_through_its_model_onnx(tmp_path, tiny_dir, rng
     from alibi_export.serve.server import resolve_model
 
     folder = tmp_path / "tiny-genai"
-    export_genai(load(tiny_dir), folder)
+    export_genai(load(tiny_dir), folder, kv_cache=True)
     path, model_id = resolve_model(folder)
     assert path == folder / "model.onnx" and model_id == "tiny-genai"
     genai = GenerationSession(path)
