@@ -180,6 +180,31 @@ def test_kv_budget_waits_and_refuses(session, rng):
     assert len(got.results) == 2
 
 
+def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(session, rng, monkeypatch):
+    engine = Engine(session, EngineConfig(max_batch=4))
+    got = _Collector()
+    real = session.step
+    monkeypatch.setattr(session, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), got("failed"))
+    engine.start()
+    try:
+        for _ in range(100):
+            if "failed" in got.results:
+                break
+            time.sleep(0.05)
+        assert got.results["failed"].reason == "error" and "device lost" in got.results["failed"].error
+        monkeypatch.setattr(session, "step", real)
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), got("next"))
+        for _ in range(200):
+            if "next" in got.results:
+                break
+            time.sleep(0.05)
+        assert got.results["next"].reason in ("length", "stop") and got.results["next"].completion_tokens >= 1
+        assert engine.batch_size == 0 and engine.kv_tokens == 0
+    finally:
+        assert engine.stop(timeout=10)
+
+
 def test_engine_config_is_checked():
     with pytest.raises(Exception, match="max_batch must be a positive integer"):
         EngineConfig(max_batch=0)
@@ -396,6 +421,11 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     m = _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 1)
     m = _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
     assert m["alibi_serve_queue_depth"] == 0
+    # Not streamed: the client gives up (its timeout closes the connection) while the answer is computed.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.3))
+    _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 2)
+    _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
 
 
 def test_full_queue_answers_429_and_sigterm_drains(kv_path, tmp_path):

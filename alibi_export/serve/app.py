@@ -103,14 +103,16 @@ def create_app(engine, model_id: str, metrics, *, max_body_bytes: int = MAX_BODY
 
     async def _complete(request, head, events, handles):
         texts, reasons, usage = [""] * len(handles), [None] * len(handles), [0, 0]
-        waiting = len(handles)
+        waiting, checked = len(handles), time.monotonic()
         try:
             while waiting:
+                if time.monotonic() - checked > _DISCONNECT_POLL_S:  # whether events come or not
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody reads it; finally cancels the requests
+                    checked = time.monotonic()
                 try:
                     i, event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)  # nobody reads it; finally cancels the requests
                     continue
                 if isinstance(event, Finished):
                     if event.reason == "error":
