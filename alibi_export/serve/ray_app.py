@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 
 from ..errors import MissingDependencyError
 from .engine import EngineConfig
@@ -75,10 +76,19 @@ def serve_on_ray(path, config: EngineConfig, *, provider: str = "cpu", threads: 
     serve = _ray_serve()
     import ray
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
+    # After ray.init, which installs a SIGTERM handler that aborts: SIGTERM, like Ctrl+C, takes the
+    # deployment down and exits 0.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         serve.run(application(path, config, replicas=replicas, provider=provider, threads=threads),
                   name="alibi-export", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
     finally:
         serve.shutdown()
+        ray.shutdown()
