@@ -157,7 +157,8 @@ class Engine:
             _sampler(params)
             vocab = self.session.config.vocab_size
             if any(not 0 <= t < vocab for t in params.stop_token_ids):
-                raise AlibiExportError(f"stop_token_ids must be token ids in [0, {vocab}), got {list(params.stop_token_ids)}")
+                raise AlibiExportError(f"stop_token_ids must be token ids in [0, {vocab}), "
+                                       f"got {list(params.stop_token_ids)}")
         except AlibiExportError as e:
             raise RequestRejected(str(e)) from None
         cfg = self.config
