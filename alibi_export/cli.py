@@ -551,5 +551,52 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
                f"{provider})", err=True)
 
 
+@main.command()
+@click.argument("path", required=False, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every "
+                                                                     "interface; put a proxy with TLS in front).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime execution provider.")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: all cores).")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Requests decoded together in one step (1: one request at a time).")
+@click.option("--max-tokens-in-flight", default=32768, show_default=True, type=click.IntRange(min=1),
+              help="KV-cache budget in tokens (batch rows x the longest prompt + max_tokens among them); a "
+                   "request waits until it fits, one that can never fit is refused.")
+@click.option("--max-context", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Longest prompt + max_tokens of one request.")
+@click.option("--queue", "max_queue", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests waiting for a batch slot; more are answered 429 with Retry-After.")
+@click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens per prefill pass: a long prompt stalls running streams one chunk at a time.")
+@click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds that requests in flight get to finish after SIGTERM.")
+@click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (extra [ray]) instead of one process.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="With --ray: replicas of the server, each with its own engine.")
+@_one_line_errors
+def serve(path, host, port, provider, threads, max_batch, max_tokens_in_flight, max_context, max_queue,
+          prefill_chunk, grace, use_ray, replicas):
+    """Serve PATH (a --kv-cache export or a --genai folder; default: the shipped model) with an
+    OpenAI-compatible API and continuous batching: /v1/completions, /v1/models, /health, /metrics."""
+    from .serve.engine import EngineConfig
+
+    config = EngineConfig(max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, max_queue=max_queue,
+                          prefill_chunk=prefill_chunk, max_context=max_context)
+    if use_ray:
+        from .serve.ray_app import serve_on_ray
+
+        serve_on_ray(path, config, provider=provider, threads=threads, host=host, port=port, replicas=replicas)
+        return
+    if replicas != 1:
+        raise click.ClickException("--replicas applies to --ray. Note: one process serves one replica")
+    from .serve.server import build, serve as run_server
+
+    served = build(path, config, provider=provider, threads=threads)
+    click.echo(f"serving {served.model_id} on http://{host}:{port}/v1 ({provider}, max batch {max_batch})", err=True)
+    run_server(served, host=host, port=port, grace_seconds=grace)
+
+
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import AlibiExportError
 
-__all__ = ["GenerationSession", "GenerationResult", "EOS_TOKEN", "check_sampling"]
+__all__ = ["GenerationSession", "GenerationResult", "EOS_TOKEN", "check_sampling", "Sampler", "TokenStream", "left_pad"]
 
 EOS_TOKEN = "<|endoftext|>"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -137,13 +137,13 @@ class GenerationSession:
         ``on_token(row, token_id, text)`` is called for each new token with the text it adds (empty while
         a multi-byte character is incomplete).
         """
-        rows = self._check_ids(prompt_ids)
-        sampler = _Sampler(greedy, temperature, top_k, top_p, seed)
+        rows = self.check_ids(prompt_ids)
+        sampler = Sampler(greedy, temperature, top_k, top_p, seed)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise AlibiExportError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = self._stop_ids(stop_tokens)
-        ids, mask = _left_pad(rows)  # (B, L) each
-        streams = [_Stream(self.tokenizer, i, on_token) for i in range(len(rows))]
+        stops = self.stop_ids(stop_tokens)
+        ids, mask = left_pad(rows)  # (B, L) each
+        streams = [TokenStream(self.tokenizer, i, on_token) for i in range(len(rows))]
         t0 = time.perf_counter()
         logits, cache = self.step(ids, mask, self.new_cache(len(rows)))
         prefill, steps = time.perf_counter() - t0, 0
@@ -161,7 +161,8 @@ class GenerationSession:
         return GenerationResult([s.text() for s in streams], [s.ids for s in streams], [len(r) for r in rows],
                                 prefill, decode, steps)
 
-    def _check_ids(self, prompt_ids) -> list[list[int]]:
+    def check_ids(self, prompt_ids) -> list[list[int]]:
+        """Each prompt as a list of ints, refused when empty or outside the vocabulary (the server uses it too)."""
         rows = [list(map(int, np.asarray(r, dtype=np.int64).ravel())) for r in prompt_ids]
         if not rows or any(not r for r in rows):
             raise AlibiExportError("empty prompt. Note: expected at least one token id in every prompt")
@@ -171,7 +172,8 @@ class GenerationSession:
             raise AlibiExportError(f"token id {bad[0]} is outside the vocabulary. Note: expected ids in [0, {vocab})")
         return rows
 
-    def _stop_ids(self, stop_tokens) -> set[int]:
+    def stop_ids(self, stop_tokens) -> set[int]:
+        """The token ids that end a row: ``stop_tokens`` (ids or token strings), or the model's end of text."""
         if stop_tokens is None:
             if self.config.eos_token_id is not None:  # a Hugging Face model's config names its own
                 return {self.config.eos_token_id}
@@ -186,7 +188,7 @@ class GenerationSession:
         return ids
 
 
-def _left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Ids (B, L) with padding (id 0) on the left, and the 1/0 attention mask."""
     length = max(len(r) for r in rows)
     ids = np.zeros((len(rows), length), dtype=np.int64)
@@ -207,7 +209,10 @@ def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: fl
         raise AlibiExportError(f"top_p must be in (0, 1], got {top_p}")
 
 
-class _Sampler:
+class Sampler:
+    """Greedy or top-k/top-p sampling with its own generator: one per request in the server, so a seeded
+    request draws the same numbers whatever else is in the batch."""
+
     def __init__(self, greedy: bool, temperature: float, top_k: int | None, top_p: float | None, seed: int | None):
         if greedy and (temperature != 1.0 or top_k is not None or top_p is not None):
             raise AlibiExportError("temperature, top_k and top_p apply to sampling. Note: pass greedy=False")
@@ -236,7 +241,7 @@ class _Sampler:
         return np.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
 
 
-class _Stream:
+class TokenStream:
     """One prompt's new tokens, and its text as it grows (for the streaming callback)."""
 
     def __init__(self, tokenizer, row: int, on_token):
@@ -260,3 +265,8 @@ class _Stream:
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+# The names these pieces had before the server shared them (tests and other modules import them).
+_Sampler, _Stream, _left_pad = Sampler, TokenStream, left_pad
+GenerationSession._stop_ids = GenerationSession.stop_ids

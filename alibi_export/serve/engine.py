@@ -1,0 +1,394 @@
+"""Iteration-level (continuous) batching over one KV-cache export, in one background thread.
+
+Each iteration runs at most one prefill pass (a chunk of at most ``prefill_chunk`` tokens of waiting
+prompts) and one decode step of every running request. A request joins the running batch as soon as
+its prompt is through (``BatchCache.merge``) and leaves as soon as it finishes (``BatchCache.keep``),
+so no request waits for another to finish and a long prompt stalls running streams by one chunk at a
+time. Batching changes no result: each row keeps its own ALiBi positions (the export counts them over
+the row's mask), and each request samples with its own generator.
+
+Admission bounds memory by the padded cache: the running rows share one tensor as wide as the longest
+row, so the engine admits a request only while (admitted rows + 1) x (the longest prompt + max_tokens
+among them) stays within ``max_tokens_in_flight``. The engine knows nothing of HTTP: requests carry a
+callback that receives ``Delta`` and ``Finished`` events on the engine's thread.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import AlibiExportError
+from ..runtime.generate import Sampler, TokenStream, left_pad
+from .batch_cache import BatchCache, padding_entries
+
+__all__ = ["EngineConfig", "SamplingParams", "Engine", "EngineRequest", "Delta", "Finished", "RequestRejected"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16  # requests decoded together
+    max_tokens_in_flight: int = 32768  # KV-cache slots (rows x columns of the padded cache)
+    max_queue: int = 64  # requests waiting for admission; more are refused (HTTP 429)
+    prefill_chunk: int = 256  # tokens of prompt per prefill pass
+    max_context: int = 2048  # prompt + max_tokens of one request
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_tokens_in_flight", "max_queue", "prefill_chunk", "max_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise AlibiExportError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy (the argmax)
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
+    stop_token_ids: tuple[int, ...] = ()  # more token ids that end the text, besides the model's end of text
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str  # new text (held back while it could be the start of a stop string or of a UTF-8 character)
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole completion
+    error: str | None = None
+
+
+class RequestRejected(AlibiExportError):
+    """A request the engine refuses: ``status`` 400 (it can never run) or 429 (the queue is full)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class EngineRequest:
+    """One prompt in the engine. ``cancel()`` may be called from any thread; the engine frees the
+    request's slot and cache at its next iteration."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[object], None]):
+        self.id = next(self._ids)
+        self.prompt_ids, self.params, self.on_event = prompt_ids, params, on_event
+        self.arrival = time.perf_counter()
+        self.cancelled = False
+        self.final_len = len(prompt_ids) + params.max_tokens
+        # Engine-thread state:
+        self.text, self.emitted, self.next_token = "", 0, -1
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.sampler: Sampler | None = None
+        self.stream: TokenStream | None = None
+        self.stops: set[int] = set()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Observer:
+    """What the engine reports (the server's metrics implement it); the default ignores everything."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, outcome: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+@dataclass
+class _PrefillJob:
+    """Prompts that go through one prefill together: left-padded ids and mask, fed ``step`` columns per pass."""
+
+    requests: list[EngineRequest]
+    ids: np.ndarray  # (b, L)
+    mask: np.ndarray  # (b, L)
+    step: int
+    done: int = 0
+    cache: list | None = None
+
+
+class Engine:
+    """Continuous batching over ``session`` (a ``GenerationSession``). ``start()`` runs the loop in a
+    daemon thread; ``submit`` is thread-safe."""
+
+    def __init__(self, session, config: EngineConfig = EngineConfig(), observer: _Observer | None = None):
+        self.session, self.config, self.observer = session, config, observer or _Observer()
+        self.cache = BatchCache(session, padding_entries(session))
+        self.running: list[EngineRequest] = []
+        self._job: _PrefillJob | None = None
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0  # decode steps so far
+        self.kv_tokens = 0  # cache slots in use (running rows x width, plus the prefill's)
+
+    # ------------------------------------------------------------------ other threads
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ids, or RequestRejected (400) for a request that can never run."""
+        try:
+            (ids,) = self.session.check_ids([prompt_ids])
+            _sampler(params)
+            vocab = self.session.config.vocab_size
+            if any(not 0 <= t < vocab for t in params.stop_token_ids):
+                raise AlibiExportError(f"stop_token_ids must be token ids in [0, {vocab}), "
+                                       f"got {list(params.stop_token_ids)}")
+        except AlibiExportError as e:
+            raise RequestRejected(str(e)) from None
+        cfg = self.config
+        if params.max_tokens < 1:
+            raise RequestRejected(f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens")
+        if len(ids) >= cfg.max_context:
+            raise RequestRejected(f"the prompt has {len(ids)} tokens; this server allows at most {cfg.max_context} "
+                                  "tokens of prompt and completion together", param="prompt")
+        if len(ids) + params.max_tokens > cfg.max_context:
+            raise RequestRejected(f"max_tokens {params.max_tokens} with a prompt of {len(ids)} tokens is past the "
+                                  f"context this server allows ({cfg.max_context} tokens). Note: ask for at most "
+                                  f"{cfg.max_context - len(ids)}", param="max_tokens")
+        if len(ids) + params.max_tokens > cfg.max_tokens_in_flight:
+            raise RequestRejected(f"the request needs {len(ids) + params.max_tokens} KV-cache tokens; this server "
+                                  f"holds at most {cfg.max_tokens_in_flight}", param="max_tokens")
+        return ids
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[object], None]) -> EngineRequest:
+        """Queue a request; RequestRejected (400) if it can never run, (429) if the queue is full."""
+        ids = self.check(prompt_ids, params)
+        request = EngineRequest(ids, params, on_event)
+        with self._wake:
+            if self._stopping:
+                raise RequestRejected("the server is shutting down", status=503)
+            if len(self._waiting) >= self.config.max_queue:
+                raise RequestRejected(f"the queue is full ({self.config.max_queue} requests waiting)", status=429)
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="alibi-serve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish what is queued and running, then end the thread; False if it is still running after ``timeout``."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                idle = not (self._waiting or self._job or self.running)
+                if idle and self._stopping:
+                    return
+                if idle:
+                    self._wake.wait(0.5)
+                    continue
+            try:
+                self.iterate()
+            except Exception as e:  # a failed forward pass: fail what is in flight, keep serving
+                log.exception("engine iteration failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def iterate(self) -> None:
+        """One iteration: drop cancelled requests, admit, one prefill pass, one decode step."""
+        self._drop_cancelled()
+        if self._job is None:
+            self._job = self._admit()
+        if self._job is not None:
+            self._prefill()
+        if self.running:
+            self._decode()
+        self._account()
+
+    def _account(self) -> None:
+        job = self._job
+        self.kv_tokens = self.cache.batch * self.cache.width + (len(job.requests) * job.done if job else 0)
+
+    def _admit(self) -> _PrefillJob | None:
+        """The next prefill job: the oldest waiting request, and the ones behind it while they fit."""
+        cfg, taken = self.config, []
+        rows = len(self.running)
+        longest = max((r.final_len for r in self.running), default=0)
+        with self._wake:
+            while self._waiting:
+                r = self._waiting[0]
+                n = len(r.prompt_ids)
+                if taken and (n > cfg.prefill_chunk or (len(taken) + 1) * max(n, width) > cfg.prefill_chunk):
+                    break
+                if rows + 1 > cfg.max_batch or (rows + 1) * max(longest, r.final_len) > cfg.max_tokens_in_flight:
+                    break  # first come, first served: nothing overtakes a request that does not fit yet
+                self._waiting.popleft()
+                taken.append(r)
+                rows, longest = rows + 1, max(longest, r.final_len)
+                width = max(len(t.prompt_ids) for t in taken)
+                if n > cfg.prefill_chunk:
+                    break  # a long prompt goes through alone, chunk by chunk
+        if not taken:
+            return None
+        for r in taken:
+            self._prepare(r)
+        ids, mask = left_pad([r.prompt_ids for r in taken])
+        step = cfg.prefill_chunk if len(taken) == 1 else ids.shape[1]
+        return _PrefillJob(taken, ids, mask, step, cache=self.session.new_cache(len(taken)))
+
+    def _prepare(self, r: EngineRequest) -> None:
+        r.sampler = _sampler(r.params)
+        r.stops = self.session.stop_ids(None) | self.session.stop_ids(r.params.stop_token_ids)
+        r.stream = TokenStream(self.session.tokenizer, 0, lambda row, token, text: setattr(r, "text", r.text + text))
+
+    def _prefill(self) -> None:
+        job = self._job
+        end = min(job.done + job.step, job.ids.shape[1])
+        logits, job.cache = self.session.step(job.ids[:, job.done:end], job.mask[:, :end], job.cache)
+        job.done = end
+        if end < job.ids.shape[1]:
+            return
+        self._job = None
+        joining = []
+        for i, r in enumerate(job.requests):
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            elif not self._push(r, int(r.sampler(logits[i:i + 1, -1])[0])):
+                joining.append(i)
+        if joining:
+            rows = BatchCache(self.session, self.cache.holes)
+            rows.advance(job.cache, job.mask)
+            rows.keep(joining)
+            self.cache.merge(rows.values, rows.mask)
+            self.running += [job.requests[i] for i in joining]
+
+    def _decode(self) -> None:
+        ids = np.array([[r.next_token] for r in self.running], dtype=np.int64)  # (B, 1)
+        mask = np.concatenate([self.cache.mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, width + 1)
+        logits, values = self.session.step(ids, mask, self.cache.values)
+        self.cache.advance(values, mask)
+        self.steps += 1
+        keep = [i for i, r in enumerate(self.running) if not self._push(r, int(r.sampler(logits[i:i + 1, -1])[0]))]
+        if len(keep) < len(self.running):
+            self.running = [self.running[i] for i in keep]
+            self.cache.keep(keep)
+
+    def _push(self, r: EngineRequest, token: int) -> bool:
+        """Add ``token`` to ``r`` and send what text is ready; True when ``r`` has finished (and was told)."""
+        now = time.perf_counter()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.observer.first_token(now - r.arrival)
+        else:
+            self.observer.inter_token(now - r.last_token_at)
+        r.last_token_at = now
+        r.stream.push(token, r.stops)
+        r.next_token = token
+        if r.stream.done:
+            r.text = r.stream.text()  # as GenerationSession's text (an unfinished character included)
+            self._finish(r, "stop")
+            return True
+        cut = _find_stop(r.text, r.params.stop, r.emitted)
+        if cut is not None:
+            r.text = r.text[:cut]
+            self._finish(r, "stop")
+            return True
+        if len(r.stream.ids) >= r.params.max_tokens:
+            r.text = r.stream.text()
+            self._finish(r, "length")
+            return True
+        ready = len(r.text) - _held_back(r.text, r.params.stop)
+        if ready > r.emitted:
+            r.on_event(Delta(r.text[r.emitted:ready]))
+            r.emitted = ready
+        return False
+
+    def _finish(self, r: EngineRequest, reason: str, error: str | None = None) -> None:
+        if reason not in ("cancelled", "error") and len(r.text) > r.emitted:
+            r.on_event(Delta(r.text[r.emitted:]))
+            r.emitted = len(r.text)
+        completion = len(r.stream.ids) if r.stream else 0
+        self.observer.finished("success" if reason in ("stop", "length") else reason, len(r.prompt_ids), completion)
+        r.on_event(Finished(reason, len(r.prompt_ids), completion, r.text[:r.emitted], error))
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
+        if self._job is not None and all(r.cancelled for r in self._job.requests):
+            for r in self._job.requests:
+                self._finish(r, "cancelled")
+            self._job = None
+        keep = [i for i, r in enumerate(self.running) if not r.cancelled]
+        if len(keep) < len(self.running):
+            for r in self.running:
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+            self.running = [self.running[i] for i in keep]
+            self.cache.keep(keep)
+
+    def _fail_all(self, message: str) -> None:
+        requests = self.running + (self._job.requests if self._job else [])
+        self.running, self._job = [], None
+        self.cache.keep([])
+        for r in requests:
+            self._finish(r, "error", message)
+        self._account()
+
+
+def _sampler(p: SamplingParams) -> Sampler:
+    """Temperature 0 is greedy (top_k and top_p then change nothing); top_p 1 keeps every token."""
+    if p.temperature == 0:
+        return Sampler(True, 1.0, None, None, p.seed)
+    return Sampler(False, p.temperature, p.top_k, None if p.top_p == 1 else p.top_p, p.seed)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
+    """Where the first stop string starts in ``text`` (searching from just before what was sent), or None."""
+    found = [i for s in stops for i in [text.find(s, max(0, emitted - len(s) + 1))] if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` could begin a stop string (not sent yet)."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return held

@@ -1,0 +1,543 @@
+"""The server: continuous batching equals each prompt alone, over a real process and the official openai client.
+
+Engine tests run in process (the scheduler driven one iteration at a time, so joins and leaves happen at
+chosen steps); the HTTP tests start `python -m alibi_export serve` on a free loopback port. Both use the
+shipped model's KV-cache export (fp32), a trained model whose tokens depend on what it attends. Greedy
+outputs are compared exactly (as text, which decodes the token ids): batching and chunked prefill change
+float32 logits by rounding only (~1e-5, tests/test_kv_cache.py), below the argmax margins met here, and
+each control shows that a real layout fault changes the tokens.
+"""
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from alibi_export.runtime.generate import GenerationSession
+from alibi_export.serve import batch_cache
+from alibi_export.serve.engine import Engine, EngineConfig, Finished, RequestRejected, SamplingParams
+from tests.conftest import ROOT
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+MODEL_ID = "alibi-small-kv"  # the served id: the export's file stem
+
+
+@pytest.fixture(scope="module")
+def kv_path(tmp_path_factory, shipped):
+    """The shipped model as a KV-cache export: a trained model, whose tokens depend on what it attends
+    (the tiny random model's greedy tokens hardly do, so a layout fault would go unseen there)."""
+    from alibi_export.export.onnx import export_onnx
+
+    return export_onnx(shipped, tmp_path_factory.mktemp("serve") / f"{MODEL_ID}.onnx", kv_cache=True).path
+
+
+@pytest.fixture(scope="module")
+def session(kv_path):
+    return GenerationSession(kv_path)
+
+
+def _prompts(rng, vocab, n, longest=100):
+    return [rng.integers(0, vocab, int(k)).tolist() for k in rng.integers(1, longest, n)]
+
+
+# ----------------------------------------------------------------------------- the engine, in process
+class _Collector:
+    def __init__(self):
+        self.results, self.deltas = {}, {}
+
+    def __call__(self, key):
+        def on_event(event):
+            if isinstance(event, Finished):
+                self.results[key] = event
+            else:
+                self.deltas.setdefault(key, []).append(event.text)
+        return on_event
+
+
+def _run_schedule(engine, prompts, max_tokens, joins, params=None, budget=2000):
+    """Submit prompt i before iteration joins[i]; iterate until all finish (bounded)."""
+    got = _Collector()
+    for it in range(budget):
+        for i, (p, at) in enumerate(zip(prompts, joins)):
+            if at == it:
+                engine.submit(p, params[i] if params else SamplingParams(max_tokens=max_tokens[i], temperature=0),
+                              got(i))
+        if len(got.results) == len(prompts):
+            return got
+        engine.iterate()
+    raise AssertionError(f"only {len(got.results)} of {len(prompts)} requests finished in {budget} iterations")
+
+
+def _schedule(rng, session, n=12):
+    prompts = _prompts(rng, session.config.vocab_size, n)
+    max_tokens = rng.integers(1, 24, n).tolist()
+    joins = np.sort(rng.integers(0, 30, n)).tolist()  # requests join while others run, and after some left
+    return prompts, max_tokens, joins
+
+
+def test_engine_batches_equal_each_prompt_alone(session, rng):
+    prompts, max_tokens, joins = _schedule(rng, session)
+    engine = Engine(session, EngineConfig(max_batch=6, prefill_chunk=16, max_context=256))
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    assert engine.steps < sum(max_tokens)  # requests were decoded together
+    for i, p in enumerate(prompts):
+        alone = session.generate_ids([p], max_tokens[i])
+        assert got.results[i].text == alone.texts[0], i
+        assert got.results[i].completion_tokens == len(alone.token_ids[0])
+        assert "".join(got.deltas.get(i, [])) == got.results[i].text  # the stream adds up to the text
+    assert engine.kv_tokens == 0 and engine.batch_size == 0 and engine.cache.values is None
+
+
+def test_engine_with_unmasked_holes_differs(session, rng, monkeypatch):
+    """Negative control: rows joined with their holes marked as real tokens (so attended, and counted in
+    the ALiBi positions) give other tokens than each prompt alone."""
+    prompts, max_tokens, joins = _schedule(rng, session)
+    monkeypatch.setattr(batch_cache, "_pad_mask", lambda mask, width: np.concatenate(
+        [np.ones((mask.shape[0], width - mask.shape[1]), dtype=np.int64), mask], axis=1))
+    engine = Engine(session, EngineConfig(max_batch=6, prefill_chunk=16, max_context=256))
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    alone = [session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    assert [got.results[i].text for i in range(len(prompts))] != alone
+
+
+@pytest.mark.slow  # a second export of the shipped model (~25 s here)
+def test_engine_onnx_form_fills_holes_with_padding_entries(tmp_path, shipped, rng):
+    """The onnx attention form keeps the padding mark in its cached keys: holes filled with the model's
+    own padding entries are invisible; zero-filled holes (the control) are attended."""
+    from alibi_export.export.onnx import export_onnx
+
+    op = GenerationSession(export_onnx(shipped, tmp_path / "op.onnx", kv_cache=True, attention="onnx").path)
+    prompts, max_tokens, joins = _schedule(rng, op, n=8)
+    alone = [op.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    got = _run_schedule(Engine(op, EngineConfig(max_batch=6, prefill_chunk=16)), prompts, max_tokens, joins)
+    assert [got.results[i].text for i in range(len(prompts))] == alone
+    zero = Engine(op, EngineConfig(max_batch=6, prefill_chunk=16))
+    zero.cache.holes = [np.zeros_like(h) for h in zero.cache.holes]  # the control: holes a zero key fills
+    got = _run_schedule(zero, prompts, max_tokens, joins)
+    assert [got.results[i].text for i in range(len(prompts))] != alone
+
+
+def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(session, rng):
+    vocab = session.config.vocab_size
+    prompt = rng.integers(0, vocab, 20).tolist()
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    alone = session.generate_ids([prompt], 16, greedy=False, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    others = _prompts(rng, vocab, 5)
+    params = [SamplingParams(max_tokens=20, temperature=1.0, seed=i) for i in range(5)] + [seeded]
+    for joins in ([0, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 2], [5, 0, 9, 0, 1, 0]):
+        got = _run_schedule(Engine(session, EngineConfig(max_batch=4, prefill_chunk=16)), others + [prompt],
+                            None, joins, params=params)
+        assert got.results[5].text == alone.texts[0]
+    other_seed = _run_schedule(Engine(session), [prompt], None, [0], params=[SamplingParams(
+        max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=1235)])
+    assert other_seed.results[0].text != alone.texts[0]  # control: the seed does choose the tokens
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(session, rng):
+    """A running stream gets a token every iteration while a 200-token prompt goes through 16 at a time."""
+    vocab = session.config.vocab_size
+    engine = Engine(session, EngineConfig(max_batch=4, prefill_chunk=16, max_context=256))
+    got = _Collector()
+    engine.submit(rng.integers(0, vocab, 5).tolist(), SamplingParams(max_tokens=40, temperature=0), got("short"))
+    engine.iterate()  # the short prompt's prefill and its first decode step
+    engine.submit(rng.integers(0, vocab, 200).tolist(), SamplingParams(max_tokens=10, temperature=0), got("long"))
+    before = engine.running[0]
+    counts = []
+    for _ in range(13):  # 200 tokens in chunks of 16: 13 prefill passes
+        engine.iterate()
+        counts.append(len(before.stream.ids))
+    assert np.diff(counts).tolist() == [1] * 12  # one token per iteration: stalled by one chunk at most
+    assert len(engine.running) == 2 and "long" not in got.results
+
+
+def test_kv_budget_waits_and_refuses(session, rng):
+    vocab = session.config.vocab_size
+    engine = Engine(session, EngineConfig(max_batch=4, max_tokens_in_flight=90, max_context=256))
+    with pytest.raises(RequestRejected, match="KV-cache tokens") as e:
+        engine.submit([1] * 60, SamplingParams(max_tokens=50), lambda ev: None)
+    assert e.value.status == 400
+    got = _Collector()
+    engine.submit(rng.integers(0, vocab, 30).tolist(), SamplingParams(max_tokens=20, temperature=0), got(0))
+    engine.submit(rng.integers(0, vocab, 10).tolist(), SamplingParams(max_tokens=10, temperature=0), got(1))
+    engine.iterate()
+    assert engine.batch_size == 1 and engine.queue_depth == 1  # 2 rows x 50 tokens would exceed 90: it waits
+    assert engine.kv_tokens <= 90
+    for _ in range(60):
+        if len(got.results) == 2:
+            break
+        engine.iterate()
+        assert engine.kv_tokens <= 90
+    assert len(got.results) == 2
+
+
+def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(session, rng, monkeypatch):
+    engine = Engine(session, EngineConfig(max_batch=4))
+    got = _Collector()
+    real = session.step
+    monkeypatch.setattr(session, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), got("failed"))
+    engine.start()
+    try:
+        for _ in range(100):
+            if "failed" in got.results:
+                break
+            time.sleep(0.05)
+        assert got.results["failed"].reason == "error" and "device lost" in got.results["failed"].error
+        monkeypatch.setattr(session, "step", real)
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), got("next"))
+        for _ in range(200):
+            if "next" in got.results:
+                break
+            time.sleep(0.05)
+        assert got.results["next"].reason in ("length", "stop") and got.results["next"].completion_tokens >= 1
+        assert engine.batch_size == 0 and engine.kv_tokens == 0
+    finally:
+        assert engine.stop(timeout=10)
+
+
+def test_engine_config_is_checked():
+    with pytest.raises(Exception, match="max_batch must be a positive integer"):
+        EngineConfig(max_batch=0)
+
+
+# ----------------------------------------------------------------------------- the server, as a process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """`python -m alibi_export serve PATH ...` on a free loopback port; its log in a file (no pipe to fill)."""
+
+    def __init__(self, path, tmp_path, *options):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"server-{self.port}.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "alibi_export", "serve", str(path), "--port",
+                                          str(self.port), *map(str, options)], stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"the server did not come up: {self.log.read_text()}")
+
+    def client(self):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def metrics(self) -> dict:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(kv_path, tmp_path_factory):
+    srv = _Server(kv_path, tmp_path_factory.mktemp("server"), "--max-batch", 8, "--prefill-chunk", 32,
+                  "--max-context", 320, "--queue", 64)
+    yield srv
+    srv.stop()
+
+
+def _complete(client, prompt, max_tokens, stream, delay, **options):
+    time.sleep(delay)
+    if not stream:
+        r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=max_tokens, temperature=0, **options)
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage
+    text, reason, usage = [], None, None
+    for chunk in client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           stream=True, **options):
+        for c in chunk.choices:
+            text.append(c.text)
+            reason = c.finish_reason or reason
+        usage = chunk.usage or usage
+    return "".join(text), reason, usage
+
+
+def test_32_concurrent_clients_each_equal_the_prompt_alone(server, session, rng):
+    """Mixed lengths (1-250 tokens: chunked prefill at 32), text and token-id prompts, streamed and not,
+    starting at different times; each completion equals the prompt alone through GenerationSession."""
+    from tests.conftest import EXCERPT
+
+    text = EXCERPT.read_text()
+    prompts, ids = [], []
+    for i in range(32):
+        if i % 3 == 0:
+            start = int(rng.integers(0, len(text) - 2000))
+            prompts.append(text[start:start + int(rng.integers(1, 1000))])
+            ids.append(session.encode(prompts[-1])[0])
+        else:
+            prompts.append(rng.integers(0, session.config.vocab_size, int(rng.integers(1, 250))).tolist())
+            ids.append(prompts[-1])
+    max_tokens = rng.integers(1, 40, 32).tolist()
+    before = server.metrics()
+    client = server.client()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_complete, client, p, m, i % 2 == 1, 0.05 * float(rng.integers(0, 20)))
+                   for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+        answers = [f.result(timeout=300) for f in futures]
+    for i, ((got, reason, usage), row, m) in enumerate(zip(answers, ids, max_tokens)):
+        alone = session.generate_ids([row], m)
+        assert got == alone.texts[0], i
+        assert reason == ("length" if len(alone.token_ids[0]) == m else "stop"), i
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(row), len(alone.token_ids[0])), i
+    after = server.metrics()
+    assert after['alibi_serve_requests_total{success}'] - before['alibi_serve_requests_total{success}'] == 32
+    generated = sum(u.completion_tokens for _, _, u in answers)
+    assert after["alibi_serve_generation_tokens_total"] - before["alibi_serve_generation_tokens_total"] == generated
+    assert after["alibi_serve_prompt_tokens_total"] - before["alibi_serve_prompt_tokens_total"] == sum(map(len, ids))
+    assert after["alibi_serve_time_to_first_token_seconds_count"] - before[
+        "alibi_serve_time_to_first_token_seconds_count"] == 32
+    assert after["alibi_serve_inter_token_latency_seconds_count"] - before[
+        "alibi_serve_inter_token_latency_seconds_count"] == generated - 32 + sum(
+        1 for _, r, u in answers if r == "stop" and u.completion_tokens < 40)  # a stop token is a step too
+    assert after["alibi_serve_running_requests"] == 0 and after["alibi_serve_kv_tokens_in_use"] == 0
+
+
+def test_models_health_and_metrics(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    names = {f.name for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics", timeout=10).text)}
+    assert {"alibi_serve_requests", "alibi_serve_prompt_tokens", "alibi_serve_generation_tokens",
+            "alibi_serve_time_to_first_token_seconds", "alibi_serve_inter_token_latency_seconds",
+            "alibi_serve_queue_depth", "alibi_serve_running_requests", "alibi_serve_kv_tokens_in_use"} <= names
+
+
+BAD = [  # (body, status, what the message must say)
+    (b'{"prompt": "hi", ', 400, "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b'[1, 2]', 400, "JSON object"),
+    (b'{"max_tokens": 4}', 400, "prompt is required"),
+    (b'{"prompt": ""}', 400, "empty"),
+    (b'{"prompt": [1, "a"]}', 400, "prompt"),
+    (b'{"prompt": [99999]}', 400, "outside the vocabulary"),
+    (b'{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
+    (b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 1.5}', 400, "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 100000}', 400, "past the context"),
+    (b'{"prompt": ' + str(list(range(1, 400))).encode() + b'}', 400, "the prompt has 399 tokens"),
+    (b'{"prompt": "hi", "temperature": -0.5}', 400, "temperature"),
+    (b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": "hi", "top_p": 0}', 400, "top_p"),
+    (b'{"prompt": "hi", "top_p": 1.5}', 400, "top_p"),
+    (b'{"prompt": "hi", "top_k": 0}', 400, "top_k"),
+    (b'{"prompt": "hi", "stop": 5}', 400, "stop"),
+    (b'{"prompt": "hi", "stop": ["a", 3]}', 400, "stop"),
+    (b'{"prompt": "hi", "stop": [""]}', 400, "stop"),
+    (b'{"prompt": "hi", "n": 2}', 400, "not supported"),
+    (b'{"prompt": "hi", "logprobs": 2}', 400, "not supported"),
+    (b'{"prompt": "hi", "echo": true}', 400, "not supported"),
+    (b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
+    (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "at most 1048576"),
+]
+
+
+@pytest.mark.parametrize("body,status,says", BAD, ids=[f"{i}-{s}" for i, (_, s, _) in enumerate(BAD)])
+def test_bad_input_gets_an_openai_error(server, body, status, says):
+    r = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_large_body_without_a_length_is_cut_off_at_the_limit(server):
+    chunks = (b"a" * 65536 for _ in range(20))  # chunked transfer: the limit is counted as the body arrives
+    r = httpx.post(f"{server.url}/v1/completions", content=chunks, timeout=30)
+    assert r.status_code == 413 and "at most 1048576" in r.json()["error"]["message"]
+
+
+def test_bad_input_leaves_the_server_serving(server):
+    before = server.metrics()["alibi_serve_requests_total{invalid}"]
+    assert httpx.post(f"{server.url}/v1/completions", content=b"{", timeout=10).status_code == 400
+    assert server.metrics()["alibi_serve_requests_total{invalid}"] == before + 1
+    text, reason, usage = _complete(server.client(), "Once upon a time", 4, False, 0)
+    assert usage.completion_tokens >= 1 and reason in ("stop", "length")
+
+
+def test_chat_without_a_template_is_refused_with_the_reason(server):
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        server.client().chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_stop_strings_cut_the_text(server, session):
+    client = server.client()
+    full, _, _ = _complete(client, "It was a dark and stormy night", 30, False, 0)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3 and stop in full
+    for stream in (False, True):
+        text, reason, _ = _complete(client, "It was a dark and stormy night", 30, stream, 0, stop=[stop])
+        assert text == full[:full.index(stop)] and reason == "stop"
+
+
+def _wait_for(server, predicate, seconds=20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        m = server.metrics()
+        if predicate(m):
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"metrics never got there: {m}")
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    before = server.metrics()["alibi_serve_requests_total{cancelled}"]
+    body = {"model": MODEL_ID, "prompt": "The", "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert '"finish_reason": null' in first
+            assert server.metrics()["alibi_serve_running_requests"] == 1  # still generating
+    m = _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 1)
+    m = _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
+    assert m["alibi_serve_queue_depth"] == 0
+    # Not streamed: the client gives up (its timeout closes the connection) while the answer is computed.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.3))
+    _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 2)
+    _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
+
+
+def test_full_queue_answers_429_and_sigterm_drains(kv_path, tmp_path):
+    """One slot and a queue of one: a third request is refused with Retry-After. Then SIGTERM: the two
+    accepted requests still complete, and the process exits 0."""
+    srv = _Server(kv_path, tmp_path, "--max-batch", 1, "--queue", 1, "--max-context", 320)
+    try:
+        client = srv.client()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(_complete, client, "The", 300, True, 0)
+            _wait_for(srv, lambda m: m["alibi_serve_running_requests"] == 1)
+            queued = pool.submit(_complete, client, "A", 5, False, 0)
+            _wait_for(srv, lambda m: m["alibi_serve_queue_depth"] == 1)
+            r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "B", "max_tokens": 2}, timeout=10)
+            assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "queue is full" in r.text
+            assert srv.metrics()["alibi_serve_requests_total{queue_full}"] == 1
+            srv.proc.send_signal(signal.SIGTERM)
+            text, reason, usage = running.result(timeout=120)
+            assert usage.completion_tokens == len(_alone_tokens(kv_path, "The", 300)) and reason in ("length", "stop")
+            assert queued.result(timeout=120)[2].completion_tokens >= 1
+        assert srv.proc.wait(60) == 0, srv.log.read_text()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{srv.url}/health", timeout=2)
+    finally:
+        srv.stop()
+
+
+def _alone_tokens(path, prompt, n):
+    return GenerationSession(path).generate(prompt, n).token_ids[0]
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "alibi_export", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.mark.parametrize("args,says", [
+    (["serve", "missing.onnx"], "not found"),
+    (["serve", "--replicas", "2", "x.onnx"], "--replicas applies to --ray"),
+    (["serve", "--max-batch", "0", "x.onnx"], "--max-batch"),
+])
+def test_cli_serve_refuses_bad_options_in_one_line(tmp_path, args, says):
+    proc = _cli(*args)
+    assert proc.returncode != 0 and proc.stderr.startswith("Error") and says in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_cli_serve_refuses_a_folder_without_a_model(tmp_path):
+    proc = _cli("serve", tmp_path)
+    assert proc.returncode == 1 and "without model.onnx" in proc.stderr
+
+
+@pytest.mark.slow  # exports the shipped model (~25 s)
+def test_shipped_model_is_exported_once_into_the_user_cache(tmp_path, monkeypatch):
+    from alibi_export.serve.model_cache import shipped_kv_export
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    path = shipped_kv_export()
+    assert path.is_relative_to(tmp_path / "cache" / "alibi-export") and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert shipped_kv_export() == path and path.stat().st_mtime_ns == stamp  # not exported again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+@pytest.mark.slow  # a local Ray instance and two replicas: about a minute on 2 cores
+def test_ray_serve_spreads_requests_over_two_replicas(kv_path, session, rng):
+    """Two CPU replicas behind Ray Serve's proxy on loopback: both serve (their ids in X-Replica-Id), and
+    every answer equals the prompt alone through GenerationSession, so equals what one replica gives."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from alibi_export.serve.ray_app import REPLICA_HEADER, application
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(str(kv_path), EngineConfig(max_batch=4, max_context=320), replicas=2, threads=1),
+                  name="alibi-export", route_prefix="/")
+        prompts = _prompts(rng, session.config.vocab_size, 16, longest=60)
+        replicas, url = set(), f"http://127.0.0.1:{port}/v1/completions"
+
+        def ask(prompt):
+            r = httpx.post(url, json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 8, "temperature": 0},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+            return r.headers[REPLICA_HEADER], r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, prompts))
+        for (replica, text), prompt in zip(answers, prompts):
+            replicas.add(replica)
+            assert text == session.generate_ids([prompt], 8).texts[0]
+        assert len(replicas) == 2, replicas
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.slow  # a genai export of the tiny model (~15 s)
+def test_a_genai_folder_is_served_through_its_model_onnx(tmp_path, tiny_dir, rng):
+    from alibi_export import load
+    from alibi_export.export.genai import export_genai
+    from alibi_export.serve.server import resolve_model
+
+    folder = tmp_path / "tiny-genai"
+    export_genai(load(tiny_dir), folder, kv_cache=True)
+    path, model_id = resolve_model(folder)
+    assert path == folder / "model.onnx" and model_id == "tiny-genai"
+    genai = GenerationSession(path)
+    prompts, max_tokens, joins = _schedule(rng, genai, n=4)
+    got = _run_schedule(Engine(genai, EngineConfig(max_batch=4, prefill_chunk=16)), prompts, max_tokens, joins)
+    assert [got.results[i].text for i in range(4)] == [genai.generate_ids([p], m).texts[0]
+                                                       for p, m in zip(prompts, max_tokens)]

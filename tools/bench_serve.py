@@ -1,0 +1,265 @@
+"""Load generator for `alibi-export serve`: continuous batching against the naive server and static batching.
+
+Three systems, the same prompts (books test split, mixed lengths) and the same max_tokens:
+  continuous  the server (`python -m alibi_export serve`, a real process) with --max-batch CLIENTS
+  naive       the same server with --max-batch 1: one request at a time
+  static      GenerationSession.generate over batches of arrivals (in process): a batch starts when the
+              previous one has finished, and runs until its longest request is done
+
+Two loads: closed loop (CLIENTS clients, each sending its next request when the last one finished) and,
+with --rate, open loop (Poisson arrivals at RATE requests/s). Reported per system: generated tokens/s,
+time to first token p50/p99, inter-token latency p50/p99 (measured by the client, between streamed
+chunks), and the single-stream decode step time (GenerationSession, batch 1) that the ITL target is
+stated against. Requests ignore no end-of-text token: a greedy request may stop early, on every system alike.
+
+usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--clients 16] [--requests 48] [--max-tokens 64]
+                                   [--lengths 16:512] [--rate 8] [--threads 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, whatever is installed
+BOOKS = ROOT.parent / "shared" / "data" / "books" / "test.txt"
+
+
+def prompts_from_books(session, n: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    path = BOOKS if BOOKS.is_file() else Path("/work/shared/data/books/test.txt")
+    text = path.read_text()[:2_000_000]
+    rng = np.random.default_rng(seed)
+    ids = session.tokenizer.encode(text[: 400_000]).ids
+    out = []
+    for length in rng.integers(low, high + 1, n):
+        start = int(rng.integers(0, len(ids) - length))
+        out.append(ids[start:start + int(length)])
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summary(name: str, wall: float, records: list[dict]) -> dict:
+    ttft = [r["ttft"] for r in records]
+    itl = [g for r in records for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in records)
+    return {"system": name, "requests": len(records), "generated_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_ms": round(1e3 * percentile(ttft, 50), 2), "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 2),
+            "itl_p50_ms": round(1e3 * percentile(itl, 50), 2), "itl_p99_ms": round(1e3 * percentile(itl, 99), 2)}
+
+
+# ----------------------------------------------------------------------------- the server systems
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, max_batch: int, threads: int, max_context: int):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "alibi_export", "serve", str(model), "--port",
+                                      str(self.port), "--max-batch", str(max_batch), "--threads", str(threads),
+                                      "--max-context", str(max_context), "--queue", "1024"],
+                                     stdout=self.log, stderr=self.log, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited: {Path(self.log.name).read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise SystemExit("the server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    stamps, tokens = [], 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": (stamps[0] if stamps else time.perf_counter()) - t0, "gaps": gaps, "tokens": tokens}
+
+
+async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1):
+    """Closed loop (``clients`` workers) or, with ``rate``, Poisson arrivals; the records and the wall time."""
+    import httpx
+    import numpy as np
+
+    limits = httpx.Limits(max_connections=len(prompts) + clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        if rate is None:
+            queue = list(prompts)
+
+            async def worker():
+                out = []
+                while queue:
+                    out.append(await one_request(client, url, queue.pop(0), max_tokens))
+                return out
+
+            records = [r for rs in await asyncio.gather(*(worker() for _ in range(clients))) for r in rs]
+        else:
+            gaps = np.random.default_rng(seed).exponential(1 / rate, len(prompts))
+
+            async def later(delay, prompt):
+                await asyncio.sleep(delay)
+                return await one_request(client, url, prompt, max_tokens)
+
+            records = await asyncio.gather(*(later(float(d), p) for d, p in zip(np.cumsum(gaps), prompts)))
+        return list(records), time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- static batching
+def static_batching(session, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1):
+    """Batches of arrivals through GenerationSession.generate_ids: closed loop, ``clients`` prompts per batch;
+    open loop, whatever has arrived when the previous batch ends (at most ``clients``)."""
+    import numpy as np
+
+    arrivals = (np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(prompts))) if rate
+                else np.zeros(len(prompts)))
+    records, i, t0 = [], 0, time.perf_counter()
+    while i < len(prompts):
+        now = time.perf_counter() - t0
+        if arrivals[i] > now:
+            time.sleep(arrivals[i] - now)
+            now = arrivals[i]
+        j = i + 1
+        while j < len(prompts) and j - i < clients and arrivals[j] <= now:
+            j += 1
+        if rate is None:
+            j = min(i + clients, len(prompts))
+        stamps = {k: [] for k in range(j - i)}
+        start = time.perf_counter()
+        result = session.generate_ids(prompts[i:j], max_tokens,
+                                      on_token=lambda row, tok, text: stamps[row].append(time.perf_counter()))
+        for k in range(j - i):
+            s = stamps[k]
+            waited = start - t0 - arrivals[i + k] if rate else start - t0 - 0  # closed loop: all queued at 0
+            records.append({"ttft": waited + (s[0] - start if s else 0.0), "gaps": [b - a for a, b in zip(s, s[1:])],
+                            "tokens": len(result.token_ids[k])})
+        i = j
+    return records, time.perf_counter() - t0
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="A --kv-cache export (default: the shipped model, cached export).")
+    ap.add_argument("--random", metavar="DxL", help="Instead, a random-weights model of the shipped architecture, "
+                                                    "d_model x layers (e.g. 1024x12), exported to a temp folder.")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=48, help="Requests per system and load.")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--lengths", default="16:512", help="Prompt lengths in tokens, LOW:HIGH (uniform).")
+    ap.add_argument("--rate", type=float, help="Also an open loop of Poisson arrivals at RATE requests/s.")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (servers and static).")
+    ap.add_argument("--systems", default="continuous,naive,static")
+    ap.add_argument("--json", type=Path, help="Write the record here.")
+    args = ap.parse_args()
+
+    import numpy as np
+    import onnxruntime
+
+    from alibi_export.runtime.generate import GenerationSession
+    from alibi_export.serve.model_cache import shipped_kv_export
+
+    if args.random:
+        from alibi_export import load
+        from alibi_export.export.onnx import export_onnx
+        from tools.bench_cpu import large_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        model = export_onnx(load(large_model(tmp / "ckpt", args.random)), tmp / f"random-{args.random}.onnx",
+                            kv_cache=True).path
+    else:
+        model = args.model or shipped_kv_export()
+    session = GenerationSession(model, threads=args.threads)
+    low, high = map(int, args.lengths.split(":"))
+    prompts = prompts_from_books(session, args.requests, low, high)
+    max_context = high + args.max_tokens + 1
+    single = session.generate_ids([prompts[0]], args.max_tokens, stop_tokens=[])
+    step_ms = single.decode_ms_per_step
+    print(f"single-stream decode step: {step_ms:.2f} ms (batch 1, prompt {len(prompts[0])} tokens)")
+    loads = [("closed", None)] + ([("poisson", args.rate)] if args.rate else [])
+    rows = []
+    for system in args.systems.split(","):
+        server = None
+        if system in ("continuous", "naive"):
+            server = Server(model, args.clients if system == "continuous" else 1, args.threads, max_context)
+            asyncio.run(drive(server.url, prompts[:2], 4, 2, None))  # warm-up
+        try:
+            for load, rate in loads:
+                if server:
+                    records, wall = asyncio.run(drive(server.url, prompts, args.max_tokens, args.clients, rate))
+                else:
+                    records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
+                row = {"load": load, **summary(system, wall, records)}
+                row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
+                rows.append(row)
+                print(json.dumps(row))
+        finally:
+            if server:
+                server.stop()
+    by = {(r["system"], r["load"]): r for r in rows}
+    ratios = {load: round(by[("continuous", load)]["tokens_per_s"] / by[("naive", load)]["tokens_per_s"], 2)
+              for load, _ in loads if ("continuous", load) in by and ("naive", load) in by}
+    print(f"continuous / naive tokens/s: {ratios}")
+    record = {"tool": "tools/bench_serve.py", "commit": git_commit(), "command": " ".join(sys.argv),
+              "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
+              "versions": {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                           "numpy": np.__version__},
+              "model": str(model.name), "single_stream_step_ms": round(step_ms, 3), "clients": args.clients,
+              "max_tokens": args.max_tokens, "lengths": args.lengths, "rows": rows,
+              "continuous_over_naive": ratios}
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
