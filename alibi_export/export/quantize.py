@@ -25,7 +25,8 @@ from onnx import numpy_helper
 
 from ..errors import ExportError
 
-__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "PPL_TOLERANCE", "check_quantize_options", "quantize_model"]
+__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "PPL_TOLERANCE", "INT8_WEIGHT_TYPE", "check_quantize_options",
+           "quantize_model"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ QUANTIZATIONS = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 # Accuracy gate: perplexity of the quantized file over the fp32 PyTorch model's, at 1x, 4x, 16x train length.
 PPL_TOLERANCE = {"int8": 1.02, "int4": 1.08}
+INT8_WEIGHT_TYPE = "QUInt8"  # ONNX Runtime's QuantType name: uint8 weights, per channel, with zero points
 
 
 def check_quantize_options(quantize: str | None, block_size: int = DEFAULT_BLOCK_SIZE, *, attention: str,
@@ -118,10 +120,11 @@ def _sort_with_outer_scope(graph: onnx.GraphProto) -> None:
 def _int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # uint8 weights (U8U8): see the module's docstring for why not int8 (u8s8) or 7-bit int8 (reduce_range).
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType[INT8_WEIGHT_TYPE], extra_options={"MatMulConstBOnly": True})
         return onnx.load(str(out))
 
 
