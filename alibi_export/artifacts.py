@@ -57,7 +57,7 @@ class OnnxMetadata:
     config: dict = field(compare=True, hash=False)
     tokenizer: str = field(repr=False, hash=False)
     quantization: str = ""  # "int8" or "int4" (ONNX Runtime's tools); "" for float exports
-    quantization_block_size: int = 0  # int4's block size
+    quantization_block_size: int = 0  # the MatMulNBits block size (int8 and int4)
     # The export's perplexity gate, recorded after it ran: {"cpu_kernel_path", "tolerance", "passed", "rows":
     # [[length, ratio, argmax agreement], ...]}. An int8 file's accuracy depends on the CPU's int8 kernel
     # (alibi_export.export.quantize), so `validate` compares this path with its own and re-runs the gate.

@@ -149,87 +149,120 @@ def test_cli_target_prints_its_choice_and_exports_it(tmp_path, tiny_dir):
 
 
 # ------------------------------------------------------------------ int8 arithmetic on every x86 kernel path
-INT16 = (-2 ** 15, 2 ** 15 - 1)  # VPMADDUBSW (u8 x s8, AVX2 and AVX-512BW without VNNI) sums pairs into int16
-INT32 = (-2 ** 31, 2 ** 31 - 1)  # VPMADDWD on operands widened to int16 (the U8U8 kernels), VNNI, AMX: int32
+INT16 = (-2 ** 15, 2 ** 15 - 1)  # VPMADDUBSW (AVX2, and AVX-512BW without VNNI) sums pairs of products into int16
 
 
-def _kernel_sum(a: np.ndarray, b: np.ndarray, pair_range) -> np.ndarray:
-    """sum_k a[m, k] * b[k, n] as ONNX Runtime's x86 int8 kernels (MLAS) form it: products of adjacent k
-    (2j, 2j+1) summed in pairs into an intermediate that saturates to ``pair_range``, then added up in int32.
-    With INT16 this is the AVX2 u8s8 path (checked against ONNX Runtime itself where this CPU takes it)."""
+def _pair_sums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(M, K) x (K, N) integer operands -> (M, K/2, N): the sums of adjacent products (k = 2j, 2j+1) that
+    VPMADDUBSW forms in int16 (with saturation) before they are added up in int32; 8 rows at a time."""
     a, b = a.astype(np.int64), b.astype(np.int64)
-    out = np.empty((a.shape[0], b.shape[1]), dtype=np.int64)
-    for i in range(0, a.shape[0], 8):  # 8 rows at a time: the pairs of the LM head are (8, K/2, vocab)
-        rows = a[i:i + 8]
-        pairs = rows[:, 0::2, None] * b[None, 0::2] + rows[:, 1::2, None] * b[None, 1::2]
-        out[i:i + 8] = np.clip(pairs, *pair_range).sum(1)
-    assert (out >= INT32[0]).all() and (out <= INT32[1]).all()
-    return out
+    return np.concatenate([rows[:, 0::2, None] * b[None, 0::2] + rows[:, 1::2, None] * b[None, 1::2]
+                           for rows in np.array_split(a, max(1, len(a) // 8))])
 
 
-def _weight_products(path, tokens) -> dict:
-    """Each weight product of a dynamic-int8 file as ONNX Runtime's kernels receive it: the u8 activations and
-    zero point that ONNX Runtime's own DynamicQuantizeLinear computes on ``tokens`` (graph optimizations off,
-    so that it is not fused away), and the quantized weight with its zero points; keyed by the weight's name."""
+def _avx2_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum_k a[m, k] * b[k, n] as ONNX Runtime's AVX2 u8s8 kernel forms it: pair sums saturated to int16, then
+    int32 (the emulation is checked against ONNX Runtime itself below, where this CPU takes that path)."""
+    return np.clip(_pair_sums(a, b), *INT16).sum(1)
+
+
+def _float_inputs(path, names, tokens) -> dict:
+    """The float32 tensors ``names`` of the model at ``path`` run by ONNX Runtime on ``tokens``."""
     model = onnx.load(str(path))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    products = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
-    wanted = list(dict.fromkeys(x for n in products for x in (n.input[0], n.input[2])))
     del model.graph.output[:]
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    values = dict(zip(wanted, session.run(wanted, {"input_ids": np.asarray(tokens, np.int64)[None]})))
-    return {n.input[1].removesuffix("_quantized"): (values[n.input[0]].reshape(-1, inits[n.input[1]].shape[0]),
-                                                     values[n.input[2]], inits[n.input[1]], inits[n.input[3]])
-            for n in products}
-
-
-def _ort_matmul_integer(a, za, b, zb) -> np.ndarray:
-    """ONNX Runtime's own MatMulInteger on this machine's kernel path."""
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMulInteger", ["a", "b", "za", "zb"], ["y"])], "product",
-        [onnx.helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, list(a.shape)),
-         onnx.helper.make_tensor_value_info("za", onnx.TensorProto.UINT8, [])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, None)],
-        [numpy_helper.from_array(b, "b"), numpy_helper.from_array(zb, "zb")])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"a": a, "za": np.asarray(za, np.uint8)})[0].astype(np.int64)
+    outputs = session.run(list(names), {"input_ids": np.asarray(tokens, np.int64)[None]})
+    return {name: value.reshape(-1, value.shape[-1]) for name, value in zip(names, outputs)}
+
+
+def _run_node(node, inputs: dict, constants: dict) -> list[np.ndarray]:
+    """One node run by ONNX Runtime on this machine's kernels (its weights as ``constants``): its outputs."""
+    graph = onnx.helper.make_graph(
+        [node], "one", [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                           list(v.shape)) for k, v in inputs.items()],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+def _blockwise_int8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Activations quantized as MatMulNBits' int8 path does in the kernel: symmetric int8 per block of ``block``
+    along K, scale max|x| / 127."""
+    blocks = x.reshape(x.shape[0], -1, block)
+    scale = np.abs(blocks).max(-1, keepdims=True) / 127
+    q = np.round(blocks / np.where(scale == 0, 1, scale)).astype(np.int64)
+    return q.reshape(x.shape), scale[..., 0]
 
 
 def test_int8_products_cannot_saturate_on_any_x86_kernel_path(shipped, shipped_int8, excerpt_tokens, tmp_path,
                                                               monkeypatch):
-    """--quantize int8 writes uint8 weights (U8U8): ONNX Runtime's x86 U8U8 kernels widen both operands to int16
-    and sum pairs of products into int32 (SSE, AVX2, AVX-512BW), or accumulate int32 (AVX-VNNI-INT8, AMX), so
-    every product is exact on the real activations of the shipped model on the excerpt, whatever this CPU is.
-    Negative control: the int8-weight (u8s8) recipe it replaced, built here with the same tool, on the same
-    activations, through the AVX2 / AVX-512BW arithmetic (pairs summed into int16, saturating): its products
-    are not exact, and where this CPU takes that path ONNX Runtime itself computes the saturated numbers."""
-    ours = _weight_products(shipped_int8, excerpt_tokens[:64])
-    assert len(ours) == 17
-    for name, (a, za, b, zb) in ours.items():
-        assert b.dtype == np.uint8 and a.dtype == np.uint8, name
-        exact = a.astype(np.int64) @ b.astype(np.int64)
-        assert np.array_equal(_kernel_sum(a, b, INT32), exact), name
-        centred = (a.astype(np.int64) - int(za)) @ (b.astype(np.int64) - zb.astype(np.int64))
-        assert np.array_equal(_ort_matmul_integer(a, za, b, zb), centred), name  # this CPU's kernel agrees
+    """--quantize int8 is 8-bit MatMulNBits: int8 activations per block of 32 (|a| <= 127) times weights centred
+    on their zero point (|w| <= 128), so a pair of products is at most 2 * 127 * 128 = 32,512 < 32,767 and the
+    AVX2 arithmetic (pairs into int16) is exact on the shipped model's real activations on the excerpt; VNNI and
+    AMX accumulate int32. ONNX Runtime's own kernel on this CPU agrees with that exact product.
+    Negative control: the u8s8 recipe it replaced (quantize_dynamic, int8 weights), built here with ONNX
+    Runtime's tool, on the same activations quantized by ONNX Runtime's DynamicQuantizeLinear (u8, up to 255):
+    its pairs saturate, and where this CPU takes that path ONNX Runtime computes the saturated numbers."""
+    model = onnx.load(str(shipped_int8))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    products = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(products) == 17
+    acts = _float_inputs(shipped_int8, list(dict.fromkeys(n.input[0] for n in products)), excerpt_tokens[:32])
+    for node in products:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"], len(node.input)) == (8, 32, 4, 3)
+        codes, scales = weights[node.input[1]], weights[node.input[2]]  # (N, K/32, 32) uint8, (N, K/32)
+        centred = codes.astype(np.int64).reshape(codes.shape[0], -1).T - 128  # symmetric: zero point 128
+        assert centred.min() >= -128 and centred.max() <= 127
+        x = acts[node.input[0]]
+        a, a_scale = _blockwise_int8(x, 32)
+        pairs = _pair_sums(a, centred)
+        assert np.abs(pairs).max() <= 2 * 127 * 128 < INT16[1], node.input[1]
+        # Per block of 32: the emulated AVX2 sums equal the exact ones, so the float result is exact too.
+        blocks = pairs.reshape(len(a), -1, 16, centred.shape[1]).sum(2)  # (M, K/32, N): int32 per block
+        assert np.array_equal(np.clip(pairs, *INT16).reshape(blocks.shape[:2] + (16, -1)).sum(2), blocks)
+        expected = np.einsum("mbn,mb,nb->mn", blocks.astype(np.float64), a_scale, scales.astype(np.float64))
+        got = _run_node(node, {node.input[0]: x}, {k: weights[k] for k in node.input[1:]})[0]
+        # float32 sums of 8-24 exact block products: measured <= 7.2e-7 of the largest output on AVX2
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max(), node.input[1]
 
-    monkeypatch.setattr(quantize, "INT8_WEIGHT_TYPE", "QInt8")
-    control = _weight_products(export_onnx(shipped, tmp_path / "u8s8.onnx", quantize="int8").path,
-                               excerpt_tokens[:8])
-    saturated, here = 0, cpu_kernel_path()
-    for name, (_, _, b, zb) in control.items():
-        a, za = ours[name][:2]  # the same real activations
-        assert b.dtype == np.int8 and not zb.any(), name
+    monkeypatch.setattr(quantize, "_int8", _dynamic_u8s8)
+    control = onnx.load(str(export_onnx(shipped, tmp_path / "u8s8.onnx", quantize="int8").path))
+    control_weights = {i.name: numpy_helper.to_array(i) for i in control.graph.initializer}
+    float_inputs = {n.input[1].removesuffix("_Q8"): acts[n.input[0]] for n in products}
+    saturated, here, checked = 0, cpu_kernel_path(), 0
+    quantize_activations = onnx.helper.make_node("DynamicQuantizeLinear", ["x"], ["a", "scale", "za"])
+    product = onnx.helper.make_node("MatMulInteger", ["a", "b", "za", "zb"], ["y"])
+    for node in (n for n in control.graph.node if n.op_type == "MatMulInteger"):
+        b, zb = control_weights[node.input[1]], control_weights[node.input[3]]
+        assert b.dtype == np.int8 and not zb.any()
+        x = float_inputs[node.input[1].removesuffix("_quantized")]
+        a, _, za = _run_node(quantize_activations, {"x": x}, {})  # ONNX Runtime's own u8 activations
         exact = a.astype(np.int64) @ b.astype(np.int64)
-        emulated = _kernel_sum(a, b, INT16)
+        emulated = _avx2_sum(a, b)
         saturated += int((emulated != exact).sum())
-        expected = emulated if here in U8S8_SATURATES else exact
-        assert np.array_equal(_ort_matmul_integer(a, za, b, zb), expected - int(za) * b.astype(np.int64).sum(0)), \
-            f"{name}: ONNX Runtime on {here} is not what the emulation says"
-    assert saturated > 1000, saturated  # measured: 20,000+ of 64 x 17 products' outputs differ
+        kernel = _run_node(product, {"a": a, "za": za}, {"b": b, "zb": zb})[0]
+        expected = (emulated if here in U8S8_SATURATES else exact) - int(za) * b.astype(np.int64).sum(0)
+        assert np.array_equal(kernel, expected), f"{node.input[1]}: ONNX Runtime on {here} is not the emulation"
+        checked += 1
+    assert checked == 17 and saturated > 1000, (checked, saturated)  # measured: 8,451 outputs differ
+
+
+def _dynamic_u8s8(proto, block_size):
+    """The int8 recipe before issue 19 (the negative control): quantize_dynamic, int8 weights per channel."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(proto, Path(tmp) / "q.onnx", op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(Path(tmp) / "q.onnx"))
 
 
 def test_export_records_its_gate_and_validate_reports_another_kernel_path(tmp_path, tiny_dir):

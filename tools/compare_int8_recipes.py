@@ -4,10 +4,11 @@ ONNX Runtime's dynamic int8 multiplies u8 activations by the weights. With int8 
 AVX-512BW kernels (no VNNI) add pairs of u8*s8 products into int16 with saturation (VPMADDUBSW); VNNI and AMX
 accumulate into int32. So the same file is accurate on one server and not on another. Recipes compared:
 
-  u8s8        quantize_dynamic, int8 weights per channel (the recipe before issue 19; the control)
+  u8s8        quantize_dynamic, int8 weights per channel (--quantize int8 before issue 19; the control)
   u8s8-7bit   the same with reduce_range=True (7-bit weights: 2 * 255 * 64 < 32767, no pair can saturate)
   u8u8        quantize_dynamic, uint8 weights per channel (MLAS's U8U8 kernels widen to int16 first)
-  nbits8-a4   MatMulNBits bits=8, block 32, accuracy_level 4 (int8 activations per block in the kernel)
+  nbits8-a4   MatMulNBits bits=8, block 32, accuracy_level 4 (int8 activations per block in the kernel;
+              --quantize int8 since issue 19)
   nbits8-a0   MatMulNBits bits=8, block 32, accuracy_level 0 (weights dequantized, float32 products)
 
 For each: the perplexity gate's ratios (the file over the float32 PyTorch model) at the lengths given, argmax
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _dynamic(weight_type: str, reduce_range: bool):
-    def recipe(proto):
+    def recipe(proto, block_size=32):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -53,14 +54,10 @@ def _dynamic(weight_type: str, reduce_range: bool):
 
 
 def _nbits8(accuracy_level: int):
-    def recipe(proto):
-        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    def recipe(proto, block_size=32):
+        from alibi_export.export.quantize import _nbits
 
-        config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=accuracy_level,
-                                              bits=8, op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
-        quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
-        quantizer.process()
-        return quantizer.model.model
+        return _nbits(proto, 8, block_size, accuracy_level, op_types=("MatMul",), quant_axes=(("MatMul", 0),))
     return recipe
 
 

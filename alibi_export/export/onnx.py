@@ -172,7 +172,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         source_name=checkpoint.path.resolve().name, source_sha256=checkpoint.sha256, dynamic_len=dynamic_len,
         dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
         tokenizer=checkpoint.tokenizer.to_str(),  # the tokenizer travels inside: a served file needs nothing else
-        quantization=quantize or "", quantization_block_size=block_size if quantize == "int4" else 0)
+        quantization=quantize or "", quantization_block_size=block_size if quantize else 0)
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk,
                     metadata=metadata.to_props())
     if ort_fusions:

@@ -16,8 +16,6 @@ Why these choices (measured on 2 CPU cores, BENCHMARKS.md):
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,7 +23,7 @@ from onnx import numpy_helper
 
 from ..errors import ExportError
 
-__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "PPL_TOLERANCE", "INT8_WEIGHT_TYPE", "check_quantize_options",
+__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "PPL_TOLERANCE", "INT8_ACCURACY_LEVEL", "check_quantize_options",
            "quantize_model"]
 
 log = logging.getLogger(__name__)
@@ -34,7 +32,8 @@ QUANTIZATIONS = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
 # Accuracy gate: perplexity of the quantized file over the fp32 PyTorch model's, at 1x, 4x, 16x train length.
 PPL_TOLERANCE = {"int8": 1.02, "int4": 1.08}
-INT8_WEIGHT_TYPE = "QUInt8"  # ONNX Runtime's QuantType name: uint8 weights, per channel, with zero points
+# int8's MatMulNBits accuracy level: 4 = int8 activations per block in the kernel, 0 = float32 products.
+INT8_ACCURACY_LEVEL = 4
 
 
 def check_quantize_options(quantize: str | None, block_size: int = DEFAULT_BLOCK_SIZE, *, attention: str,
@@ -49,7 +48,7 @@ def check_quantize_options(quantize: str | None, block_size: int = DEFAULT_BLOCK
                           f"--kv-cache), not --attention {attention}")
     if dtype != "float32":
         raise ExportError(f"--quantize starts from float32 weights. Note: expected --dtype float32, got {dtype}")
-    if quantize == "int4" and (not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)):
+    if (not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"bad block size {block_size}. Note: expected a power of two >= 16 (default "
                           f"{DEFAULT_BLOCK_SIZE})")
 
@@ -65,7 +64,7 @@ def quantize_model(proto: onnx.ModelProto, quantize: str, *, block_size: int = D
     _untie_lm_head(proto)
     logging.disable(logging.WARNING)  # the tools warn about opset/IR upgrades and pre-processing they suggest
     try:
-        out = _int8(proto) if quantize == "int8" else _int4(proto, block_size)
+        out = (_int8 if quantize == "int8" else _int4)(proto, block_size)
     finally:
         logging.disable(logging.NOTSET)
     _sort_with_outer_scope(out.graph)
@@ -117,24 +116,22 @@ def _sort_with_outer_scope(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes[i] for i in order)
 
 
-def _int8(proto: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # uint8 weights (U8U8): see the module's docstring for why not int8 (u8s8) or 7-bit int8 (reduce_range).
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType[INT8_WEIGHT_TYPE], extra_options={"MatMulConstBOnly": True})
-        return onnx.load(str(out))
+def _int8(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    """8-bit ``MatMulNBits`` (the module's docstring says why not ``quantize_dynamic``'s u8 x s8 products)."""
+    return _nbits(proto, 8, block_size, INT8_ACCURACY_LEVEL, op_types=("MatMul",), quant_axes=(("MatMul", 0),))
 
 
 def _int4(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    # accuracy_level 4: int8 activations in the kernel (ONNX Runtime's fast CPU path for MatMulNBits).
+    return _nbits(proto, 4, block_size, 4, op_types=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
+
+
+def _nbits(proto: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int, *, op_types,
+           quant_axes) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    # accuracy_level 4: int8 activations in the kernel (ONNX Runtime's fast CPU path for MatMulNBits).
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                          op_types_to_quantize=("MatMul", "Gather"),
-                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                          bits=bits, op_types_to_quantize=op_types, quant_axes=quant_axes)
     quantizer = MatMulNBitsQuantizer(proto, algo_config=config)
     quantizer.process()
     return quantizer.model.model
