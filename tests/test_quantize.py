@@ -51,7 +51,7 @@ def _ops(path):
 
 def test_int8_and_int4_pass_the_gate_on_real_weights(shipped, shipped_int8, shipped_int4_kv, excerpt_tokens):
     """Perplexity needs real weights: the shipped model on the shipped excerpt. Measured ratios (full CLI gate,
-    16k tokens): int8 1.0003-1.0007, int4 1.029-1.031 (BENCHMARKS.md)."""
+    16k tokens, AVX2): int8 1.0004-1.0007, int4 1.029-1.031 (BENCHMARKS.md)."""
     for path, quantization in ((shipped_int8, "int8"), (shipped_int4_kv, "int4")):
         gate = perplexity_gate(path, shipped.model, excerpt_tokens, GATE_LENGTHS)
         assert gate.quantization == quantization and gate, [(r.length, r.ratio) for r in gate.rows]
@@ -64,7 +64,13 @@ def test_files_hold_onnxruntime_quantized_operators(shipped_int8, shipped_int4_k
     from alibi_export import load
 
     ops8, inits8 = _ops(shipped_int8)
-    assert sum(n.op_type == "MatMulInteger" for n in ops8) == 17  # 16 projections + the untied LM head
+    nbits8 = [n for n in ops8 if n.op_type == "MatMulNBits"]
+    assert len(nbits8) == 17  # 16 projections + the untied LM head
+    assert {(a.name, a.i) for n in nbits8 for a in n.attribute if a.name in ("bits", "block_size")} == \
+        {("bits", 8), ("block_size", 32)}
+    assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in ops8)  # no u8 x s8 products
+    assert (read_metadata(shipped_int8).quantization, read_metadata(shipped_int8).quantization_block_size) == \
+        ("int8", 32)
     # Only weight products: the q.k and p.v products (no constant input) stay float32 MatMuls.
     assert all(n.input[1] not in inits8 for n in ops8 if n.op_type == "MatMul")
     ops4, _ = _ops(shipped_int4_kv)
