@@ -306,3 +306,9 @@ def test_export_records_its_gate_and_validate_reports_another_kernel_path(tmp_pa
         mp.setitem(quantize.PPL_TOLERANCE, "int8", tight)
         failed = CliRunner().invoke(main, validate[:1] + [str(other)] + validate[1:])
     assert failed.exit_code == 1 and "accuracy gate failed" in failed.output, failed.output
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(onnx.load(str(other)).SerializeToString().replace(b"alibi-export", b"someone-else"))
+    before = foreign.read_bytes()
+    with pytest.raises(ExportError, match="not written by alibi-export"):  # never rewrites a file not ours
+        rewrite_metadata(foreign, meta.to_props())
+    assert foreign.read_bytes() == before

@@ -19,7 +19,7 @@ Models: the shipped alibi-small on the shipped excerpt (1x/4x/16x its training l
 --hf: tiny random Hugging Face models built like tests/test_hf_models.py's fast variants (BLOOM post-LN, MPT
 with clip_qkv, Falcon multi-query), on the excerpt through a 300-token tokenizer, at 1x/4x (as the tests).
 
-usage: python tools/compare_int8_recipes.py [--hf] [--recipes u8s8,u8s8-7bit,...] [--no-speed]
+usage: python tools/compare_int8_recipes.py [--hf] [--recipes u8s8,u8s8-7bit,...] [--no-speed | --no-gate]
 """
 from __future__ import annotations
 
@@ -158,6 +158,8 @@ def measure(name, ckpt, tokens, lengths, recipes, out: Path, args):
                 kv_paths[recipe] = export_onnx(ckpt, out / f"{name}-{recipe}-kv.onnx", quantize="int8",
                                                kv_cache=True).path
         paths[recipe] = path
+        if args.no_gate:
+            continue
         gate = perplexity_gate(path, ckpt.model, tokens, lengths, tolerance=1.02)
         print(f"  {recipe:>10}: " + "  ".join(f"{r.ratio:.4f} ({r.argmax_agreement:.1%})" for r in gate.rows)
               + f"  size {path.stat().st_size / 1e6:.2f} MB  gate {'PASS' if gate else 'FAIL'}", flush=True)
@@ -174,6 +176,7 @@ def main():
     parser.add_argument("--hf", action="store_true", help="also the tiny random Hugging Face models")
     parser.add_argument("--no-shipped", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-gate", action="store_true", help="speed only")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
