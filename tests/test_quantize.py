@@ -312,3 +312,19 @@ def test_export_records_its_gate_and_validate_reports_another_kernel_path(tmp_pa
     with pytest.raises(ExportError, match="not written by alibi-export"):  # never rewrites a file not ours
         rewrite_metadata(foreign, meta.to_props())
     assert foreign.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, path", [
+    ("fpu sse2 avx avx2 fma", "avx2"),
+    ("avx2 avx_vnni", "avx-vnni"),
+    ("avx2 avx512f avx512bw", "avx512"),
+    ("avx2 avx_vnni avx512f avx512bw", "avx512"),  # MLAS takes the AVX-512BW kernel over AVX-VNNI's
+    ("avx2 avx512f avx512bw avx512_vnni", "avx512-vnni"),
+    ("avx2 avx512bw avx512_vnni amx_tile amx_int8", "amx"),
+    ("sse2 sse4_1", "x86-sse"),
+])
+def test_cpu_kernel_path_follows_onnxruntime_dispatch_order(flags, path):
+    """The recorded path is the one MLAS dispatches to; avx2 and avx512 are the paths whose u8 x s8 pairs
+    saturate (the control: every VNNI/AMX path is outside that set)."""
+    assert cpu_kernel_path(flags) == path
+    assert (path in U8S8_SATURATES) == (path in ("avx2", "avx512"))

@@ -18,12 +18,12 @@ def cpu_kernel_path(flags: str | None = None) -> str:
     """The int8 kernel family ONNX Runtime's CPU provider (MLAS) dispatches to on this machine, from the CPU's
     flags (``/proc/cpuinfo``, or ``flags`` given): "amx", "avx512-vnni", "avx512" (AVX-512BW, no VNNI),
     "avx-vnni", "avx2", "arm64", or the machine's name. MLAS picks the last that applies in that order reversed
-    (AVX2, then AVX-VNNI, AVX-512BW, AVX-512 VNNI, AMX); the order matters because an int8 file's accuracy
-    depends on it (:mod:`alibi_export.export.quantize`), so a gate is only comparable on the same path."""
+    (AVX2, then AVX-VNNI, AVX-512BW, AVX-512 VNNI, AMX); the order matters because int8 arithmetic differs
+    between them (:mod:`alibi_export.export.quantize`), so a gate is only the same check on the same path."""
     machine = platform.machine().lower()
-    if machine in ("arm64", "aarch64"):
-        return "arm64"
     if flags is None:
+        if machine in ("arm64", "aarch64"):
+            return "arm64"
         try:
             with open("/proc/cpuinfo") as f:
                 flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
