@@ -26,8 +26,9 @@ __all__ = ["OnnxMetadata", "EngineSidecar", "read_metadata", "check_onnx_file", 
 PREFIX = "alibi_export."  # every metadata key of an exported ONNX file starts with it
 PRODUCER = "alibi-export"  # the ONNX producer_name and the sidecar's created_by: files this tool wrote
 _OPTIONAL = {"kv_cache": "false", "ort_fusions": "false",  # absent from files of alibi-export 0.1.0
-             "quantization": "", "quantization_block_size": "0"}  # absent from float exports
-_ONLY_WHEN_SET = ("quantization", "quantization_block_size")
+             "quantization": "", "quantization_block_size": "0",  # absent from float exports
+             "quantization_gate": "{}"}  # absent until a quantized export's gate has run
+_ONLY_WHEN_SET = ("quantization", "quantization_block_size", "quantization_gate")
 
 
 class NotOurArtifact(AlibiExportError):
@@ -56,7 +57,11 @@ class OnnxMetadata:
     config: dict = field(compare=True, hash=False)
     tokenizer: str = field(repr=False, hash=False)
     quantization: str = ""  # "int8" or "int4" (ONNX Runtime's tools); "" for float exports
-    quantization_block_size: int = 0  # int4's block size
+    quantization_block_size: int = 0  # the MatMulNBits block size (int8 and int4)
+    # The export's perplexity gate, recorded after it ran: {"cpu_kernel_path", "tolerance", "passed", "rows":
+    # [[length, ratio, argmax agreement], ...]}. An int8 file's accuracy depends on the CPU's int8 kernel
+    # (alibi_export.export.quantize), so `validate` compares this path with its own and re-runs the gate.
+    quantization_gate: dict = field(default_factory=dict, compare=True, hash=False)
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` of the file, always in field order (so two exports are byte-identical)."""

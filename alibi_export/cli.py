@@ -319,22 +319,40 @@ def _export_line(model, out, result, options, seq_len, batch, seconds) -> str:
 
 
 def _quantization_gate(onnx_path, ckpt, lengths, text, train_len, tolerance=None):
-    """The accuracy gate of a quantized export: perplexity vs the float32 PyTorch model, argmax agreement."""
+    """The accuracy gate of a quantized export: perplexity vs the float32 PyTorch model, argmax agreement.
+
+    The export command records the gate in the file (with this machine's int8 kernel path); ``validate`` only
+    reads that record: it prints the recorded path beside its own, says when they differ (an int8 file's
+    arithmetic depends on the path), and its exit code is the gate run here."""
     from .data import encode_text, read_text
-    from .validate import perplexity_gate
+    from .validate import perplexity_gate, record_gate
 
     if text is None:
         raise click.ClickException("a quantized export is checked by perplexity. Note: pass --text FILE")
     # Four windows at the longest length, as the float32 check: 16,384 tokens of the shipped excerpt.
     tokens = encode_text(ckpt.tokenizer, read_text(text))[: 4 * max(lengths) + 1]
     gate = perplexity_gate(onnx_path, ckpt.model, tokens, lengths, tolerance=tolerance)
+    exporting = click.get_current_context().info_name == "onnx"
+    recorded = {row[0]: row[1] for row in gate.recorded.get("rows", [])}
     click.echo(f"{gate.quantization} accuracy gate on the first {len(tokens) - 1} tokens of {text}: perplexity "
-               f"vs float32 PyTorch, tolerance {gate.tolerance:g}x")
-    click.echo(f"{'length':>7} {'x train':>7} {'ppl ' + gate.quantization:>9} {'ppl fp32':>9} {'ratio':>7} {'argmax':>7}")
+               f"vs float32 PyTorch, tolerance {gate.tolerance:g}x, int8 kernel path {gate.cpu_kernel_path}")
+    if not exporting:
+        click.echo(f"the file's own gate ran on: {gate.recorded_path or 'not recorded'}; this machine: "
+                   f"{gate.cpu_kernel_path}")
+        if gate.path_differs:
+            click.echo(f"note: KERNEL PATH DIFFERS: the file was gated on {gate.recorded_path}, this machine runs "
+                       f"{gate.cpu_kernel_path}; the gate below is this machine's")
+    extra = f" {'export':>7}" if recorded and not exporting else ""
+    click.echo(f"{'length':>7} {'x train':>7} {'ppl ' + gate.quantization:>9} {'ppl fp32':>9} {'ratio':>7} "
+               f"{'argmax':>7}{extra}")
     for r in gate.rows:
+        was = f" {recorded[r.length]:>7.4f}" if extra and r.length in recorded else (" " * 8 if extra else "")
         click.echo(f"{r.length:>7} {f'{r.length / train_len:g}x':>7} {r.ppl:>9.3f} {r.ppl_reference:>9.3f} "
-                   f"{r.ratio:>7.4f} {r.argmax_agreement:>7.2%}" + ("" if r.ratio <= gate.tolerance else "  FAIL"))
-    click.echo(f"accuracy gate {'PASS' if gate else 'FAIL'}")
+                   f"{r.ratio:>7.4f} {r.argmax_agreement:>7.2%}{was}" + ("" if r.ratio <= gate.tolerance else "  FAIL"))
+    if exporting:
+        record_gate(onnx_path, gate)
+    click.echo(f"accuracy gate {'PASS' if gate else 'FAIL'}" + (f" on {gate.cpu_kernel_path}" if gate.path_differs
+                                                                else ""))
     if not gate:
         raise click.ClickException(f"accuracy gate failed: perplexity ratio beyond {gate.tolerance:g}x "
                                    "(--ppl-tolerance changes it)")

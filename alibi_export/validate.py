@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from .errors import AlibiExportError
 from .progress import progress, runner_label
 
 __all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES", "tolerance_of", "GateResult",
-           "perplexity_gate"]
+           "perplexity_gate", "record_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -154,25 +154,47 @@ def _incremental_runner(session, steps: int):
 
 @dataclass
 class GateResult:
-    """The accuracy gate of a quantized export: perplexity over the float32 model's, per length."""
+    """The accuracy gate of a quantized export: perplexity over the float32 model's, per length.
+
+    ``cpu_kernel_path`` is where this gate ran (:func:`~alibi_export.runtime.onnxruntime.cpu_kernel_path`);
+    ``recorded`` is the file's record of the gate its export ran (empty if none): an int8 file's arithmetic
+    depends on the CPU's int8 kernel, so the two are only the same check on the same path."""
     rows: list  # PerplexityComparison per length
     tolerance: float  # the largest ratio that passes
     quantization: str
+    cpu_kernel_path: str = ""
+    recorded: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return all(r.ratio <= self.tolerance for r in self.rows)
+
+    @property
+    def recorded_path(self) -> str:
+        return self.recorded.get("cpu_kernel_path", "")
+
+    @property
+    def path_differs(self) -> bool:
+        """The file's gate ran on another int8 kernel path than this one (False when nothing is recorded)."""
+        return bool(self.recorded_path) and self.recorded_path != self.cpu_kernel_path
+
+    def record(self) -> dict:
+        """What the file records of this gate (ratios rounded, so that a re-export writes the same bytes)."""
+        return {"cpu_kernel_path": self.cpu_kernel_path, "tolerance": self.tolerance, "passed": bool(self),
+                "rows": [[r.length, round(r.ratio, 6), round(r.argmax_agreement, 6)] for r in self.rows]}
 
 
 def perplexity_gate(onnx_path: str | Path, model, tokens, lengths: list[int], *, tolerance: float | None = None,
                     provider: str = "cpu", threads: int | None = None) -> GateResult:
     """Perplexity of a quantized ``onnx_path`` against ``model`` (the float32 AlibiLM) on ``tokens`` at each
     length, and their argmax agreement; passes when every ratio is within ``tolerance`` (default: the
-    quantization's, see ``PPL_TOLERANCE``). KV-cache files are run as one prefill per window."""
+    quantization's, see ``PPL_TOLERANCE``). KV-cache files are run as one prefill per window. The result
+    carries this machine's int8 kernel path and the file's record of its export's gate."""
     from .artifacts import read_metadata
     from .export.quantize import PPL_TOLERANCE
     from .perplexity import compare_perplexity
     from .runtime import make_runner
     from .runtime.generate import GenerationSession
+    from .runtime.onnxruntime import cpu_kernel_path
     from .runtime.pytorch import TorchRunner
 
     meta = read_metadata(onnx_path)
@@ -183,4 +205,17 @@ def perplexity_gate(onnx_path: str | Path, model, tokens, lengths: list[int], *,
     else:
         candidate = make_runner(onnx_path, provider=provider, threads=threads)
     rows = compare_perplexity(candidate, TorchRunner(model, name="pytorch"), tokens, lengths)
-    return GateResult(rows, tolerance, quantization)
+    path = cpu_kernel_path() if provider == "cpu" else provider
+    return GateResult(rows, tolerance, quantization, path, dict(meta.quantization_gate))
+
+
+def record_gate(onnx_path: str | Path, gate: GateResult) -> None:
+    """Write ``gate`` into the file's metadata (atomically, through the module that owns the file format), so
+    that ``validate`` on another machine knows which int8 kernel path the export's gate ran on."""
+    from dataclasses import replace
+
+    from .artifacts import read_metadata
+    from .export.onnx_file import rewrite_metadata
+
+    meta = replace(read_metadata(onnx_path), quantization_gate=gate.record())
+    rewrite_metadata(onnx_path, meta.to_props())

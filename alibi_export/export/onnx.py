@@ -121,7 +121,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``ort_fusions`` (onnx
     form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
     :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else. ``quantize``
-    ("int8" or "int4", CPU forms only; ``block_size`` for int4) quantizes the weight products with ONNX
+    ("int8" or "int4", CPU forms only; ``block_size`` for both) quantizes the weight products with ONNX
     Runtime's tools (see :mod:`alibi_export.export.quantize`).
     When the weights exceed ``external_data_threshold`` bytes (default: just under protobuf's 2 GB
     limit) they go to one data file ``OUT.data`` beside the file, named by a relative location so the
@@ -176,7 +176,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         source_name=checkpoint.path.resolve().name, source_sha256=checkpoint.sha256, dynamic_len=dynamic_len,
         dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
         tokenizer=checkpoint.tokenizer.to_str(),  # the tokenizer travels inside: a served file needs nothing else
-        quantization=quantize or "", quantization_block_size=block_size if quantize == "int4" else 0)
+        quantization=quantize or "", quantization_block_size=block_size if quantize else 0)
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk,
                     metadata=metadata.to_props())
     if ort_fusions:

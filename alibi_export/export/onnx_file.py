@@ -23,7 +23,7 @@ from ..artifacts import PRODUCER
 from ..errors import ExportError
 from ._weights import write_external_data
 
-__all__ = ["write_onnx", "written_by_alibi_export", "data_files_of", "PRODUCER"]
+__all__ = ["write_onnx", "rewrite_metadata", "written_by_alibi_export", "data_files_of", "PRODUCER"]
 
 _STAGED = "weights.data"  # the data file's name inside the staging folder, before it gets its content name
 
@@ -110,3 +110,27 @@ def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data:
         with contextlib.suppress(FileNotFoundError):
             old.unlink()  # the previous export's data file, written by this tool and referenced by nothing now
     return data
+
+
+def rewrite_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
+    """Replace the ``metadata_props`` of an ONNX file this tool wrote, in one step: the new header is written
+    beside it and renamed over it, so a crash leaves the old file or the new one. Only the header is rewritten:
+    the graph and the external-data file it points to are untouched (a quantized export's gate record is
+    written this way, after the gate ran on the file)."""
+    path = Path(path)
+    proto = _load_header(path)
+    if proto is None or proto.producer_name != PRODUCER:
+        raise ExportError(f"{str(path)!r} was not written by alibi-export: refusing to rewrite its metadata")
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, props)
+    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, staged)  # external tensors keep their locations, relative to the same folder
+        os.chmod(staged, 0o644)
+        with open(staged, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)

@@ -3,8 +3,10 @@
 Explicit options override a target's; an explicit option the target's runtime cannot run is refused in
 one line. The measurements behind each row are in BENCHMARKS.md:
 - cpu: the decomposed form (memory-linear attention on ONNX Runtime's CPU kernels; the onnx form's CPU
-  Attention kernel materializes the scores), float32 weights quantized to int8 (ONNX Runtime's dynamic
-  quantization: faster forward and decode than float32, perplexity within 1.001x of PyTorch's).
+  Attention kernel materializes the scores), float32 weights quantized to int8 (8-bit MatMulNBits,
+  accurate on every x86 kernel path: perplexity within 1.001x of PyTorch's, 0.58x the file; on an AVX2
+  CPU without VNNI its decoding step is 0.72-0.92x float32's time but its forward at 512 tokens is
+  1.05-1.21x: docs/int8.md).
 - cuda: the onnx form (ONNX Runtime's fused flash attention) with its fused LayerNorm/GELU tails, fp16.
 - tensorrt-rtx: the onnx form (parsed to TensorRT's native attention; the decomposed form's Loop does not
   build and the file must stay free of ONNX Runtime's fused operators).

@@ -1,14 +1,42 @@
 """ONNX Runtime sessions for exported models, wrapped as a Polygraphy runner."""
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 from ..artifacts import NotOurArtifact, check_onnx_file, read_metadata
 from ..errors import AlibiExportError, MissingDependencyError
 
-__all__ = ["create_session", "OrtRunner", "PROVIDERS"]
+__all__ = ["create_session", "OrtRunner", "PROVIDERS", "cpu_kernel_path", "U8S8_SATURATES"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# The x86 kernel paths whose u8 x s8 products go through VPMADDUBSW: pairs summed into int16, with saturation.
+U8S8_SATURATES = frozenset({"avx2", "avx512"})
+
+
+def cpu_kernel_path(flags: str | None = None) -> str:
+    """The int8 kernel family ONNX Runtime's CPU provider (MLAS) dispatches to on this machine, from the CPU's
+    flags (``/proc/cpuinfo``, or ``flags`` given): "amx", "avx512-vnni", "avx512" (AVX-512BW, no VNNI),
+    "avx-vnni", "avx2", "arm64", or the machine's name. MLAS picks the last that applies in that order reversed
+    (AVX2, then AVX-VNNI, AVX-512BW, AVX-512 VNNI, AMX); the order matters because int8 arithmetic differs
+    between them (:mod:`alibi_export.export.quantize`), so a gate is only the same check on the same path."""
+    machine = platform.machine().lower()
+    if flags is None:
+        if machine in ("arm64", "aarch64"):
+            return "arm64"
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+    have = set(flags.split())
+    if not have:
+        return machine or "unknown"
+    for name, needs in (("amx", {"amx_tile", "amx_int8"}), ("avx512-vnni", {"avx512bw", "avx512_vnni"}),
+                        ("avx512", {"avx512bw"}), ("avx-vnni", {"avx2", "avx_vnni"}), ("avx2", {"avx2"})):
+        if needs <= have:
+            return name
+    return "x86-sse"
 
 
 def create_session(path: str | Path, *, provider: str = "cpu", threads: int | None = None, tf32: bool = False):
