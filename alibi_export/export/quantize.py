@@ -118,7 +118,9 @@ def _sort_with_outer_scope(graph: onnx.GraphProto) -> None:
 def _int8(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from .._io import sigterm_as_interrupt
+
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory() as tmp:  # SIGTERM too removes the copy
         out = Path(tmp) / "int8.onnx"
         quantize_dynamic(proto, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True})
