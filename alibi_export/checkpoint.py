@@ -194,6 +194,7 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
         remove_stale_sets(folder)
         previous = os.readlink(folder / CURRENT) if (folder / CURRENT).is_symlink() else None
         staging = temp_dir(folder / f"step-{step:06d}")
+        new, switched = None, False
         try:
             write({n: staging / n for n in names})
             for f in staging.iterdir():
@@ -201,10 +202,10 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             os.chmod(staging, 0o755)
-            name = f"step-{step:06d}.{os.getpid()}.{staging.name.rsplit('.', 2)[-2]}"
-            os.rename(staging, folder / name)
-            staging = None
-            _link(folder / CURRENT, name)  # the switch
+            new = folder / f"step-{step:06d}.{os.getpid()}.{staging.name.rsplit('.', 2)[-2]}"
+            os.rename(staging, new)
+            _link(folder / CURRENT, new.name)  # the switch
+            switched = True
             for n in _SET_FILES + (STATE,):
                 top = folder / n
                 if n in names:
@@ -212,12 +213,13 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
                         _link(top, f"{CURRENT}/{n}")
                 elif top.is_symlink() or top.is_file():
                     top.unlink()  # a file of an earlier set that this one lacks (the optimizer state)
-            if previous is not None and previous != name and _SET.fullmatch(previous):
+            if previous is not None and previous != new.name and _SET.fullmatch(previous):
                 shutil.rmtree(folder / previous, ignore_errors=True)
-            return folder / name
+            return new
         finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # gone already if renamed
+            if new is not None and not switched:
+                shutil.rmtree(new, ignore_errors=True)  # complete, but never made current
 
 
 def _link(path: Path, target: str) -> None:
