@@ -266,8 +266,9 @@ def check_config_against_weights(config: ModelConfig, shapes: dict[str, tuple[in
     meta device, which allocates nothing, only once that number matches); every other size of the model
     shows in some tensor's shape."""
     layers = {int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))}
-    if layers != set(range(config.n_layer)):
-        found = f"{len(layers)} layers" if layers == set(range(len(layers))) else f"layers {sorted(layers)[:8]}"
+    contiguous = layers == set(range(len(layers)))  # sized by the header, never by the config
+    if not contiguous or len(layers) != config.n_layer:
+        found = f"{len(layers)} layers" if contiguous else f"layers {sorted(layers)[:8]}"
         raise CheckpointError(f"config.json in {where} says n_layer {config.n_layer}, but the weights hold "
                               f"{found}. Note: the config does not belong to these weights")
     with torch.device("meta"):

@@ -300,3 +300,86 @@ def test_sigterm_during_an_export_leaves_no_staging(tiny_dir, tmp_path, rng):
         stderr = proc.communicate(timeout=300)[1]
         assert proc.returncode != -signal.SIGTERM and "Traceback" not in stderr, stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and written_by_alibi_export(out)
+
+
+# ----------------------------------------------------------------------------- the genai folder switch
+_SELF_KILL_GENAI = """
+import os, signal, sys
+from pathlib import Path
+from alibi_export import load
+from alibi_export.export import genai, onnx_file
+out, when = Path(sys.argv[2]), sys.argv[3]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+real_replace, real_exchange = os.replace, genai.exchange
+if when == "writing":  # inside the export, as the model file is switched into the staging folder
+    onnx_file.os.replace = lambda s, d: die() if Path(d).name == "model.onnx" else real_replace(s, d)
+if when == "after-exchange":  # the new folder is in, the old one not yet removed
+    genai.exchange = lambda a, b: (real_exchange(a, b), die())[0]
+if when == "no-exchange":  # a file system without renameat2: killed between moving the old folder aside and the new in
+    genai.exchange = lambda a, b: False
+    calls = []
+    def replace(s, d):
+        real_replace(s, d)
+        calls.append(d)
+        if Path(s) == out:
+            die()
+    genai.os.replace = replace
+genai.export_genai(load(sys.argv[1]), out, kv_cache=True, dynamic_len=True, dtype=sys.argv[4])
+"""
+
+
+def _genai_state(folder: Path) -> str:
+    """Which complete folder is at ``folder``: the model file's SHA-256, after checking that all is there."""
+    from alibi_export.export.genai import GENAI_FILES
+    from alibi_export.export.onnx_file import written_by_alibi_export
+
+    assert sorted(p.name for p in folder.iterdir()) == sorted(GENAI_FILES)
+    assert written_by_alibi_export(folder / "model.onnx") and json.loads((folder / "genai_config.json").read_text())
+    return sha256_file(folder / "model.onnx")
+
+
+@pytest.mark.slow
+def test_genai_switch_killed_at_each_moment(tiny_dir, tmp_path):
+    """SIGKILL inside the export, right after the swap, and (where the file system cannot swap) between the two
+    renames: the -o folder is the old complete folder or the new one, or, in the last case, the next export
+    puts the old one back first. Nothing of the dead processes stays after the next export."""
+    from alibi_export.export.genai import export_genai
+
+    out = tmp_path / "g"
+    export_genai(load(tiny_dir), out, kv_cache=True, dynamic_len=True)
+    old = _genai_state(out)
+    new = None
+    for when in ("writing", "after-exchange", "no-exchange"):
+        proc = subprocess.run([sys.executable, "-c", _SELF_KILL_GENAI, str(tiny_dir), str(out), when, "float16"],
+                              env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        if when == "writing":
+            assert _genai_state(out) == old
+        elif when == "after-exchange":
+            new = _genai_state(out)
+            assert new != old
+        else:  # the fallback's window: -o is gone until the next export restores it
+            assert not out.exists() and any(p.name.startswith(".g.old.") for p in tmp_path.iterdir())
+    assert any(p.name.startswith(".g.") for p in tmp_path.iterdir())  # the dead processes' staging
+    export_genai(load(tiny_dir), out, kv_cache=True, dynamic_len=True, dtype="float16")
+    assert _genai_state(out) == new and sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+
+
+def test_genai_reexport_keeps_a_file_only_named_like_its_data(tiny_dir, tmp_path):
+    """The reported failure: a genai re-export deleted a user's `model.onnx.<16 hex>.data`. Only data files the
+    folder's own model.onnx records are ours; control: a folder whose data file is recorded is replaced."""
+    from alibi_export.errors import ExportError
+    from alibi_export.export.genai import export_genai
+    from alibi_export.export.onnx_file import data_files_of
+
+    ck = load(tiny_dir)
+    out = tmp_path / "g"
+    export_genai(ck, out, kv_cache=True, dynamic_len=True, external_data_threshold=0)
+    (recorded,) = data_files_of(out / "model.onnx")
+    export_genai(ck, out, kv_cache=True, dynamic_len=True)  # control: ours, with its recorded data file
+    assert not recorded.exists() and data_files_of(out / "model.onnx") == set()
+    user = out / "model.onnx.0123456789abcdef.data"
+    user.write_bytes(b"mine")
+    with pytest.raises(ExportError, match="model.onnx.0123456789abcdef.data, which no export of ours recorded"):
+        export_genai(ck, out, kv_cache=True, dynamic_len=True)
+    assert user.read_bytes() == b"mine"
