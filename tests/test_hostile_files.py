@@ -127,3 +127,23 @@ def test_engine_sidecar_onnx_path_is_checked_before_it_is_opened(tmp_path, tiny_
     shutil.copyfile(tiny_kv_export.path, tmp_path / "real.onnx")  # control: a relative regular .onnx is hashed
     with pytest.raises(Exception, match="SHA-256 differs"):
         onnx_of_engine(_engine_with_onnx(tmp_path, "real.onnx"))
+
+
+def test_hugging_face_config_is_bounded_by_its_weights(tmp_path, tiny_dir, monkeypatch):
+    """A Hugging Face folder's tensor names are not ours, so the bound is the parameter count: a config whose
+    model holds more parameters than the files is refused before the model is built."""
+    from alibi_export.checkpoint import check_parameter_count, parameter_count
+    from alibi_export.model import ModelConfig
+
+    config = load(tiny_dir).config
+    start = time.perf_counter()
+    huge = ModelConfig.from_dict({**config.to_dict(), "n_layer": 10**9})
+    assert parameter_count(huge) > 10**12 and time.perf_counter() - start < 5
+    with pytest.raises(CheckpointError, match="does not belong to these weights"):
+        check_parameter_count(huge, 10**6, "'x'")
+    check_parameter_count(config, parameter_count(config), "'x'")  # control: the model's own count passes
+    with torch.device("meta"):
+        from alibi_export.model import AlibiLM
+        for n in (1, 3):
+            real = ModelConfig.from_dict({**config.to_dict(), "n_layer": n})
+            assert parameter_count(real) == sum(p.numel() for p in AlibiLM(real).parameters())
