@@ -59,7 +59,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     SIGTERM handler keeps it); nested uses are free. A second SIGTERM during the clean-up is ignored;
     after the block the previous action is back."""
     if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
     raised = []
