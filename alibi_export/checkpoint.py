@@ -115,7 +115,6 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = 
     return Checkpoint(model, tokenizer, path, sha256)
 
 
-
 def current_set(folder: str | Path) -> Path:
     """The folder that holds ``folder``'s files: the set ``current`` links to, or ``folder`` itself.
 
@@ -194,7 +193,7 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
         remove_stale_sets(folder)
         previous = os.readlink(folder / CURRENT) if (folder / CURRENT).is_symlink() else None
         staging = temp_dir(folder / f"step-{step:06d}")
-        new, switched = None, False
+        new = None
         try:
             write({n: staging / n for n in names})
             for f in staging.iterdir():
@@ -205,7 +204,6 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
             new = folder / f"step-{step:06d}.{os.getpid()}.{staging.name.rsplit('.', 2)[-2]}"
             os.rename(staging, new)
             _link(folder / CURRENT, new.name)  # the switch
-            switched = True
             for n in _SET_FILES + (STATE,):
                 top = folder / n
                 if n in names:
@@ -218,8 +216,15 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
             return new
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already if renamed
-            if new is not None and not switched:
+            if new is not None and not _points_to(folder / CURRENT, new.name):
                 shutil.rmtree(new, ignore_errors=True)  # complete, but never made current
+
+
+def _points_to(link: Path, name: str) -> bool:
+    try:
+        return os.readlink(link) == name
+    except OSError:
+        return False
 
 
 def _link(path: Path, target: str) -> None:

@@ -285,22 +285,28 @@ def test_an_export_killed_before_its_switch_leaves_the_old_pair_and_no_orphan(ti
 
 @pytest.mark.slow
 def test_sigterm_during_an_export_leaves_no_staging(tiny_dir, tmp_path, rng):
-    """SIGTERM at seeded moments of `onnx` (tracing, writing): whatever the moment, no staging folder stays and
-    -o is the previous file or the new one."""
+    """SIGTERM at seeded moments while `onnx` holds its staging folder: the command exits on its own (status 1,
+    no traceback), no staging folder stays, and -o is the previous file or the new one."""
     from alibi_export.export.onnx import export_onnx
     from alibi_export.export.onnx_file import written_by_alibi_export
 
     out = tmp_path / "m.onnx"
     export_onnx(load(tiny_dir), out)
-    for delay in rng.uniform(2.0, 8.0, size=2):
+    hit = 0
+    for delay in rng.uniform(0.0, 0.2, size=3):
         proc = subprocess.Popen([sys.executable, "-m", "alibi_export", "onnx", str(tiny_dir), "-o", str(out),
                                  "--dtype", "float16"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
+        _wait(lambda: any(p.name.startswith(".m.onnx.") for p in tmp_path.iterdir()) or proc.poll() is not None,
+              timeout=300)
         time.sleep(float(delay))
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         stderr = proc.communicate(timeout=300)[1]
-        assert proc.returncode != -signal.SIGTERM and "Traceback" not in stderr, stderr
+        hit += proc.returncode == 1
+        assert proc.returncode in (0, 1) and "Traceback" not in stderr, stderr  # never killed by the signal
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and written_by_alibi_export(out)
+    assert hit  # at least one signal landed while the staging folder existed
 
 
 # ----------------------------------------------------------------------------- the genai folder switch

@@ -97,3 +97,21 @@ def test_same_export_from_two_install_folders_is_byte_identical(tiny_dir, tmp_pa
         assert local_paths(onnx.load(str(out)), _roots(folder)) == []
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_ppl_json_records_the_text_by_name_and_sha256(tmp_path):
+    """`ppl --json` recorded --text as given (a local path); now its file name and SHA-256."""
+    import json
+
+    from alibi_export._io import sha256_file
+    from alibi_export.perplexity import write_json
+
+    text = tmp_path / "private" / "eval.txt"
+    text.parent.mkdir()
+    text.write_text("some text")
+    write_json({}, tmp_path / "r.json", text=str(text), stride=0)
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["text"] == "eval.txt" and data["text_sha256"] == sha256_file(text) and data["stride"] == 0
+    assert str(tmp_path) not in (tmp_path / "r.json").read_text()
+    write_json({}, tmp_path / "r2.json", note=str(text))  # control: the scan sees a path where one is written
+    assert str(tmp_path) in (tmp_path / "r2.json").read_text()
