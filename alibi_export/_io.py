@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import AlibiExportError
 
 __all__ = ["atomic_path", "atomic_files", "check_writable_dir", "check_replaceable", "sha256_file",
-           "sigterm_as_interrupt", "temp_file", "temp_dir", "remove_stale", "stale", "is_temporary", "exchange",
+           "sigterm_as_interrupt", "handle_sigterm", "temp_file", "temp_dir", "remove_stale", "stale", "is_temporary", "exchange",
            "process_alive"]
 
 
@@ -51,25 +51,39 @@ def check_replaceable(path: str | os.PathLike, written_by_us: Callable[[Path], b
 
 
 # ----------------------------------------------------------------------------- SIGTERM
+def _interrupt_once() -> Callable:
+    raised = []
+
+    def interrupt(signum, frame):
+        if not raised:  # a second SIGTERM during the clean-up is ignored
+            raised.append(signum)
+            raise KeyboardInterrupt(f"terminated by signal {signum}")
+    return interrupt
+
+
+def _may_install() -> bool:
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+
+
+def handle_sigterm() -> None:
+    """From now on, SIGTERM raises KeyboardInterrupt in this process, as Ctrl-C does (the command line's
+    choice, made once at start-up). Only from the main thread, and only over the default action."""
+    if _may_install():
+        signal.signal(signal.SIGTERM, _interrupt_once())
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While the block runs, SIGTERM raises KeyboardInterrupt (as Ctrl-C does), so ``finally`` clean-up runs.
 
-    Installed only from the main thread and only over the default action (a program that set its own
-    SIGTERM handler keeps it); nested uses are free. A second SIGTERM during the clean-up is ignored;
-    after the block the previous action is back."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    For library callers: installed only from the main thread and only over the default action (a program
+    that set its own SIGTERM handler, the command line included, keeps it); nested uses are free. A second
+    SIGTERM during the clean-up is ignored; after the block the default action is back."""
+    if not _may_install():
         yield
         return
-    raised = []
-
-    def interrupt(signum, frame):
-        if not raised:
-            raised.append(signum)
-            raise KeyboardInterrupt(f"terminated by signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, _interrupt_once())
     try:
         yield
     finally:
