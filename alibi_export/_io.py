@@ -28,8 +28,8 @@ from pathlib import Path
 from .errors import AlibiExportError
 
 __all__ = ["atomic_path", "atomic_files", "check_writable_dir", "check_replaceable", "sha256_file",
-           "sigterm_as_interrupt", "handle_sigterm", "temp_file", "temp_dir", "remove_stale", "stale", "is_temporary", "exchange",
-           "process_alive"]
+           "sigterm_as_interrupt", "handle_sigterm", "temp_file", "temp_dir", "remove_stale", "stale", "is_temporary",
+           "exchange", "process_alive"]
 
 
 def check_writable_dir(directory: str | os.PathLike) -> None:

@@ -33,8 +33,9 @@ from ._io import atomic_files, process_alive, remove_stale, sha256_file, sigterm
 from .errors import CheckpointError, ConfigError
 from .model import AlibiLM, ModelConfig
 
-__all__ = ["Checkpoint", "load", "save", "WEIGHTS", "CONFIG", "TOKENIZER", "OPTIMIZER", "STATE", "CURRENT", "current_set",
-           "verify_set", "write_set", "set_folders"]
+__all__ = ["Checkpoint", "load", "save", "WEIGHTS", "CONFIG", "TOKENIZER", "OPTIMIZER", "STATE", "CURRENT",
+           "current_set", "verify_set", "write_set", "set_folders", "remove_stale_sets", "weight_shapes",
+           "check_config_against_weights"]
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 OPTIMIZER = "optimizer.safetensors"  # a training run's AdamW state
@@ -285,31 +286,6 @@ def check_config_against_weights(config: ModelConfig, shapes: dict[str, tuple[in
     for name, shape in shapes.items():
         if shape != expected[name]:
             raise CheckpointError(f"weight {name!r} has shape {shape}. Note: config.json expects {expected[name]}")
-
-
-def parameter_count(config: ModelConfig) -> int:
-    """The number of parameters a model of ``config`` has, computed from meta models of one and two layers
-    (no memory, and no time that grows with a hostile n_layer)."""
-    def count(n_layer: int) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in AlibiLM(ModelConfig.from_dict({**config.to_dict(), "n_layer": n_layer}))
-                       .parameters())
-
-    one, two = count(1), count(2)
-    return one + (config.n_layer - 1) * (two - one)
-
-
-_SMALL = 64 << 20  # parameters (256 MiB in float32): a mismatch below this is named tensor by tensor instead
-
-
-def check_parameter_count(config: ModelConfig, available: int, where: str) -> None:
-    """Refuse a config whose model has more parameters than the weight files hold (each must be filled from
-    them), before the model is allocated: the bound for folders whose tensor names are not this project's.
-    A model small enough to build harmlessly is left to the per-tensor check, whose message names the tensor."""
-    need = parameter_count(config)
-    if need > available and need > _SMALL:
-        raise CheckpointError(f"config.json in {where} describes a model of {need:,} parameters, but the weights "
-                              f"hold at most {available:,}. Note: the config does not belong to these weights")
 
 
 def _load_own_weights(path: Path, config: ModelConfig, device: str,

@@ -132,8 +132,8 @@ def test_engine_sidecar_onnx_path_is_checked_before_it_is_opened(tmp_path, tiny_
 def test_hugging_face_config_is_bounded_by_its_weights(tmp_path, tiny_dir, monkeypatch):
     """A Hugging Face folder's tensor names are not ours, so the bound is the parameter count: a config whose
     model holds more parameters than the files is refused before the model is built."""
-    from alibi_export.checkpoint import check_parameter_count, parameter_count
-    from alibi_export.model import ModelConfig
+    from alibi_export.hf.weights import check_parameter_count
+    from alibi_export.model import ModelConfig, parameter_count
 
     config = load(tiny_dir).config
     start = time.perf_counter()

@@ -87,7 +87,8 @@ def test_same_export_from_two_install_folders_is_byte_identical(tiny_dir, tmp_pa
     for i, folder in enumerate([tmp_path / "a", tmp_path / "another" / "install"]):
         shutil.copytree(ROOT / "alibi_export", folder / "alibi_export",
                         ignore=shutil.ignore_patterns("__pycache__", "models"))
-        shutil.copytree(ROOT / "alibi_export" / "models" / "alibi-small", folder / "alibi_export" / "models" / "alibi-small")
+        shipped = Path("alibi_export", "models", "alibi-small")
+        shutil.copytree(ROOT / shipped, folder / shipped)
         out = tmp_path / f"m{i}.onnx"
         env = {**os.environ, "PYTHONPATH": str(folder)}
         proc = subprocess.run([sys.executable, "-c", _EXPORT, str(tiny_dir), str(out), "plugin"], env=env,

@@ -51,8 +51,7 @@ def load_model(path, data: dict, config):
     from ..model import AlibiLM
     from .weights import load_into, sha256_files, weight_files
 
-    from ..checkpoint import check_parameter_count
-    from .weights import stored_elements
+    from .weights import check_parameter_count, stored_elements
 
     family = architecture(data, str(path))
     files = weight_files(Path(path))

@@ -19,7 +19,8 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["weight_files", "stored_elements", "iter_tensors", "load_into", "sha256_files", "rename", "split_per_head_qkv"]
+__all__ = ["weight_files", "stored_elements", "check_parameter_count", "iter_tensors", "load_into", "sha256_files",
+           "rename", "split_per_head_qkv"]
 
 _SAFETENSORS, _SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 _BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -68,6 +69,21 @@ def stored_elements(files: list[Path]) -> int:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"corrupt weights {str(f)!r}: {e}") from None
     return total
+
+
+_SMALL = 64 << 20  # parameters (256 MiB in float32): a mismatch below this is named tensor by tensor instead
+
+
+def check_parameter_count(config, available: int, where: str) -> None:
+    """Refuse a config whose model has more parameters than the weight files hold (each must be filled from
+    them), before the model is allocated: the bound for folders whose tensor names are not this project's.
+    A model small enough to build harmlessly is left to the per-tensor check, whose message names the tensor."""
+    from ..model import parameter_count
+
+    need = parameter_count(config)
+    if need > available and need > _SMALL:
+        raise CheckpointError(f"config.json in {where} describes a model of {need:,} parameters, but the weights "
+                              f"hold at most {available:,}. Note: the config does not belong to these weights")
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
