@@ -303,9 +303,11 @@ def test_sigterm_during_an_export_leaves_no_staging(tiny_dir, tmp_path, rng):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         stderr = proc.communicate(timeout=300)[1]
-        hit += proc.returncode == 1
-        assert proc.returncode in (0, 1) and "Traceback" not in stderr, stderr  # never killed by the signal
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"] and written_by_alibi_export(out)
+        # handled as Ctrl-C: "Aborted." and status 1 (or, rarely, Python's own exit for an interrupt that
+        # arrives as the process ends, -SIGINT), never the default action of SIGTERM, never a traceback
+        hit += proc.returncode == 1
+        assert proc.returncode in (0, 1, -signal.SIGINT) and "Traceback" not in stderr, (proc.returncode, stderr)
     assert hit  # at least one signal landed while the staging folder existed
 
 
