@@ -146,6 +146,7 @@ train(TrainConfig(corpus=sys.argv[1], out=sys.argv[2], model=model, batch_size=2
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at", [1, 2])  # after the weights, after the optimizer state of the FIRST save
 def test_a_kill_during_the_first_save_is_recovered(corpus, tokenizer_file, tmp_path, at):
     """The reported failure: a kill during a new run's first save left only .tmp files, and the plain run,
@@ -257,6 +258,7 @@ if when == "after":
 """
 
 
+@pytest.mark.slow
 def test_an_export_killed_before_its_switch_leaves_the_old_pair_and_no_orphan(tiny_dir, tmp_path):
     """Killed after the new data file is in place and before the .onnx switch: the old pair still works; the
     next export removes the new data file (provably ours: the same inode as the dead process's staging copy)
