@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .errors import AlibiExportError
 
 __all__ = ["OnnxMetadata", "EngineSidecar", "read_metadata", "check_onnx_file", "model_config_of", "tokenizer_of",
            "sidecar_path", "read_sidecar", "onnx_of_engine", "is_our_engine", "relative_to_artifact", "NotOurArtifact",
+           "check_plain_name",
            "PREFIX", "PRODUCER"]
 
 PREFIX = "alibi_export."  # every metadata key of an exported ONNX file starts with it
@@ -90,6 +92,7 @@ class OnnxMetadata:
                 if raw is None:
                     raise KeyError(PREFIX + f.name)
                 values[f.name] = _parse_field(f.type, raw)
+            check_plain_name(values["source_name"], "source_name")
         except KeyError as e:
             raise NotOurArtifact(f"{where} has incomplete alibi-export metadata: {e.args[0]} is missing") from None
         except ValueError as e:
@@ -101,6 +104,18 @@ class OnnxMetadata:
         from .model import ModelConfig
 
         return ModelConfig.from_dict(self.config)
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """A name an artifact records for a file or folder beside it: no separator, not ``.``/``..``, not empty.
+
+    Readers look the name up next to the artifact; anything else (``../../x``, an absolute path) would make
+    a file from elsewhere steer what is loaded, so it is refused (ValueError) before anything is opened."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise ValueError(f"{what} {name!r} is not a plain name. Note: expected the name of a folder or file "
+                         "beside the artifact")
+    return name
 
 
 def _parse_field(kind: str, raw: str):
@@ -307,7 +322,15 @@ def onnx_of_engine(engine_path: str | Path) -> Path:
     """The ONNX file an engine was built from, found relative to the engine, checked by its SHA-256."""
     engine_path = Path(engine_path)
     sidecar = read_sidecar(engine_path)
-    source = engine_path.parent / sidecar.onnx
+    location = sidecar.onnx
+    if not isinstance(location, str) or not location or os.path.isabs(location) or "\0" in location \
+            or "\\" in location or not location.endswith(".onnx"):
+        raise NotOurArtifact(f"the sidecar of {str(engine_path)!r} names {location!r} as its ONNX file; expected a "
+                             "relative path to a .onnx file. Note: it was not opened; rebuild with `alibi-export trt`")
+    source = engine_path.parent / location
+    if source.exists() and not stat.S_ISREG(source.stat().st_mode):  # no device, FIFO or folder is opened
+        raise NotOurArtifact(f"the ONNX file {location!r} of {str(engine_path)!r} is not a regular file. "
+                             "Note: it was not opened")
     if not source.is_file():
         raise AlibiExportError(f"the ONNX file {sidecar.onnx!r} that {str(engine_path)!r} was built from is "
                                "missing. Note: expected it at that path relative to the engine")

@@ -114,6 +114,9 @@ class _OneLineErrors(click.Group):
 def main(verbose: bool):
     """Export ALiBi language models to ONNX and TensorRT, and prove they still extrapolate."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from ._io import handle_sigterm
+
+    handle_sigterm()  # SIGTERM (timeout, docker stop, CI cancellation) cleans up as Ctrl-C does
 
 
 @main.command()

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .alibi import SLOPE_RULES, alibi_bias, alibi_bias_bf16, slopes_for, token_positions
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE"]
+__all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE",
+           "parameter_count"]
 
 log = logging.getLogger(__name__)
 
@@ -540,3 +541,15 @@ class AlibiLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """The number of parameters a model of ``config`` has, computed from meta models of one and two layers
+    (no memory, and no time that grows with a hostile n_layer)."""
+    def count(n_layer: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in AlibiLM(ModelConfig.from_dict({**config.to_dict(), "n_layer": n_layer}))
+                       .parameters())
+
+    one, two = count(1), count(2)
+    return one + (config.n_layer - 1) * (two - one)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_path, check_replaceable, check_writable_dir
+from ._io import atomic_path, check_replaceable, check_writable_dir, sha256_file
 from .errors import DataError
 from .progress import progress, runner_label
 
@@ -172,8 +172,13 @@ def check_outputs(json_path: str | Path | None, plot_path: str | Path | None) ->
         check_replaceable(plot_path, _png_is_ours, "perplexity plot")
 
 
-def write_json(results: dict[str, list[PerplexityRow]], path: str | Path, **extra) -> None:
+def write_json(results: dict[str, list[PerplexityRow]], path: str | Path, *, text: str | Path | None = None,
+               **extra) -> None:
+    """``text``, the evaluated file, is recorded by its name and SHA-256: never by its path, which would put
+    a local path into a file meant to be shared, and which would not say what was evaluated."""
     check_outputs(path, None)
+    if text is not None:
+        extra = {"text": Path(text).name, "text_sha256": sha256_file(text), **extra}
     payload = {"producer": _PRODUCER, **extra,
                "results": {label: [asdict(r) for r in rows] for label, rows in results.items()}}
     with atomic_path(path) as tmp:

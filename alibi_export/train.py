@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._io import atomic_files, sha256_file
-from .checkpoint import CONFIG, TOKENIZER, WEIGHTS
+from ._io import is_temporary, sha256_file, sigterm_as_interrupt
+from .checkpoint import (CONFIG, CURRENT, OPTIMIZER, STATE, TOKENIZER, WEIGHTS, current_set, remove_stale_sets,
+                         verify_set, write_set)
 from .data import corpus_split, encode_text, read_text, train_tokenizer
 from .distributed import DistInfo, broadcast_text, check_batch, dist_info, mean_over_ranks, start, stop
 from .errors import CheckpointError, ConfigError, DataError
@@ -28,7 +29,6 @@ __all__ = ["TrainConfig", "TrainProgress", "train", "preflight", "prepare_output
            "CHECKPOINT_FILES"]
 
 log = logging.getLogger(__name__)
-STATE, OPTIMIZER = "trainer_state.json", "optimizer.safetensors"
 
 
 @dataclass(frozen=True)
@@ -103,16 +103,24 @@ def evaluate(model: AlibiLM, tokens: np.ndarray, length: int, device, autocast) 
     return math.exp(total / count)
 
 
-# The files a training checkpoint consists of; an update replaces these and nothing else in the folder.
+# The files a training checkpoint consists of (top-level links into its current set, see checkpoint.write_set);
+# an update replaces these, the `current` link and the step-* set folders, and nothing else in the folder.
 CHECKPOINT_FILES = (WEIGHTS, CONFIG, TOKENIZER, STATE, OPTIMIZER)
 
 
 def is_training_checkpoint(folder: Path) -> bool:
     """A folder this tool's training wrote: its trainer_state.json parses and records a training config."""
     try:
-        return "train_config" in json.loads((Path(folder) / STATE).read_text())
-    except (OSError, ValueError, TypeError):
+        return "train_config" in json.loads((current_set(folder) / STATE).read_text())
+    except (OSError, ValueError, TypeError, CheckpointError):
         return False
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Names in ``out`` that an interrupted save of an earlier alibi-export version left (temporaries that
+    name no owner process, so they cannot be proven stale): the user is told to remove them."""
+    names = [*CHECKPOINT_FILES, CURRENT]
+    return sorted(p.name for p in out.iterdir() if is_temporary(p.name, names))
 
 
 def prepare_output(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -123,6 +131,12 @@ def prepare_output(out: str | Path, *, resume: bool = False, overwrite: bool = F
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {str(out)!r} is a file. Note: expected a checkpoint folder")
+    if out.is_dir():
+        remove_stale_sets(out)  # what saves killed before their switch left: only ours, only of dead processes
+        leftovers = _leftovers(out)
+        if leftovers:
+            raise ConfigError(f"-o {str(out)!r} holds temporary files of an interrupted save: {', '.join(leftovers)}. "
+                              "Note: if no other alibi-export is writing there, remove those files and run again")
     contents = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if resume:
         if not is_training_checkpoint(out):
@@ -142,15 +156,13 @@ def prepare_output(out: str | Path, *, resume: bool = False, overwrite: bool = F
 
 
 def _save(model, tokenizer, optimizer, step: int, cfg: TrainConfig) -> None:
-    """Replace the checkpoint's own files, and only those: each is written under a temporary name first and
-    all are renamed together, trainer_state.json last, so that it vouches for a complete set."""
+    """Write the checkpoint as a new set and switch to it in one rename (see checkpoint.write_set):
+    trainer_state.json records the SHA-256 of the set's other files, checked whenever it is loaded."""
     from safetensors.torch import save_file
 
-    out = Path(cfg.out)
-    out.mkdir(exist_ok=True)
     names = [WEIGHTS, CONFIG, TOKENIZER] + ([OPTIMIZER] if cfg.save_optimizer else []) + [STATE]
-    with atomic_files([out / n for n in names]) as tmps:
-        tmp = dict(zip(names, tmps))
+
+    def write(tmp: dict[str, Path]) -> None:
         state = {k: v.detach().to("cpu", getattr(torch, cfg.save_dtype)).contiguous().clone()
                  for k, v in model.state_dict().items()}  # tied embeddings share storage: safetensors wants copies
         save_file(state, str(tmp[WEIGHTS]), metadata={"format": "pt"})
@@ -165,19 +177,19 @@ def _save(model, tokenizer, optimizer, step: int, cfg: TrainConfig) -> None:
         record = {"step": step, "train_config": {**asdict(cfg), "model": cfg.model.to_dict()},
                   "files": {n: sha256_file(tmp[n]) for n in names if n != STATE}}
         tmp[STATE].write_text(json.dumps(record, indent=2) + "\n")
-    if not cfg.save_optimizer:
-        # An optimizer state from an earlier save of this checkpoint would no longer match the weights.
-        (out / OPTIMIZER).unlink(missing_ok=True)
+
+    write_set(cfg.out, step, names, write)
 
 
 def _resume(model, optimizer, cfg: TrainConfig, device) -> int:
     from safetensors.torch import load_file
 
-    out = Path(cfg.out)
+    files = current_set(cfg.out)
+    verify_set(files)  # every file, the optimizer state too: a mixed set is refused, never resumed from
     try:
-        state = json.loads((out / STATE).read_text())
-        model.load_state_dict({k: v.float() for k, v in load_file(out / WEIGHTS).items()})
-        tensors = load_file(out / OPTIMIZER, device=str(device))
+        state = json.loads((files / STATE).read_text())
+        model.load_state_dict({k: v.float() for k, v in load_file(files / WEIGHTS).items()})
+        tensors = load_file(files / OPTIMIZER, device=str(device))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot resume from {cfg.out!r}: {e}. Note: resuming needs {STATE} "
                               f"and {OPTIMIZER} (train with save_optimizer)") from None
@@ -196,7 +208,7 @@ _RESUME_FIELDS = ("batch_size", "lr", "min_lr", "warmup", "weight_decay", "grad_
 def _check_resume_config(cfg: TrainConfig) -> None:
     """One line naming every field in which ``cfg`` differs from the checkpoint's run."""
     try:
-        saved = json.loads((Path(cfg.out) / STATE).read_text())["train_config"]
+        saved = json.loads((current_set(cfg.out) / STATE).read_text())["train_config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot resume from {cfg.out!r}: {e}. Note: resuming needs the "
                               f"{STATE} that `train` writes") from None
@@ -217,12 +229,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``cfg.out`` must be new, empty, or this tool's checkpoint (``resume`` continues it, ``overwrite``
     replaces its files); see :func:`prepare_output`. Under torchrun (WORLD_SIZE > 1) this process is
     one rank of a data-parallel run, see :mod:`.distributed`; ``on_progress`` is called on rank 0 only."""
-    info = preflight(cfg, resume=resume, overwrite=overwrite)
-    device = start(info, torch.device(cfg.device))
-    try:
-        return _train(cfg, resume, on_progress, info, device)
-    finally:
-        stop(info)
+    with sigterm_as_interrupt():  # SIGTERM (timeout, docker stop) cleans up as Ctrl-C does
+        info = preflight(cfg, resume=resume, overwrite=overwrite)
+        device = start(info, torch.device(cfg.device))
+        try:
+            return _train(cfg, resume, on_progress, info, device)
+        finally:
+            stop(info)
 
 
 def check_device(name: str) -> None:
@@ -271,7 +284,7 @@ def _load_tokenizer(cfg: TrainConfig, resume: bool, train_file, info: DistInfo, 
     from tokenizers import Tokenizer
 
     if resume:
-        return _read_tokenizer(Path(cfg.out) / TOKENIZER)
+        return _read_tokenizer(current_set(cfg.out) / TOKENIZER)
     if cfg.tokenizer:
         return _read_tokenizer(cfg.tokenizer)
     # trained once, on rank 0, and sent to the others: every rank must use the same vocabulary

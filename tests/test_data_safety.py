@@ -68,8 +68,11 @@ def test_checkpoint_update_replaces_only_its_own_files(corpus, tmp_path):
     train(_train_cfg(corpus, out, steps=2, save_optimizer=False), overwrite=True)
     assert (out / "MODEL_CARD.md").read_text() == "the user's card"
     assert not (out / "optimizer.safetensors").exists()  # the stale optimizer state of the replaced run
-    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors",
-                                                     "tokenizer.json", "trainer_state.json"]
+    names = sorted(p.name for p in out.iterdir())
+    step = [n for n in names if n.startswith("step-")]  # the one current set; the replaced run's is gone
+    assert len(step) == 1 and step[0].startswith("step-000002.") and (out / "current").readlink().name == step[0]
+    assert sorted(set(names) - set(step)) == ["MODEL_CARD.md", "config.json", "current", "model.safetensors",
+                                              "tokenizer.json", "trainer_state.json"]
 
 
 def test_resume_needs_a_checkpoint(corpus, tmp_path):

@@ -30,12 +30,10 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from .._io import check_writable_dir
+from .._io import check_writable_dir, exchange, remove_stale, sigterm_as_interrupt, stale, temp_dir
 from ..errors import ExportError
 
 __all__ = ["GENAI_VERSIONS", "GENAI_FILES", "MODEL_TYPE", "genai_config", "tokenizer_config", "export_genai"]
@@ -44,7 +42,6 @@ log = logging.getLogger(__name__)
 
 GENAI_VERSIONS = ">=0.18,<0.19"  # also pinned in pyproject.toml's `genai` extra
 GENAI_FILES = ("model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json")
-_DATA_FILE = re.compile(r"model\.onnx\.[0-9a-f]{16}\.data")  # a large model's weights (export/onnx_file.py)
 MODEL_TYPE = "decoder"
 _EOS = "<|endoftext|>"
 _EXTRAPOLATION = 16  # context length = this x the training length
@@ -112,27 +109,49 @@ def export_genai(checkpoint, out_dir: str | Path, **export_options):
 
 @contextlib.contextmanager
 def _staged_folder(out_dir: Path):
-    """Yield a new folder beside ``out_dir``; if the block succeeds it takes ``out_dir``'s place (a previous
-    folder there, checked to be one of ours, is removed only after the new one is in place)."""
+    """Yield a new folder beside ``out_dir``; if the block succeeds it takes ``out_dir``'s place.
+
+    At every instant ``out_dir`` is the old complete folder or the new one: the two are swapped in one
+    step (renameat2's RENAME_EXCHANGE) and only then is the old one, checked to be ours, removed. Where
+    the file system cannot swap, the old folder is moved aside (``.NAME.old.PID.XXXXXXXX.tmp``) and the
+    new one renamed in; a kill between the two is repaired by the next export, which moves the old one
+    back. Staging folders of dead processes are removed first."""
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes folders private; outputs are ordinary folders
-        if out_dir.exists():
-            _check_replaceable(out_dir)  # again: it may have changed during the export
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=parent))
-            os.replace(out_dir, old)  # onto our own empty temporary folder
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)  # only files this tool wrote (checked above)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # our staging folder, if it was not renamed
+    with sigterm_as_interrupt():
+        _recover(out_dir)
+        tmp = temp_dir(out_dir)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o755)  # mkdtemp makes folders private; outputs are ordinary folders
+            if out_dir.exists():
+                _check_replaceable(out_dir)  # again: it may have changed during the export
+                if exchange(tmp, out_dir):  # tmp now holds the old folder, removed below
+                    return
+                old = temp_dir(parent / f"{out_dir.name}.old")
+                os.replace(out_dir, old)  # onto our own empty temporary folder
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old)  # only files this tool wrote (checked above)
+            else:
+                os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # our staging folder, or the old folder swapped out
+
+
+def _recover(out_dir: Path) -> None:
+    """Undo what an export killed mid-switch left: if ``out_dir`` is missing, move the old folder that a
+    dead process had moved aside back in; then remove dead processes' staging and moved-aside folders."""
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    aside = stale(parent, f"{out_dir.name}.old")
+    if not out_dir.exists() and not out_dir.is_symlink() and aside:
+        newest = max(aside, key=lambda p: p.stat().st_mtime_ns)
+        os.replace(newest, out_dir)
+        log.warning("restored %s, which an interrupted export had moved aside", out_dir)
+    remove_stale(parent, [out_dir.name, f"{out_dir.name}.old"])
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """An existing folder is replaced only if it is empty or holds nothing but a folder of ours."""
+    """An existing folder is replaced only if it is empty or holds nothing but a folder of ours: the four
+    files, and the data files that its own model.onnx refers to (a file merely named like one is not ours)."""
     check_writable_dir(out_dir.parent if str(out_dir.parent) else Path("."))
     if out_dir.is_symlink():  # replacing it would move the link, and removing "the old folder" would follow it
         raise ExportError(f"{str(out_dir)!r} is a symbolic link. Note: pass the folder itself, or a new path")
@@ -140,11 +159,17 @@ def _check_replaceable(out_dir: Path) -> None:
         raise ExportError(f"{str(out_dir)!r} exists and is not a folder. Note: a genai export writes a folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
-    names = {p.name for p in out_dir.iterdir() if not _DATA_FILE.fullmatch(p.name)}
-    ours = names <= set(GENAI_FILES) and "model.onnx" in names and _written_by_us(out_dir / "model.onnx")
-    if not ours:
-        raise ExportError(f"output folder {str(out_dir)!r} is not empty and was not written by alibi-export. "
-                          "Note: pass a new or empty folder")
+    from .onnx_file import data_files_of
+
+    model = out_dir / "model.onnx"
+    ours = _written_by_us(model)
+    recorded = {p.name for p in data_files_of(model)} if ours else set()
+    names = {p.name for p in out_dir.iterdir()}
+    foreign = sorted(names - set(GENAI_FILES) - recorded)
+    if not ours or foreign:
+        detail = f" (it holds {', '.join(foreign[:3])}, which no export of ours recorded)" if ours else ""
+        raise ExportError(f"output folder {str(out_dir)!r} is not empty and was not written by alibi-export"
+                          f"{detail}. Note: pass a new or empty folder, or move those files away")
 
 
 def _written_by_us(path: Path) -> bool:

@@ -7,23 +7,34 @@ file the previous export's ``.onnx`` still points to: the new data file is writt
 renamed over the old one in a single step, and only then is the previous export's data file, now referenced by
 nothing, removed. A crash at any point leaves the old pair or the new pair, never a mix. The same content gives
 the same name, so exporting twice gives byte-identical files.
+
+The data file is hard-linked into place from the staging folder (``.NAME.onnx.PID.XXXXXXXX.tmp/``), so a kill
+between the two renames leaves a data file that is provably ours (the same inode as the one in our staging
+folder of a dead process): the next export of NAME removes it with the stale staging folder. A data file of
+that name that no export of ours left is never touched.
+
+The file holds no path of the exporting machine: torch.onnx records each node's Python stack trace (the
+venv's and the source tree's absolute paths) and doc strings; :func:`strip_local_paths` removes them, in
+subgraphs and functions too, so the same export from two install folders gives the same bytes.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
 
 import onnx
 
-from .._io import check_replaceable, check_writable_dir, sha256_file
+from .._io import (atomic_path, check_replaceable, check_writable_dir, sha256_file, sigterm_as_interrupt, stale,
+                   temp_dir)
 from ..artifacts import PRODUCER
 from ..errors import ExportError
 from ._weights import write_external_data
 
-__all__ = ["write_onnx", "rewrite_metadata", "written_by_alibi_export", "data_files_of", "PRODUCER"]
+__all__ = ["write_onnx", "rewrite_metadata", "written_by_alibi_export", "data_files_of", "strip_local_paths",
+           "PRODUCER"]
 
 _STAGED = "weights.data"  # the data file's name inside the staging folder, before it gets its content name
 
@@ -63,6 +74,56 @@ def _check(path: Path) -> None:
         raise ExportError(f"exported graph failed onnx.checker: {str(e).splitlines()[0]}") from None
 
 
+# Node metadata that torch.onnx writes and that names files of the exporting machine.
+_LOCAL_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+
+def _strip_graph(graph: onnx.GraphProto) -> None:
+    graph.doc_string = ""
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        info.doc_string = ""
+    _strip_nodes(graph.node)
+
+
+def _strip_nodes(nodes) -> None:
+    for node in nodes:
+        node.doc_string = ""
+        kept = [p for p in node.metadata_props if p.key not in _LOCAL_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        for attr in node.attribute:
+            attr.doc_string = ""
+            if attr.HasField("g"):
+                _strip_graph(attr.g)
+            for g in attr.graphs:
+                _strip_graph(g)
+
+
+def strip_local_paths(proto: onnx.ModelProto) -> None:
+    """Remove what names the exporting machine's files: each node's stack trace and every doc string, in
+    the main graph, its subgraphs (Loop and If bodies) and the model's functions."""
+    proto.doc_string = ""
+    _strip_graph(proto.graph)
+    for function in proto.functions:
+        function.doc_string = ""
+        _strip_nodes(function.node)
+
+
+def _remove_orphans(out: Path) -> None:
+    """Remove the staging folders of ``out`` that dead processes left, and each data file beside ``out``
+    that one of them had linked into place (same inode) but ``out`` does not refer to."""
+    referenced = data_files_of(out) if out.is_file() else set()
+    for staging in stale(out.parent, out.name):
+        if staging.is_dir() and not staging.is_symlink():
+            for f in staging.iterdir():
+                beside = out.with_name(f.name)
+                with contextlib.suppress(OSError):
+                    if (f.name.endswith(".data") and beside not in referenced and beside.is_file()
+                            and os.path.samefile(f, beside)):
+                        beside.unlink()
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _set_location(proto: onnx.ModelProto, location: str) -> None:
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         for entry in tensor.external_data:
@@ -80,32 +141,15 @@ def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data:
     out = Path(out)
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")
-    previous_data = data_files_of(out) if out.is_file() else set()
-    data = None
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as staging:
-        staged = Path(staging) / out.name
-        if external_data:
-            if weights is not None:
-                write_external_data(proto, weights, Path(staging) / _STAGED, _STAGED)
-            else:
-                onnx.save(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=_STAGED)
-            digest = sha256_file(Path(staging) / _STAGED)
-            data = out.with_name(f"{out.name}.{digest[:16]}.data")
-            _set_location(proto, data.name)  # the tensors now only point to their bytes: rewriting is cheap
-            os.rename(Path(staging) / _STAGED, Path(staging) / data.name)
-            onnx.save(proto, staged)
-        else:
-            onnx.save(proto, staged)
-        _check(staged)
-        for f in Path(staging).iterdir():
-            os.chmod(f, 0o644)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if data is not None:
-            if data.exists() and sha256_file(data) != digest:
-                raise ExportError(f"{str(data)!r} exists with other content: refusing to replace it")
-            os.replace(Path(staging) / data.name, data)  # a new name: the old pair is untouched
-        os.replace(staged, out)  # the switch: from here on the new pair is the export
+    with sigterm_as_interrupt():
+        _remove_orphans(out)
+        previous_data = data_files_of(out) if out.is_file() else set()
+        strip_local_paths(proto)
+        staging = temp_dir(out)
+        try:
+            data = _write_staged(proto, out, staging, external_data, weights)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     for old in previous_data - ({data} if data else set()):
         with contextlib.suppress(FileNotFoundError):
             old.unlink()  # the previous export's data file, written by this tool and referenced by nothing now
@@ -123,14 +167,37 @@ def rewrite_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
         raise ExportError(f"{str(path)!r} was not written by alibi-export: refusing to rewrite its metadata")
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
-    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as staged:  # owned temporary, fsync, rename; SIGTERM cleans up as Ctrl-C
         onnx.save(proto, staged)  # external tensors keep their locations, relative to the same folder
-        os.chmod(staged, 0o644)
-        with open(staged, "rb") as fh:
+
+
+def _write_staged(proto, out: Path, staging: Path, external_data: bool, weights) -> Path | None:
+    """Write the file (and its data file) in ``staging``, check it, and switch it in; returns the data file."""
+    staged = staging / out.name
+    data = None
+    if external_data:
+        if weights is not None:
+            write_external_data(proto, weights, staging / _STAGED, _STAGED)
+        else:
+            onnx.save(proto, staged, save_as_external_data=True, all_tensors_to_one_file=True, location=_STAGED)
+        digest = sha256_file(staging / _STAGED)
+        data = out.with_name(f"{out.name}.{digest[:16]}.data")
+        _set_location(proto, data.name)  # the tensors now only point to their bytes: rewriting is cheap
+        os.rename(staging / _STAGED, staging / data.name)
+    onnx.save(proto, staged)
+    _check(staged)
+    for f in staging.iterdir():
+        os.chmod(f, 0o644)
+        with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(staged, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staged)
+    if data is not None:
+        if data.exists():
+            if sha256_file(data) != digest:
+                raise ExportError(f"{str(data)!r} exists with other content: refusing to replace it")
+        else:
+            try:  # a link, not a move: until the switch, our staging folder vouches that this file is ours
+                os.link(staging / data.name, data)
+            except OSError:  # a file system without hard links
+                os.replace(staging / data.name, data)
+    os.replace(staged, out)  # the switch: from here on the new pair is the export
+    return data

@@ -51,8 +51,11 @@ def load_model(path, data: dict, config):
     from ..model import AlibiLM
     from .weights import load_into, sha256_files, weight_files
 
+    from .weights import check_parameter_count, stored_elements
+
     family = architecture(data, str(path))
     files = weight_files(Path(path))
+    check_parameter_count(config, stored_elements(files), repr(str(path)))  # before anything is allocated
     model = AlibiLM(config)
     load_into(model, files, lambda n, t: family.convert(n, t, config), skip=lambda n: family.skip(n, config))
     return model, sha256_files(files)

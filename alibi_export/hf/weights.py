@@ -19,7 +19,8 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["weight_files", "iter_tensors", "load_into", "sha256_files", "rename", "split_per_head_qkv"]
+__all__ = ["weight_files", "stored_elements", "check_parameter_count", "iter_tensors", "load_into", "sha256_files",
+           "rename", "split_per_head_qkv"]
 
 _SAFETENSORS, _SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 _BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -45,6 +46,44 @@ def weight_files(path: Path) -> list[Path]:
             return [path / single]
     raise CheckpointError(f"no weights in {str(path)!r}. Note: expected {_SAFETENSORS}, {_SAFE_INDEX} with its "
                           f"shards, or a legacy {_BIN}")
+
+
+def stored_elements(files: list[Path]) -> int:
+    """An upper bound on the number of tensor elements ``files`` hold, without reading any tensor: the
+    safetensors headers' shapes; for a pickled file, its size in bytes over 2 (no weight is narrower than
+    16 bits here)."""
+    from safetensors import SafetensorError, safe_open
+
+    total = 0
+    for f in files:
+        if f.suffix != ".safetensors":
+            total += f.stat().st_size // 2
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as shard:
+                for name in shard.keys():
+                    n = 1
+                    for d in shard.get_slice(name).get_shape():
+                        n *= d
+                    total += n
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"corrupt weights {str(f)!r}: {e}") from None
+    return total
+
+
+_SMALL = 64 << 20  # parameters (256 MiB in float32): a mismatch below this is named tensor by tensor instead
+
+
+def check_parameter_count(config, available: int, where: str) -> None:
+    """Refuse a config whose model has more parameters than the weight files hold (each must be filled from
+    them), before the model is allocated: the bound for folders whose tensor names are not this project's.
+    A model small enough to build harmlessly is left to the per-tensor check, whose message names the tensor."""
+    from ..model import parameter_count
+
+    need = parameter_count(config)
+    if need > available and need > _SMALL:
+        raise CheckpointError(f"config.json in {where} describes a model of {need:,} parameters, but the weights "
+                              f"hold at most {available:,}. Note: the config does not belong to these weights")
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
