@@ -71,12 +71,14 @@ def _set_location(proto: onnx.ModelProto, location: str) -> None:
 
 
 def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data: bool,
-               weights: dict | None = None) -> Path | None:
+               weights: dict | None = None, check=None) -> Path | None:
     """Check ``proto`` and write it to ``out``; with ``external_data`` its weights go to one data file beside it.
 
     Returns the data file's path, or None. ``out`` may be replaced only if this tool wrote it. ``proto`` is
     consumed: with external data its tensors are emptied as they are written. ``weights``: the weights an
-    export kept apart from ``proto`` (see :mod:`._weights`), streamed into the data file one tensor at a time."""
+    export kept apart from ``proto`` (see :mod:`._weights`), streamed into the data file one tensor at a time.
+    ``check(path)``: called on the complete staged file (its data file beside it, both under their final names)
+    before anything takes ``out``'s place; if it raises, nothing is replaced and the staged files are deleted."""
     out = Path(out)
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")
@@ -97,6 +99,8 @@ def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data:
         else:
             onnx.save(proto, staged)
         _check(staged)
+        if check is not None:
+            check(staged)  # e.g. parity with the source model: a file that fails it never takes the name
         for f in Path(staging).iterdir():
             os.chmod(f, 0o644)
             with open(f, "rb") as fh:
