@@ -328,6 +328,10 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     if not genai:  # a genai folder is checked by export_genai, which owns that format
         check_replaceable(out, written_by_alibi_export, "ONNX file")
     # Every option is checked before any work: nothing is traced, written or replaced for a bad one.
+    if not model.is_dir():
+        from .checkpoint import load
+
+        load(model)  # refuses it in one line: not a checkpoint folder
     cfg = config_of(model)
     seq_len = seq_len or cfg.train_len
     shape = None if options["dynamic_len"] else (batch, seq_len)

@@ -35,22 +35,22 @@ def test_main_job_dynamic_export(tmp_path, seed):
 
 
 def test_fixed_length_export_says_so(tmp_path, tiny_dir):
-    proc = run_cli("onnx", tiny_dir, "-o", tmp_path / "f.onnx", "--no-validate")
+    proc = run_cli("onnx", tiny_dir, "--fixed-len", "-o", tmp_path / "f.onnx", "--no-validate")
     assert proc.returncode == 0, proc.stderr
     assert "FIXED-LENGTH" in proc.stdout
 
 
 def test_validate_command(tmp_path, shipped_onnx, seed):
-    result = CliRunner().invoke(main, ["validate", str(shipped_onnx), "--model", str(SHIPPED), "--lengths",
-                                       "16,300", "--seed", str(seed)])
+    result = CliRunner().invoke(main, ["validate", str(shipped_onnx), str(SHIPPED), "--lengths", "16,300", "--seed",
+                                       str(seed)])
     assert result.exit_code == 0, result.output
     assert "parity PASS" in result.output
 
 
 def test_validate_fails_beyond_tolerance(tmp_path, shipped_onnx, seed):
     """Against a different model the logits disagree: exit code 1, FAIL in the table."""
-    result = CliRunner().invoke(main, ["validate", str(shipped_onnx), "--model", str(SHIPPED_SINUSOIDAL),
-                                       "--lengths", "32", "--seed", str(seed)])
+    result = CliRunner().invoke(main, ["validate", str(shipped_onnx), str(SHIPPED_SINUSOIDAL), "--lengths", "32",
+                                       "--seed", str(seed)])
     assert result.exit_code == 1
     assert "FAIL" in result.output
 
