@@ -381,8 +381,8 @@ def _export_check(out, ckpt, lengths, text, seed, ppl_tolerance, shape):
             return
         provider = "cuda" if (meta.attention, meta.dtype) == ("onnx", "float16") else "cpu"
         _run_check(staged, ckpt, lengths, text, seed=seed, provider=provider, ppl_tolerance=ppl_tolerance,
-                   batch=shape[0] if shape else None, failed=f"{out} was not written (the failed export was "
-                   f"deleted{'; a previous ' + str(out) + ' is unchanged' if out.exists() else ''})")
+                   batch=shape[0] if shape else None,
+                   failed=f"{out} {'is unchanged' if out.exists() else 'was not written'}; the failed export was deleted")
 
     return check
 
