@@ -380,9 +380,9 @@ def _export_check(out, ckpt, lengths, text, seed, ppl_tolerance, shape):
                        f"Note: on a GPU run `alibi-export validate {out} --provider cuda`")
             return
         provider = "cuda" if (meta.attention, meta.dtype) == ("onnx", "float16") else "cpu"
+        kept = "is unchanged" if out.exists() else "was not written"
         _run_check(staged, ckpt, lengths, text, seed=seed, provider=provider, ppl_tolerance=ppl_tolerance,
-                   batch=shape[0] if shape else None,
-                   failed=f"{out} {'is unchanged' if out.exists() else 'was not written'}; the failed export was deleted")
+                   batch=shape[0] if shape else None, failed=f"{out} {kept}; the failed export was deleted")
 
     return check
 
@@ -394,7 +394,7 @@ def _run_check(path, ckpt, lengths, text, *, seed=None, provider="cpu", ppl_tole
     from .data import encode_text, read_text
     from .errors import ParityError
     from .runtime import artifact_file
-    from .validate import check_export
+    from .validate import KV_STEPS, check_export
 
     meta = read_metadata(artifact_file(path))
     tokens = None
@@ -403,7 +403,8 @@ def _run_check(path, ckpt, lengths, text, *, seed=None, provider="cpu", ppl_tole
     if meta.quantization and tokens is None:
         raise click.ClickException("a quantized export is checked by perplexity. Note: pass --text FILE")
     if meta.kv_cache and not meta.quantization:
-        click.echo(f"KV-cache parity: prefill L-8 tokens, decode 8 one at a time, vs one forward of the reference")
+        click.echo(f"KV-cache parity: prefill L-{KV_STEPS} tokens, decode {KV_STEPS} one at a time, vs one forward of "
+                   "the reference")
     result = check_export(path, ckpt.model if reference is None else reference, lengths, tokens=tokens, batch=batch,
                           seed=seed, provider=provider, ppl_tolerance=ppl_tolerance)
     train_len = ckpt.config.train_len
@@ -523,18 +524,14 @@ def validate(export, model, model_option, lengths, batch, seed, provider, text, 
 def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path):
     """Perplexity per evaluation length for each MODEL: an export (.onnx or genai folder in ONNX Runtime,
     .engine in TensorRT) or a checkpoint folder (PyTorch). Writes no file unless --json or --plot asks."""
-    from .perplexity import (check_outputs, config_of, evaluate_model, labels_for, plot_perplexity,
-                             write_json)
+    from .perplexity import (check_outputs, common_train_len, config_of, evaluate_model, labels_for,
+                             plot_perplexity, write_json)
     from .sizes import check_evaluation_fits, resolve_lengths
 
     check_outputs(json_path, plot_path)
     text = _read_text_option(text if text is not None else default_text())
     configs = [config_of(m) for m in models]
-    train_lens = {c.train_len for c in configs}
-    if (lengths is None or any(isinstance(x, str) for x in lengths)) and len(train_lens) > 1:
-        raise click.ClickException(f"the models were trained at different lengths ({', '.join(map(str, sorted(train_lens)))}): "
-                                   "multiples of the training length would differ. Note: give --lengths in tokens")
-    resolved = resolve_lengths(lengths, configs[0].train_len)
+    resolved = resolve_lengths(lengths, common_train_len(configs, lengths))
     for cfg in configs:
         check_evaluation_fits(cfg, resolved, 1, "evaluating")
     results = {}

@@ -18,7 +18,7 @@ from .errors import DataError
 from .progress import progress, runner_label
 
 __all__ = ["PerplexityRow", "PerplexityComparison", "perplexity", "compare_perplexity", "evaluate_model", "write_json",
-           "plot_perplexity", "check_outputs", "config_of", "labels_for"]
+           "plot_perplexity", "check_outputs", "config_of", "common_train_len", "labels_for"]
 
 
 @dataclass
@@ -167,6 +167,16 @@ def config_of(model: str | Path):
     from .artifacts import model_config_of
 
     return model_config_of(artifact_file(path))
+
+
+def common_train_len(configs, spec) -> int:
+    """The training length that multiples in ``spec`` (None: the default multiples) refer to, for models that
+    are compared at the same lengths: refused when the models were trained at different lengths."""
+    train_lens = sorted({c.train_len for c in configs})
+    if (spec is None or any(isinstance(x, str) for x in spec)) and len(train_lens) > 1:
+        raise DataError(f"the models were trained at different lengths ({', '.join(map(str, train_lens))}), so "
+                        "multiples of the training length differ between them. Note: give --lengths in tokens")
+    return configs[0].train_len
 
 
 def labels_for(models) -> list[str]:
