@@ -473,9 +473,9 @@ def validate(export, model, model_option, lengths, batch, seed, provider, text, 
     The check is the one the file calls for: parity of the logits at each length (a KV-cache file through its
     cache), or for a quantized file the perplexity gate."""
     from .artifacts import read_metadata
-    from .runtime import artifact_file, require_gpu
+    from .runtime import artifact_file, fixed_shape, require_gpu
     from .sizes import check_evaluation_fits
-    from .validate import fixed_shape, lengths_for, source_checkpoint
+    from .validate import lengths_for, source_checkpoint
 
     if model and model_option:
         raise click.ClickException("MODEL given twice (as an argument and as --model). Note: give it once")

@@ -127,9 +127,15 @@ def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, s
     """Perplexity of an export (``.onnx``, ``.engine`` or onnxruntime-genai folder; see
     :func:`~alibi_export.runtime.runner_for`) or a checkpoint folder (PyTorch) on a text file."""
     from .data import encode_text, read_text
-    from .runtime import runner_for
+    from .runtime import artifact_file, fixed_shape, is_genai_folder, runner_for
 
     text = read_text(text)  # a missing or unreadable text fails before any model loads
+    if not Path(model).is_dir() or is_genai_folder(model):
+        shape = fixed_shape(artifact_file(model))
+        if shape is not None and (shape[0] != 1 or set(lengths) != {shape[1]}):
+            raise DataError(f"{str(model)!r} is a fixed-length export of shape (batch {shape[0]}, length {shape[1]}): "
+                            f"it is evaluated at length {shape[1]} and batch 1 only. Note: pass --lengths "
+                            f"{shape[1]}, or export with a dynamic length (the default)")
     tokenizer, vocab_size = _tokenizer_of(model)
     tokens = encode_text(tokenizer, text)
     if len(tokens) and int(tokens.max()) >= vocab_size:

@@ -15,7 +15,7 @@ from .errors import AlibiExportError
 from .progress import progress, runner_label
 
 __all__ = ["LengthResult", "CompareResult", "compare", "compare_kv_cache", "TOLERANCES", "tolerance_of", "GateResult",
-           "perplexity_gate", "ExportCheck", "check_export", "fixed_shape", "lengths_for", "source_checkpoint",
+           "perplexity_gate", "ExportCheck", "check_export", "lengths_for", "source_checkpoint",
            "KV_STEPS"]
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
     """Compare an export (``.onnx`` file, ``.engine`` or genai folder; see :func:`~alibi_export.runtime.runner_for`)
     with ``reference`` (a TorchRunner or any Polygraphy runner). A KV-cache file decodes the last ``steps``
     tokens of each input one at a time through its cache."""
-    from .runtime import artifact_file, runner_for
+    from .runtime import artifact_file, fixed_shape, runner_for
 
     onnx_path = artifact_file(onnx_path)
     shape = fixed_shape(onnx_path)
@@ -170,28 +170,10 @@ class ExportCheck:
         return bool(self.parity if self.gate is None else self.gate)
 
 
-def fixed_shape(path: str | Path) -> tuple[int, int] | None:
-    """(batch, length) of a fixed-length export (an ``.onnx`` file, or the one an ``.engine`` was built from);
-    None for a dynamic one."""
-    import onnx
-
-    from .artifacts import onnx_of_engine, read_metadata
-
-    path = Path(path)
-    if read_metadata(path).dynamic_len:
-        return None
-    source = onnx_of_engine(path) if path.suffix == ".engine" else path
-    dims = onnx.load(str(source), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    if len(dims) != 2 or not all(d.HasField("dim_value") for d in dims):
-        raise AlibiExportError(f"{str(path)!r} says it is a fixed-length export, but its input_ids has no fixed "
-                               "shape. Note: re-export it")
-    return dims[0].dim_value, dims[1].dim_value
-
-
 def lengths_for(path: str | Path, spec, train_len: int) -> list[int]:
     """The lengths to check an export at: ``spec`` (see :func:`alibi_export.sizes.parse_lengths`) resolved against
     ``train_len``; a fixed-length export runs at its own length only (its default)."""
-    from .runtime import artifact_file
+    from .runtime import artifact_file, fixed_shape
     from .sizes import resolve_lengths
 
     shape = fixed_shape(artifact_file(path))
@@ -245,7 +227,7 @@ def check_export(path: str | Path, reference, lengths: list[int], *, tokens=None
 
     from .artifacts import read_metadata
     from .perplexity import perplexity
-    from .runtime import artifact_file, runner_for
+    from .runtime import artifact_file, fixed_shape, runner_for
     from .runtime.pytorch import TorchRunner
 
     file = artifact_file(path)

@@ -11,8 +11,8 @@ from pathlib import Path
 from ..errors import AlibiExportError
 from .generate import GenerationResult, GenerationSession
 
-__all__ = ["runner_for", "make_runner", "artifact_file", "is_genai_folder", "require_gpu", "GenerationSession",
-           "GenerationResult"]
+__all__ = ["runner_for", "make_runner", "artifact_file", "is_genai_folder", "fixed_shape", "require_gpu",
+           "GenerationSession", "GenerationResult"]
 
 GENAI_MODEL = "model.onnx"  # the model file of an onnxruntime-genai folder (export/genai.py writes it)
 _GENAI_CONFIG = "genai_config.json"
@@ -72,6 +72,24 @@ def runner_for(model: str | Path, *, provider: str = "cpu", threads: int | None 
 
 
 make_runner = runner_for  # the earlier name, kept for scripts
+
+
+def fixed_shape(path: str | Path) -> tuple[int, int] | None:
+    """(batch, length) of a fixed-length export (an ``.onnx`` file, or the one an ``.engine`` was built from);
+    None for a dynamic one."""
+    import onnx
+
+    from ..artifacts import onnx_of_engine, read_metadata
+
+    path = Path(path)
+    if read_metadata(path).dynamic_len:
+        return None
+    source = onnx_of_engine(path) if path.suffix == ".engine" else path
+    dims = onnx.load(str(source), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 2 or not all(d.HasField("dim_value") for d in dims):
+        raise AlibiExportError(f"{str(path)!r} says it is a fixed-length export, but its input_ids has no fixed "
+                               "shape. Note: re-export it")
+    return dims[0].dim_value, dims[1].dim_value
 
 
 def _cuda_device_count() -> int:
