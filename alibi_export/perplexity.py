@@ -127,9 +127,14 @@ def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, s
     """Perplexity of an export (``.onnx``, ``.engine`` or onnxruntime-genai folder; see
     :func:`~alibi_export.runtime.runner_for`) or a checkpoint folder (PyTorch) on a text file."""
     from .data import encode_text, read_text
-    from .runtime import artifact_file, fixed_shape, is_genai_folder, runner_for
+    from .runtime import artifact_file, fixed_shape, is_genai_folder, require_gpu, runner_for
 
     text = read_text(text)  # a missing or unreadable text fails before any model loads
+    if Path(model).suffix == ".engine":
+        from .artifacts import read_sidecar
+
+        read_sidecar(model)  # a missing or mismatched sidecar first
+        require_gpu(f"running the TensorRT engine {str(model)!r}")
     if not Path(model).is_dir() or is_genai_folder(model):
         shape = fixed_shape(artifact_file(model))
         if shape is not None and (shape[0] != 1 or set(lengths) != {shape[1]}):

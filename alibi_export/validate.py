@@ -67,13 +67,15 @@ def compare(onnx_path: str | Path, reference, lengths: list[int], *, batch: int 
     """Compare an export (``.onnx`` file, ``.engine`` or genai folder; see :func:`~alibi_export.runtime.runner_for`)
     with ``reference`` (a TorchRunner or any Polygraphy runner). A KV-cache file decodes the last ``steps``
     tokens of each input one at a time through its cache."""
-    from .runtime import artifact_file, fixed_shape, runner_for
+    from .runtime import artifact_file, fixed_shape, require_gpu, runner_for
 
     onnx_path = artifact_file(onnx_path)
     shape = fixed_shape(onnx_path)
     if shape is not None and (set(lengths) != {shape[1]} or batch != shape[0]):
         raise AlibiExportError(f"{str(onnx_path)!r} is a fixed-length export of shape (batch {shape[0]}, length "
                                f"{shape[1]}): validate it at that length and batch only")
+    if onnx_path.suffix == ".engine":
+        require_gpu(f"running the TensorRT engine {str(onnx_path)!r}")
     candidate = runner_for(onnx_path, provider=provider, threads=threads, steps=steps)
     return _compare_runners(onnx_path, reference, candidate, lengths, batch=batch, seed=seed, tolerance=tolerance)
 

@@ -34,7 +34,8 @@ def runner_for(model: str | Path, *, provider: str = "cpu", threads: int | None 
     """The runner for an export or a checkpoint, chosen by what it is:
 
     - a checkpoint folder: PyTorch (``attention``: the model's attention implementation);
-    - an ``.engine``: TensorRT (refused in one line on a machine without an NVIDIA GPU);
+    - an ``.engine``: TensorRT (built here on any machine; running it needs an NVIDIA GPU, see
+      :func:`require_gpu`);
     - an ``.onnx`` file (or an onnxruntime-genai folder's ``model.onnx``) whose metadata says KV cache: ONNX
       Runtime through the cache, prefilling all but the last ``steps`` tokens of each input and decoding those
       one at a time (see :mod:`.incremental`);
@@ -51,8 +52,7 @@ def runner_for(model: str | Path, *, provider: str = "cpu", threads: int | None 
         from .tensorrt.runner import TrtEngineRunner
 
         read_sidecar(path)  # a missing or mismatched sidecar is the first thing to say
-        require_gpu(f"running the TensorRT engine {str(path)!r}")
-        return TrtEngineRunner(path)
+        return TrtEngineRunner(path)  # runs on a GPU only: whoever runs it calls require_gpu first
     if path.suffix == ".onnx" or path.is_file():
         from ..artifacts import NotOurArtifact, read_metadata
 
