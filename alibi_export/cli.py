@@ -417,7 +417,8 @@ def _run_check(path, ckpt, lengths, text, *, seed=None, provider="cpu", ppl_tole
     if not result:
         what = (f"accuracy gate failed: perplexity ratio beyond {result.gate.tolerance:g}x (--ppl-tolerance "
                 "changes it)" if result.gate is not None else
-                "parity check failed: ONNX Runtime logits differ from the reference beyond tolerance")
+                f"parity check failed: the export's logits differ from the "
+                f"{'pytorch' if reference is None else reference.name} reference beyond tolerance")
         raise ParityError(what + (f"; {failed}" if failed else ""))
 
 
