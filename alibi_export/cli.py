@@ -311,7 +311,7 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     from .export.onnx_file import written_by_alibi_export
     from .export.targets import resolve_target
     from .perplexity import config_of
-    from .sizes import check_evaluation_fits
+    from .sizes import check_evaluation_fits, resolve_lengths
 
     if target:
         explicit = {k for k in options if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
@@ -335,11 +335,12 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     cfg = config_of(model)
     seq_len = seq_len or cfg.train_len
     shape = None if options["dynamic_len"] else (batch, seq_len)
-    lengths = _export_lengths(lengths, cfg.train_len, shape)
+    lengths = resolve_lengths(lengths, cfg.train_len, fixed=shape[1] if shape else None)
     check_evaluation_fits(cfg, lengths, 1 if shape is None else batch,
                           "this export's check" if validate else "a fixed-length export")
-    if validate:
-        text = _read_text_option(text if text is not None else (default_text() if default_text().is_file() else None))
+    if text is None and validate and default_text().is_file():
+        text = default_text()
+    _read_text_option(text)
     from .checkpoint import load  # torch: after the checks above, so that they answer at once
     from .export.genai import export_genai
     from .export.onnx import export_onnx
@@ -352,19 +353,6 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     click.echo(_export_line(model, out, result, options, seq_len, batch, time.perf_counter() - t0))
     if not options["dynamic_len"]:
         click.echo("note: this is a FIXED-LENGTH export; drop --fixed-len for one file that runs at any length")
-
-
-def _export_lengths(spec, train_len, shape):
-    """The lengths an export is checked at: a fixed-length export's own length only."""
-    from .sizes import resolve_lengths
-
-    if shape is None:
-        return resolve_lengths(spec, train_len)
-    lengths = [shape[1]] if spec is None else resolve_lengths(spec, train_len)
-    if set(lengths) != {shape[1]}:
-        raise click.ClickException(f"a fixed-length export runs at its own length ({shape[1]}) only, not "
-                                   f"{','.join(map(str, lengths))}. Note: drop --lengths, or drop --fixed-len")
-    return lengths
 
 
 def _export_check(out, ckpt, lengths, text, seed, ppl_tolerance, shape):

@@ -35,8 +35,16 @@ def parse_lengths(text: str) -> tuple[int | str, ...]:
     return tuple(items)
 
 
-def resolve_lengths(spec, train_len: int | None) -> list[int]:
-    """Token counts for ``spec`` (what :func:`parse_lengths` gives; None: the default multiples)."""
+def resolve_lengths(spec, train_len: int | None, *, fixed: int | None = None) -> list[int]:
+    """Token counts for ``spec`` (what :func:`parse_lengths` gives; None: the default multiples). For a
+    fixed-length graph of length ``fixed`` the default is that length, and any other length is refused."""
+    if fixed is not None:
+        lengths = [fixed] if spec is None else resolve_lengths(spec, train_len)
+        if set(lengths) != {fixed}:
+            raise AlibiExportError(f"a fixed-length export runs at its own length ({fixed}) only, not "
+                                   f"{','.join(map(str, lengths))}. Note: drop --lengths, or use a dynamic-length "
+                                   "export (the default of `onnx`)")
+        return lengths
     spec = tuple(f"{m}x" for m in DEFAULT_MULTIPLES) if spec is None else spec
     out = []
     for item in spec:

@@ -179,14 +179,7 @@ def lengths_for(path: str | Path, spec, train_len: int) -> list[int]:
     from .sizes import resolve_lengths
 
     shape = fixed_shape(artifact_file(path))
-    if shape is None:
-        return resolve_lengths(spec, train_len)
-    lengths = [shape[1]] if spec is None else resolve_lengths(spec, train_len)
-    if set(lengths) != {shape[1]}:
-        raise AlibiExportError(f"{str(path)!r} is a fixed-length export: it runs at its own length ({shape[1]}) "
-                               f"only, not {','.join(map(str, lengths))}. Note: drop --lengths, or export with "
-                               "a dynamic length (the default)")
-    return lengths
+    return resolve_lengths(spec, train_len, fixed=shape[1] if shape else None)
 
 
 def source_checkpoint(artifact: str | Path, candidates=()) -> Path:
