@@ -90,6 +90,10 @@ def _read_tokenizer(path: Path, config: ModelConfig):
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "
                               f"model's vocab_size {config.vocab_size}")
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)  # ids need not be contiguous
+    if top >= config.vocab_size:
+        raise CheckpointError(f"the tokenizer in {str(path)!r} has token id {top}, outside the model's vocab_size "
+                              f"{config.vocab_size}. Note: the tokenizer does not belong to these weights")
     return tokenizer
 
 

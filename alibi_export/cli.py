@@ -10,19 +10,40 @@ from pathlib import Path
 import click
 
 from .errors import AlibiExportError
+from .sizes import MAX_VOCAB_SIZE
 from .shipped import default_model, default_text
 
 
 def _lengths(ctx, param, value):
+    """--lengths: token counts or multiples of the training length (4x); resolved once the model is known."""
+    from .sizes import parse_lengths
+
     if value is None:
         return None
     try:
-        lengths = [int(v) for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}") from None
-    if not lengths or any(n < 1 for n in lengths):
-        raise click.BadParameter(f"expected comma-separated positive integers, got {value!r}")
-    return lengths
+        return parse_lengths(value)
+    except AlibiExportError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _nonempty_path(ctx, param, value):
+    """An output path given as '' is a mistake (it would fall back to a default name), not a request."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("is an empty path. Note: expected a file or folder name")
+    return value
+
+
+def _positive_finite(ctx, param, value):
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"expected a positive finite number, got {value}")
+    return value
+
+
+SEED = click.IntRange(0, 2**64 - 1)  # what torch.manual_seed and NumPy's generators accept
+LENGTHS_HELP = ("Comma-separated lengths: token counts or multiples of the training length such as 4x "
+                "(default: 1x,2x,4x,8x,16x")
 
 
 # Operating-system errors a user causes or can fix: a wrong path, permissions, a full or read-only disk.
@@ -122,27 +143,38 @@ def main(verbose: bool):
 @main.command()
 @click.option("--corpus", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder with train.txt and valid.txt.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), callback=_nonempty_path,
+              help="Checkpoint folder to write.")
 @click.option("--position", default="alibi", show_default=True,
-              type=click.Choice(["alibi", "sinusoidal", "rotary", "learned", "t5"]))
-@click.option("--train-len", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--layers", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--heads", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--d-model", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--d-ff", default=768, show_default=True, type=click.IntRange(min=1))
-@click.option("--vocab-size", default=4096, show_default=True, type=click.IntRange(min=300))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--steps", default=2000, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--warmup", default=100, show_default=True, type=click.IntRange(min=0))
-@click.option("--eval-every", default=250, show_default=True, type=click.IntRange(min=1))
-@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
+              type=click.Choice(["alibi", "sinusoidal", "rotary", "learned", "t5"]),
+              help="Position method: ALiBi, or a baseline to compare its extrapolation with.")
+@click.option("--train-len", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Training sequence length (tokens per sample).")
+@click.option("--layers", default=4, show_default=True, type=click.IntRange(min=1), help="Transformer blocks.")
+@click.option("--heads", default=8, show_default=True, type=click.IntRange(min=1), help="Attention heads per block.")
+@click.option("--d-model", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Width of the residual stream (divisible by --heads).")
+@click.option("--d-ff", default=768, show_default=True, type=click.IntRange(min=1), help="Width of the MLP.")
+@click.option("--vocab-size", default=4096, show_default=True, type=click.IntRange(300, MAX_VOCAB_SIZE),
+              help="Vocabulary of the byte-level BPE tokenizer trained on the corpus.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per step (the global batch under torchrun).")
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(1, 10**9),
+              help="Optimizer steps in all (a resumed run continues up to this step).")
+@click.option("--lr", default=1e-3, show_default=True, type=float, callback=_positive_finite,
+              help="Peak learning rate (cosine decay to a tenth of it).")
+@click.option("--warmup", default=100, show_default=True, type=click.IntRange(min=0),
+              help="Linear warm-up steps.")
+@click.option("--eval-every", default=250, show_default=True, type=click.IntRange(min=1),
+              help="Steps between validation perplexities.")
+@click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1),
+              help="Steps between checkpoint saves (the last step is always saved).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the initialization and the batches.")
 @click.option("--device", default=None,
               help="cpu or cuda (default: cuda when available).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="Reuse this tokenizer.json.")
 @click.option("--save-dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]))
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Dtype of the saved weights.")
 @click.option("--no-optimizer", is_flag=True, help="Do not store optimizer state (smaller; no resume).")
 @click.option("--resume", is_flag=True, help="Continue the run stored in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace the checkpoint stored in --out (only its own files).")
@@ -158,11 +190,15 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
     from .distributed import dist_info
     from .model import ModelConfig
     from .progress import progress
-    from .train import TrainConfig, preflight, train as run_training
+    from .sizes import check_fits
+    from .train import TrainConfig, checkpoint_step, preflight, train as run_training, training_bytes
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
                             position=position, train_len=train_len, max_positions=train_len)
+    check_fits(training_bytes(model_cfg, batch_size), f"training {layers} layers of width {d_model} on batches of "
+               f"{batch_size} x {train_len} tokens with a vocabulary of {vocab_size}",
+               "choose a smaller model, batch or vocabulary")
     cfg = TrainConfig(corpus=corpus, out=out, model=model_cfg, batch_size=batch_size, steps=steps, lr=lr,
                       min_lr=lr / 10, warmup=warmup, eval_every=eval_every, save_every=save_every, seed=seed,
                       device=device, tokenizer=tokenizer, save_dtype=save_dtype, save_optimizer=not no_optimizer)
@@ -173,6 +209,11 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
             sys.exit(1)
         return
     preflight(cfg, resume=resume, overwrite=overwrite)  # before the progress bar: a bad run is one line
+    reached = checkpoint_step(out) if resume else None
+    if reached is not None and reached >= steps:
+        click.echo(f"nothing to do: {out} is at step {reached} already, and --steps is {steps}. Note: pass a larger "
+                   "--steps to train on")
+        return
     with progress(desc=f"training {position}", total=steps, unit="step") as bar:
 
         def on_progress(p):
@@ -210,17 +251,29 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
     click.echo(f"parity {verdict} (Polygraphy, atol {result.atol:g}, rtol {result.rtol:g})")
 
 
+def _read_text_option(text):
+    """--text read and decoded now, before any work: a typo fails in one line and writes nothing."""
+    from .data import read_text
+
+    if text is not None:
+        read_text(text)
+    return text
+
+
 @main.command()
 @click.argument("model", required=False, type=click.Path())
-@click.option("-o", "--out", type=click.Path(), help="ONNX file to write (default: MODEL_NAME.onnx), or with "
-                                                    "--genai the folder (default: MODEL_NAME-genai).")
+@click.option("-o", "--out", type=click.Path(), callback=_nonempty_path,
+              help="ONNX file to write (default: MODEL_NAME.onnx), or with --genai the folder (default: "
+                   "MODEL_NAME-genai). It is replaced only once the new export has passed its check.")
 @click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt-rtx", "genai"]),
               help="Pick the form, dtype, fusions and quantization measured best for this runtime (explicit "
                    "options override it).")
-@click.option("--dynamic-len/--fixed-len", default=False,
-              help="Dynamic batch and sequence, ALiBi bias built from the runtime length (recommended).")
-@click.option("--opset", type=int, help="ONNX opset (default: 18; 23 for --attention onnx).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--dynamic-len/--fixed-len", default=True, show_default=True,
+              help="Dynamic batch and sequence, the ALiBi bias built from the runtime length (the default), or "
+                   "a graph fixed to --batch x --seq-len.")
+@click.option("--opset", type=click.IntRange(1, 99), help="ONNX opset (default: 18; 23 for --attention onnx).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="Precision of the weights and activations.")
 @click.option("--attention", default="decomposed", show_default=True, type=click.Choice(["decomposed", "plugin", "onnx"]),
               help="plugin: one AlibiAttention node per block (with its ONNX function body); onnx: the standard "
                    "Attention operator (opset 23), causal with no mask, ALiBi folded into 8 extra head dims: "
@@ -228,34 +281,40 @@ def _print_parity(result, ppl_onnx=None, ppl_torch=None, train_len=None):
 @click.option("--seq-len", type=click.IntRange(min=1), help="Fixed-length export: sequence length (default: training length).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Fixed-length export: batch.")
 @click.option("--kv-cache", is_flag=True, help="Decoder with attention_mask and past/present tensors, for "
-                                               "`alibi-export generate` (needs --dynamic-len; for ONNX Runtime "
-                                               "CUDA add --attention onnx --ort-fusions --dtype float16).")
+                                               "`alibi-export generate` (for ONNX Runtime CUDA add --attention "
+                                               "onnx --ort-fusions --dtype float16).")
 @click.option("--ort-fusions", is_flag=True, help="With --attention onnx: fuse LayerNorm, residual and bias "
                                                    "tails into ONNX Runtime's SkipLayerNormalization and BiasGelu "
                                                    "(faster in ONNX Runtime CUDA; the file then runs in ONNX "
                                                    "Runtime only).")
-@click.option("--quantize", help="int8 (ONNX Runtime dynamic quantization) or int4 (MatMulNBits) weights, for the "
-                                 "CPU forms; checked by perplexity against the float32 model.")
-@click.option("--block-size", default=32, show_default=True, type=int, help="int4 block size (a power of two >= 16).")
-@click.option("--ppl-tolerance", type=float, help="Largest perplexity ratio of a quantized export over float32 "
-                                                  "(default: int8 1.02, int4 1.08).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+              help="int8 (ONNX Runtime dynamic quantization) or int4 (MatMulNBits) weights, for the CPU forms; "
+                   "checked by perplexity against the float32 model.")
+@click.option("--block-size", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
+              help="int4 block size (a power of two >= 16).")
+@click.option("--ppl-tolerance", type=float, callback=_positive_finite,
+              help="Largest perplexity ratio of a quantized export over float32 (default: int8 1.02, int4 1.08).")
 @click.option("--genai", is_flag=True, help="Write an onnxruntime-genai folder (model.onnx, genai_config.json, "
                                             "tokenizer files); needs --kv-cache.")
 @click.option("--validate/--no-validate", default=True, show_default=True,
-              help="Check parity (or, quantized, perplexity) against PyTorch after export.")
-@click.option("--lengths", callback=_lengths, help="Validation lengths (default: training length x 1,2,4,8,16; "
-                                                   "quantized: x 1,4,16).")
+              help="Check parity (or, quantized, perplexity) against PyTorch before the file takes the -o name.")
+@click.option("--lengths", callback=_lengths, help=LENGTHS_HELP + "; a fixed-length export: its own length).")
 @click.option("--text", type=click.Path(), default=None, help="Text for perplexity (default: the shipped excerpt).")
-@click.option("--seed", type=int, help="Seed for the validation's random token ids (default: fresh).")
+@click.option("--seed", type=SEED, help="Seed for the validation's random token ids (default: fresh).")
 @click.pass_context
 @_one_line_errors
 def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate, lengths, text, seed, **options):
-    """Export MODEL (default: the shipped alibi-small) to ONNX, then prove parity and perplexity across lengths."""
+    """Export MODEL (default: the shipped alibi-small) to ONNX, then prove parity and perplexity across lengths.
+
+    The new file takes the -o name only once it has passed that check: a failed export or check leaves a previous
+    file of that name as it was."""
     import time
 
     from ._io import check_replaceable, check_writable_dir
-    from .export.targets import resolve_target
     from .export.onnx_file import written_by_alibi_export
+    from .export.targets import resolve_target
+    from .perplexity import config_of
+    from .sizes import check_evaluation_fits, resolve_lengths
 
     if target:
         explicit = {k for k in options if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
@@ -263,44 +322,99 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
         click.echo(chosen)
     if ppl_tolerance is not None and not options["quantize"]:
         raise click.ClickException("--ppl-tolerance applies to quantized exports. Note: add --quantize int8|int4")
+    if options["kv_cache"] and not options["dynamic_len"]:
+        raise click.ClickException("a KV-cache export needs a dynamic length. Note: drop --fixed-len")
     model = _default_model(model)
     genai = options.pop("genai", False)
     out = Path(out or (f"{model.name}-genai" if genai else f"{model.name}.onnx"))
     check_writable_dir(out.parent)
     if not genai:  # a genai folder is checked by export_genai, which owns that format
         check_replaceable(out, written_by_alibi_export, "ONNX file")
+    # Every option is checked before any work: nothing is traced, written or replaced for a bad one.
+    if not model.is_dir():
+        from .checkpoint import load
+
+        load(model)  # refuses it in one line: not a checkpoint folder
+    cfg = config_of(model)
+    seq_len = seq_len or cfg.train_len
+    shape = None if options["dynamic_len"] else (batch, seq_len)
+    lengths = resolve_lengths(lengths, cfg.train_len, fixed=shape[1] if shape else None)
+    check_evaluation_fits(cfg, lengths, 1 if shape is None else batch,
+                          "this export's check" if validate else "a fixed-length export")
+    if text is None and validate and default_text().is_file():
+        text = default_text()
+    _read_text_option(text)
     from .checkpoint import load  # torch: after the checks above, so that they answer at once
     from .export.genai import export_genai
     from .export.onnx import export_onnx
 
     ckpt = load(model)
-    train_len = ckpt.config.train_len
     t0 = time.perf_counter()
-    kwargs = dict(opset=opset, batch=batch, seq_len=seq_len, **options)
+    check = _export_check(out, ckpt, lengths, text, seed, ppl_tolerance, shape) if validate else None
+    kwargs = dict(opset=opset, batch=batch, seq_len=seq_len, check=check, **options)
     result = export_genai(ckpt, out, **kwargs) if genai else export_onnx(ckpt, out, **kwargs)
-    click.echo(_export_line(model, out, result, options, seq_len or train_len, batch, time.perf_counter() - t0))
+    click.echo(_export_line(model, out, result, options, seq_len, batch, time.perf_counter() - t0))
     if not options["dynamic_len"]:
-        click.echo("note: this is a FIXED-LENGTH export; pass --dynamic-len for one file that runs at any length")
-    if not validate:
-        return
-    if (result.attention, result.dtype) == ("onnx", "float16") and not _has_cuda():
-        click.echo(f"note: not validated here: an fp16 file of the onnx form runs on CUDA or TensorRT only. Note: "
-                   f"on a GPU run `alibi-export validate {out} --provider cuda`")
-        return
-    if text is None and default_text().is_file():
-        text = default_text()
-    if options["quantize"]:
-        _quantization_gate(result.path, ckpt, lengths or [train_len * m for m in (1, 4, 16)], text, train_len,
-                           ppl_tolerance)
-        return
-    lengths = lengths or ([train_len * m for m in (1, 2, 4, 8, 16)] if options["dynamic_len"]
-                          else [seq_len or train_len])
-    provider = "cuda" if (result.attention, result.dtype) == ("onnx", "float16") else "cpu"
-    if options["kv_cache"]:
-        _validate_kv_cache(result.path, ckpt, lengths, train_len, provider=provider, seed=seed)
-        return
-    _validate_and_report(result.path, ckpt, lengths, text, train_len, batch=1 if options["dynamic_len"] else batch,
-                         provider=provider, seed=seed)
+        click.echo("note: this is a FIXED-LENGTH export; drop --fixed-len for one file that runs at any length")
+
+
+def _export_check(out, ckpt, lengths, text, seed, ppl_tolerance, shape):
+    """The check an export must pass before it takes the ``out`` name (called on the staged file)."""
+
+    def check(staged):
+        from .artifacts import read_metadata
+        from .runtime import artifact_file
+
+        meta = read_metadata(artifact_file(staged))
+        if (meta.attention, meta.dtype) == ("onnx", "float16") and not _has_cuda():
+            click.echo(f"note: not validated here: an fp16 file of the onnx form runs on CUDA or TensorRT only. "
+                       f"Note: on a GPU run `alibi-export validate {out} --provider cuda`")
+            return
+        provider = "cuda" if (meta.attention, meta.dtype) == ("onnx", "float16") else "cpu"
+        kept = "is unchanged" if out.exists() else "was not written"
+        _run_check(staged, ckpt, lengths, text, seed=seed, provider=provider, ppl_tolerance=ppl_tolerance,
+                   batch=shape[0] if shape else None, failed=f"{out} {kept}; the failed export was deleted")
+
+    return check
+
+
+def _run_check(path, ckpt, lengths, text, *, seed=None, provider="cpu", ppl_tolerance=None, batch=None,
+               reference=None, failed=""):
+    """check_export on ``path``, its table printed; a failure raises one line ending with ``failed``."""
+    from .artifacts import read_metadata
+    from .data import encode_text, read_text
+    from .errors import ParityError
+    from .runtime import artifact_file
+    from .validate import KV_STEPS, check_export
+
+    meta = read_metadata(artifact_file(path))
+    tokens = None
+    if text is not None:  # four windows at the longest length keep the check quick; `ppl` evaluates whole texts
+        tokens = encode_text(ckpt.tokenizer, read_text(text))[: 4 * max(lengths) + 1]
+    if meta.quantization and tokens is None:
+        raise click.ClickException("a quantized export is checked by perplexity. Note: pass --text FILE")
+    if meta.kv_cache and not meta.quantization:
+        click.echo(f"KV-cache parity: prefill L-{KV_STEPS} tokens, decode {KV_STEPS} one at a time, vs one forward of "
+                   "the reference")
+    result = check_export(path, ckpt.model if reference is None else reference, lengths, tokens=tokens, batch=batch,
+                          seed=seed, provider=provider, ppl_tolerance=ppl_tolerance)
+    train_len = ckpt.config.train_len
+    if result.gate is not None:
+        _quantization_gate(result.gate, len(tokens) - 1, text, train_len)
+        if click.get_current_context().info_name == "onnx" and result:
+            from .validate import record_gate
+
+            record_gate(artifact_file(path), result.gate)  # the staged file, before it takes the -o name
+    else:
+        if result.perplexity is not None:
+            click.echo(f"perplexity on the first {len(tokens) - 1} tokens of {text} (non-overlapping windows)")
+        _print_parity(result.parity, *(result.perplexity or (None, None)), train_len)
+    if not result:
+        what = (f"accuracy gate failed: perplexity ratio beyond {result.gate.tolerance:g}x (--ppl-tolerance "
+                "changes it)" if result.gate is not None else
+                f"parity check failed: the export's logits differ from the "
+                f"{'pytorch' if reference is None else reference.name} reference beyond tolerance")
+        raise ParityError(what + (f"; {failed}" if failed else ""))
 
 
 def _has_cuda() -> bool:
@@ -321,23 +435,14 @@ def _export_line(model, out, result, options, seq_len, batch, seconds) -> str:
             f"attention{extras}, {size:.1f} MB) in {seconds:.1f}s")
 
 
-def _quantization_gate(onnx_path, ckpt, lengths, text, train_len, tolerance=None):
-    """The accuracy gate of a quantized export: perplexity vs the float32 PyTorch model, argmax agreement.
+def _quantization_gate(gate, n_tokens, text, train_len):
+    """The accuracy gate's table: perplexity of a quantized export vs the float32 PyTorch model, per length.
 
-    The export command records the gate in the file (with this machine's int8 kernel path); ``validate`` only
-    reads that record: it prints the recorded path beside its own, says when they differ (an int8 file's
-    arithmetic depends on the path), and its exit code is the gate run here."""
-    from .data import encode_text, read_text
-    from .validate import perplexity_gate, record_gate
-
-    if text is None:
-        raise click.ClickException("a quantized export is checked by perplexity. Note: pass --text FILE")
-    # Four windows at the longest length, as the float32 check: 16,384 tokens of the shipped excerpt.
-    tokens = encode_text(ckpt.tokenizer, read_text(text))[: 4 * max(lengths) + 1]
-    gate = perplexity_gate(onnx_path, ckpt.model, tokens, lengths, tolerance=tolerance)
+    ``validate`` also prints the int8 kernel path the file's own gate ran on beside this machine's, and says
+    when they differ (an int8 file's arithmetic depends on the path); its verdict is the gate run here."""
     exporting = click.get_current_context().info_name == "onnx"
     recorded = {row[0]: row[1] for row in gate.recorded.get("rows", [])}
-    click.echo(f"{gate.quantization} accuracy gate on the first {len(tokens) - 1} tokens of {text}: perplexity "
+    click.echo(f"{gate.quantization} accuracy gate on the first {n_tokens} tokens of {text}: perplexity "
                f"vs float32 PyTorch, tolerance {gate.tolerance:g}x, int8 kernel path {gate.cpu_kernel_path}")
     if not exporting:
         click.echo(f"the file's own gate ran on: {gate.recorded_path or 'not recorded'}; this machine: "
@@ -352,72 +457,53 @@ def _quantization_gate(onnx_path, ckpt, lengths, text, train_len, tolerance=None
         was = f" {recorded[r.length]:>7.4f}" if extra and r.length in recorded else (" " * 8 if extra else "")
         click.echo(f"{r.length:>7} {f'{r.length / train_len:g}x':>7} {r.ppl:>9.3f} {r.ppl_reference:>9.3f} "
                    f"{r.ratio:>7.4f} {r.argmax_agreement:>7.2%}{was}" + ("" if r.ratio <= gate.tolerance else "  FAIL"))
-    if exporting:
-        record_gate(onnx_path, gate)
     click.echo(f"accuracy gate {'PASS' if gate else 'FAIL'}" + (f" on {gate.cpu_kernel_path}" if gate.path_differs
                                                                 else ""))
-    if not gate:
-        raise click.ClickException(f"accuracy gate failed: perplexity ratio beyond {gate.tolerance:g}x "
-                                   "(--ppl-tolerance changes it)")
-
-
-def _source_checkpoint(onnx_path: Path, meta) -> Path:
-    """The checkpoint an export came from: a folder of the recorded name beside the file or among the
-    shipped models, whose weights have the recorded SHA-256 (the file records no path)."""
-    from ._io import sha256_file
-    from .checkpoint import WEIGHTS
-
-    for folder in (onnx_path.parent / meta.source_name, default_model().parent / meta.source_name):
-        if (folder / WEIGHTS).is_file() and sha256_file(folder / WEIGHTS) == meta.source_sha256:
-            return folder
-    raise click.ClickException(f"the checkpoint {meta.source_name!r} that {onnx_path} was exported from is neither "
-                               "beside it nor shipped. Note: pass --model CHECKPOINT_FOLDER")
-
-
-def _validate_and_report(onnx_path, ckpt, lengths, text, train_len, batch=1, seed=None, provider="cpu",
-                         reference=None):
-    """Parity (and with ``text`` perplexity) of ``onnx_path`` against ``reference`` (default: ``ckpt``'s model)."""
-    from .data import encode_text, read_text
-    from .perplexity import perplexity
-    from .runtime import make_runner
-    from .runtime.pytorch import TorchRunner
-    from .validate import compare
-
-    reference = TorchRunner(ckpt.model, name="pytorch") if reference is None else reference
-    result = compare(onnx_path, reference, lengths, batch=batch, seed=seed, provider=provider)
-    ppl_onnx = ppl_torch = None
-    if text is not None:  # perplexity only where a text is given (the main job: the shipped excerpt)
-        # Four windows at the longest length keep the check quick; `alibi-export ppl` evaluates whole texts.
-        tokens = encode_text(ckpt.tokenizer, read_text(text))[: 4 * max(lengths) + 1]
-        ppl_onnx = perplexity(make_runner(onnx_path, provider=provider), tokens, lengths)
-        ppl_torch = perplexity(reference, tokens, lengths)
-        click.echo(f"perplexity on the first {len(tokens) - 1} tokens of {text} (non-overlapping windows)")
-    _print_parity(result, ppl_onnx, ppl_torch, train_len)
-    if not result:
-        raise click.ClickException(f"parity check failed: ONNX Runtime logits differ from the {reference.name} "
-                                   "reference beyond tolerance")
 
 
 @main.command()
-@click.argument("onnx_file", type=click.Path())
-@click.option("--model", "model", type=click.Path(), help="Source checkpoint (default: the folder of the recorded "
-              "name beside the file or among the shipped models, if its weights' SHA-256 matches).")
-@click.option("--lengths", callback=_lengths, default="64,256,1024,4096", show_default=True)
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", type=int, help="Seed for the random token ids (default: fresh).")
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--text", type=click.Path(), help="Also compare perplexity on this text.")
+@click.argument("export", type=click.Path())
+@click.argument("model", required=False, type=click.Path())
+@click.option("--model", "model_option", type=click.Path(), hidden=True)  # the earlier spelling of MODEL
+@click.option("--lengths", callback=_lengths, help=LENGTHS_HELP + "; a fixed-length export: its own length).")
+@click.option("--batch", type=click.IntRange(min=1), help="Rows per input (default: 1; a fixed-length export: its own).")
+@click.option("--seed", type=SEED, help="Seed for the random token ids (default: fresh).")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime execution provider.")
+@click.option("--text", type=click.Path(), help="Also compare perplexity on this text (a quantized file: the text "
+                                                "of its gate; default: the shipped excerpt).")
 @click.option("--reference", default="pytorch", show_default=True, type=click.Choice(["pytorch", "transformers"]),
               help="pytorch: this project's model of the checkpoint; transformers: transformers' own forward of a "
-                   "Hugging Face --model folder (needs the [hf] extra).")
+                   "Hugging Face MODEL folder (needs the [hf] extra).")
 @_one_line_errors
-def validate(onnx_file, model, lengths, batch, seed, provider, text, reference):
-    """Compare an .onnx (ONNX Runtime) or .engine (TensorRT) file with PyTorch (or transformers) at each length;
-    exit 1 beyond tolerance."""
-    from .artifacts import read_metadata
+def validate(export, model, model_option, lengths, batch, seed, provider, text, reference):
+    """Check EXPORT (an .onnx file in ONNX Runtime, an .engine in TensorRT, or an onnxruntime-genai folder)
+    against MODEL, its source checkpoint (default: the folder of the recorded name beside EXPORT or among the
+    shipped models, if its weights' SHA-256 matches); exit 1 beyond tolerance.
 
-    meta = read_metadata(onnx_file)
-    model = Path(model) if model else _source_checkpoint(Path(onnx_file), meta)
+    The check is the one the file calls for: parity of the logits at each length (a KV-cache file through its
+    cache), or for a quantized file the perplexity gate."""
+    from .artifacts import read_metadata
+    from .runtime import artifact_file, fixed_shape, require_gpu
+    from .sizes import check_evaluation_fits
+    from .validate import lengths_for, source_checkpoint
+
+    if model and model_option:
+        raise click.ClickException("MODEL given twice (as an argument and as --model). Note: give it once")
+    model = model or model_option
+    file = artifact_file(export)
+    meta = read_metadata(file)
+    lengths = lengths_for(export, lengths, meta.train_len)
+    shape = fixed_shape(file)
+    if shape is not None and batch not in (None, shape[0]):
+        raise click.ClickException(f"{export} is a fixed-length export of batch {shape[0]}. Note: drop --batch")
+    check_evaluation_fits(meta.model_config(), lengths, batch or (shape[0] if shape else 1), "validating")
+    if meta.quantization and text is None:
+        text = default_text()
+    _read_text_option(text)
+    if file.suffix == ".engine":
+        require_gpu(f"validating the TensorRT engine {export}")
+    model = Path(model) if model else source_checkpoint(export, [default_model().parent])
     runner = None
     if reference == "transformers":
         if meta.quantization:
@@ -430,52 +516,52 @@ def validate(onnx_file, model, lengths, batch, seed, provider, text, reference):
 
     ckpt = load(model)
     if ckpt.sha256 != meta.source_sha256:
-        click.echo(f"warning: {model} is not the checkpoint {onnx_file} was exported from (SHA-256 differs)", err=True)
-    if meta.quantization:  # not logit-identical by design: the perplexity gate decides
-        _quantization_gate(Path(onnx_file), ckpt, lengths, text or default_text(), ckpt.config.train_len)
-        return
-    _validate_and_report(Path(onnx_file), ckpt, lengths, text, ckpt.config.train_len, batch=batch, seed=seed,
-                         provider=provider, reference=runner)
+        click.echo(f"warning: {model} is not the checkpoint {export} was exported from (SHA-256 differs)", err=True)
+    _run_check(export, ckpt, lengths, text, seed=seed, provider=provider, batch=batch, reference=runner)
 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path())
-@click.option("--text", required=True, type=click.Path(), help="UTF-8 text to evaluate on.")
-@click.option("--lengths", callback=_lengths, required=True, help="Comma-separated evaluation lengths.")
+@click.option("--text", type=click.Path(), help="UTF-8 text to evaluate on (default: the shipped excerpt).")
+@click.option("--lengths", callback=_lengths, help=LENGTHS_HELP + ").")
 @click.option("--stride", type=click.IntRange(min=1), help="Sliding window: score only the last STRIDE tokens.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Evaluate on the first N tokens only.")
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--json", "json_path", default="ppl.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--plot", "plot_path", default="ppl.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime execution provider.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also plot perplexity against length into this PNG file.")
 @_one_line_errors
 def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path):
-    """Perplexity per evaluation length for each MODEL (.onnx in ONNX Runtime, folder in PyTorch)."""
-    from .perplexity import check_outputs, evaluate_model, plot_perplexity, write_json
+    """Perplexity per evaluation length for each MODEL: an export (.onnx or genai folder in ONNX Runtime,
+    .engine in TensorRT) or a checkpoint folder (PyTorch). Writes no file unless --json or --plot asks."""
+    from .perplexity import (check_outputs, common_train_len, config_of, evaluate_model, labels_for,
+                             plot_perplexity, write_json)
+    from .sizes import check_evaluation_fits, resolve_lengths
 
     check_outputs(json_path, plot_path)
+    text = _read_text_option(text if text is not None else default_text())
+    configs = [config_of(m) for m in models]
+    resolved = resolve_lengths(lengths, common_train_len(configs, lengths))
+    for cfg in configs:
+        check_evaluation_fits(cfg, resolved, 1, "evaluating")
     results = {}
-    for m in models:
-        results[Path(m).name] = evaluate_model(m, text, lengths, stride=stride, max_tokens=max_tokens,
-                                               provider=provider)
-    click.echo(f"{'length':>7} " + " ".join(f"{name:>18}" for name in results))
-    for i, length in enumerate(lengths):
-        click.echo(f"{length:>7} " + " ".join(f"{rows[i].ppl:>18.2f}" for rows in results.values()))
-    write_json(results, json_path, text=str(text), stride=stride, protocol="sliding" if stride else "non-overlapping")
-    plot_perplexity(results, plot_path, train_len=_train_len(models[0]))
-    click.echo(f"wrote {json_path} and {plot_path}")
-
-
-def _train_len(model) -> int | None:
-    try:
-        if str(model).endswith(".onnx"):
-            from .artifacts import model_config_of
-
-            return model_config_of(model).train_len
-        from .checkpoint import _read_config
-
-        return _read_config(Path(model)).train_len
-    except AlibiExportError:
-        return None
+    for label, m in zip(labels_for(models), models):
+        results[label] = evaluate_model(m, text, resolved, stride=stride, max_tokens=max_tokens, provider=provider)
+    width = max(18, *(len(label) for label in results))
+    click.echo(f"{'length':>7} " + " ".join(f"{name:>{width}}" for name in results))
+    for i, length in enumerate(resolved):
+        click.echo(f"{length:>7} " + " ".join(f"{rows[i].ppl:>{width}.2f}" for rows in results.values()))
+    written = []
+    if json_path is not None:
+        write_json(results, json_path, text=str(text), stride=stride,
+                   protocol="sliding" if stride else "non-overlapping")
+        written.append(json_path)
+    if plot_path is not None:
+        plot_perplexity(results, plot_path, train_len=configs[0].train_len)
+        written.append(plot_path)
+    if written:
+        click.echo(f"wrote {' and '.join(map(str, written))}")
 
 
 def _batch_range(ctx, param, value):
@@ -492,19 +578,28 @@ def _batch_range(ctx, param, value):
 
 @main.command()
 @click.argument("onnx_file", type=click.Path())
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Engine to write (default: ONNX_FILE with .engine).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), callback=_nonempty_path,
+              help="Engine to write (default: ONNX_FILE with .engine).")
 @click.option("--min-len", default=1, show_default=True, type=int, help="Shortest sequence of the profile.")
 @click.option("--opt-len", default=512, show_default=True, type=int, help="Sequence length TensorRT tunes for.")
 @click.option("--max-len", default=8192, show_default=True, type=int, help="Longest sequence of the profile.")
 @click.option("--batch", default="1:1:1", show_default=True, callback=_batch_range, help="Batch MIN:OPT:MAX.")
-@click.option("--fp16", "precision", flag_value="fp16", help="fp16 engine (default: the ONNX file's dtype).")
-@click.option("--bf16", "precision", flag_value="bf16", help="bf16 engine (full TensorRT, float32 ONNX).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Engine precision (default: the ONNX file's dtype); bfloat16 needs full TensorRT and a float32 "
+                   "ONNX file.")
+@click.option("--fp16", "fp16_alias", is_flag=True, hidden=True)  # the earlier spellings of --dtype
+@click.option("--bf16", "bf16_alias", is_flag=True, hidden=True)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache to read and update.")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]),
               help="TensorRT family (default: the installed one, full TensorRT first).")
 @_one_line_errors
-def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cache, backend):
+def trt(onnx_file, out, min_len, opt_len, max_len, batch, dtype, fp16_alias, bf16_alias, timing_cache, backend):
     """Build a TensorRT engine from an exported ONNX file, with a JSON sidecar beside it."""
+    aliases = [d for d, given in (("float16", fp16_alias), ("bfloat16", bf16_alias)) if given]
+    if len(aliases) + (dtype is not None) > 1:
+        raise click.ClickException("more than one precision given. Note: pass one --dtype")
+    dtype = dtype or (aliases[0] if aliases else None)
+    precision = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype)
     from ._io import check_writable_dir
     from .runtime.tensorrt import build_engine
 
@@ -520,27 +615,19 @@ def trt(onnx_file, out, min_len, opt_len, max_len, batch, precision, timing_cach
     click.echo(f"sidecar: {r.sidecar_path}")
 
 
-def _validate_kv_cache(onnx_path, ckpt, lengths, train_len, steps=8, provider="cpu", seed=None):
-    from .validate import compare_kv_cache
-
-    click.echo(f"KV-cache parity: prefill L-{steps} tokens, decode {steps} one at a time, vs one PyTorch forward")
-    result = compare_kv_cache(onnx_path, ckpt.model, lengths, steps=steps, provider=provider, seed=seed)
-    _print_parity(result, train_len=train_len)
-    if not result:
-        raise click.ClickException("parity check failed: ONNX Runtime logits differ from PyTorch beyond tolerance")
-
-
 @main.command()
 @click.argument("onnx_file", type=click.Path())
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True,
               help="Text to continue; repeat for a batch (left-padded).")
-@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Most tokens to add to each prompt.")
 @click.option("--temperature", type=float, help="Sample at this temperature (default: greedy decoding).")
 @click.option("--top-k", type=int, help="Sample from the K most likely tokens.")
 @click.option("--top-p", type=float, help="Sample from the smallest set of tokens whose probability reaches P.")
-@click.option("--seed", type=int, help="Seed for sampling (default: fresh).")
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
+@click.option("--seed", type=SEED, help="Seed for sampling (default: fresh).")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
+              help="ONNX Runtime execution provider.")
+@click.option("--threads", type=click.IntRange(1, 4096), help="ONNX Runtime intra-op threads.")
 @_one_line_errors
 def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, threads):
     """Continue each --prompt with a KV-cache export (`onnx --dynamic-len --kv-cache`) in ONNX Runtime."""

@@ -18,7 +18,7 @@ from .errors import DataError
 from .progress import progress, runner_label
 
 __all__ = ["PerplexityRow", "PerplexityComparison", "perplexity", "compare_perplexity", "evaluate_model", "write_json",
-           "plot_perplexity", "check_outputs"]
+           "plot_perplexity", "check_outputs", "config_of", "common_train_len", "labels_for"]
 
 
 @dataclass
@@ -124,22 +124,83 @@ def compare_perplexity(candidate, reference, tokens: np.ndarray, lengths: list[i
 
 def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, stride: int | None = None,
                    max_tokens: int | None = None, provider: str = "cpu") -> list[PerplexityRow]:
-    """Perplexity of an ``.onnx`` file (ONNX Runtime) or a checkpoint folder (PyTorch) on a text file."""
+    """Perplexity of an export (``.onnx``, ``.engine`` or onnxruntime-genai folder; see
+    :func:`~alibi_export.runtime.runner_for`) or a checkpoint folder (PyTorch) on a text file."""
     from .data import encode_text, read_text
-    from .runtime import make_runner
+    from .runtime import artifact_file, fixed_shape, is_genai_folder, require_gpu, runner_for
+
+    text = read_text(text)  # a missing or unreadable text fails before any model loads
+    if Path(model).suffix == ".engine":
+        from .artifacts import read_sidecar
+
+        read_sidecar(model)  # a missing or mismatched sidecar first
+        require_gpu(f"running the TensorRT engine {str(model)!r}")
+    if not Path(model).is_dir() or is_genai_folder(model):
+        shape = fixed_shape(artifact_file(model))
+        if shape is not None and (shape[0] != 1 or set(lengths) != {shape[1]}):
+            raise DataError(f"{str(model)!r} is a fixed-length export of shape (batch {shape[0]}, length {shape[1]}): "
+                            f"it is evaluated at length {shape[1]} and batch 1 only. Note: pass --lengths "
+                            f"{shape[1]}, or export with a dynamic length (the default)")
+    tokenizer, vocab_size = _tokenizer_of(model)
+    tokens = encode_text(tokenizer, text)
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise DataError(f"the tokenizer of {str(model)!r} gives token id {int(tokens.max())}, outside the model's "
+                        f"vocabulary of {vocab_size}. Note: the tokenizer does not belong to this model")
+    return perplexity(runner_for(model, provider=provider), tokens, lengths, stride=stride, max_tokens=max_tokens)
+
+
+def _tokenizer_of(model: str | Path):
+    """(tokenizer, vocab size) of an export or a checkpoint folder, without loading any weights."""
+    from .runtime import artifact_file, is_genai_folder
 
     path = Path(model)
-    text = read_text(text)  # a missing or unreadable text fails before any model loads
-    if path.suffix in (".onnx", ".engine"):
-        from .artifacts import tokenizer_of
+    if path.is_dir() and not is_genai_folder(path):
+        from .checkpoint import _read_config, _read_tokenizer
 
-        tokenizer = tokenizer_of(path)
-    else:
-        from .checkpoint import load
+        config = _read_config(path)
+        return _read_tokenizer(path, config), config.vocab_size
+    from .artifacts import model_config_of, tokenizer_of
 
-        tokenizer = load(path).tokenizer
-    tokens = encode_text(tokenizer, text)
-    return perplexity(make_runner(path, provider=provider), tokens, lengths, stride=stride, max_tokens=max_tokens)
+    path = artifact_file(path)
+    return tokenizer_of(path), model_config_of(path).vocab_size
+
+
+def config_of(model: str | Path):
+    """The ModelConfig of an export or a checkpoint folder, read without loading any weights (its training length
+    is what length multiples such as 4x multiply)."""
+    from .runtime import artifact_file, is_genai_folder
+
+    path = Path(model)
+    if path.is_dir() and not is_genai_folder(path):
+        from .checkpoint import _read_config
+
+        return _read_config(path)
+    from .artifacts import model_config_of
+
+    return model_config_of(artifact_file(path))
+
+
+def common_train_len(configs, spec) -> int:
+    """The training length that multiples in ``spec`` (None: the default multiples) refer to, for models that
+    are compared at the same lengths: refused when the models were trained at different lengths."""
+    train_lens = sorted({c.train_len for c in configs})
+    if (spec is None or any(isinstance(x, str) for x in spec)) and len(train_lens) > 1:
+        raise DataError(f"the models were trained at different lengths ({', '.join(map(str, train_lens))}), so "
+                        "multiples of the training length differ between them. Note: give --lengths in tokens")
+    return configs[0].train_len
+
+
+def labels_for(models) -> list[str]:
+    """One distinct label per model for tables, JSON and plots: the file or folder name, or where two share a
+    name, the path as given (and a counter for a path given twice)."""
+    names = [Path(m).name or str(m) for m in models]
+    labels = [n if names.count(n) == 1 else str(m) for n, m in zip(names, models)]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
 
 
 _PRODUCER = "alibi-export"
@@ -163,7 +224,13 @@ def _png_is_ours(path: Path) -> bool:
 
 
 def check_outputs(json_path: str | Path | None, plot_path: str | Path | None) -> None:
-    """Refuse, before any work, to replace a JSON or PNG file this tool did not write."""
+    """Refuse, before any work, to replace a JSON or PNG file this tool did not write, an empty path, and one
+    path given for both."""
+    for path, what in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None and not str(path).strip():
+            raise DataError(f"{what} is an empty path. Note: expected a file name")
+    if json_path is not None and plot_path is not None and Path(json_path).resolve() == Path(plot_path).resolve():
+        raise DataError(f"--json and --plot name the same file {str(json_path)!r}. Note: give two paths")
     if json_path is not None:
         check_writable_dir(Path(json_path).parent)
         check_replaceable(json_path, _json_is_ours, "perplexity JSON")

@@ -350,3 +350,21 @@ def _train(cfg: TrainConfig, resume: bool, on_progress, info: DistInfo, device):
         if (step + 1) % cfg.save_every == 0 or last:
             _save(model, tokenizer, optimizer, step + 1, cfg)
     return model.eval(), tokenizer
+
+
+def checkpoint_step(out: str | Path) -> int | None:
+    """The step a training checkpoint in ``out`` reached (None: no readable checkpoint there), so that a resumed run
+    whose --steps it already reached can say there is nothing to do instead of pretending to write."""
+    try:
+        return int(json.loads((Path(out) / STATE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def training_bytes(model_cfg: ModelConfig, batch_size: int) -> int:
+    """A lower estimate of training's peak memory: float32 weights, gradients and AdamW's two moments (16 bytes
+    per parameter), and one layer's activations and the logits of a batch (float32)."""
+    d, ff, v, n = model_cfg.d_model, model_cfg.d_ff, model_cfg.vocab_size, model_cfg.n_layer
+    params = v * d + n * (4 * d * d + 2 * d * ff)
+    tokens = batch_size * model_cfg.train_len
+    return 16 * params + 4 * tokens * (v + 16 * d + 2 * ff) + 4 * batch_size * model_cfg.n_head * model_cfg.train_len ** 2

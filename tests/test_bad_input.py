@@ -144,6 +144,11 @@ def bad(tmp_path_factory, tiny_dir, tiny_kv_export):
     p["corpus_small_valid"] = _corpus(d / "corpus-small-valid", excerpt[:20000], "Not enough.")
     p["corpus_no_train"] = _corpus(d / "corpus-no-train", None, excerpt[20000:24000])
     p["run"] = _trained_run(d / "run", p["corpus"])
+    # A tokenizer whose ids are not contiguous: as many tokens as the model's vocabulary, one id far beyond it.
+    tok = json.loads(tokenizer)
+    vocab = tok["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 5000
+    p["sparse_tok"] = _checkpoint(tiny_dir, d / "sparse-tokenizer", tokenizer=json.dumps(tok).encode())
     return {k: str(v) for k, v in p.items()} | {"root": d}
 
 
@@ -179,28 +184,47 @@ ONNX_ROWS = [
     (["onnx", "{tiny}", "--dynamic-len", "--opset", "12"], "unsupported opset 12"),
     (["onnx", "{tiny}", "--dynamic-len", "--attention", "onnx", "--opset", "18"], "needs opset 23"),
     (["onnx", "{tiny}", "--dynamic-len", "--ort-fusions"], "add --attention onnx"),
-    (["onnx", "{tiny}", "--kv-cache"], "needs a dynamic length"),
+    (["onnx", "{tiny}", "--fixed-len", "--kv-cache"], "needs a dynamic length"),
     (["onnx", "{tiny}", "--dynamic-len", "--lengths", "0,64"], "positive integers"),
     (["onnx", "{tiny}", "--dynamic-len", "--lengths", "abc"], "positive integers"),
     (["onnx", "{tiny}", "--dynamic-len", "-o", "{out}/no/such/dir/x.onnx"], "does not exist"),
-    (["onnx", "{tiny}", "--seq-len", "0"], "0 is not in the range"),
+    (["onnx", "{tiny}", "--fixed-len", "--seq-len", "0"], "0 is not in the range"),
     (["onnx", "{tiny}", "--dynamic-len", "-o", "{foreign}"], "exists and was not written by alibi-export"),
+    # issue 20: every option is checked before any work, and every size has an upper bound
+    (["onnx", "{tiny}", "--seed", "-1"], "-1 is not in the range"),
+    (["onnx", "{tiny}", "-o", ""], "is an empty path"),
+    (["onnx", "{tiny}", "--quantize", "int8", "--ppl-tolerance", "nan"], "expected a positive finite number"),
+    (["onnx", "{tiny}", "--quantize", "int8", "--ppl-tolerance", "-1"], "expected a positive finite number"),
+    (["onnx", "{tiny}", "--quantize", "int8", "--ppl-tolerance", "inf"], "expected a positive finite number"),
+    (["onnx", "{tiny}", "--quantize", "int3"], "'int3' is not one of 'int8', 'int4'"),
+    (["onnx", "{tiny}", "--text", "{missing}.txt"], "text file"),
+    (["onnx", "{tiny}", "--text", "{binary}"], "as UTF-8 text"),
+    (["onnx", "{tiny}", "--fixed-len", "--lengths", "16,32"], "runs at its own length (32) only"),
+    (["onnx", "{tiny}", "--fixed-len", "--batch", "100000000"], "would need about"),
+    (["onnx", "{tiny}", "--fixed-len", "--seq-len", "1000000000", "--no-validate"], "would need about"),
+    (["onnx", "{tiny}", "--lengths", "100000000"], "would need about"),
+    (["onnx", "{sparse_tok}"], "has token id 5000, outside the model's vocab_size 300"),
 ]
 
 VALIDATE_ROWS = [
-    (["validate", "{missing}.onnx", "--model", "{tiny}"], "not found"),
-    (["validate", "{short}", "--model", "{tiny}"], "cannot read ONNX"),
-    (["validate", "{trunc_onnx}", "--model", "{tiny}"], "cannot read ONNX"),
-    (["validate", "{foreign}", "--model", "{tiny}"], "not written by alibi-export"),
-    (["validate", "{escape}", "--model", "{tiny}"], "outside its own folder ('../secret.fifo')"),
-    (["validate", "{escape_abs}", "--model", "{tiny}"], "outside its own folder"),
-    (["validate", "{nowhere}"], "pass --model"),
-    (["validate", "{ours}", "--model", "{missing}"], "not found"),
-    (["validate", "{ours}", "--model", "{tiny}", "--lengths", "0"], "positive integers"),
-    (["validate", "{fixed}", "--model", "{tiny}", "--lengths", "16,32"], "fixed-length export"),
-    (["validate", "{engine}", "--model", "{tiny}"], "does not match its sidecar"),
-    (["validate", "{lonely_engine}", "--model", "{tiny}"], "has no sidecar"),
-    (["validate", "{ours}", "--model", "{tiny}", "--batch", "0"], "0 is not in the range"),
+    (["validate", "{missing}.onnx", "{tiny}"], "not found"),
+    (["validate", "{short}", "{tiny}"], "cannot read ONNX"),
+    (["validate", "{trunc_onnx}", "{tiny}"], "cannot read ONNX"),
+    (["validate", "{foreign}", "{tiny}"], "not written by alibi-export"),
+    (["validate", "{escape}", "{tiny}"], "outside its own folder ('../secret.fifo')"),
+    (["validate", "{escape_abs}", "{tiny}"], "outside its own folder"),
+    (["validate", "{nowhere}"], "pass the checkpoint folder as MODEL"),
+    (["validate", "{ours}", "{missing}"], "not found"),
+    (["validate", "{ours}", "{tiny}", "--lengths", "0"], "positive integers"),
+    (["validate", "{fixed}", "{tiny}", "--lengths", "16,32"], "fixed-length export"),
+    (["validate", "{engine}", "{tiny}"], "does not match its sidecar"),
+    (["validate", "{lonely_engine}", "{tiny}"], "has no sidecar"),
+    (["validate", "{ours}", "{tiny}", "--batch", "0"], "0 is not in the range"),
+    (["validate", "{ours}", "{tiny}", "--seed", "-1"], "-1 is not in the range"),
+    (["validate", "{ours}", "{tiny}", "--lengths", "100000000"], "length 100,000,000 would need about"),
+    (["validate", "{ours}", "{tiny}", "--lengths", "4y"], "multiples of the training length such as 4x"),
+    (["validate", "{ours}", "{tiny}", "--text", "{binary}"], "as UTF-8 text"),
+    (["validate", "{ours}", "{tiny}", "--model", "{tiny}"], "MODEL given twice"),
 ]
 
 PPL_ROWS = [
@@ -217,6 +241,12 @@ PPL_ROWS = [
     (["ppl", "{tiny}", "--text", "{text}", "--lengths", "64", "--json", "{out}/no/dir/p.json"], "does not exist"),
     (["ppl", "{tiny}", "--text", "{text}", "--lengths", "64", "--json", "{text}"],
      "exists and was not written by alibi-export"),
+    (["ppl", "{tiny}", "--text", "{text}", "--lengths", "64", "--json", "{out}/x", "--plot", "{out}/x"],
+     "--json and --plot name the same file"),
+    (["ppl", "{tiny}", "--text", "{text}", "--lengths", "64", "--json", ""], "--json is an empty path"),
+    (["ppl", "{tiny}", "--text", "{text}", "--lengths", "100000000"], "would need about"),
+    (["ppl", "{sparse_tok}", "--text", "{text}", "--lengths", "16"], "has token id 5000"),
+    (["ppl", "{tiny}", "{kv}", "--text", "{text}", "--lengths", "0x"], "positive integers"),
 ]
 
 GENERATE_ROWS = [
@@ -234,6 +264,8 @@ GENERATE_ROWS = [
     (["generate", "{escape}", "-p", "Once"], "outside its own folder"),
     (["generate", "{kv}", "-p", "Once", "--threads", "0"], "0 is not in the range"),
     (["generate", "{kv}", "-p", "Once", "--provider", "tpu"], "'tpu' is not one of 'cpu', 'cuda'"),
+    (["generate", "{kv}", "-p", "Once", "--seed", "-1"], "-1 is not in the range"),
+    (["generate", "{kv}", "-p", "Once", "-n", "100000000"], "100000000 is not in the range"),
 ]
 
 TRT_ROWS = [
@@ -248,6 +280,8 @@ TRT_ROWS = [
     (["trt", "{escape}", "-o", "{out}/m.engine"], "outside its own folder"),
     (["trt", "{ours}", "-o", "{out}/no/dir/m.engine"], "does not exist"),
     (["trt", "{ours}", "-o", "{text}"], "exists and was not written by alibi-export"),
+    (["trt", "{ours}", "-o", ""], "is an empty path"),
+    (["trt", "{ours}", "-o", "{out}/m.engine", "--dtype", "float16", "--bf16"], "more than one precision"),
 ]
 
 TRAIN_ROWS = [
@@ -268,6 +302,13 @@ TRAIN_ROWS = [
     (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--tokenizer", "{tok_trunc}"],
      "cannot read the tokenizer"),
     (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--device", "tpu"], "device 'tpu'"),
+    (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--seed", "-1"], "-1 is not in the range"),
+    (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--vocab-size", "1000000000"],
+     "1000000000 is not in the range 300<=x<=1048576"),
+    (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--batch-size", "100000000"],
+     "would need about"),
+    (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--lr", "nan"], "positive finite number"),
+    (["train", "--corpus", "{corpus}", "-o", "", *TINY_TRAIN], "is an empty path"),
 ]
 
 

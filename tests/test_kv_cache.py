@@ -334,5 +334,5 @@ def test_cli_export_with_kv_cache_validates(tiny_dir, tmp_path, seed):
     proc = _cli("onnx", tiny_dir, "--dynamic-len", "--kv-cache", "-o", out, "--lengths", "40,100", "--seed", seed)
     assert proc.returncode == 0, proc.stderr
     assert "KV-cache parity" in proc.stdout and "parity PASS" in proc.stdout
-    proc = _cli("onnx", tiny_dir, "--kv-cache", "-o", tmp_path / "f.onnx")
+    proc = _cli("onnx", tiny_dir, "--fixed-len", "--kv-cache", "-o", tmp_path / "f.onnx")
     assert proc.returncode == 1 and "dynamic length" in proc.stderr

@@ -121,7 +121,7 @@ def _one_line_error(result, match):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--dynamic-len", "--quantize", "int3"], "unknown quantization 'int3'"),
+    (["--dynamic-len", "--quantize", "int3"], "'int3' is not one of 'int8', 'int4'"),
     (["--dynamic-len", "--quantize", "int8", "--attention", "onnx"], "not --attention onnx"),
     (["--dynamic-len", "--quantize", "int4", "--dtype", "float16"], "expected --dtype float32"),
     (["--dynamic-len", "--quantize", "int4", "--block-size", "24"], "bad block size 24"),

@@ -75,12 +75,13 @@ def tokenizer_config(eos_token: str = _EOS) -> dict:
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
 
 
-def export_genai(checkpoint, out_dir: str | Path, **export_options):
+def export_genai(checkpoint, out_dir: str | Path, *, check=None, **export_options):
     """Write ``out_dir`` as an onnxruntime-genai folder; returns the model's ExportResult.
 
     ``export_options`` go to :func:`alibi_export.export.onnx.export_onnx` (``kv_cache=True`` and
     ``dynamic_len=True`` are required). The folder is built beside ``out_dir`` and renamed into place; an
-    existing ``out_dir`` is replaced only if it is empty or a folder this function wrote."""
+    existing ``out_dir`` is replaced only if it is empty or a folder this function wrote. ``check(folder)`` runs
+    on the complete staged folder before it takes ``out_dir``'s place: a folder that fails it replaces nothing."""
     from .onnx import export_onnx
 
     out_dir = Path(out_dir)
@@ -102,6 +103,8 @@ def export_genai(checkpoint, out_dir: str | Path, **export_options):
         eos_token = checkpoint.tokenizer.id_to_token(eos)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(eos_token), indent=2) + "\n")
         checkpoint.tokenizer.save(str(tmp / "tokenizer.json"))
+        if check is not None:
+            check(tmp)
     result.path = out_dir / "model.onnx"
     log.info("wrote onnxruntime-genai folder %s", out_dir)
     return result

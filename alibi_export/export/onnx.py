@@ -107,7 +107,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
                 q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False,
                 quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                external_data_threshold: int | None = None) -> ExportResult:
+                external_data_threshold: int | None = None, check=None) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
 
     With ``dynamic_len`` batch and sequence are dynamic and the ALiBi bias is generated in the graph
@@ -126,6 +126,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     When the weights exceed ``external_data_threshold`` bytes (default: just under protobuf's 2 GB
     limit) they go to one data file ``OUT.data`` beside the file, named by a relative location so the
     pair can be moved together; tests lower the threshold to run that path on tiny models.
+    ``check(path)`` runs on the complete file under a staging name before it takes ``out``'s place (see
+    :func:`.onnx_file.write_onnx`): a file that fails it never replaces ``out``.
     """
     from .. import __version__
 
@@ -200,7 +202,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     large = weights_nbytes(proto, weights) > threshold
     if not large:
         attach_weights(proto, weights)
-    write_onnx(proto, out, external_data=large, weights=weights if large and weights else None)
+    write_onnx(proto, out, external_data=large, weights=weights if large and weights else None, check=check)
     steps.close()
     log.info("wrote %s (opset %d, %s, %s attention)", out, opset, dtype, attention)
     return ExportResult(out, *names, dynamic_len, opset, dtype, attention, metadata)

@@ -132,12 +132,14 @@ def _set_location(proto: onnx.ModelProto, location: str) -> None:
 
 
 def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data: bool,
-               weights: dict | None = None) -> Path | None:
+               weights: dict | None = None, check=None) -> Path | None:
     """Check ``proto`` and write it to ``out``; with ``external_data`` its weights go to one data file beside it.
 
     Returns the data file's path, or None. ``out`` may be replaced only if this tool wrote it. ``proto`` is
     consumed: with external data its tensors are emptied as they are written. ``weights``: the weights an
-    export kept apart from ``proto`` (see :mod:`._weights`), streamed into the data file one tensor at a time."""
+    export kept apart from ``proto`` (see :mod:`._weights`), streamed into the data file one tensor at a time.
+    ``check(path)``: called on the complete staged file (its data file beside it, both under their final names)
+    before anything takes ``out``'s place; if it raises, nothing is replaced and the staged files are deleted."""
     out = Path(out)
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")
@@ -147,7 +149,7 @@ def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data:
         strip_local_paths(proto)
         staging = temp_dir(out)
         try:
-            data = _write_staged(proto, out, staging, external_data, weights)
+            data = _write_staged(proto, out, staging, external_data, weights, check)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     for old in previous_data - ({data} if data else set()):
@@ -171,7 +173,7 @@ def rewrite_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
         onnx.save(proto, staged)  # external tensors keep their locations, relative to the same folder
 
 
-def _write_staged(proto, out: Path, staging: Path, external_data: bool, weights) -> Path | None:
+def _write_staged(proto, out: Path, staging: Path, external_data: bool, weights, check=None) -> Path | None:
     """Write the file (and its data file) in ``staging``, check it, and switch it in; returns the data file."""
     staged = staging / out.name
     data = None
@@ -186,6 +188,8 @@ def _write_staged(proto, out: Path, staging: Path, external_data: bool, weights)
         os.rename(staging / _STAGED, staging / data.name)
     onnx.save(proto, staged)
     _check(staged)
+    if check is not None:
+        check(staged)  # e.g. parity with the source model: a file that fails it never takes the name
     for f in staging.iterdir():
         os.chmod(f, 0o644)
         with open(f, "rb") as fh:

@@ -112,10 +112,15 @@ class GenerationSession:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise AlibiExportError("no prompt given. Note: expected at least one non-empty prompt")
-        ids = [self.tokenizer.encode(p).ids if isinstance(p, str) else None for p in prompts]
-        for i, (p, row) in enumerate(zip(prompts, ids)):
+        for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise AlibiExportError(f"prompt {i} is not a string. Note: got {type(p).__name__}")
+            try:
+                p.encode("utf-8")  # a command line's undecodable bytes arrive as lone surrogates
+            except UnicodeEncodeError:
+                raise AlibiExportError(f"prompt {i} is not valid UTF-8 text. Note: pass the prompt as UTF-8") from None
+        ids = [self.tokenizer.encode(p).ids for p in prompts]
+        for i, row in enumerate(ids):
             if not row:
                 raise AlibiExportError(f"prompt {i} is empty. Note: expected text that encodes to at least one token")
         return ids
