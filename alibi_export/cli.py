@@ -288,10 +288,10 @@ def _read_text_option(text):
                                                    "(faster in ONNX Runtime CUDA; the file then runs in ONNX "
                                                    "Runtime only).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
-              help="int8 (ONNX Runtime dynamic quantization) or int4 (MatMulNBits) weights, for the CPU forms; "
-                   "checked by perplexity against the float32 model.")
+              help="int8 or int4 block-wise weights (ONNX Runtime's MatMulNBits), for the CPU forms; checked by "
+                   "perplexity against the float32 model.")
 @click.option("--block-size", default=32, show_default=True, type=click.IntRange(1, 1 << 16),
-              help="int4 block size (a power of two >= 16).")
+              help="Quantization block size (a power of two >= 16).")
 @click.option("--ppl-tolerance", type=float, callback=_positive_finite,
               help="Largest perplexity ratio of a quantized export over float32 (default: int8 1.02, int4 1.08).")
 @click.option("--genai", is_flag=True, help="Write an onnxruntime-genai folder (model.onnx, genai_config.json, "
