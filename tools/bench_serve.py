@@ -259,7 +259,8 @@ def main():
     print(f"continuous / naive tokens/s: {ratios}")
     results = {"provider": args.provider, "ort_providers": session.session.get_providers(), "model": str(model.name),
                "random": args.random, "single_stream_step_ms": round(step_ms, 3), "clients": args.clients,
-               "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate, "threads": args.threads,
+               "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
+               "threads": args.threads,
                "rows": rows, "continuous_over_naive": ratios}
     path = out_path("bench_serve.json", args.json)
     if path:
