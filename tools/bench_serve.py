@@ -12,8 +12,13 @@ time to first token p50/p99, inter-token latency p50/p99 (measured by the client
 chunks), and the single-stream decode step time (GenerationSession, batch 1) that the ITL target is
 stated against. Requests ignore no end-of-text token: a greedy request may stop early, on every system alike.
 
-usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--clients 16] [--requests 48] [--max-tokens 64]
-                                   [--lengths 16:512] [--rate 8] [--threads 2] [--json out.json]
+With --provider cuda the servers and the static system run ONNX Runtime's CUDA provider; --random then
+exports the cuda target's KV-cache form (onnx attention, ORT fusions, fp16), as issue 21's GPU figures need.
+The record goes through tools/harness.py (--json FILE, else $OUT/bench_serve.json on the GPU machine).
+
+usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--provider cpu|cuda] [--clients 16]
+                                   [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8] [--threads 2]
+                                   [--books test.txt] [--json out.json]
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -29,15 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # this checkout's package, whatever is installed
+from harness import ROOT, out_path, write_record  # noqa: E402  (harness puts this checkout first on the path)
+
 BOOKS = ROOT.parent / "shared" / "data" / "books" / "test.txt"
 
 
-def prompts_from_books(session, n: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
+def prompts_from_books(session, path: Path, n: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
     import numpy as np
 
-    path = BOOKS if BOOKS.is_file() else Path("/work/shared/data/books/test.txt")
+    if not path.is_file():
+        raise SystemExit(f"Error: no prompt text at {path}. Note: pass --books FILE (a plain-text file)")
     text = path.read_text()[:2_000_000]
     rng = np.random.default_rng(seed)
     ids = session.tokenizer.encode(text[: 400_000]).ids
@@ -73,16 +78,20 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, max_batch: int, threads: int, max_context: int):
+    def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        path = [str(ROOT), os.environ.get("PYTHONPATH")]  # the GPU machine's staged packages stay on the path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         self.proc = subprocess.Popen([sys.executable, "-m", "alibi_export", "serve", str(model), "--port",
                                       str(self.port), "--max-batch", str(max_batch), "--threads", str(threads),
-                                      "--max-context", str(max_context), "--queue", "1024"],
+                                      "--max-context", str(max_context), "--queue", "1024", "--provider", provider,
+                                      # every admitted row may hold a full context: the batch, not the KV
+                                      # budget, is what limits admission here
+                                      "--max-tokens-in-flight", str(max_batch * max_context)],
                                      stdout=self.log, stderr=self.log, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -179,14 +188,6 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
     return records, time.perf_counter() - t0
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="A --kv-cache export (default: the shipped model, cached export).")
@@ -198,12 +199,13 @@ def main():
     ap.add_argument("--lengths", default="16:512", help="Prompt lengths in tokens, LOW:HIGH (uniform).")
     ap.add_argument("--rate", type=float, help="Also an open loop of Poisson arrivals at RATE requests/s.")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (servers and static).")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"],
+                    help="ONNX Runtime provider of the servers and the static system; with --random, cuda exports "
+                         "the cuda target's form (--attention onnx --ort-fusions --dtype float16).")
+    ap.add_argument("--books", type=Path, default=BOOKS, help="Plain text the prompts are cut from.")
     ap.add_argument("--systems", default="continuous,naive,static")
-    ap.add_argument("--json", type=Path, help="Write the record here.")
+    ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve.json if $OUT).")
     args = ap.parse_args()
-
-    import numpy as np
-    import onnxruntime
 
     from alibi_export.runtime.generate import GenerationSession
     from alibi_export.serve.model_cache import shipped_kv_export
@@ -213,14 +215,19 @@ def main():
         from alibi_export.export.onnx import export_onnx
         from tools.bench_cpu import large_model
 
+        from alibi_export.export.targets import TARGETS
+
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        options = TARGETS["cuda"] if args.provider == "cuda" else {}
+        t = time.perf_counter()
         model = export_onnx(load(large_model(tmp / "ckpt", args.random)), tmp / f"random-{args.random}.onnx",
-                            kv_cache=True).path
+                            kv_cache=True, **options).path
+        print(f"exported {model.name} ({options or 'defaults'}) in {time.perf_counter() - t:.0f} s", flush=True)
     else:
         model = args.model or shipped_kv_export()
-    session = GenerationSession(model, threads=args.threads)
+    session = GenerationSession(model, provider=args.provider, threads=args.threads)
     low, high = map(int, args.lengths.split(":"))
-    prompts = prompts_from_books(session, args.requests, low, high)
+    prompts = prompts_from_books(session, args.books, args.requests, low, high)
     max_context = high + args.max_tokens + 1
     single = session.generate_ids([prompts[0]], args.max_tokens, stop_tokens=[])
     step_ms = single.decode_ms_per_step
@@ -230,7 +237,8 @@ def main():
     for system in args.systems.split(","):
         server = None
         if system in ("continuous", "naive"):
-            server = Server(model, args.clients if system == "continuous" else 1, args.threads, max_context)
+            server = Server(model, args.clients if system == "continuous" else 1, args.threads, max_context,
+                            args.provider)
             asyncio.run(drive(server.url, prompts[:2], 4, 2, None))  # warm-up
         try:
             for load, rate in loads:
@@ -241,7 +249,7 @@ def main():
                 row = {"load": load, **summary(system, wall, records)}
                 row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
                 rows.append(row)
-                print(json.dumps(row))
+                print(json.dumps(row), flush=True)
         finally:
             if server:
                 server.stop()
@@ -249,16 +257,15 @@ def main():
     ratios = {load: round(by[("continuous", load)]["tokens_per_s"] / by[("naive", load)]["tokens_per_s"], 2)
               for load, _ in loads if ("continuous", load) in by and ("naive", load) in by}
     print(f"continuous / naive tokens/s: {ratios}")
-    record = {"tool": "tools/bench_serve.py", "commit": git_commit(), "command": " ".join(sys.argv),
-              "device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
-              "versions": {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-                           "numpy": np.__version__},
-              "model": str(model.name), "single_stream_step_ms": round(step_ms, 3), "clients": args.clients,
-              "max_tokens": args.max_tokens, "lengths": args.lengths, "rows": rows,
-              "continuous_over_naive": ratios}
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    results = {"provider": args.provider, "ort_providers": session.session.get_providers(), "model": str(model.name),
+               "random": args.random, "single_stream_step_ms": round(step_ms, 3), "clients": args.clients,
+               "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
+               "threads": args.threads,
+               "rows": rows, "continuous_over_naive": ratios}
+    path = out_path("bench_serve.json", args.json)
+    if path:
+        write_record(path, results, tool="bench_serve.py")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

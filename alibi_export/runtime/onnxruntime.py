@@ -61,10 +61,20 @@ def create_session(path: str | Path, *, provider: str = "cpu", threads: int | No
     if threads:
         options.intra_op_num_threads = threads
     providers = [(name, {"use_tf32": int(tf32)})] if provider == "cuda" else [name]
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        try:  # CUDA and cuDNN from pip packages (torch's), for a process that has not imported torch
+            ort.preload_dlls()
+        except Exception:  # a system CUDA may still be found by the loader; the check below decides
+            pass
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for invalid or corrupt files
         raise AlibiExportError(f"onnxruntime cannot load {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if session.get_providers()[0] != name:
+        # ONNX Runtime logs a CUDA library it cannot load and carries on with the CPU alone: refuse, so that
+        # `--provider cuda` never measures or serves the CPU
+        raise AlibiExportError(f"{name} did not load (ONNX Runtime runs {session.get_providers()}). Note: check "
+                               "that the CUDA and cuDNN libraries onnxruntime-gpu needs are on the library path")
     return session
 
 
