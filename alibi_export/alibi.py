@@ -51,7 +51,8 @@ def mpt_alibi_slopes(num_heads: int, bias_max: float = 8.0) -> list[float]:
     if not bias_max > 0:
         raise ValueError(f"alibi_bias_max must be positive, got {bias_max!r}")
     n = 2 ** math.ceil(math.log2(num_heads))
-    exponent = torch.arange(1, n + 1, dtype=torch.int64).float() * (bias_max / n)
+    # On the CPU whatever the default device: a meta-device model (parameter_count) still gets real slopes.
+    exponent = torch.arange(1, n + 1, dtype=torch.int64, device="cpu").float() * (bias_max / n)
     slopes = 1.0 / torch.pow(2, exponent)  # float32, as MPT computes them
     if n != num_heads:
         slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]

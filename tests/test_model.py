@@ -88,3 +88,16 @@ def test_config_validation(bad):
 def test_config_rejects_unknown_fields():
     with pytest.raises(ConfigError, match="unknown config field"):
         ModelConfig.from_dict({"vocab_size": 10, "n_layers": 3})
+
+
+@pytest.mark.parametrize("rule,heads,bias_max", [("paper", 8, 8.0), ("paper", 12, 8.0), ("mpt", 10, 32.0)])
+def test_parameter_count_matches_a_real_model(rule, heads, bias_max):
+    """parameter_count builds meta-device models (a hostile n_layer costs nothing); the slopes are computed on
+    the CPU even there (MPT's rule for 10 heads once failed on a meta tensor). Control: one layer more counts
+    more parameters."""
+    from alibi_export.model import parameter_count
+
+    cfg = ModelConfig(vocab_size=300, n_layer=3, n_head=heads, d_model=heads * 8, d_ff=64, position="alibi",
+                      train_len=64, max_positions=64, alibi_rule=rule, alibi_bias_max=bias_max)
+    assert parameter_count(cfg) == AlibiLM(cfg).num_parameters()
+    assert parameter_count(ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 4})) > parameter_count(cfg)
