@@ -292,6 +292,19 @@ def check_config_against_weights(config: ModelConfig, shapes: dict[str, tuple[in
             raise CheckpointError(f"weight {name!r} has shape {shape}. Note: config.json expects {expected[name]}")
 
 
+def checked_config(path: str | Path) -> ModelConfig:
+    """The config of a checkpoint folder, checked against its weights' header (our own format) without loading
+    them: what sizes a run before the model loads (the CLI's memory bounds) must not trust a config that lies."""
+    files = current_set(Path(path))
+    data = _read_json(files)
+    config = _read_config(files, data)
+    from .hf import is_hf_config
+
+    if not is_hf_config(data) and (files / WEIGHTS).is_file():
+        check_config_against_weights(config, weight_shapes(files / WEIGHTS), str(path))
+    return config
+
+
 def _load_own_weights(path: Path, config: ModelConfig, device: str,
                       sha256: str | None = None) -> tuple[AlibiLM, str]:
     from safetensors import SafetensorError

@@ -115,6 +115,15 @@ def _missing_requirement(e: ModuleNotFoundError) -> str | None:
 class _OneLineErrors(click.Group):
     """Usage errors too are one line (click would add the usage text and a hint)."""
 
+    def __call__(self, *args, **kwargs):
+        """The process's entry point (the console script, ``python -m alibi_export``): from here on SIGTERM
+        (timeout, docker stop, CI cancellation) cleans up as Ctrl-C does. Not in ``main``, which in-process
+        callers (click's CliRunner, tests) invoke: the handler would outlive their call."""
+        from ._io import handle_sigterm
+
+        handle_sigterm()
+        return super().__call__(*args, **kwargs)
+
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         try:
@@ -135,9 +144,6 @@ class _OneLineErrors(click.Group):
 def main(verbose: bool):
     """Export ALiBi language models to ONNX and TensorRT, and prove they still extrapolate."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    from ._io import handle_sigterm
-
-    handle_sigterm()  # SIGTERM (timeout, docker stop, CI cancellation) cleans up as Ctrl-C does
 
 
 @main.command()

@@ -172,9 +172,9 @@ def config_of(model: str | Path):
 
     path = Path(model)
     if path.is_dir() and not is_genai_folder(path):
-        from .checkpoint import _read_config
+        from .checkpoint import checked_config
 
-        return _read_config(path)
+        return checked_config(path)
     from .artifacts import model_config_of
 
     return model_config_of(artifact_file(path))

@@ -416,3 +416,23 @@ def test_sigterm_handler_is_installed_only_over_the_default(monkeypatch):
         assert mine == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_in_process_cli_call_leaves_the_sigterm_handler_alone(tmp_path):
+    """The CLI installs its SIGTERM handler at the process's entry point, not in the command group: an in-process
+    caller (click's CliRunner, a test) keeps SIGTERM's default, so later code is not interrupted by a handler it
+    never asked for. Control: the entry point's own installer does change it."""
+    from click.testing import CliRunner
+
+    from alibi_export._io import handle_sigterm
+    from alibi_export.cli import main
+
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "missing.onnx")])
+    assert result.exit_code != 0
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    try:
+        handle_sigterm()
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
