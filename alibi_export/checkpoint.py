@@ -216,13 +216,13 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
                         _link(top, f"{CURRENT}/{n}")
                 elif top.is_symlink() or top.is_file():
                     top.unlink()  # a file of an earlier set that this one lacks (the optimizer state)
-            if previous is not None and previous != new.name and _SET.fullmatch(previous):
-                shutil.rmtree(folder / previous, ignore_errors=True)
             return new
-        finally:
+        finally:  # on an interrupt too (SIGTERM, Ctrl-C): one set is left, the current one
             shutil.rmtree(staging, ignore_errors=True)  # gone already if renamed
             if new is not None and not _points_to(folder / CURRENT, new.name):
                 shutil.rmtree(new, ignore_errors=True)  # complete, but never made current
+            elif new is not None and previous is not None and previous != new.name and _SET.fullmatch(previous):
+                shutil.rmtree(folder / previous, ignore_errors=True)  # switched: the old set goes
 
 
 def _points_to(link: Path, name: str) -> bool:
