@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import signal
-import tempfile
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import AlibiExportError
 
 __all__ = ["atomic_path", "atomic_files", "check_writable_dir", "check_replaceable", "sha256_file",
-           "sigterm_as_interrupt", "handle_sigterm", "temp_file", "temp_dir", "remove_stale", "stale", "is_temporary",
+           "sigterm_as_interrupt", "handle_sigterm", "interrupts_deferred", "temp_name", "temp_file", "remove_stale", "stale", "is_temporary",
            "exchange", "process_alive"]
 
 
@@ -51,14 +51,47 @@ def check_replaceable(path: str | os.PathLike, written_by_us: Callable[[Path], b
 
 
 # ----------------------------------------------------------------------------- SIGTERM
+_deferring = 0  # depth of interrupts_deferred blocks (main thread only: Python runs signal handlers there)
+_pending: list[int] = []  # signals received while deferring, raised when the outermost block ends
+
+
 def _interrupt_once() -> Callable:
     raised = []
 
     def interrupt(signum, frame):
-        if not raised:  # a second SIGTERM during the clean-up is ignored
-            raised.append(signum)
-            raise KeyboardInterrupt(f"terminated by signal {signum}")
+        if raised:  # a second SIGTERM during the clean-up is ignored
+            return
+        raised.append(signum)
+        if _deferring:
+            _pending.append(signum)
+            return
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
     return interrupt
+
+
+def _ctrl_c(signum, frame):
+    """Ctrl-C as Python's own handler raises it, held while interrupts are deferred."""
+    if _deferring:
+        _pending.append(signum)
+        return
+    raise KeyboardInterrupt
+
+
+def _install() -> Callable[[], None] | None:
+    """Our handlers for SIGTERM (over the default action only) and Ctrl-C (over Python's default only), from
+    the main thread; returns what puts the previous ones back, or None where nothing was installed."""
+    if not _may_install():
+        return None
+    ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ctrl_c:
+        signal.signal(signal.SIGINT, _ctrl_c)
+    signal.signal(signal.SIGTERM, _interrupt_once())
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ctrl_c and signal.getsignal(signal.SIGINT) is _ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    return restore
 
 
 def _may_install() -> bool:
@@ -69,8 +102,7 @@ def _may_install() -> bool:
 def handle_sigterm() -> None:
     """From now on, SIGTERM raises KeyboardInterrupt in this process, as Ctrl-C does (the command line's
     choice, made once at start-up). Only from the main thread, and only over the default action."""
-    if _may_install():
-        signal.signal(signal.SIGTERM, _interrupt_once())
+    _install()
 
 
 @contextlib.contextmanager
@@ -80,14 +112,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
     For library callers: installed only from the main thread and only over the default action (a program
     that set its own SIGTERM handler, the command line included, keeps it); nested uses are free. A second
     SIGTERM during the clean-up is ignored; after the block the default action is back."""
-    if not _may_install():
-        yield
-        return
-    signal.signal(signal.SIGTERM, _interrupt_once())
+    restore = _install()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if restore is not None:
+            restore()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """SIGTERM and Ctrl-C that arrive during the block are raised when it ends (under our handlers, see
+    :func:`sigterm_as_interrupt`). For the steps that must run to their end once begun: a switch and its
+    bookkeeping (the links of a checkpoint set, the removal of the set it replaced), a clean-up in a
+    ``finally``. An interrupt then lands before or after them, never between two of their steps; a kill
+    still can, which is what the stale clean-up of the next write is for."""
+    global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            raise KeyboardInterrupt(f"interrupted by signal {signum}")
 
 
 # ----------------------------------------------------------------------------- owned temporaries
@@ -101,16 +153,19 @@ def _legacy_pattern(target: str) -> re.Pattern:
     return re.compile(re.escape(f".{target}.") + r"[a-z0-9_]{8}\.tmp")
 
 
+def temp_name(target: Path) -> Path:
+    """A new temporary name beside ``target``, named for it and for this process; nothing is created.
+
+    Callers take the name before their ``try`` and create the file or folder inside it, so that an interrupt
+    at any instant leaves nothing, or a path their ``finally`` removes."""
+    return _folder(target) / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
 def temp_file(target: Path) -> Path:
-    """A new empty temporary file beside ``target``, named for it and for this process."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=_folder(target))
-    os.close(fd)
-    return Path(tmp)
-
-
-def temp_dir(target: Path) -> Path:
-    """A new empty staging folder beside ``target``, named for it and for this process."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=_folder(target)))
+    """A new empty temporary file beside ``target`` (for a caller that removes it however it exits)."""
+    path = temp_name(target)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    return path
 
 
 def _folder(target: Path) -> Path:
@@ -176,18 +231,21 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
         try:
             for p in paths:
                 remove_stale(_folder(p), [p.name])
-                tmps.append(temp_file(p))
+                tmps.append(temp_name(p))  # named first: whenever an interrupt lands, the finally knows it
+                os.close(os.open(tmps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             yield tmps
             for tmp in tmps:
-                os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files
+                os.chmod(tmp, 0o644)  # temporaries are private; outputs are ordinary files
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())  # the data is on disk before a rename makes it visible
-            for tmp, p in zip(tmps, paths):
-                os.replace(tmp, p)
+            with interrupts_deferred():  # all renamed or none: never a mixed set
+                for tmp, p in zip(tmps, paths):
+                    os.replace(tmp, p)
         finally:
-            for tmp in tmps:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)  # only our own temporaries: renamed ones are gone already
+            with interrupts_deferred():
+                for tmp in tmps:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)  # only our own temporaries: renamed ones are gone already
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from ._io import sha256_file
 from .errors import AlibiExportError
 
 __all__ = ["OnnxMetadata", "EngineSidecar", "read_metadata", "check_onnx_file", "model_config_of", "tokenizer_of",
-           "sidecar_path", "read_sidecar", "onnx_of_engine", "is_our_engine", "relative_to_artifact", "NotOurArtifact",
+           "sidecar_path", "read_sidecar", "onnx_of_engine", "is_our_engine", "NotOurArtifact",
            "check_plain_name",
            "PREFIX", "PRODUCER"]
 
@@ -254,9 +254,9 @@ class EngineSidecar:
     plugin: dict | None
     profile: dict
     train_len: int | None
-    onnx: str
+    onnx: str  # the source ONNX file's plain name: it is looked for beside the engine
     onnx_sha256: str
-    timing_cache: str | None  # relative to the engine's folder, like ``onnx``
+    timing_cache: str | None  # the timing cache's file name, for the record
     layer_types: dict
     build_seconds: float
 
@@ -280,11 +280,6 @@ class EngineSidecar:
 def sidecar_path(engine_path: str | Path) -> Path:
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + ".json")
-
-
-def relative_to_artifact(target: str | Path, artifact: str | Path) -> str:
-    """``target`` as a path relative to ``artifact``'s folder (what an artifact records)."""
-    return os.path.relpath(Path(target).resolve(), Path(artifact).resolve().parent)
 
 
 def read_sidecar(engine_path: str | Path, *, verify: bool = True) -> EngineSidecar:
@@ -319,21 +314,26 @@ def is_our_engine(engine_path: str | Path) -> bool:
 
 
 def onnx_of_engine(engine_path: str | Path) -> Path:
-    """The ONNX file an engine was built from, found relative to the engine, checked by its SHA-256."""
+    """The ONNX file an engine was built from: the file of that name beside the engine, checked by its SHA-256.
+    Only a plain name is accepted, so a sidecar cannot steer what is opened to a file elsewhere."""
     engine_path = Path(engine_path)
     sidecar = read_sidecar(engine_path)
     location = sidecar.onnx
-    if not isinstance(location, str) or not location or os.path.isabs(location) or "\0" in location \
-            or "\\" in location or not location.endswith(".onnx"):
-        raise NotOurArtifact(f"the sidecar of {str(engine_path)!r} names {location!r} as its ONNX file; expected a "
-                             "relative path to a .onnx file. Note: it was not opened; rebuild with `alibi-export trt`")
+    try:
+        if not isinstance(location, str) or not location.endswith(".onnx"):
+            raise ValueError(f"onnx {location!r} is not the name of a .onnx file")
+        check_plain_name(location, "onnx")
+    except ValueError as e:
+        raise NotOurArtifact(f"the sidecar of {str(engine_path)!r} names {location!r} as its ONNX file: {e}; "
+                             "expected the plain name of a .onnx file beside the engine. Note: it was not "
+                             "opened; rebuild with `alibi-export trt`") from None
     source = engine_path.parent / location
     if source.exists() and not stat.S_ISREG(source.stat().st_mode):  # no device, FIFO or folder is opened
         raise NotOurArtifact(f"the ONNX file {location!r} of {str(engine_path)!r} is not a regular file. "
                              "Note: it was not opened")
     if not source.is_file():
         raise AlibiExportError(f"the ONNX file {sidecar.onnx!r} that {str(engine_path)!r} was built from is "
-                               "missing. Note: expected it at that path relative to the engine")
+                               "missing. Note: expected it beside the engine; copy it there")
     if sha256_file(source) != sidecar.onnx_sha256:
         raise AlibiExportError(f"{str(source)!r} is not the ONNX file {str(engine_path)!r} was built from "
                                "(SHA-256 differs)")

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_files, process_alive, remove_stale, sha256_file, sigterm_as_interrupt, temp_dir
+from ._io import (atomic_files, interrupts_deferred, process_alive, remove_stale, sha256_file, sigterm_as_interrupt,
+                  temp_name)
 from .errors import CheckpointError, ConfigError
 from .model import AlibiLM, ModelConfig
 
@@ -197,9 +198,10 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
     with sigterm_as_interrupt():
         remove_stale_sets(folder)
         previous = os.readlink(folder / CURRENT) if (folder / CURRENT).is_symlink() else None
-        staging = temp_dir(folder / f"step-{step:06d}")
+        staging = temp_name(folder / f"step-{step:06d}")  # named before it exists: the finally always knows it
         new = None
         try:
+            os.mkdir(staging, 0o700)
             write({n: staging / n for n in names})
             for f in staging.iterdir():
                 os.chmod(f, 0o644)
@@ -207,22 +209,24 @@ def write_set(folder: str | Path, step: int, names: Sequence[str], write: Callab
                     os.fsync(fh.fileno())
             os.chmod(staging, 0o755)
             new = folder / f"step-{step:06d}.{os.getpid()}.{staging.name.rsplit('.', 2)[-2]}"
-            os.rename(staging, new)
-            _link(folder / CURRENT, new.name)  # the switch
-            for n in _SET_FILES + (STATE,):
-                top = folder / n
-                if n in names:
-                    if not (top.is_symlink() and os.readlink(top) == f"{CURRENT}/{n}"):
-                        _link(top, f"{CURRENT}/{n}")
-                elif top.is_symlink() or top.is_file():
-                    top.unlink()  # a file of an earlier set that this one lacks (the optimizer state)
+            with interrupts_deferred():  # once begun, the switch and its bookkeeping run to their end
+                os.rename(staging, new)
+                _link(folder / CURRENT, new.name)  # the switch
+                for n in _SET_FILES + (STATE,):
+                    top = folder / n
+                    if n in names:
+                        if not (top.is_symlink() and os.readlink(top) == f"{CURRENT}/{n}"):
+                            _link(top, f"{CURRENT}/{n}")
+                    elif top.is_symlink() or top.is_file():
+                        top.unlink()  # a file of an earlier set that this one lacks (the optimizer state)
+                if previous is not None and previous != new.name and _SET.fullmatch(previous):
+                    shutil.rmtree(folder / previous, ignore_errors=True)  # one set is left, the current one
             return new
-        finally:  # on an interrupt too (SIGTERM, Ctrl-C): one set is left, the current one
-            shutil.rmtree(staging, ignore_errors=True)  # gone already if renamed
-            if new is not None and not _points_to(folder / CURRENT, new.name):
-                shutil.rmtree(new, ignore_errors=True)  # complete, but never made current
-            elif new is not None and previous is not None and previous != new.name and _SET.fullmatch(previous):
-                shutil.rmtree(folder / previous, ignore_errors=True)  # switched: the old set goes
+        finally:  # on an interrupt or an error too: what did not become the current set goes
+            with interrupts_deferred():
+                shutil.rmtree(staging, ignore_errors=True)  # gone already if renamed
+                if new is not None and new.exists() and not _points_to(folder / CURRENT, new.name):
+                    shutil.rmtree(new, ignore_errors=True)  # complete, but the switch failed
 
 
 def _points_to(link: Path, name: str) -> bool:
@@ -234,9 +238,9 @@ def _points_to(link: Path, name: str) -> bool:
 
 def _link(path: Path, target: str) -> None:
     """Point the symbolic link ``path`` at ``target`` in one rename (over whatever ``path`` was)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    os.symlink(target, tmp)
+    tmp = temp_name(path)
     try:
+        os.symlink(target, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -122,7 +123,13 @@ class _OneLineErrors(click.Group):
         from ._io import handle_sigterm
 
         handle_sigterm()
-        return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except KeyboardInterrupt:  # it landed after main's own handling, as the command ended: still status 1
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        finally:  # the exit status is decided: a SIGTERM during the interpreter's shutdown cannot change it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False

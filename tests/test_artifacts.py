@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,24 +135,32 @@ def _sidecar(engine: Path, onnx_path: Path, **overrides) -> EngineSidecar:
                   backend="tensorrt-rtx", backend_version="0", precision="fp32", strongly_typed=True,
                   onnx_dtype="float32", attention="native attention", plugin=None,
                   profile={"input": "input_ids", "min": [1, 1], "opt": [1, 8], "max": [1, 64]}, train_len=32,
-                  onnx=os.path.relpath(onnx_path, engine.parent), onnx_sha256=sha256_file(onnx_path),
+                  onnx=onnx_path.name, onnx_sha256=sha256_file(onnx_path),
                   timing_cache=None, layer_types={"MATRIX_MULTIPLY": 1}, build_seconds=0.5)
     return EngineSidecar(**{**fields, **overrides})
 
 
-def test_sidecar_paths_are_relative_to_the_engine(tmp_path, tiny_export, monkeypatch):
+def test_sidecar_names_its_onnx_beside_the_engine(tmp_path, tiny_export, monkeypatch):
+    """The sidecar records the ONNX file's plain name; it is found beside the engine whatever the working
+    directory. Control: the same file one folder away, named by a relative path, is refused unopened."""
     engines, elsewhere = tmp_path / "engines", tmp_path / "elsewhere"
     engines.mkdir()
     elsewhere.mkdir()
     engine = engines / "m.engine"
     engine.write_bytes(b"not really an engine")
-    side = _sidecar(engine, Path(tiny_export.path))
+    onnx_path = engines / "m.onnx"
+    shutil.copyfile(tiny_export.path, onnx_path)
+    side = _sidecar(engine, onnx_path)
     sidecar_path(engine).write_text(side.to_json())
-    assert not Path(side.onnx).is_absolute()
+    assert side.onnx == "m.onnx"
     monkeypatch.chdir(elsewhere)  # nothing depends on the working directory
     assert read_sidecar(engine) == side == EngineSidecar.from_json(side.to_json())
-    assert onnx_of_engine(engine).resolve() == Path(tiny_export.path).resolve()
+    assert onnx_of_engine(engine) == onnx_path
     assert read_metadata(engine) == tiny_export.metadata
+    shutil.copyfile(onnx_path, elsewhere / "m.onnx")
+    sidecar_path(engine).write_text(json.dumps({**json.loads(side.to_json()), "onnx": "../elsewhere/m.onnx"}))
+    with pytest.raises(NotOurArtifact, match="not a plain name"):
+        onnx_of_engine(engine)
 
 
 def test_sidecar_that_does_not_match_its_engine_is_refused(tmp_path, tiny_export):

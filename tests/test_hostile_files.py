@@ -118,13 +118,14 @@ def test_engine_sidecar_onnx_path_is_checked_before_it_is_opened(tmp_path, tiny_
     that must not be opened (opening it would block)."""
     fifo = tmp_path / "trap.onnx"
     os.mkfifo(fifo)
-    with pytest.raises(NotOurArtifact, match="expected a relative path to a .onnx file"):
+    with pytest.raises(NotOurArtifact, match="expected the plain name of a .onnx file beside the engine"):
         onnx_of_engine(_engine_with_onnx(tmp_path, str(fifo)))
     with pytest.raises(NotOurArtifact, match="not a regular file"):
         onnx_of_engine(_engine_with_onnx(tmp_path, "trap.onnx"))
-    with pytest.raises(NotOurArtifact, match="expected a relative path to a .onnx file"):
-        onnx_of_engine(_engine_with_onnx(tmp_path, "../../etc/passwd"))
-    shutil.copyfile(tiny_kv_export.path, tmp_path / "real.onnx")  # control: a relative regular .onnx is hashed
+    for location in ("../../etc/passwd", "../trap.onnx", "sub/real.onnx", "..", ""):
+        with pytest.raises(NotOurArtifact, match="expected the plain name of a .onnx file beside the engine"):
+            onnx_of_engine(_engine_with_onnx(tmp_path, location))
+    shutil.copyfile(tiny_kv_export.path, tmp_path / "real.onnx")  # control: a plain name of a regular .onnx is hashed
     with pytest.raises(Exception, match="SHA-256 differs"):
         onnx_of_engine(_engine_with_onnx(tmp_path, "real.onnx"))
 

@@ -33,7 +33,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .._io import check_writable_dir, exchange, remove_stale, sigterm_as_interrupt, stale, temp_dir
+from .._io import (check_writable_dir, exchange, interrupts_deferred, remove_stale, sigterm_as_interrupt, stale,
+                   temp_name)
 from ..errors import ExportError
 
 __all__ = ["GENAI_VERSIONS", "GENAI_FILES", "MODEL_TYPE", "genai_config", "tokenizer_config", "export_genai"]
@@ -122,22 +123,25 @@ def _staged_folder(out_dir: Path):
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     with sigterm_as_interrupt():
         _recover(out_dir)
-        tmp = temp_dir(out_dir)
+        tmp = temp_name(out_dir)  # named before it exists: the finally always knows it
         try:
+            os.mkdir(tmp, 0o700)
             yield tmp
-            os.chmod(tmp, 0o755)  # mkdtemp makes folders private; outputs are ordinary folders
+            os.chmod(tmp, 0o755)  # temporaries are private; outputs are ordinary folders
             if out_dir.exists():
                 _check_replaceable(out_dir)  # again: it may have changed during the export
                 if exchange(tmp, out_dir):  # tmp now holds the old folder, removed below
                     return
-                old = temp_dir(parent / f"{out_dir.name}.old")
-                os.replace(out_dir, old)  # onto our own empty temporary folder
-                os.replace(tmp, out_dir)
+                old = temp_name(parent / f"{out_dir.name}.old")
+                with interrupts_deferred():  # no interrupt between the two renames (a kill is repaired later)
+                    os.replace(out_dir, old)
+                    os.replace(tmp, out_dir)
                 shutil.rmtree(old)  # only files this tool wrote (checked above)
             else:
                 os.replace(tmp, out_dir)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # our staging folder, or the old folder swapped out
+            with interrupts_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)  # our staging folder, or the old folder swapped out
 
 
 def _recover(out_dir: Path) -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import onnx
 
-from .._io import (atomic_path, check_replaceable, check_writable_dir, sha256_file, sigterm_as_interrupt, stale,
-                   temp_dir)
+from .._io import (atomic_path, check_replaceable, check_writable_dir, interrupts_deferred, sha256_file,
+                   sigterm_as_interrupt, stale, temp_name)
 from ..artifacts import PRODUCER
 from ..errors import ExportError
 from ._weights import write_external_data
@@ -147,14 +147,17 @@ def write_onnx(proto: onnx.ModelProto, out: str | os.PathLike, *, external_data:
         _remove_orphans(out)
         previous_data = data_files_of(out) if out.is_file() else set()
         strip_local_paths(proto)
-        staging = temp_dir(out)
+        staging = temp_name(out)  # named before it exists: the finally always knows it
         try:
+            os.mkdir(staging, 0o700)
             data = _write_staged(proto, out, staging, external_data, weights, check)
+            with interrupts_deferred():
+                for old in previous_data - ({data} if data else set()):
+                    with contextlib.suppress(FileNotFoundError):
+                        old.unlink()  # the previous export's data file, ours and referenced by nothing now
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    for old in previous_data - ({data} if data else set()):
-        with contextlib.suppress(FileNotFoundError):
-            old.unlink()  # the previous export's data file, written by this tool and referenced by nothing now
+            with interrupts_deferred():
+                shutil.rmtree(staging, ignore_errors=True)
     return data
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..._io import atomic_files, atomic_path, check_replaceable, check_writable_dir, sha256_file
-from ...artifacts import PRODUCER, EngineSidecar, is_our_engine, read_metadata, relative_to_artifact, sidecar_path
+from ...artifacts import PRODUCER, EngineSidecar, is_our_engine, read_metadata, sidecar_path
 from ...attention_contract import OP_TYPE
 from ...errors import EngineBuildError
 from ...progress import Steps, on_terminal, progress
@@ -276,8 +276,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         backend=backend, backend_version=trt.__version__, precision=precision, strongly_typed=strongly_typed,
         onnx_dtype=onnx_dtype, attention=form, plugin=_plugin_info() if form == _PLUGIN else None,
         profile={"input": network.get_input(0).name, **shapes}, train_len=meta.train_len,
-        onnx=relative_to_artifact(onnx_path, engine_path), onnx_sha256=sha256_file(onnx_path),
-        timing_cache=relative_to_artifact(cache_path, engine_path) if cache_path else None,
+        onnx=Path(onnx_path).name, onnx_sha256=sha256_file(onnx_path),
+        timing_cache=cache_path.name if cache_path else None,
         layer_types=layer_types, build_seconds=round(seconds, 3))
     side = sidecar_path(engine_path)
     # Engine and sidecar are written as a pair: both staged, then renamed; the sidecar names the engine's
@@ -287,6 +287,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         tmp_side.write_text(sidecar.to_json())
     steps.close()
     log.info("built %s (%s %s, %s, %s) in %.1fs", engine_path, backend, trt.__version__, precision, form, seconds)
+    if Path(onnx_path).resolve().parent != engine_path.resolve().parent:
+        log.warning("validate, ppl and the runner look for %s beside %s (the sidecar names it, not its folder): "
+                    "copy it there", Path(onnx_path).name, engine_path.name)
     return BuildResult(engine_path, side, backend, trt.__version__, precision, form, layer_types, seconds, sidecar)
 
 
