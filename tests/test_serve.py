@@ -183,7 +183,7 @@ def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(session
     engine = Engine(session, EngineConfig(max_batch=4))
     got = _Collector()
     real = session.step
-    monkeypatch.setattr(session, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    monkeypatch.setattr(session, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
     engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), got("failed"))
     engine.start()
     try:

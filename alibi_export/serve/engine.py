@@ -275,22 +275,23 @@ class Engine:
     def _prefill(self) -> None:
         job = self._job
         end = min(job.done + job.step, job.ids.shape[1])
-        logits, job.cache = self.session.step(job.ids[:, job.done:end], job.mask[:, :end], job.cache)
+        # The logits stay on the device: a pass of b rows x L tokens makes b x L x vocab of them, and only
+        # the last position's of the last pass are sampled (copying them all down cost more than the pass).
+        logits, job.cache = self.session.step(job.ids[:, job.done:end], job.mask[:, :end], job.cache,
+                                              logits_on_device=True)
         job.done = end
         if end < job.ids.shape[1]:
             return
         self._job = None
+        last = self.cache.ops.last_logits(logits)  # (b, V) float32
         joining = []
         for i, r in enumerate(job.requests):
             if r.cancelled:
                 self._finish(r, "cancelled")
-            elif not self._push(r, int(r.sampler(logits[i:i + 1, -1])[0])):
+            elif not self._push(r, int(r.sampler(last[i:i + 1])[0])):
                 joining.append(i)
         if joining:
-            rows = BatchCache(self.session, self.cache.holes)
-            rows.advance(job.cache, job.mask)
-            rows.keep(joining)
-            self.cache.merge(rows.values, rows.mask)
+            self.cache.merge(job.cache, job.mask, joining)
             self.running += [job.requests[i] for i in joining]
 
     def _decode(self) -> None:
