@@ -283,12 +283,12 @@ class Engine:
         if end < job.ids.shape[1]:
             return
         self._job = None
-        last = self.cache.ops.last_logits(logits)  # (b, V) float32
+        tokens = _next_tokens(job.requests, self.cache.ops.last_logits(logits))
         joining = []
-        for i, r in enumerate(job.requests):
+        for i, (r, token) in enumerate(zip(job.requests, tokens)):
             if r.cancelled:
                 self._finish(r, "cancelled")
-            elif not self._push(r, int(r.sampler(last[i:i + 1])[0])):
+            elif not self._push(r, token):
                 joining.append(i)
         if joining:
             self.cache.merge(job.cache, job.mask, joining)
@@ -300,7 +300,8 @@ class Engine:
         logits, values = self.session.step(ids, mask, self.cache.values)
         self.cache.advance(values, mask)
         self.steps += 1
-        keep = [i for i, r in enumerate(self.running) if not self._push(r, int(r.sampler(logits[i:i + 1, -1])[0]))]
+        tokens = _next_tokens(self.running, logits[:, -1])
+        keep = [i for i, (r, token) in enumerate(zip(self.running, tokens)) if not self._push(r, token)]
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
             self.cache.keep(keep)
@@ -369,6 +370,14 @@ class Engine:
         for r in requests:
             self._finish(r, "error", message)
         self._account()
+
+
+def _next_tokens(requests: list[EngineRequest], logits: np.ndarray) -> list[int]:
+    """Each request's next token from its row of ``logits`` (B, V): one argmax for all greedy rows, each
+    sampled row through its own generator."""
+    greedy = logits.argmax(-1)
+    return [int(greedy[i]) if r.sampler.greedy else int(r.sampler(logits[i:i + 1])[0])
+            for i, r in enumerate(requests)]
 
 
 def _sampler(p: SamplingParams) -> Sampler:
