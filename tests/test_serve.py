@@ -212,16 +212,18 @@ def test_device_ops_lay_the_cache_out_as_the_host_would(session, rng):
 
     ops = batch_cache.DeviceOps(session, 2)
     heads, d = session.config.kv_heads, session.cache_width
-    a = [rng.standard_normal((3, heads, 5, d)).astype(np.float32) for _ in range(2)]
-    b = [rng.standard_normal((2, heads, 9, d)).astype(np.float32) for _ in range(2)]
-    holes = [rng.standard_normal((1, heads, 1, d)).astype(np.float32) for _ in range(2)]
     dev = lambda xs: [OrtValue.ortvalue_from_numpy(x) for x in xs]  # noqa: E731
-    merged = [v.numpy() for v in ops.merge(dev(a), dev(b), dev(holes), 9)]
-    for m, x, y, h in zip(merged, a, b, holes):
-        left = np.concatenate([np.broadcast_to(h, (3, heads, 4, d)), x], axis=2)
-        assert np.array_equal(m, np.concatenate([left, y], axis=0))
-        right = np.concatenate([x, np.broadcast_to(h, (3, heads, 4, d))], axis=2)
-        assert not np.array_equal(m, np.concatenate([right, y], axis=0))  # the control
+    holes = [rng.standard_normal((1, heads, 1, d)).astype(np.float32) for _ in range(2)]
+    for wa, wb in ((5, 9), (9, 5)):  # the running rows narrower, then the joining ones
+        a = [rng.standard_normal((3, heads, wa, d)).astype(np.float32) for _ in range(2)]
+        b = [rng.standard_normal((2, heads, wb, d)).astype(np.float32) for _ in range(2)]
+        merged = [v.numpy() for v in ops.merge(dev(a), dev(b), dev(holes), 9)]
+        for m, x, y, h in zip(merged, a, b, holes):
+            fill = lambda z: np.broadcast_to(h, (len(z), heads, 9 - z.shape[2], d))  # noqa: E731
+            left = [np.concatenate([fill(z), z], axis=2) for z in (x, y)]
+            assert np.array_equal(m, np.concatenate(left, axis=0))
+            right = [np.concatenate([z, fill(z)], axis=2) for z in (x, y)]
+            assert not np.array_equal(m, np.concatenate(right, axis=0))  # the control
     kept = [v.numpy() for v in ops.keep(dev(merged), [4, 0, 2], 3)]
     for k, m in zip(kept, merged):
         assert np.array_equal(k, m[[4, 0, 2]][:, :, 3:])

@@ -44,16 +44,17 @@ class DeviceOps:
     def __init__(self, session, n_past: int):
         self.device, self.device_id = session.device, session.device_id
         dtype = _ONNX_TYPES[np.dtype(session.cache_dtype)]
-        self._merge = self._session(_merge_graph(n_past, dtype), session)
+        # The wider side is copied once, the narrower one widened then copied (at most one side is narrower)
+        self._merge = {side: self._session(_merge_graph(n_past, dtype, side), session) for side in "ab"}
         self._keep = self._session(_keep_graph(n_past, dtype), session)
         self._last = self._session(_last_graph(dtype), session)
 
     def merge(self, a: list, b: list, holes: list, width: int) -> list:
         """Rows ``a`` above rows ``b`` (OrtValues (rows, heads, w, d)), each side widened to ``width``
         with ``holes`` (OrtValues (1, heads, 1, d)) on its left."""
-        fill_a = _fill_shape(a[0], width)
-        fill_b = _fill_shape(b[0], width)
-        return self._run(self._merge, {"fill_a": fill_a, "fill_b": fill_b},
+        narrow = "a" if a[0].shape()[2] < width else "b"
+        fill = _fill_shape((a if narrow == "a" else b)[0], width)
+        return self._run(self._merge[narrow], {"fill": fill},
                          {**_named("a", a), **_named("b", b), **_named("hole", holes)}, len(a))
 
     def keep(self, values: list, rows: list[int], first: int) -> list:
@@ -108,20 +109,19 @@ def _model(nodes, inputs, outputs, initializers=()):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def _merge_graph(n: int, dtype: int):
-    """out_i = Concat_0(Concat_2(Expand(hole_i, fill_a), a_i), Concat_2(Expand(hole_i, fill_b), b_i))."""
+def _merge_graph(n: int, dtype: int, narrow: str):
+    """out_i = Concat_0(a_i, b_i) with the ``narrow`` side first widened: Concat_2(Expand(hole_i, fill), it)."""
     from onnx import TensorProto, helper
 
-    shape = ["rows", "heads", "width", "d"]
-    inputs = [helper.make_tensor_value_info(f, TensorProto.INT64, [4]) for f in ("fill_a", "fill_b")]
+    inputs = [helper.make_tensor_value_info("fill", TensorProto.INT64, [4])]
     nodes, outputs = [], []
     for i in range(n):
         inputs += [helper.make_tensor_value_info(f"{p}{i}", dtype, None) for p in ("a", "b", "hole")]
-        for side in ("a", "b"):
-            nodes += [helper.make_node("Expand", [f"hole{i}", f"fill_{side}"], [f"holes_{side}{i}"]),
-                      helper.make_node("Concat", [f"holes_{side}{i}", f"{side}{i}"], [f"wide_{side}{i}"], axis=2)]
-        nodes.append(helper.make_node("Concat", [f"wide_a{i}", f"wide_b{i}"], [f"out{i}"], axis=0))
-        outputs.append(helper.make_tensor_value_info(f"out{i}", dtype, shape))
+        nodes += [helper.make_node("Expand", [f"hole{i}", "fill"], [f"holes{i}"]),
+                  helper.make_node("Concat", [f"holes{i}", f"{narrow}{i}"], [f"wide{i}"], axis=2)]
+        sides = [f"wide{i}", f"b{i}"] if narrow == "a" else [f"a{i}", f"wide{i}"]
+        nodes.append(helper.make_node("Concat", sides, [f"out{i}"], axis=0))
+        outputs.append(helper.make_tensor_value_info(f"out{i}", dtype, ["rows", "heads", "width", "d"]))
     return _model(nodes, inputs, outputs)
 
 
