@@ -183,7 +183,7 @@ def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(session
     engine = Engine(session, EngineConfig(max_batch=4))
     got = _Collector()
     real = session.step
-    monkeypatch.setattr(session, "step", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
+    monkeypatch.setattr(session, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
     engine.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), got("failed"))
     engine.start()
     try:
@@ -202,6 +202,55 @@ def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(session
         assert engine.batch_size == 0 and engine.kv_tokens == 0
     finally:
         assert engine.stop(timeout=10)
+
+
+def test_device_ops_lay_the_cache_out_as_the_host_would(session, rng):
+    """The graphs that join and leave rows on the session's device give exactly the host's layout: rows
+    stacked, each side widened on the left with the padding entries, kept rows cut at a column; and the
+    prefill's last-position logits. Control: a layout with the holes on the right is told apart."""
+    from onnxruntime import OrtValue
+
+    ops = batch_cache.DeviceOps(session, 2)
+    heads, d = session.config.kv_heads, session.cache_width
+    dev = lambda xs: [OrtValue.ortvalue_from_numpy(x) for x in xs]  # noqa: E731
+    holes = [rng.standard_normal((1, heads, 1, d)).astype(np.float32) for _ in range(2)]
+    for wa, wb in ((5, 9), (9, 5)):  # the running rows narrower, then the joining ones
+        a = [rng.standard_normal((3, heads, wa, d)).astype(np.float32) for _ in range(2)]
+        b = [rng.standard_normal((2, heads, wb, d)).astype(np.float32) for _ in range(2)]
+        merged = [v.numpy() for v in ops.merge(dev(a), dev(b), dev(holes), 9)]
+        for m, x, y, h in zip(merged, a, b, holes):
+            fill = lambda z: np.broadcast_to(h, (len(z), heads, 9 - z.shape[2], d))  # noqa: E731
+            left = [np.concatenate([fill(z), z], axis=2) for z in (x, y)]
+            assert np.array_equal(m, np.concatenate(left, axis=0))
+            right = [np.concatenate([z, fill(z)], axis=2) for z in (x, y)]
+            assert not np.array_equal(m, np.concatenate(right, axis=0))  # the control
+    kept = [v.numpy() for v in ops.keep(dev(merged), [4, 0, 2], 3)]
+    for k, m in zip(kept, merged):
+        assert np.array_equal(k, m[[4, 0, 2]][:, :, 3:])
+    logits = rng.standard_normal((2, 7, 11)).astype(np.float32)
+    last = ops.last_logits(OrtValue.ortvalue_from_numpy(logits))
+    assert last.dtype == np.float32 and np.array_equal(last, logits[:, -1])
+    assert not np.array_equal(last, logits[:, 0])  # the control: another position differs
+
+
+def test_waiting_prompts_are_prefilled_together_within_the_chunk(session, rng, monkeypatch):
+    """Prompts that arrive together go through one prefill pass while rows x padded length fits the chunk,
+    and each still gives what it gives alone; with a chunk that holds one of them, they take one pass each."""
+    vocab = session.config.vocab_size
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in [20, *rng.integers(11, 21, 5)]]  # left-padded
+    alone = [session.generate_ids([p], 6).texts[0] for p in prompts]
+    for chunk, passes in ((6 * 20, 1), (20, 6)):  # 2 x 11 > 20: one prompt per pass
+        engine = Engine(session, EngineConfig(max_batch=8, prefill_chunk=chunk, max_context=64))
+        shapes = []
+        real = session.step
+        monkeypatch.setattr(session, "step", lambda ids, mask, *a, **k: (
+            shapes.append((ids.shape, mask.shape)), real(ids, mask, *a, **k))[1])
+        got = _run_schedule(engine, prompts, [6] * 6, [0] * 6)
+        monkeypatch.undo()
+        prefills = [ids for ids, mask in shapes if ids[1] == mask[1]]  # from an empty cache
+        assert len(prefills) == passes, shapes
+        assert sum(rows for rows, _ in prefills) == 6
+        assert [got.results[i].text for i in range(6)] == alone
 
 
 def test_engine_config_is_checked():

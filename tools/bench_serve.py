@@ -5,6 +5,8 @@ Three systems, the same prompts (books test split, mixed lengths) and the same m
   naive       the same server with --max-batch 1: one request at a time
   static      GenerationSession.generate over batches of arrivals (in process): a batch starts when the
               previous one has finished, and runs until its longest request is done
+  engine      (only when named in --systems) the continuous-batching engine in process, without HTTP,
+              closed loop: the server's own cost, and the engine's time per phase
 
 Two loads: closed loop (CLIENTS clients, each sending its next request when the last one finished) and,
 with --rate, open loop (Poisson arrivals at RATE requests/s). Reported per system: generated tokens/s,
@@ -18,7 +20,7 @@ The record goes through tools/harness.py (--json FILE, else $OUT/bench_serve.jso
 
 usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--provider cpu|cuda] [--clients 16]
                                    [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8] [--threads 2]
-                                   [--books test.txt] [--json out.json]
+                                   [--books test.txt] [--prefill-chunk N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str):
+    def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str,
+                 prefill_chunk: int):
         import httpx
 
         self.port = free_port()
@@ -89,6 +92,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "alibi_export", "serve", str(model), "--port",
                                       str(self.port), "--max-batch", str(max_batch), "--threads", str(threads),
                                       "--max-context", str(max_context), "--queue", "1024", "--provider", provider,
+                                      "--prefill-chunk", str(prefill_chunk),
                                       # every admitted row may hold a full context: the batch, not the KV
                                       # budget, is what limits admission here
                                       "--max-tokens-in-flight", str(max_batch * max_context)],
@@ -188,6 +192,71 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
     return records, time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- the engine alone
+def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int):
+    """The continuous-batching engine without HTTP, closed loop of ``clients`` (closed loop only): what the
+    server's own overhead costs, and where the engine's time goes (seconds per phase, wall-clock; ONNX
+    Runtime's runs end synchronized, so a phase's time includes its device work)."""
+    import collections
+
+    from alibi_export.serve.engine import Delta, Engine, EngineConfig, Finished, SamplingParams
+
+    max_context = max(len(p) for p in prompts) + max_tokens + 1
+    engine = Engine(session, EngineConfig(max_batch=clients, max_tokens_in_flight=clients * max_context,
+                                          max_queue=len(prompts) + clients, prefill_chunk=chunk,
+                                          max_context=max_context))
+    phases = collections.Counter()
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                phases[name] += time.perf_counter() - t
+        return run
+
+    ops = engine.cache.ops
+    ops.merge, ops.keep, ops.last_logits = (timed("join (merge)", ops.merge), timed("leave (keep)", ops.keep),
+                                            timed("last logits", ops.last_logits))
+    engine._prefill, engine._decode = timed("prefill pass", engine._prefill), timed("decode step", engine._decode)
+    session.step = timed("model forward", session.step)  # an instance attribute over the method; removed below
+    queue, done, records, batches = list(prompts), [], [], []
+
+    def submit(prompt):
+        rec = {"t0": time.perf_counter(), "stamps": [], "tokens": 0}
+
+        def on_event(event):
+            if isinstance(event, Delta) and event.text:
+                rec["stamps"].append(time.perf_counter())
+            elif isinstance(event, Finished):
+                rec["tokens"] = event.completion_tokens
+                done.append(rec)
+        engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), on_event)
+
+    try:
+        t0 = time.perf_counter()
+        for _ in range(min(clients, len(queue))):
+            submit(queue.pop(0))
+        while len(done) < len(prompts):
+            finished = len(done)
+            engine.iterate()
+            batches.append(engine.batch_size)
+            for _ in range(len(done) - finished):
+                if queue:
+                    submit(queue.pop(0))
+        wall = time.perf_counter() - t0
+    finally:
+        del session.step
+    records = [{"ttft": (r["stamps"][0] if r["stamps"] else wall) - r["t0"],
+                "gaps": [b - a for a, b in zip(r["stamps"], r["stamps"][1:])], "tokens": r["tokens"]} for r in done]
+    row = summary("engine", wall, records)
+    row["iterations"], row["decode_steps"] = len(batches), engine.steps
+    row["mean_batch"] = round(sum(batches) / max(len(batches), 1), 1)
+    row["phases_s"] = {k: round(v, 3) for k, v in phases.most_common()}
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="A --kv-cache export (default: the shipped model, cached export).")
@@ -203,6 +272,10 @@ def main():
                     help="ONNX Runtime provider of the servers and the static system; with --random, cuda exports "
                          "the cuda target's form (--attention onnx --ort-fusions --dtype float16).")
     ap.add_argument("--books", type=Path, default=BOOKS, help="Plain text the prompts are cut from.")
+    ap.add_argument("--prefill-chunk", type=int,
+                    help="The servers' and the engine's prompt tokens per prefill pass (rows x padded length; "
+                         "default 256 on cpu, where 256 tokens of the shipped model take ~0.2 s, 16384 on cuda, "
+                         "which prefills hundreds of thousands of tokens/s).")
     ap.add_argument("--systems", default="continuous,naive,static")
     ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve.json if $OUT).")
     args = ap.parse_args()
@@ -226,6 +299,7 @@ def main():
     else:
         model = args.model or shipped_kv_export()
     session = GenerationSession(model, provider=args.provider, threads=args.threads)
+    chunk = args.prefill_chunk or (16384 if args.provider == "cuda" else 256)
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.books, args.requests, low, high)
     max_context = high + args.max_tokens + 1
@@ -238,9 +312,15 @@ def main():
         server = None
         if system in ("continuous", "naive"):
             server = Server(model, args.clients if system == "continuous" else 1, args.threads, max_context,
-                            args.provider)
+                            args.provider, chunk)
             asyncio.run(drive(server.url, prompts[:2], 4, 2, None))  # warm-up
         try:
+            if system == "engine":
+                rows.append({"load": "closed", **engine_in_process(session, prompts, args.max_tokens, args.clients,
+                                                                   chunk)})
+                rows[-1]["itl_p99_over_single_step"] = round(rows[-1]["itl_p99_ms"] / step_ms, 2)
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             for load, rate in loads:
                 if server:
                     records, wall = asyncio.run(drive(server.url, prompts, args.max_tokens, args.clients, rate))
@@ -260,7 +340,7 @@ def main():
     results = {"provider": args.provider, "ort_providers": session.session.get_providers(), "model": str(model.name),
                "random": args.random, "single_stream_step_ms": round(step_ms, 3), "clients": args.clients,
                "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
-               "threads": args.threads,
+               "threads": args.threads, "prefill_chunk": chunk,
                "rows": rows, "continuous_over_naive": ratios}
     path = out_path("bench_serve.json", args.json)
     if path:

@@ -78,21 +78,28 @@ class GenerationSession:
         empty = np.zeros((batch, self.config.kv_heads, 0, self.cache_width), dtype=self.cache_dtype)
         return [OrtValue.ortvalue_from_numpy(empty, self.device, self.device_id) for _ in self._past_names]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list) -> tuple[np.ndarray, list]:
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list, *,
+             logits_on_device: bool = False) -> tuple[np.ndarray, list]:
         """Logits (B, L, V) as float32 on the host, and the new cache (``OrtValue``s left on the device).
 
-        ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned."""
+        ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned.
+        ``logits_on_device``: the logits as an ``OrtValue`` left on the device in the model's dtype (the
+        server takes the last position's from it, not all L positions' through the host)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         for name, value in zip(self._past_names, cache):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # sampling runs on the host
+        if logits_on_device:
+            binding.bind_output("logits", self.device, self.device_id)
+        else:
+            binding.bind_output("logits", "cpu")  # sampling runs on the host
         for name in self._present_names:
             binding.bind_output(name, self.device, self.device_id)  # stays where the model runs
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in the order bound: logits, then the presents
-        return outputs[0].numpy().astype(np.float32, copy=False), list(outputs[1:])
+        logits = outputs[0] if logits_on_device else outputs[0].numpy().astype(np.float32, copy=False)
+        return logits, list(outputs[1:])
 
     def step_pieces(self, input_ids: np.ndarray, pieces: Sequence[int]) -> tuple[np.ndarray, list]:
         """Feed ``input_ids`` (no padding) through the cache in pieces of the given lengths, from an

@@ -275,22 +275,23 @@ class Engine:
     def _prefill(self) -> None:
         job = self._job
         end = min(job.done + job.step, job.ids.shape[1])
-        logits, job.cache = self.session.step(job.ids[:, job.done:end], job.mask[:, :end], job.cache)
+        # The logits stay on the device: a pass of b rows x L tokens makes b x L x vocab of them, and only
+        # the last position's of the last pass are sampled (copying them all down cost more than the pass).
+        logits, job.cache = self.session.step(job.ids[:, job.done:end], job.mask[:, :end], job.cache,
+                                              logits_on_device=True)
         job.done = end
         if end < job.ids.shape[1]:
             return
         self._job = None
+        tokens = _next_tokens(job.requests, self.cache.ops.last_logits(logits))
         joining = []
-        for i, r in enumerate(job.requests):
+        for i, (r, token) in enumerate(zip(job.requests, tokens)):
             if r.cancelled:
                 self._finish(r, "cancelled")
-            elif not self._push(r, int(r.sampler(logits[i:i + 1, -1])[0])):
+            elif not self._push(r, token):
                 joining.append(i)
         if joining:
-            rows = BatchCache(self.session, self.cache.holes)
-            rows.advance(job.cache, job.mask)
-            rows.keep(joining)
-            self.cache.merge(rows.values, rows.mask)
+            self.cache.merge(job.cache, job.mask, joining)
             self.running += [job.requests[i] for i in joining]
 
     def _decode(self) -> None:
@@ -299,7 +300,8 @@ class Engine:
         logits, values = self.session.step(ids, mask, self.cache.values)
         self.cache.advance(values, mask)
         self.steps += 1
-        keep = [i for i, r in enumerate(self.running) if not self._push(r, int(r.sampler(logits[i:i + 1, -1])[0]))]
+        tokens = _next_tokens(self.running, logits[:, -1])
+        keep = [i for i, (r, token) in enumerate(zip(self.running, tokens)) if not self._push(r, token)]
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
             self.cache.keep(keep)
@@ -368,6 +370,14 @@ class Engine:
         for r in requests:
             self._finish(r, "error", message)
         self._account()
+
+
+def _next_tokens(requests: list[EngineRequest], logits: np.ndarray) -> list[int]:
+    """Each request's next token from its row of ``logits`` (B, V): one argmax for all greedy rows, each
+    sampled row through its own generator."""
+    greedy = logits.argmax(-1)
+    return [int(greedy[i]) if r.sampler.greedy else int(r.sampler(logits[i:i + 1])[0])
+            for i, r in enumerate(requests)]
 
 
 def _sampler(p: SamplingParams) -> Sampler:
