@@ -1,0 +1,46 @@
+"""The static-cache form's runtime side (export.kv_buffer): one buffer per past tensor, updated in place.
+
+A static-cache export takes ``past_key_values.*`` of shape (batch, kv heads, buffer length, width) and returns
+``present.*`` of the same shape. Binding each present output to the OrtValue of its past input (IO binding)
+lets GroupQueryAttention write the new keys into that memory: no step copies the cache. The buffer must hold
+the whole prompt and generation; its length is chosen per call (the prompt plus the new tokens, so memory
+follows the request) and may not exceed the length the file was exported for (``--static-cache LMAX``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import AlibiExportError
+
+__all__ = ["StaticCache"]
+
+
+class StaticCache:
+    """The buffers of a static-cache session: allocation, the length check and the in-place binding."""
+
+    def __init__(self, limit: int, heads: int, width: int, dtype, device: str, device_id: int = 0):
+        self.limit, self.heads, self.width, self.dtype = limit, heads, width, dtype
+        self.device, self.device_id = device, device_id
+
+    def check(self, needed: int) -> None:
+        """Refuse a prompt + generation longer than the file's static cache, in one line."""
+        if needed > self.limit:
+            raise AlibiExportError(f"prompt + new tokens = {needed} tokens exceed this file's static cache of "
+                                   f"{self.limit}. Note: ask for fewer new tokens or re-export with a larger "
+                                   "--static-cache")
+
+    def allocate(self, batch: int, length: int, count: int) -> list:
+        """``count`` zeroed buffers (batch, heads, length, width) on the session's device."""
+        from onnxruntime import OrtValue
+
+        shape = (batch, self.heads, max(length, 1), self.width)
+        if self.device == "cpu":  # numpy's zeros are lazily committed pages: a long buffer costs what is written
+            return [OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype)) for _ in range(count)]
+        return [OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
+                for _ in range(count)]
+
+    @staticmethod
+    def bind_presents(binding, present_names, cache) -> None:
+        """Each present output into its past's buffer: the op updates the cache where it is."""
+        for name, value in zip(present_names, cache):
+            binding.bind_ortvalue_output(name, value)
