@@ -89,6 +89,8 @@ class GenerationSession:
         """Logits (B, L, V) as float32 on the host, and the new cache (``OrtValue``s left on the device).
 
         ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned."""
+        if self.static is not None:
+            self.static.check_step(*input_ids.shape, attention_mask.shape[1])
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -103,7 +105,7 @@ class GenerationSession:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in the order bound: logits, then the presents
         # A static cache's outputs are views of the buffers it was given: hand back those (they own the memory).
-        presents = list(cache) if self.static is not None else list(outputs[1:])
+        presents = self.static.updated(cache, outputs[1:]) if self.static is not None else list(outputs[1:])
         return outputs[0].numpy().astype(np.float32, copy=False), presents
 
     def step_pieces(self, input_ids: np.ndarray, pieces: Sequence[int]) -> tuple[np.ndarray, list]:

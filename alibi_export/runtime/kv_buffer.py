@@ -29,6 +29,14 @@ class StaticCache:
                                    f"{self.limit}. Note: ask for fewer new tokens or re-export with a larger "
                                    "--static-cache")
 
+    @staticmethod
+    def check_step(batch: int, length: int, total: int) -> None:
+        """GroupQueryAttention takes several new tokens after a past only for one row (ONNX Runtime 1.32's
+        "batch_size must be 1 when sequence_length > 1 and past context is given"): refused here in one line."""
+        if batch > 1 and length > 1 and total > length:
+            raise AlibiExportError(f"a static KV cache takes {length} tokens after a past for one row at a time, "
+                                   f"not {batch}. Note: prefill each row alone, or feed one token per step")
+
     def allocate(self, batch: int, length: int, count: int) -> list:
         """``count`` zeroed buffers (batch, heads, length, width) on the session's device."""
         from onnxruntime import OrtValue
@@ -44,3 +52,12 @@ class StaticCache:
         """Each present output into its past's buffer: the op updates the cache where it is."""
         for name, value in zip(present_names, cache):
             binding.bind_ortvalue_output(name, value)
+
+    @staticmethod
+    def updated(cache, outputs) -> list:
+        """The buffers, once each present output is checked to be its buffer's memory: a copy would leave the
+        buffers stale and every later step wrong, so it is refused rather than followed."""
+        if any(o.data_ptr() != c.data_ptr() for o, c in zip(outputs, cache)):
+            raise AlibiExportError("ONNX Runtime did not update the static KV cache in place. Note: bind each "
+                                   "present.* output to its past_key_values.* buffer (GenerationSession does)")
+        return list(cache)
