@@ -10,6 +10,7 @@ same cache are compared (max |difference|), so a broken static export cannot pos
 
     python tools/bench_kv_buffer.py                          # the shipped model
     python tools/bench_kv_buffer.py --random 1024x12         # issue 23's random d 1024, 12-layer model
+    python tools/bench_kv_buffer.py --random 1024x12 --quantize int8   # both forms with int8 weights
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                    help="export both forms with these weights (the cpu target's int8, or int4)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -63,11 +66,12 @@ def main():
             model = a.model or str(default_model())
         ckpt = load(model)
         lmax = max(contexts) + 1
-        paths = {"concat": export_onnx(ckpt, tmp / "concat.onnx", kv_cache=True).path,
-                 "static": export_onnx(ckpt, tmp / "static.onnx", kv_cache=True, static_cache=lmax).path}
+        paths = {"concat": export_onnx(ckpt, tmp / "concat.onnx", kv_cache=True, quantize=a.quantize).path,
+                 "static": export_onnx(ckpt, tmp / "static.onnx", kv_cache=True, static_cache=lmax,
+                                       quantize=a.quantize).path}
         sessions = {k: GenerationSession(p, threads=a.threads) for k, p in paths.items()}
         cfg = ckpt.config
-        print(f"model {a.random or Path(model).name}: d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads; "
+        print(f"model {a.random or Path(model).name} ({a.quantize or 'float32'}): d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads; "
               f"{a.threads} threads, medians of {a.repeats} interleaved steps", flush=True)
         rows = []
         for batch in batches:
@@ -93,7 +97,8 @@ def main():
                 del caches
     path = out_path("bench_kv_buffer.json", a.json)
     if path:
-        write_record(path, {"model": a.random or Path(model).name, "threads": a.threads, "rows": rows})
+        write_record(path, {"model": a.random or Path(model).name, "weights": a.quantize or "float32",
+                            "threads": a.threads, "rows": rows})
 
 
 if __name__ == "__main__":
