@@ -96,6 +96,10 @@ def test_prompt_and_generation_longer_than_lmax_is_refused(sessions):
     with pytest.raises(AlibiExportError, match=f"exceed this file's static cache of {LMAX}"):
         static.generate_ids([[1] * 60], 5)
     assert static.generate_ids([[1] * 59], 5, stop_tokens=[]).new_tokens == 5  # 64: fits
+    with pytest.raises(AlibiExportError, match="buffers hold 4 tokens; this step needs 5"):
+        static.step(np.ones((1, 5), np.int64), np.ones((1, 5), np.int64), static.new_cache(1, 4))
+    with pytest.raises(AlibiExportError, match="one row at a time"):  # GroupQueryAttention's limit
+        static.step(np.ones((2, 3), np.int64), np.ones((2, 5), np.int64), static.new_cache(2, 8))
 
 
 @pytest.mark.parametrize("options, message", [

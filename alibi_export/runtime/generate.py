@@ -90,7 +90,7 @@ class GenerationSession:
 
         ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned."""
         if self.static is not None:
-            self.static.check_step(*input_ids.shape, attention_mask.shape[1])
+            self.static.check_step(*input_ids.shape, attention_mask.shape[1], cache)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))

@@ -30,9 +30,14 @@ class StaticCache:
                                    "--static-cache")
 
     @staticmethod
-    def check_step(batch: int, length: int, total: int) -> None:
-        """GroupQueryAttention takes several new tokens after a past only for one row (ONNX Runtime 1.32's
-        "batch_size must be 1 when sequence_length > 1 and past context is given"): refused here in one line."""
+    def check_step(batch: int, length: int, total: int, cache) -> None:
+        """A step the buffers cannot take, refused in one line before ONNX Runtime fails on it: more tokens
+        than the buffers hold, or several new tokens after a past for more than one row (GroupQueryAttention in
+        ONNX Runtime 1.32: "batch_size must be 1 when sequence_length > 1 and past context is given")."""
+        room = cache[0].shape()[2] if cache else 0
+        if total > room:
+            raise AlibiExportError(f"the static KV cache's buffers hold {room} tokens; this step needs {total}. "
+                                   "Note: allocate them with new_cache(batch, prompt + new tokens)")
         if batch > 1 and length > 1 and total > length:
             raise AlibiExportError(f"a static KV cache takes {length} tokens after a past for one row at a time, "
                                    f"not {batch}. Note: prefill each row alone, or feed one token per step")
