@@ -113,3 +113,25 @@ def test_export_refusals(tiny_dir, tmp_path, options, message):
     with pytest.raises(ExportError, match=message):
         export_onnx(load(tiny_dir), tmp_path / "x.onnx", static_cache=length, **options)
     assert not (tmp_path / "x.onnx").exists()
+
+
+# The Hugging Face families' variants the block-level op must carry: Falcon's one key head (kv_num_heads 1) and
+# bf16 bias added before the scale; MPT's clipped projections, own softmax scale and slope rule.
+VARIANTS = {
+    "falcon": dict(n_kv_head=1, parallel_attn=True, alibi_scaled=True, alibi_bf16=True),
+    "mpt": dict(clip_qkv=0.5, softmax_scale=0.2, alibi_rule="mpt", alibi_bias_max=16.0),
+}
+
+
+@pytest.mark.slow  # two exports per variant
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_equal_concat_form(tmp_path, tiny_tokenizer, variant, rng):
+    from tests.conftest import make_tiny
+
+    ckpt = load(make_tiny(tmp_path / "model", tiny_tokenizer, **VARIANTS[variant]))
+    concat = GenerationSession(export_onnx(ckpt, tmp_path / "concat.onnx", kv_cache=True).path)
+    static = GenerationSession(export_onnx(ckpt, tmp_path / "static.onnx", kv_cache=True, static_cache=LMAX).path)
+    rows = [rng.integers(0, ckpt.config.vocab_size, n).tolist() for n in LENGTHS]
+    expected = _greedy_logits(concat, rows)
+    assert _close(expected, _greedy_logits(static, rows))
+    assert not _close(expected, _greedy_logits(static, rows, shift=1))  # negative control, as above
