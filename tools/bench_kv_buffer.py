@@ -11,6 +11,7 @@ same cache are compared (max |difference|), so a broken static export cannot pos
     python tools/bench_kv_buffer.py                          # the shipped model
     python tools/bench_kv_buffer.py --random 1024x12         # issue 23's random d 1024, 12-layer model
     python tools/bench_kv_buffer.py --random 1024x12 --quantize int8   # both forms with int8 weights
+    python tools/bench_kv_buffer.py --batches 16 --contexts 560 --profile 16x560   # where a step's time goes
 """
 from __future__ import annotations
 
@@ -36,6 +37,39 @@ def filled_caches(session, batch: int, context: int, rng) -> list:
     return [OrtValue.ortvalue_from_numpy(rng.standard_normal(shape, dtype=np.float32)) for _ in session._past_names]
 
 
+def profile(paths: dict, batch: int, context: int, threads: int, steps: int = 6) -> dict:
+    """ONNX Runtime's profile of ``steps`` decode steps of each form: kernel ms/step and each op type's share."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    from alibi_export.runtime.generate import GenerationSession
+
+    out = {}
+    for name, path in paths.items():
+        session = GenerationSession(path, threads=threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.enable_profiling = threads, True
+        options.profile_file_prefix = str(Path(path).with_suffix("")) + "-profile"
+        session.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        cache = filled_caches(session, batch, context, np.random.default_rng(0))
+        ids, mask = np.ones((batch, 1), np.int64), np.ones((batch, context + 1), np.int64)
+        for _ in range(steps):
+            session.step(ids, mask, cache)
+        events = json.loads(Path(session.session.end_profiling()).read_text())
+        ops = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                ops[e["args"]["op_name"]] += e["dur"]
+        total = sum(ops.values())
+        out[name] = {"kernel_ms_per_step": total / steps / 1e3,
+                     "share": {op: t / total for op, t in ops.most_common(8)}}
+        print(f"profile {name}, batch {batch}, context {context}: kernels {total / steps / 1e3:.1f} ms/step: "
+              + ", ".join(f"{op} {100 * t / total:.0f}%" for op, t in ops.most_common(6)), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
@@ -47,6 +81,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="export both forms with these weights (the cpu target's int8, or int4)")
+    ap.add_argument("--profile", default=None, metavar="BATCHxCONTEXT",
+                    help="also profile a few steps of each form there (ONNX Runtime's enable_profiling), e.g. 16x560")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -95,10 +131,14 @@ def main():
                       f"{row['static_ms']:8.2f} ms  = {row['speedup']:.2f}x  (logits max|diff| {diff:.1e})",
                       flush=True)
                 del caches
+        profiled = None
+        if a.profile:
+            batch, context = (int(x) for x in a.profile.split("x"))
+            profiled = profile(paths, batch, context, a.threads)
     path = out_path("bench_kv_buffer.json", a.json)
     if path:
         write_record(path, {"model": a.random or Path(model).name, "weights": a.quantize or "float32",
-                            "threads": a.threads, "rows": rows})
+                            "threads": a.threads, "rows": rows, "profile": profiled})
 
 
 if __name__ == "__main__":
