@@ -29,8 +29,9 @@ PREFIX = "alibi_export."  # every metadata key of an exported ONNX file starts w
 PRODUCER = "alibi-export"  # the ONNX producer_name and the sidecar's created_by: files this tool wrote
 _OPTIONAL = {"kv_cache": "false", "ort_fusions": "false",  # absent from files of alibi-export 0.1.0
              "quantization": "", "quantization_block_size": "0",  # absent from float exports
-             "quantization_gate": "{}"}  # absent until a quantized export's gate has run
-_ONLY_WHEN_SET = ("quantization", "quantization_block_size", "quantization_gate")
+             "quantization_gate": "{}",  # absent until a quantized export's gate has run
+             "static_cache": "0"}  # absent from concatenating KV-cache exports
+_ONLY_WHEN_SET = ("quantization", "quantization_block_size", "quantization_gate", "static_cache")
 
 
 class NotOurArtifact(AlibiExportError):
@@ -64,6 +65,9 @@ class OnnxMetadata:
     # [[length, ratio, argmax agreement], ...]}. An int8 file's accuracy depends on the CPU's int8 kernel
     # (alibi_export.export.quantize), so `validate` compares this path with its own and re-runs the gate.
     quantization_gate: dict = field(default_factory=dict, compare=True, hash=False)
+    # The static-cache KV form (export.kv_buffer): the longest prompt + generation it was exported for; its cache
+    # is a buffer that the graph updates in place. 0: the concatenating form (or no KV cache).
+    static_cache: int = 0
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` of the file, always in field order (so two exports are byte-identical)."""

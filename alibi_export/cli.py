@@ -296,6 +296,10 @@ def _read_text_option(text):
 @click.option("--kv-cache", is_flag=True, help="Decoder with attention_mask and past/present tensors, for "
                                                "`alibi-export generate` (for ONNX Runtime CUDA add --attention "
                                                "onnx --ort-fusions --dtype float16).")
+@click.option("--static-cache", type=click.IntRange(min=1), metavar="LMAX",
+              help="With --kv-cache: the cache is a preallocated buffer of up to LMAX tokens (prompt + generation) "
+                   "that the graph updates in place (ONNX Runtime's GroupQueryAttention), instead of a copy per "
+                   "step: faster decoding on long contexts; float32, ONNX Runtime only.")
 @click.option("--ort-fusions", is_flag=True, help="With --attention onnx: fuse LayerNorm, residual and bias "
                                                    "tails into ONNX Runtime's SkipLayerNormalization and BiasGelu "
                                                    "(faster in ONNX Runtime CUDA; the file then runs in ONNX "
@@ -339,6 +343,8 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
         raise click.ClickException("a KV-cache export needs a dynamic length. Note: drop --fixed-len")
     model = _default_model(model)
     genai = options.pop("genai", False)
+    if genai and options["static_cache"]:
+        raise click.ClickException("--genai writes the concatenating KV cache. Note: drop --static-cache")
     out = Path(out or (f"{model.name}-genai" if genai else f"{model.name}.onnx"))
     check_writable_dir(out.parent)
     if not genai:  # a genai folder is checked by export_genai, which owns that format
@@ -443,6 +449,7 @@ def _export_line(model, out, result, options, seq_len, batch, seconds) -> str:
     extras = "".join([", ONNX Runtime fusions" if options["ort_fusions"] else "",
                       f", {options['quantize']} weights" if options["quantize"] else "",
                       ", KV cache" if options["kv_cache"] else "",
+                      f" (static, up to {options['static_cache']} tokens)" if options.get("static_cache") else "",
                       ", onnxruntime-genai folder" if out.is_dir() else ""])
     return (f"exported {model} -> {out} ({shape}, opset {result.opset}, {result.dtype}, {result.attention} "
             f"attention{extras}, {size:.1f} MB) in {seconds:.1f}s")

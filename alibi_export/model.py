@@ -421,22 +421,26 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = None if cfg.softmax_scale is None else cfg.softmax_scale * math.sqrt(cfg.head_dim)
         self.attend = attend_auto  # swapped by AlibiLM.set_attention and, during export, by the exporter
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, L, n_head * head_dim), k and v (B, L, kv_heads * head_dim): clipped (MPT) and q rescaled to the
+        1/sqrt(head_dim) every attend applies. Exporters that own the whole block (a fused op) start here too."""
+        C, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        qkv = self.qkv(x)  # (B, L, C + 2 kv)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        # slices, not split(): opset 17's Split has no num_outputs attribute
+        q, k, v = qkv[..., :C], qkv[..., C:C + kv], qkv[..., C + kv:]
+        return (q if self.q_gain is None else q * self.q_gain), k, v
+
     def forward(self, x, pos: PositionMethod, past: tuple[torch.Tensor, torch.Tensor] | None = None,
                 key_mask: torch.Tensor | None = None):
         if getattr(self.attend, "owns_block", False):
             # An exporter's attention that takes the whole block: its own projections and cache (ONNX Attention).
             return self.attend(self, x, pos, past, key_mask)
         B, L, C = x.shape
-        kv = self.n_kv_head * self.head_dim
-        qkv = self.qkv(x)  # (B, L, C + 2 kv)
-        if self.clip_qkv is not None:
-            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        # slices, not split(): opset 17's Split has no num_outputs attribute
-        q, k, v = qkv[..., :C], qkv[..., C:C + kv], qkv[..., C + kv:]
+        q, k, v = self.project(x)
         q = q.view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k, v = (t.view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))  # (B, Hkv, L, D)
-        if self.q_gain is not None:
-            q = q * self.q_gain
         past_len = 0
         if past is not None:
             past_len = past[0].shape[2]
@@ -508,15 +512,18 @@ class AlibiLM(nn.Module):
             block.attn.attend = _ATTEND[impl]
         return self
 
-    def forward(self, input_ids: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, past_key_values=None, attention_mask: torch.Tensor | None = None, *,
+                past_len: int | torch.SymInt | None = None):
         """Logits (B, L, V); with ``past_key_values`` (one (k, v) per layer) also the new cache.
 
         ``attention_mask`` (B, past_len + L), 1 for real tokens and 0 for padding, masks padded keys, and
         ALiBi counts each row's positions over its real tokens only (``alibi.token_positions``). So a
         padded row gives the same logits as the row alone, whether padded on the left or on the right
         with its generated tokens after the padding (onnxruntime-genai's batches); absolute position
-        methods do not have that property."""
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        methods do not have that property. ``past_len``: the cached length, where the cache tensors are
+        preallocated buffers longer than it (the static-cache export, export.kv_buffer); default their length."""
+        if past_len is None:
+            past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if self.training and self.config.dropout > 0 and input_ids.is_cuda:
             _warn_once(f"dropout {self.config.dropout:g} acts on the embeddings and residual branches only: "
                        "attention probabilities get no dropout, and training attention stays on the fused kernel")

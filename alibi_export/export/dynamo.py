@@ -18,6 +18,7 @@ from ..model import AlibiLM, T5Bias, attend_eager
 from ._weights import detach_weights
 from ._positions import shared_token_positions
 from .attention_op import attention_op
+from .kv_buffer import BUFFER_FORM, buffer_attention
 
 __all__ = ["dynamo_export", "node_slopes"]
 
@@ -61,7 +62,10 @@ def _export_attention(model: AlibiLM, form: str = "plugin"):
     """Swap every block's attention for the ONNX node during export; restore on exit."""
     saved = [b.attn.attend for b in model.blocks]
     # T5's learned bias is not a function of the slopes: it keeps the decomposed math.
-    attend = attend_eager if isinstance(model.pos, T5Bias) else (attention_op if form == "onnx" else _attention_node)(model)
+    if isinstance(model.pos, T5Bias):
+        attend = attend_eager
+    else:
+        attend = {"onnx": attention_op, BUFFER_FORM: buffer_attention}.get(form, _attention_node)(model)
     try:
         for b in model.blocks:
             b.attn.attend = attend

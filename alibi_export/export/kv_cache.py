@@ -32,21 +32,26 @@ def kv_output_names(n_layer: int) -> list[str]:
 class _Decoder(torch.nn.Module):
     """The LM with a flat signature: ids, mask and the cache in, logits and the new cache out."""
 
-    def __init__(self, model: AlibiLM):
+    def __init__(self, model: AlibiLM, buffer: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.buffer = model, buffer
 
     def forward(self, input_ids, attention_mask, past_key_values):
         past = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(len(past_key_values) // 2)]
-        logits, presents = self.model(input_ids, past_key_values=past, attention_mask=attention_mask)
+        # A buffer is longer than the past: the mask says how long the past is.
+        past_len = attention_mask.shape[1] - input_ids.shape[1] if self.buffer else None
+        logits, presents = self.model(input_ids, past_key_values=past, attention_mask=attention_mask, past_len=past_len)
         return (logits, *(t for kv in presents for t in kv))
 
 
-def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> tuple[onnx.ModelProto, dict]:
+def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin",
+                   buffer: bool = False) -> tuple[onnx.ModelProto, dict]:
     """The dynamo export of ``model`` as a KV-cache decoder; batch, sequence and past are dynamic.
 
     Traced with a past of a few tokens; the past dim is declared with min=0 so that the prefill
-    (zero-size past tensors) runs the same graph."""
+    (zero-size past tensors) runs the same graph. With ``buffer`` the static-cache form instead
+    (:mod:`.kv_buffer`): the cache tensors are buffers of a dynamic length ``max_sequence`` that the
+    runtime allocates, the mask's length (past + sequence) is its own dim, and ``form`` is not used."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence", min=0)
@@ -56,12 +61,18 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin") -> tuple
     from .attention_op import extra_dims
 
     # The onnx form's cache holds the ALiBi columns beside each head (see attention_op).
-    width = cfg.head_dim + (extra_dims(cfg) if form == "onnx" else 0)
-    cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, _TRACE_PAST, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
+    width = cfg.head_dim + (extra_dims(cfg) if form == "onnx" and not buffer else 0)
+    length = _TRACE_PAST + _TRACE_LEN + 4 if buffer else _TRACE_PAST  # a buffer has room beyond past + sequence
+    cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, length, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
+    if buffer:
+        from .kv_buffer import BUFFER_FORM
+
+        form, past = BUFFER_FORM, torch.export.Dim("max_sequence")
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
-    proto, weights = dynamo_export(model, _Decoder(model), (ids, mask, cache), dynamic=dynamic, opset=opset,
+    proto, weights = dynamo_export(model, _Decoder(model, buffer), (ids, mask, cache), dynamic=dynamic, opset=opset,
                                    form=form, input_names=kv_input_names(cfg.n_layer),
                                    output_names=kv_output_names(cfg.n_layer))
-    mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
-    mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
+    if not buffer:
+        mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
+        mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
     return proto, weights

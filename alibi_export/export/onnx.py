@@ -103,9 +103,29 @@ def _finish(proto: onnx.ModelProto, *, opset: int, inline: bool, q_chunk: int, m
     return proto
 
 
+def _check_static_cache(length, *, kv_cache: bool, attention: str, dtype: str, position: str) -> None:
+    """The static-cache form's limits, each refused in one line before any tracing."""
+    if not kv_cache:
+        raise ExportError("--static-cache is a form of the KV cache. Note: add --kv-cache")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ExportError(f"--static-cache must be a positive number of tokens, got {length!r}")
+    if attention != "decomposed":
+        raise ExportError(f"--static-cache has its own attention (ONNX Runtime's GroupQueryAttention). Note: drop "
+                          f"--attention {attention}")
+    if dtype != "float32":
+        # The op takes its bias in the model's dtype: the ALiBi term reaches m*L, which fp16 cannot hold to the
+        # precision softmax needs (the other forms build it in float32 inside the graph).
+        raise ExportError("--static-cache is float32 only: the op takes the ALiBi bias in the model's dtype. "
+                          "Note: drop --dtype float16 (or --quantize int8|int4 for a smaller file)")
+    if position in ("rotary", "t5"):
+        raise ExportError(f"--static-cache carries position biases only, not {position} positions. Note: use the "
+                          "concatenating --kv-cache form")
+
+
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
-                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, ort_fusions: bool = False,
+                q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, static_cache: int | None = None,
+                ort_fusions: bool = False,
                 quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                 external_data_threshold: int | None = None, check=None) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
@@ -118,7 +138,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     Attention operator (opset 23, its default there), causal with no mask, the bias folded into extra
     head dimensions (see :mod:`alibi_export.export.attention_op`). ``opset`` defaults to
     18 for the other forms. ``kv_cache`` exports the decoder with ``attention_mask`` and past/present
-    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``ort_fusions`` (onnx
+    tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``static_cache`` (with
+    ``kv_cache``: the longest prompt + generation) makes the cache a buffer the graph updates in place instead of
+    concatenating it each step (see :mod:`alibi_export.export.kv_buffer`). ``ort_fusions`` (onnx
     form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
     :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else. ``quantize``
     ("int8" or "int4", CPU forms only; ``block_size`` for both) quantizes the weight products with ONNX
@@ -147,6 +169,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if kv_cache and not dynamic_len:
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
     check_quantize_options(quantize, block_size, attention=attention, dtype=dtype)
+    if static_cache is not None:
+        _check_static_cache(static_cache, kv_cache=kv_cache, attention=attention, dtype=dtype,
+                            position=checkpoint.config.position)
     out = Path(out)
     check_writable_dir(out.parent)
     check_replaceable(out, written_by_alibi_export, "ONNX file")  # before the minutes of tracing, not after
@@ -165,7 +190,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     if kv_cache:
         from .kv_cache import kv_input_names, kv_output_names, trace_kv_cache
 
-        proto, weights = trace_kv_cache(model, opset=opset, form=attention)
+        proto, weights = trace_kv_cache(model, opset=opset, form=attention, buffer=static_cache is not None)
         names = kv_input_names(cfg.n_layer), kv_output_names(cfg.n_layer)
     else:
         proto, weights = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
@@ -178,7 +203,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         source_name=checkpoint.path.resolve().name, source_sha256=checkpoint.sha256, dynamic_len=dynamic_len,
         dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
         tokenizer=checkpoint.tokenizer.to_str(),  # the tokenizer travels inside: a served file needs nothing else
-        quantization=quantize or "", quantization_block_size=block_size if quantize else 0)
+        quantization=quantize or "", quantization_block_size=block_size if quantize else 0,
+        static_cache=static_cache or 0)
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk,
                     metadata=metadata.to_props())
     if ort_fusions:

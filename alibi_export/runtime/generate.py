@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AlibiExportError
+from .kv_buffer import StaticCache
 
 __all__ = ["GenerationSession", "GenerationResult", "EOS_TOKEN", "check_sampling", "Sampler", "TokenStream", "left_pad"]
 
@@ -53,7 +54,7 @@ class GenerationSession:
     """
 
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None, device_id: int = 0):
-        from ..artifacts import model_config_of, tokenizer_of
+        from ..artifacts import model_config_of, read_metadata, tokenizer_of
         from .onnxruntime import create_session
 
         self.path = Path(path)
@@ -69,12 +70,18 @@ class GenerationSession:
         self.tokenizer = tokenizer_of(self.path)
         self.cache_dtype = _DTYPES[inputs[self._past_names[0]].type]
         self.cache_width = inputs[self._past_names[0]].shape[-1]  # head_dim, or head_dim + 8 (onnx form)
+        static = read_metadata(self.path).static_cache  # the static-cache form: buffers updated in place
+        self.static = StaticCache(static, self.config.kv_heads, self.cache_width, self.cache_dtype, self.device,
+                                  device_id) if static else None
 
     # ------------------------------------------------------------------ one forward pass
-    def new_cache(self, batch: int) -> list:
-        """Zero-length past tensors (batch, heads, 0, width) on the session's device: the prefill's cache."""
+    def new_cache(self, batch: int, length: int = 0) -> list:
+        """Zero-length past tensors (batch, heads, 0, width) on the session's device: the prefill's cache.
+        A static-cache file gets buffers of ``length`` columns instead, the longest prompt + generation."""
         from onnxruntime import OrtValue
 
+        if self.static is not None:
+            return self.static.allocate(batch, length, len(self._past_names))
         empty = np.zeros((batch, self.config.kv_heads, 0, self.cache_width), dtype=self.cache_dtype)
         return [OrtValue.ortvalue_from_numpy(empty, self.device, self.device_id) for _ in self._past_names]
 
@@ -85,6 +92,8 @@ class GenerationSession:
         ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned.
         ``logits_on_device``: the logits as an ``OrtValue`` left on the device in the model's dtype (the
         server takes the last position's from it, not all L positions' through the host)."""
+        if self.static is not None:
+            self.static.check_step(*input_ids.shape, attention_mask.shape[1], cache)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -94,19 +103,24 @@ class GenerationSession:
             binding.bind_output("logits", self.device, self.device_id)
         else:
             binding.bind_output("logits", "cpu")  # sampling runs on the host
-        for name in self._present_names:
-            binding.bind_output(name, self.device, self.device_id)  # stays where the model runs
+        if self.static is not None:
+            self.static.bind_presents(binding, self._present_names, cache)  # updated in place
+        else:
+            for name in self._present_names:
+                binding.bind_output(name, self.device, self.device_id)  # stays where the model runs
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in the order bound: logits, then the presents
+        # A static cache's outputs are views of the buffers it was given: hand back those (they own the memory).
+        presents = self.static.updated(cache, outputs[1:]) if self.static is not None else list(outputs[1:])
         logits = outputs[0] if logits_on_device else outputs[0].numpy().astype(np.float32, copy=False)
-        return logits, list(outputs[1:])
+        return logits, presents
 
     def step_pieces(self, input_ids: np.ndarray, pieces: Sequence[int]) -> tuple[np.ndarray, list]:
         """Feed ``input_ids`` (no padding) through the cache in pieces of the given lengths, from an
         empty cache: the concatenated logits (B, L, V) and the final cache. Parity checks use it."""
         if sum(pieces) != input_ids.shape[1]:
             raise ValueError(f"pieces {list(pieces)} do not add up to {input_ids.shape[1]} tokens")
-        cache, start, out = self.new_cache(input_ids.shape[0]), 0, []
+        cache, start, out = self.new_cache(*input_ids.shape), 0, []
         mask = np.ones_like(input_ids)
         for n in pieces:
             logits, cache = self.step(input_ids[:, start:start + n], mask[:, :start + n], cache)
@@ -155,9 +169,11 @@ class GenerationSession:
             raise AlibiExportError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stops = self.stop_ids(stop_tokens)
         ids, mask = left_pad(rows)  # (B, L) each
+        if self.static is not None:
+            self.static.check(ids.shape[1] + max_new_tokens)
         streams = [TokenStream(self.tokenizer, i, on_token) for i in range(len(rows))]
         t0 = time.perf_counter()
-        logits, cache = self.step(ids, mask, self.new_cache(len(rows)))
+        logits, cache = self.step(ids, mask, self.new_cache(len(rows), ids.shape[1] + max_new_tokens))
         prefill, steps = time.perf_counter() - t0, 0
         t0 = time.perf_counter()
         while True:
