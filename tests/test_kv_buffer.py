@@ -135,3 +135,16 @@ def test_variants_equal_concat_form(tmp_path, tiny_tokenizer, variant, rng):
     expected = _greedy_logits(concat, rows)
     assert _close(expected, _greedy_logits(static, rows))
     assert not _close(expected, _greedy_logits(static, rows, shift=1))  # negative control, as above
+
+
+def test_the_server_refuses_a_static_export_in_one_line(sessions):
+    """The server re-lays a concatenated cache when rows join and leave; a static buffer is refused, not
+    served wrongly. Control: the same model with a concatenated cache is accepted."""
+    from alibi_export.errors import AlibiExportError
+    from alibi_export.serve.engine import Engine
+
+    concat, static = sessions
+    with pytest.raises(AlibiExportError, match="cannot be served yet") as e:
+        Engine(static)
+    assert "\n" not in str(e.value)
+    assert Engine(concat).running == []

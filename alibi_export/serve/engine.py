@@ -130,6 +130,10 @@ class Engine:
     daemon thread; ``submit`` is thread-safe."""
 
     def __init__(self, session, config: EngineConfig = EngineConfig(), observer: _Observer | None = None):
+        if getattr(session, "static", None) is not None:  # rows join and leave by re-laying a concatenated cache
+            raise AlibiExportError("a --static-cache export cannot be served yet: the server joins and leaves rows "
+                                   "of a concatenated cache. Note: serve the same model exported with --kv-cache "
+                                   "alone")
         self.session, self.config, self.observer = session, config, observer or _Observer()
         self.cache = BatchCache(session, padding_entries(session))
         self.running: list[EngineRequest] = []
