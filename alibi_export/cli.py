@@ -113,6 +113,17 @@ def _missing_requirement(e: ModuleNotFoundError) -> str | None:
     return None
 
 
+def _aborted() -> None:
+    """Ctrl-C or SIGTERM: "Aborted." and status 1.
+
+    CPython remembers a KeyboardInterrupt that escaped code run by ``exec`` of a string (dataclasses and named
+    tuples made during a lazy import run such code) even when it was caught later, and under ``python -m`` it
+    then ends the process by SIGINT instead of the status chosen here. Running such code once more clears it."""
+    click.echo("Aborted.", err=True)
+    exec("None")
+    sys.exit(1)
+
+
 class _OneLineErrors(click.Group):
     """Usage errors too are one line (click would add the usage text and a hint)."""
 
@@ -126,8 +137,7 @@ class _OneLineErrors(click.Group):
         try:
             return super().__call__(*args, **kwargs)
         except KeyboardInterrupt:  # it landed after main's own handling, as the command ended: still status 1
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+            _aborted()
         finally:  # the exit status is decided: a SIGTERM during the interpreter's shutdown cannot change it
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -136,8 +146,7 @@ class _OneLineErrors(click.Group):
         try:
             result = super().main(*args, **kwargs)
         except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(1)
+            _aborted()
         except click.ClickException as e:
             click.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)

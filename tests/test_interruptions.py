@@ -368,6 +368,29 @@ def test_sigterm_during_an_export_leaves_no_staging(tiny_dir, tmp_path, rng):
     assert hit  # at least one signal landed while the staging folder existed
 
 
+_INTERRUPT_IN_EXEC = """
+import sys
+from alibi_export import cli
+if sys.argv[1] == "control":
+    cli.exec = lambda code: None  # the CLI without its clearing of CPython's record
+@cli.main.command("interrupted-in-exec")
+def interrupted():
+    exec("raise KeyboardInterrupt")  # as a SIGTERM that lands while a lazy import makes a dataclass
+cli.main(["interrupted-in-exec"])
+"""
+
+
+def test_an_interrupt_inside_exec_code_still_exits_with_status_1(tmp_path):
+    """The rare -SIGINT exit of `python -m alibi_export` under SIGTERM: a KeyboardInterrupt that escaped code
+    run by exec() of a string makes CPython end a `-m` process by SIGINT after it exits, whatever status it
+    chose. The CLI clears that record; the control, without the clearing, is ended by SIGINT."""
+    (tmp_path / "interrupt_in_exec.py").write_text(_INTERRUPT_IN_EXEC)
+    for variant, status in (("fixed", 1), ("control", -signal.SIGINT)):
+        proc = subprocess.run([sys.executable, "-m", "interrupt_in_exec", variant], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == status and proc.stderr.strip() == "Aborted.", (variant, proc.returncode, proc.stderr)
+
+
 # ----------------------------------------------------------------------------- the genai folder switch
 _SELF_KILL_GENAI = """
 import os, signal, sys
