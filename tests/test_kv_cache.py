@@ -260,6 +260,27 @@ def test_streaming_and_stop_tokens(session):
     assert stopped.token_ids[0] == result.token_ids[0][:result.token_ids[0].index(stop)]
 
 
+def test_streamed_text_never_splits_a_character():
+    """Byte-level tokens that end inside a UTF-8 character are held back until it completes, and the pieces
+    join to the whole text. Control: decoding each token alone gives replacement characters, so the text
+    does split characters at token boundaries."""
+    from tokenizers import Tokenizer
+
+    from alibi_export.runtime.generate import TokenStream
+    from tests.conftest import SHIPPED
+
+    tokenizer = Tokenizer.from_file(str(SHIPPED / "tokenizer.json"))
+    text = "Déjà vu — naïve façade, 日本語のテキスト, emoji 🙂🚀 and ½ ∑ ∞."
+    ids = tokenizer.encode(text).ids
+    pieces = []
+    stream = TokenStream(tokenizer, 0, lambda row, token, piece: pieces.append(piece))
+    for token in ids:
+        stream.push(token, set())
+    assert "".join(pieces) == tokenizer.decode(ids) == stream.text()
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum("\ufffd" in tokenizer.decode([t]) for t in ids) > 0  # control
+
+
 def test_export_graph_and_metadata(shipped, kv_onnx):
     model = onnx.load(kv_onnx)
     meta = {p.key: p.value for p in model.metadata_props}

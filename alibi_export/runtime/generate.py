@@ -270,12 +270,17 @@ class Sampler:
 
 
 class TokenStream:
-    """One prompt's new tokens, and its text as it grows (for the streaming callback)."""
+    """One prompt's new tokens, and its text as it grows (for the streaming callback).
+
+    The callback gets only the new text, from the tokenizers library's incremental decoder: it holds back a
+    byte-level token that ends inside a UTF-8 character, and it costs the same at the 10,000th token as at the
+    first (decoding the whole row at each token cost the server tens of microseconds per token and growing)."""
 
     def __init__(self, tokenizer, row: int, on_token):
         self.tokenizer, self.row, self.on_token = tokenizer, row, on_token
         self.ids: list[int] = []
-        self.done, self._emitted = False, 0
+        self.done = False
+        self._decoder = None
 
     def push(self, token: int, stops: set[int]):
         if self.done:
@@ -285,11 +290,11 @@ class TokenStream:
             return
         self.ids.append(token)
         if self.on_token is not None:
-            text = self.text()
-            # A byte-level token may end inside a UTF-8 character: hold it back until the character completes.
-            ready = len(text) if not text.endswith("\ufffd") else self._emitted
-            self.on_token(self.row, token, text[self._emitted:ready])
-            self._emitted = max(self._emitted, ready)
+            if self._decoder is None:
+                from tokenizers.decoders import DecodeStream
+
+                self._decoder = DecodeStream(skip_special_tokens=True)
+            self.on_token(self.row, token, self._decoder.step(self.tokenizer, token) or "")
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
