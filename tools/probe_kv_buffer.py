@@ -83,6 +83,20 @@ def reference(q, k, v, bias):
     return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v)
 
 
+
+def _run_in_place(session, feeds: dict, layers: int, bufs: list):
+    """One step with each layer's K/V buffer bound as both its past input and its present output."""
+    b = session.io_binding()
+    for name, value in feeds.items():
+        b.bind_cpu_input(name, value)
+    for i in range(layers):
+        b.bind_output(f"o{i}", "cpu")  # small; read on the host
+        for j, kv in enumerate("kv"):
+            b.bind_ortvalue_input(f"p{kv}{i}", bufs[2 * i + j])
+            b.bind_ortvalue_output(f"{kv}{i}", bufs[2 * i + j])
+    session.run_with_iobinding(b)
+    return b.get_outputs()
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
@@ -149,38 +163,15 @@ def main():
                 bias24 = np.full((B, H, 1, a.lmax), np.finfo(np_t).min, np_t)
                 bias24[..., :P + 1] = bias
 
-                def run_24(s=sessions["attention24"]):
-                    b = s.io_binding()
-                    b.bind_cpu_input("q", q)
-                    b.bind_cpu_input("bias", bias24)
-                    b.bind_cpu_input("w", np.full(B, P, np.int64))
-                    b.bind_cpu_input("nonpad", np.full(B, P + 1, np.int64))
-                    for i in range(a.layers):
-                        b.bind_output(f"o{i}", "cpu")  # small; read on the host
-                        for j, kv in enumerate("kv"):
-                            b.bind_ortvalue_input(f"p{kv}{i}", bufs24[2 * i + j])
-                            b.bind_ortvalue_output(f"{kv}{i}", bufs24[2 * i + j])
-                    s.run_with_iobinding(b)
-                    return b.get_outputs()
-                runs["attention24"] = run_24
+                feeds24 = {"q": q, "bias": bias24, "w": np.full(B, P, np.int64), "nonpad": np.full(B, P + 1, np.int64)}
+                runs["attention24"] = lambda: _run_in_place(sessions["attention24"], feeds24, a.layers, bufs24)
             if "gqa" in sessions:
                 bufs["gqa"] = bufs_g = buffers(P + 1 + 64)  # room for the step (and a few more)
                 q3 = np.ascontiguousarray(q.transpose(0, 2, 1, 3).reshape(B, 1, H * D))
 
-                def run_gqa(s=sessions["gqa"]):
-                    b = s.io_binding()
-                    b.bind_cpu_input("q", q3)
-                    b.bind_cpu_input("bias", bias)
-                    b.bind_cpu_input("seqlens_k", np.full(B, P, np.int32))
-                    b.bind_cpu_input("total", np.array(P + 1, np.int32))
-                    for i in range(a.layers):
-                        b.bind_output(f"o{i}", "cpu")  # small; read on the host
-                        for j, kv in enumerate("kv"):
-                            b.bind_ortvalue_input(f"p{kv}{i}", bufs_g[2 * i + j])
-                            b.bind_ortvalue_output(f"{kv}{i}", bufs_g[2 * i + j])
-                    s.run_with_iobinding(b)
-                    return b.get_outputs()
-                runs["gqa"] = run_gqa
+                feeds_g = {"q": q3, "bias": bias, "seqlens_k": np.full(B, P, np.int32),
+                           "total": np.array(P + 1, np.int32)}
+                runs["gqa"] = lambda: _run_in_place(sessions["gqa"], feeds_g, a.layers, bufs_g)
             notes = {}
             for g, run in runs.items():
                 try:
