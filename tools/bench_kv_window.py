@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +78,11 @@ def _feed(session, stream, probes, chunk):
             n = min(chunk, probe - pos)
             cache, mask = session.window(cache, mask, n)
             mask = np.concatenate([mask, np.ones((1, n), dtype=np.int64)], axis=1)
-            _, cache = session.step(stream[None, pos:pos + n], mask, cache)
+            try:
+                _, cache = session.step(stream[None, pos:pos + n], mask, cache)
+            except Exception:
+                print(f"step failed at {pos}: ids {n}, mask {mask.shape}, cache {cache[0].shape()}", flush=True)
+                raise
             pos += n
         memory[probe] = {"rss_mb": rss_mb(), "cache_mb": sum(v.tensor_size_in_bytes() for v in cache) / 2**20,
                          "cache_columns": mask.shape[1]}
@@ -98,12 +104,14 @@ def _time_steps(session, kept, token, rounds) -> dict:
 
 
 def run_decode(model_dir, tokens, train_len, windows, probes, full_max, rounds, threads, slack) -> dict:
-    from alibi_export.checkpoint import load
-    from alibi_export.export.onnx import export_onnx
     from alibi_export.runtime.generate import GenerationSession
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(load(model_dir), Path(tmp) / "kv.onnx", kv_cache=True).path
+        # Exported by the CLI in its own process: ONNX Runtime steps in a process that has also run the
+        # exporter failed once at 55k tokens with a shape error that a fresh process never showed.
+        path = Path(tmp) / "kv.onnx"
+        subprocess.run([sys.executable, "-m", "alibi_export", "onnx", str(model_dir), "--kv-cache", "-o", str(path)],
+                       check=True, stdout=subprocess.DEVNULL)
         stream = tokens[: max(probes)]
         out = {"probes": probes, "threads": threads, "export": "onnx --kv-cache (decomposed attention, fp32)",
                "runs": {}}
