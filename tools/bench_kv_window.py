@@ -85,8 +85,10 @@ def _feed(session, stream, probes, chunk):
                 print(f"step failed at {pos}: ids {n}, mask {mask.shape}, cache {cache[0].shape()}", flush=True)
                 raise
             pos += n
+        # rss_mb includes the copies kept at the earlier probes (snapshots_mb): subtract them for the stream's own.
         memory[probe] = {"rss_mb": rss_mb(), "cache_mb": sum(v.tensor_size_in_bytes() for v in cache) / 2**20,
-                         "cache_columns": mask.shape[1]}
+                         "cache_columns": mask.shape[1],
+                         "snapshots_mb": sum(v.tensor_size_in_bytes() for c, _ in kept.values() for v in c) / 2**20}
         kept[probe] = ([OrtValue.ortvalue_from_numpy(v.numpy().copy()) for v in cache], mask.copy())
     return kept, memory
 
