@@ -560,8 +560,11 @@ def validate(export, model, model_option, lengths, batch, seed, provider, text, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also plot perplexity against length into this PNG file.")
+@click.option("--kv-window", type=click.IntRange(min=1),
+              help="Score each token as if it saw only its last W tokens (a rolling KV window, see "
+                   "docs/kv-window.md); a checkpoint folder or a --kv-cache file.")
 @_one_line_errors
-def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path):
+def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path, kv_window):
     """Perplexity per evaluation length for each MODEL: an export (.onnx or genai folder in ONNX Runtime,
     .engine in TensorRT) or a checkpoint folder (PyTorch). Writes no file unless --json or --plot asks."""
     from .perplexity import (check_outputs, common_train_len, config_of, evaluate_model, labels_for,
@@ -576,7 +579,8 @@ def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_pat
         check_evaluation_fits(cfg, resolved, 1, "evaluating")
     results = {}
     for label, m in zip(labels_for(models), models):
-        results[label] = evaluate_model(m, text, resolved, stride=stride, max_tokens=max_tokens, provider=provider)
+        results[label] = evaluate_model(m, text, resolved, stride=stride, max_tokens=max_tokens, provider=provider,
+                                        kv_window=kv_window)
     width = max(18, *(len(label) for label in results))
     click.echo(f"{'length':>7} " + " ".join(f"{name:>{width}}" for name in results))
     for i, length in enumerate(resolved):
@@ -657,8 +661,11 @@ def trt(onnx_file, out, min_len, opt_len, max_len, batch, dtype, fp16_alias, bf1
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]),
               help="ONNX Runtime execution provider.")
 @click.option("--threads", type=click.IntRange(1, 4096), help="ONNX Runtime intra-op threads.")
+@click.option("--kv-window", type=click.IntRange(min=1),
+              help="Keep each row's last W tokens in a rolling KV cache: flat memory and time per token "
+                   "(docs/kv-window.md).")
 @_one_line_errors
-def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, threads):
+def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, kv_window):
     """Continue each --prompt with a KV-cache export (`onnx --dynamic-len --kv-cache`) in ONNX Runtime."""
     from .runtime.generate import GenerationSession, check_sampling
 
@@ -667,7 +674,7 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
     if sampling:
         options.update(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p)
         check_sampling(options["temperature"], top_k, top_p)  # before the model loads
-    session = GenerationSession(onnx_file, provider=provider, threads=threads)
+    session = GenerationSession(onnx_file, provider=provider, threads=threads, kv_window=kv_window)
     rows = session.encode(list(prompts))  # errors (empty prompt) before anything is printed
     if len(prompts) == 1:  # one prompt streams as it is generated; the prompt once its options are accepted
         unprinted = [prompts[0]]

@@ -123,9 +123,11 @@ def compare_perplexity(candidate, reference, tokens: np.ndarray, lengths: list[i
 
 
 def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, stride: int | None = None,
-                   max_tokens: int | None = None, provider: str = "cpu") -> list[PerplexityRow]:
+                   max_tokens: int | None = None, provider: str = "cpu",
+                   kv_window: int | None = None) -> list[PerplexityRow]:
     """Perplexity of an export (``.onnx``, ``.engine`` or onnxruntime-genai folder; see
-    :func:`~alibi_export.runtime.runner_for`) or a checkpoint folder (PyTorch) on a text file."""
+    :func:`~alibi_export.runtime.runner_for`) or a checkpoint folder (PyTorch) on a text file; with
+    ``kv_window`` W each token sees only its last W tokens of its window (a rolling KV window)."""
     from .data import encode_text, read_text
     from .runtime import artifact_file, fixed_shape, is_genai_folder, require_gpu, runner_for
 
@@ -146,7 +148,8 @@ def evaluate_model(model: str | Path, text: str | Path, lengths: list[int], *, s
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise DataError(f"the tokenizer of {str(model)!r} gives token id {int(tokens.max())}, outside the model's "
                         f"vocabulary of {vocab_size}. Note: the tokenizer does not belong to this model")
-    return perplexity(runner_for(model, provider=provider), tokens, lengths, stride=stride, max_tokens=max_tokens)
+    runner = runner_for(model, provider=provider, kv_window=kv_window)
+    return perplexity(runner, tokens, lengths, stride=stride, max_tokens=max_tokens)
 
 
 def _tokenizer_of(model: str | Path):

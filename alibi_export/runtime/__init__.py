@@ -30,7 +30,7 @@ def artifact_file(path: str | Path) -> Path:
 
 
 def runner_for(model: str | Path, *, provider: str = "cpu", threads: int | None = None, steps: int = 0,
-               attention: str = "sdpa"):
+               attention: str = "sdpa", kv_window: int | None = None):
     """The runner for an export or a checkpoint, chosen by what it is:
 
     - a checkpoint folder: PyTorch (``attention``: the model's attention implementation);
@@ -39,13 +39,19 @@ def runner_for(model: str | Path, *, provider: str = "cpu", threads: int | None 
     - an ``.onnx`` file (or an onnxruntime-genai folder's ``model.onnx``) whose metadata says KV cache: ONNX
       Runtime through the cache, prefilling all but the last ``steps`` tokens of each input and decoding those
       one at a time (see :mod:`.incremental`);
-    - any other ``.onnx`` file: ONNX Runtime on ``input_ids``."""
+    - any other ``.onnx`` file: ONNX Runtime on ``input_ids``.
+
+    ``kv_window`` W: each token sees only its last W tokens (see :mod:`.window`); a checkpoint folder or a
+    KV-cache ``.onnx`` file only, others are refused."""
     path = Path(model)
     if path.is_dir() and not is_genai_folder(path):
         from ..checkpoint import load
         from .pytorch import TorchRunner
 
-        return TorchRunner(load(path).model.set_attention(attention), name=path.name)
+        return TorchRunner(load(path).model.set_attention(attention), name=path.name, kv_window=kv_window)
+    if kv_window is not None and (path.suffix == ".engine" or is_genai_folder(path)):
+        raise AlibiExportError(f"{str(path)!r} runs without a cache this tool can cut, so it has no --kv-window. Note: "
+                               "use a checkpoint folder or an `onnx --kv-cache` file")
     path = artifact_file(path)
     if path.suffix == ".engine":
         from ..artifacts import read_sidecar
@@ -63,7 +69,10 @@ def runner_for(model: str | Path, *, provider: str = "cpu", threads: int | None 
         if kv_cache:
             from .incremental import IncrementalRunner
 
-            return IncrementalRunner(path, steps=steps, provider=provider, threads=threads)
+            return IncrementalRunner(path, steps=steps, provider=provider, threads=threads, kv_window=kv_window)
+        if kv_window is not None:
+            raise AlibiExportError(f"{str(path)!r} has no KV cache, so it has no --kv-window. Note: use a checkpoint "
+                                   "folder or an `onnx --kv-cache` file")
         from .onnxruntime import OrtRunner
 
         return OrtRunner(path, provider=provider, threads=threads)

@@ -51,9 +51,14 @@ class GenerationSession:
 
     ``path``: the ``.onnx`` file; ``provider``: "cpu" or "cuda". The tokenizer comes from the file's
     metadata. ``generate`` takes text, ``generate_ids`` token ids; ``step`` is one forward pass.
+
+    ``kv_window``: each row keeps its last W tokens' keys and values only (a rolling window, see
+    :mod:`.window`), so memory and time per token stay flat however long the stream; ``window_slack``
+    columns more may be held, so that the cache is cut once every ``window_slack`` steps.
     """
 
-    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None, device_id: int = 0):
+    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None, device_id: int = 0,
+                 kv_window: int | None = None, window_slack: int = 0):
         from ..artifacts import model_config_of, read_metadata, tokenizer_of
         from .onnxruntime import create_session
 
@@ -73,6 +78,15 @@ class GenerationSession:
         static = read_metadata(self.path).static_cache  # the static-cache form: buffers updated in place
         self.static = StaticCache(static, self.config.kv_heads, self.cache_width, self.cache_dtype, self.device,
                                   device_id) if static else None
+        self.kv_window, self.window_slack = None, window_slack
+        if kv_window is not None:
+            from .window import check_window, check_window_form
+
+            if self.static is not None:  # a rolling window cuts cache columns; a static buffer keeps them in place
+                raise AlibiExportError(f"--kv-window does not apply to {str(self.path)!r}, a --static-cache export. "
+                                       "Note: use the same model exported with --kv-cache alone")
+            check_window_form(self.config, self.cache_width, repr(str(self.path)))
+            self.kv_window = check_window(kv_window)
 
     # ------------------------------------------------------------------ one forward pass
     def new_cache(self, batch: int, length: int = 0) -> list:
@@ -121,9 +135,11 @@ class GenerationSession:
         if sum(pieces) != input_ids.shape[1]:
             raise ValueError(f"pieces {list(pieces)} do not add up to {input_ids.shape[1]} tokens")
         cache, start, out = self.new_cache(*input_ids.shape), 0, []
-        mask = np.ones_like(input_ids)
+        mask = np.ones((input_ids.shape[0], 0), dtype=np.int64)
         for n in pieces:
-            logits, cache = self.step(input_ids[:, start:start + n], mask[:, :start + n], cache)
+            cache, mask = self.window(cache, mask, n)
+            mask = np.concatenate([mask, np.ones((input_ids.shape[0], n), dtype=np.int64)], axis=1)
+            logits, cache = self.step(input_ids[:, start:start + n], mask, cache)
             out.append(logits)
             start += n
         return np.concatenate(out, axis=1), cache
@@ -173,7 +189,7 @@ class GenerationSession:
             self.static.check(ids.shape[1] + max_new_tokens)
         streams = [TokenStream(self.tokenizer, i, on_token) for i in range(len(rows))]
         t0 = time.perf_counter()
-        logits, cache = self.step(ids, mask, self.new_cache(len(rows), ids.shape[1] + max_new_tokens))
+        logits, cache, mask = self.prefill(ids, mask, ids.shape[1] + max_new_tokens)
         prefill, steps = time.perf_counter() - t0, 0
         t0 = time.perf_counter()
         while True:
@@ -182,12 +198,38 @@ class GenerationSession:
                 stream.push(int(token), stops)
             if all(s.done or len(s.ids) >= max_new_tokens for s in streams):
                 break
+            cache, mask = self.window(cache, mask, 1)
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)  # (B, past + 1)
             logits, cache = self.step(next_ids[:, None], mask, cache)
             steps += 1
         decode = time.perf_counter() - t0
         return GenerationResult([s.text() for s in streams], [s.ids for s in streams], [len(r) for r in rows],
                                 prefill, decode, steps)
+
+    def window(self, cache: list, mask: np.ndarray, incoming: int) -> tuple[list, np.ndarray]:
+        """The cache and mask for a step of ``incoming`` tokens: cut to the rolling window (``kv_window``), or as
+        they are without one."""
+        if self.kv_window is None:
+            return cache, mask
+        from .window import trim_window
+
+        return trim_window(cache, mask, self.kv_window, incoming=incoming, slack=self.window_slack,
+                           device=self.device, device_id=self.device_id)
+
+    def prefill(self, ids: np.ndarray, mask: np.ndarray, total: int = 0) -> tuple[np.ndarray, list, np.ndarray]:
+        """Logits, cache and mask after the left-padded prompts ``ids``: one pass, or with a window shorter than the
+        prompts one pass over its first ``kv_window`` columns and one step per column after, so that every
+        prompt token also sees its last ``kv_window`` tokens only (exact, and slower for such long prompts).
+        ``total``: the prompt and generation's length, the columns a static-cache file's buffers get."""
+        first = ids.shape[1] if self.kv_window is None else min(ids.shape[1], self.kv_window)
+        cache = self.new_cache(len(ids), max(total, ids.shape[1]))
+        logits, cache = self.step(ids[:, :first], mask[:, :first], cache)
+        seen = mask[:, :first]
+        for c in range(first, ids.shape[1]):
+            cache, seen = self.window(cache, seen, 1)
+            seen = np.concatenate([seen, mask[:, c:c + 1]], axis=1)
+            logits, cache = self.step(ids[:, c:c + 1], seen, cache)
+        return logits, cache, seen
 
     def check_ids(self, prompt_ids) -> list[list[int]]:
         """Each prompt as a list of ints, refused when empty or outside the vocabulary (the server uses it too)."""
