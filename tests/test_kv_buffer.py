@@ -148,3 +148,14 @@ def test_the_server_refuses_a_static_export_in_one_line(sessions):
         Engine(static)
     assert "\n" not in str(e.value)
     assert Engine(concat).running == []
+
+
+def test_a_rolling_window_is_refused_on_a_static_export(static_export, tiny_kv_export):
+    """A rolling window cuts cache columns; a static buffer keeps them in place: refused in one line.
+    Control: the concatenating export of the same model takes the window."""
+    from alibi_export.errors import AlibiExportError
+
+    with pytest.raises(AlibiExportError, match="--kv-window does not apply") as e:
+        GenerationSession(static_export.path, kv_window=8)
+    assert "\n" not in str(e.value)
+    assert GenerationSession(tiny_kv_export.path, kv_window=8).kv_window == 8
