@@ -714,6 +714,9 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
               help="Requests waiting for a batch slot; more are answered 429 with Retry-After.")
 @click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens per prefill pass: a long prompt stalls running streams one chunk at a time.")
+@click.option("--kv-window", type=click.IntRange(min=1),
+              help="Each request keeps its last W tokens' keys and values (a rolling window; docs/kv-window.md): its "
+                   "cache holds at most W + 64 columns however long it runs. Raise --max-context for long streams.")
 @click.option("--grace", default=30.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds that requests in flight get to finish after SIGTERM.")
 @click.option("--ray", "use_ray", is_flag=True, help="Deploy on Ray Serve (extra [ray]) instead of one process.")
@@ -721,13 +724,13 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
               help="With --ray: replicas of the server, each with its own engine.")
 @_one_line_errors
 def serve(path, host, port, provider, threads, max_batch, max_tokens_in_flight, max_context, max_queue,
-          prefill_chunk, grace, use_ray, replicas):
+          prefill_chunk, kv_window, grace, use_ray, replicas):
     """Serve PATH (a --kv-cache export or a --genai folder; default: the shipped model) with an
     OpenAI-compatible API and continuous batching: /v1/completions, /v1/models, /health, /metrics."""
     from .serve.engine import EngineConfig
 
     config = EngineConfig(max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, max_queue=max_queue,
-                          prefill_chunk=prefill_chunk, max_context=max_context)
+                          prefill_chunk=prefill_chunk, max_context=max_context, kv_window=kv_window)
     if use_ray:
         from .serve.ray_app import serve_on_ray
 

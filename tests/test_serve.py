@@ -97,6 +97,26 @@ def test_engine_batches_equal_each_prompt_alone(session, rng):
     assert engine.kv_tokens == 0 and engine.batch_size == 0 and engine.cache.values is None
 
 
+def test_engine_with_a_rolling_window_equals_each_prompt_alone_under_it(kv_path, session, rng):
+    """serve --kv-window: each request's greedy text equals GenerationSession(kv_window=W) on its prompt alone,
+    for prompts shorter and longer than W and generations that cross it, with rows joining and leaving and
+    the cache cut every few steps (slack 3). Control: without the window the texts differ, so the window
+    is what the equality is about."""
+    W = 24
+    windowed = GenerationSession(kv_path, kv_window=W)
+    prompts = _prompts(rng, session.config.vocab_size, 6, longest=60)
+    max_tokens = rng.integers(20, 40, 6).tolist()
+    joins = np.sort(rng.integers(0, 20, 6)).tolist()
+    engine = Engine(session, EngineConfig(max_batch=4, prefill_chunk=16, max_context=256, kv_window=W,
+                                          window_slack=3))
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    alone = [windowed.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    assert [got.results[i].text for i in range(len(prompts))] == alone
+    assert max(len(p) for p in prompts) > W and engine.kv_tokens == 0
+    full = [session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    assert full != alone  # control
+
+
 def test_engine_with_unmasked_holes_differs(session, rng, monkeypatch):
     """Negative control: rows joined with their holes marked as real tokens (so attended, and counted in
     the ALiBi positions) give other tokens than each prompt alone."""
@@ -514,6 +534,7 @@ def _cli(*args, env=None):
     (["serve", "missing.onnx"], "not found"),
     (["serve", "--replicas", "2", "x.onnx"], "--replicas applies to --ray"),
     (["serve", "--max-batch", "0", "x.onnx"], "--max-batch"),
+    (["serve", "--kv-window", "0", "x.onnx"], "--kv-window"),
 ])
 def test_cli_serve_refuses_bad_options_in_one_line(tmp_path, args, says):
     proc = _cli(*args)

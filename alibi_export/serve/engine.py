@@ -40,12 +40,21 @@ class EngineConfig:
     max_queue: int = 64  # requests waiting for admission; more are refused (HTTP 429)
     prefill_chunk: int = 256  # tokens of prompt per prefill pass
     max_context: int = 2048  # prompt + max_tokens of one request
+    kv_window: int | None = None  # each row keeps its last kv_window tokens' keys and values (runtime.window)
+    window_slack: int = 64  # masked columns held past the window before the cache is cut (one cut per slack steps)
 
     def __post_init__(self):
-        for name in ("max_batch", "max_tokens_in_flight", "max_queue", "prefill_chunk", "max_context"):
+        names = ("max_batch", "max_tokens_in_flight", "max_queue", "prefill_chunk", "max_context")
+        for name in names + (("kv_window",) if self.kv_window is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AlibiExportError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.window_slack, int) or self.window_slack < 0:
+            raise AlibiExportError(f"window_slack must be a non-negative integer, got {self.window_slack!r}")
+
+    def kv_need(self, final_len: int) -> int:
+        """The cache columns a request of ``final_len`` tokens (prompt + max_tokens) holds at most."""
+        return final_len if self.kv_window is None else min(final_len, self.kv_window + self.window_slack)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,7 @@ class _PrefillJob:
     step: int
     done: int = 0
     cache: list | None = None
+    seen: np.ndarray | None = None  # the mask of the columns in ``cache`` (fewer than ``done`` under a window)
 
 
 class Engine:
@@ -134,6 +144,10 @@ class Engine:
             raise AlibiExportError("a --static-cache export cannot be served yet: the server joins and leaves rows "
                                    "of a concatenated cache. Note: serve the same model exported with --kv-cache "
                                    "alone")
+        if config.kv_window is not None:
+            from ..runtime.window import check_window_form
+
+            check_window_form(session.config, session.cache_width, repr(str(session.path)))
         self.session, self.config, self.observer = session, config, observer or _Observer()
         self.cache = BatchCache(session, padding_entries(session))
         self.running: list[EngineRequest] = []
@@ -175,9 +189,9 @@ class Engine:
             raise RequestRejected(f"max_tokens {params.max_tokens} with a prompt of {len(ids)} tokens is past the "
                                   f"context this server allows ({cfg.max_context} tokens). Note: ask for at most "
                                   f"{cfg.max_context - len(ids)}", param="max_tokens")
-        if len(ids) + params.max_tokens > cfg.max_tokens_in_flight:
-            raise RequestRejected(f"the request needs {len(ids) + params.max_tokens} KV-cache tokens; this server "
-                                  f"holds at most {cfg.max_tokens_in_flight}", param="max_tokens")
+        if cfg.kv_need(len(ids) + params.max_tokens) > cfg.max_tokens_in_flight:
+            raise RequestRejected(f"the request needs {cfg.kv_need(len(ids) + params.max_tokens)} KV-cache tokens; "
+                                  f"this server holds at most {cfg.max_tokens_in_flight}", param="max_tokens")
         return ids
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
@@ -242,24 +256,26 @@ class Engine:
 
     def _account(self) -> None:
         job = self._job
-        self.kv_tokens = self.cache.batch * self.cache.width + (len(job.requests) * job.done if job else 0)
+        held = (job.seen.shape[1] if job.seen is not None else 0) if job else 0
+        self.kv_tokens = self.cache.batch * self.cache.width + (len(job.requests) * held if job else 0)
 
     def _admit(self) -> _PrefillJob | None:
         """The next prefill job: the oldest waiting request, and the ones behind it while they fit."""
         cfg, taken = self.config, []
         rows = len(self.running)
-        longest = max((r.final_len for r in self.running), default=0)
+        longest = max((cfg.kv_need(r.final_len) for r in self.running), default=0)
         with self._wake:
             while self._waiting:
                 r = self._waiting[0]
                 n = len(r.prompt_ids)
                 if taken and (n > cfg.prefill_chunk or (len(taken) + 1) * max(n, width) > cfg.prefill_chunk):
                     break
-                if rows + 1 > cfg.max_batch or (rows + 1) * max(longest, r.final_len) > cfg.max_tokens_in_flight:
+                need = cfg.kv_need(r.final_len)
+                if rows + 1 > cfg.max_batch or (rows + 1) * max(longest, need) > cfg.max_tokens_in_flight:
                     break  # first come, first served: nothing overtakes a request that does not fit yet
                 self._waiting.popleft()
                 taken.append(r)
-                rows, longest = rows + 1, max(longest, r.final_len)
+                rows, longest = rows + 1, max(longest, need)
                 width = max(len(t.prompt_ids) for t in taken)
                 if n > cfg.prefill_chunk:
                     break  # a long prompt goes through alone, chunk by chunk
@@ -277,13 +293,20 @@ class Engine:
         r.stream = TokenStream(self.session.tokenizer, 0, lambda row, token, text: setattr(r, "text", r.text + text))
 
     def _prefill(self) -> None:
-        job = self._job
-        end = min(job.done + job.step, job.ids.shape[1])
+        job, window = self._job, self.config.kv_window
+        if window is not None and job.done >= window:
+            # Past the window: one column per pass, the cache cut to the window first, as GenerationSession.prefill
+            # does, so that every prompt token sees exactly its last kv_window tokens.
+            job.cache, seen = self._window(job.cache, job.seen)
+            end = job.done + 1
+            mask = np.concatenate([seen, job.mask[:, job.done:end]], axis=1)
+        else:
+            end = min(job.done + job.step, job.ids.shape[1], window or job.ids.shape[1])
+            mask = job.mask[:, :end]
         # The logits stay on the device: a pass of b rows x L tokens makes b x L x vocab of them, and only
         # the last position's of the last pass are sampled (copying them all down cost more than the pass).
-        logits, job.cache = self.session.step(job.ids[:, job.done:end], job.mask[:, :end], job.cache,
-                                              logits_on_device=True)
-        job.done = end
+        logits, job.cache = self.session.step(job.ids[:, job.done:end], mask, job.cache, logits_on_device=True)
+        job.done, job.seen = end, mask
         if end < job.ids.shape[1]:
             return
         self._job = None
@@ -295,13 +318,14 @@ class Engine:
             elif not self._push(r, token):
                 joining.append(i)
         if joining:
-            self.cache.merge(job.cache, job.mask, joining)
+            self.cache.merge(job.cache, job.seen, joining)
             self.running += [job.requests[i] for i in joining]
 
     def _decode(self) -> None:
         ids = np.array([[r.next_token] for r in self.running], dtype=np.int64)  # (B, 1)
-        mask = np.concatenate([self.cache.mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, width + 1)
-        logits, values = self.session.step(ids, mask, self.cache.values)
+        values, base = self._window(self.cache.values, self.cache.mask)
+        mask = np.concatenate([base, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, width + 1)
+        logits, values = self.session.step(ids, mask, values)
         self.cache.advance(values, mask)
         self.steps += 1
         tokens = _next_tokens(self.running, logits[:, -1])
@@ -309,6 +333,16 @@ class Engine:
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
             self.cache.keep(keep)
+
+    def _window(self, values: list, mask: np.ndarray) -> tuple[list, np.ndarray]:
+        """The cache and mask for a step of one new column: cut to the rolling window, or as they are."""
+        window = self.config.kv_window
+        if window is None:
+            return values, mask
+        from ..runtime.window import trim_window
+
+        return trim_window(values, mask, window, incoming=1, slack=self.config.window_slack,
+                           device=self.session.device, device_id=self.session.device_id)
 
     def _push(self, r: EngineRequest, token: int) -> bool:
         """Add ``token`` to ``r`` and send what text is ready; True when ``r`` has finished (and was told)."""
