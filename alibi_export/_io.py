@@ -164,8 +164,12 @@ def temp_name(target: Path) -> Path:
 def temp_file(target: Path) -> Path:
     """A new empty temporary file beside ``target`` (for a caller that removes it however it exits)."""
     path = temp_name(target)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    _create_private(path)
     return path
+
+
+def _create_private(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _folder(target: Path) -> Path:
@@ -232,7 +236,7 @@ def atomic_files(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
             for p in paths:
                 remove_stale(_folder(p), [p.name])
                 tmps.append(temp_name(p))  # named first: whenever an interrupt lands, the finally knows it
-                os.close(os.open(tmps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                _create_private(tmps[-1])
             yield tmps
             for tmp in tmps:
                 os.chmod(tmp, 0o644)  # temporaries are private; outputs are ordinary files
