@@ -27,6 +27,19 @@ def _lengths(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _window_or_exact(ctx, param, value):
+    """--kv-window of ppl: a positive number of tokens, or "exact" (proved from the checkpoint's weights)."""
+    if value is None or value == "exact":
+        return value
+    try:
+        window = int(value)
+    except ValueError:
+        window = 0
+    if window < 1:
+        raise click.BadParameter(f"{value!r} is neither a positive number of tokens nor 'exact'")
+    return window
+
+
 def _nonempty_path(ctx, param, value):
     """An output path given as '' is a mistake (it would fall back to a default name), not a request."""
     if value is not None and not str(value).strip():
@@ -560,9 +573,10 @@ def validate(export, model, model_option, lengths, batch, seed, provider, text, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also plot perplexity against length into this PNG file.")
-@click.option("--kv-window", type=click.IntRange(min=1),
+@click.option("--kv-window", callback=_window_or_exact, metavar="W|exact",
               help="Score each token as if it saw only its last W tokens (a rolling KV window, see "
-                   "docs/kv-window.md); a checkpoint folder or a --kv-cache file.")
+                   "docs/kv-window.md); a checkpoint folder or a --kv-cache file. 'exact': the window the "
+                   "checkpoint's weights prove changes nothing by more than 2^-32 (see `alibi-export reach`).")
 @_one_line_errors
 def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_path, kv_window):
     """Perplexity per evaluation length for each MODEL: an export (.onnx or genai folder in ONNX Runtime,
@@ -579,8 +593,15 @@ def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_pat
         check_evaluation_fits(cfg, resolved, 1, "evaluating")
     results = {}
     for label, m in zip(labels_for(models), models):
+        window = kv_window
+        if kv_window == "exact":
+            from .reach import reach_of
+
+            reach = reach_of(m, context=max(resolved))
+            click.echo(f"{label}: {reach.report()}", err=True)
+            window = reach.window if reach.window < max(resolved) else None  # the full cache is the exact one
         results[label] = evaluate_model(m, text, resolved, stride=stride, max_tokens=max_tokens, provider=provider,
-                                        kv_window=kv_window)
+                                        kv_window=window)
     width = max(18, *(len(label) for label in results))
     click.echo(f"{'length':>7} " + " ".join(f"{name:>{width}}" for name in results))
     for i, length in enumerate(resolved):
@@ -595,6 +616,29 @@ def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_pat
         written.append(plot_path)
     if written:
         click.echo(f"wrote {' and '.join(map(str, written))}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--context", type=click.IntRange(min=1),
+              help="The row length the report is for: a head reaching it needs the full cache (default: 64x the "
+                   "training length).")
+@click.option("--gap", default=32.0, show_default=True, type=click.FloatRange(min=1, max=1000),
+              help="The keys beyond a head's reach weigh less than 2^-GAP of its row together.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report to this JSON file.")
+@_one_line_errors
+def reach(checkpoint, context, gap, json_path):
+    """How far back each ALiBi head can still matter, proved from CHECKPOINT's weights for every input: the
+    exact rolling window (--kv-window) and the heads that need the full context (docs/kv-window.md)."""
+    from .perplexity import check_outputs
+    from .reach import reach_of, write_reach_json
+
+    check_outputs(json_path, None, kind="reach")  # before any work
+    result = reach_of(checkpoint, context=context, gap_bits=gap)
+    click.echo(result.report())
+    if json_path is not None:
+        write_reach_json(result, json_path)
+        click.echo(f"wrote {json_path}")
 
 
 def _batch_range(ctx, param, value):

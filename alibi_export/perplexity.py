@@ -226,7 +226,7 @@ def _png_is_ours(path: Path) -> bool:
         return False
 
 
-def check_outputs(json_path: str | Path | None, plot_path: str | Path | None) -> None:
+def check_outputs(json_path: str | Path | None, plot_path: str | Path | None, *, kind: str = "perplexity") -> None:
     """Refuse, before any work, to replace a JSON or PNG file this tool did not write, an empty path, and one
     path given for both."""
     for path, what in ((json_path, "--json"), (plot_path, "--plot")):
@@ -236,10 +236,10 @@ def check_outputs(json_path: str | Path | None, plot_path: str | Path | None) ->
         raise DataError(f"--json and --plot name the same file {str(json_path)!r}. Note: give two paths")
     if json_path is not None:
         check_writable_dir(Path(json_path).parent)
-        check_replaceable(json_path, _json_is_ours, "perplexity JSON")
+        check_replaceable(json_path, _json_is_ours, f"{kind} JSON")
     if plot_path is not None:
         check_writable_dir(Path(plot_path).parent)
-        check_replaceable(plot_path, _png_is_ours, "perplexity plot")
+        check_replaceable(plot_path, _png_is_ours, f"{kind} plot")
 
 
 def write_json(results: dict[str, list[PerplexityRow]], path: str | Path, *, text: str | Path | None = None,
