@@ -383,7 +383,7 @@ def main(argv=None):
     r = sub.add_parser("run", help="train, evaluate and measure (the GPU call)")
     r.add_argument("--corpus", type=Path, required=True, help="folder with train.txt, valid.txt, test.txt")
     r.add_argument("--train-len", type=int, default=512)
-    r.add_argument("--steps", type=int, default=1500)
+    r.add_argument("--steps", type=int, default=1200)
     r.add_argument("--tokens-per-step", type=int, default=32768)
     r.add_argument("--layers", type=int, default=6)
     r.add_argument("--heads", type=int, default=6)
