@@ -363,6 +363,16 @@ def checkpoint_step(out: str | Path) -> int | None:
         return None
 
 
+def checkpoint_embed_scale(out: str | Path) -> float | None:
+    """The embed_scale of the training checkpoint in ``out`` (1 where its config predates the field), or None
+    where there is no readable checkpoint (resuming then fails with its own message)."""
+    try:
+        model = json.loads((current_set(out) / STATE).read_text())["train_config"]["model"]
+        return float(model.get("embed_scale", ModelConfig().embed_scale))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
+        return None
+
+
 def training_bytes(model_cfg: ModelConfig, batch_size: int) -> int:
     """A lower estimate of training's peak memory: float32 weights, gradients and AdamW's two moments (16 bytes
     per parameter), and one layer's activations and the logits of a batch (float32)."""
