@@ -125,15 +125,15 @@ def _peak(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def measure_speed(args, position: str, path: str, device) -> dict:
+def measure_speed(args, position: str, path: str, device, train_len: int) -> dict:
     """Training (the step alibi_export.train takes: bf16 autocast, cross-entropy, backward, clip, fused
-    AdamW) and inference (a no-grad forward) on random tokens at L, batch tokens_per_step / L; timed after
-    --speed-warmup steps; peak memory of the timed steps, weights and optimizer state included."""
+    AdamW) and inference (a no-grad forward) on random tokens at ``train_len``, batch tokens_per_step / it;
+    timed after --speed-warmup steps; peak memory of the timed steps, weights and optimizer state included."""
     torch.manual_seed(args.seed)
-    model = AlibiLM(model_config(args, position, args.train_len)).to(device).train()
+    model = AlibiLM(model_config(args, position, train_len)).to(device).train()
     model.set_attention({"eager": "eager", "sdpa": "sdpa", "fused": "triton"}[path])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    L, B = args.train_len, args.tokens_per_step // args.train_len
+    L, B = train_len, args.tokens_per_step // train_len
     ids = torch.randint(0, args.vocab_size, (B, L + 1), generator=torch.Generator().manual_seed(0)).to(device)
     x, y = ids[:, :-1], ids[:, 1:]
     autocast = autocast_for(device)
@@ -285,20 +285,35 @@ def run(args) -> None:
                                                    if a["peak_GiB"] and s["peak_GiB"] else None)}
         print("train-short claim:", json.dumps(res["train_short_claim"]), flush=True)
     save()
-    for position in METHODS:
+    # every method at L, then sinusoidal at 2L: the train-short claim's speed and memory on each path
+    for position, train_len in [(m, args.train_len) for m in METHODS] + [("sinusoidal", 2 * args.train_len)]:
         for path in PATHS:
             if path == "fused" and position == "t5" and device.type == "cuda":
                 continue  # a learned bias per bucket: the kernel takes slopes only (the JSON has its sdpa row)
-            if not time_left(f"speed {position} {path}", args.speed_need_s):
+            if not time_left(f"speed {position}@{train_len} {path}", args.speed_need_s):
                 continue
             try:
-                row = measure_speed(args, position, path, device)
+                row = measure_speed(args, position, path, device, train_len)
             except torch.cuda.OutOfMemoryError:
-                row = {"position": position, "attention": path, "error": "out of memory"}
+                row = {"position": position, "attention": path, "train_len": train_len, "error": "out of memory"}
             res["speed"].append(row)
             _peak_reset(device)
             print("speed", json.dumps(row), flush=True)
         save()
+    claim = {}
+    for path in PATHS:
+        a, s = (next((r for r in res["speed"] if r["position"] == p and r["attention"] == path and
+                      r.get("train_len") == n and "error" not in r), None)
+                for p, n in (("alibi", args.train_len), ("sinusoidal", 2 * args.train_len)))
+        if a and s:
+            claim[path] = {"alibi@L_train_tokens_per_s_vs_sinusoidal@2L": a["train"]["tokens_per_s"] /
+                           s["train"]["tokens_per_s"],
+                           "alibi@L_train_peak_vs_sinusoidal@2L": (a["train"]["peak_GiB"] / s["train"]["peak_GiB"]
+                                                                  if a["train"]["peak_GiB"] else None)}
+    if claim and "train_short_claim" in res:
+        res["train_short_claim"]["speed_by_attention"] = claim
+        print("train-short claim, speed:", json.dumps(claim), flush=True)
+    save()
     if args.retrain_shipped and time_left("retrain sinusoidal-small", args.retrain_need_s):
         dst = args.retrain_out or (out_dir or Path(".")) / "sinusoidal-small"
         res["retrain"] = retrain_shipped(args, "sinusoidal-small", dst, scratch, test_text, device)
@@ -342,7 +357,7 @@ def plot(json_file: Path, out_dir: Path) -> list[Path]:
         fig.savefig(tmp, format="png", metadata={"Software": "alibi-export"})
     plt.close(fig)
     fig2 = out_dir / "fair_baselines_figure2.png"
-    rows = [r for r in res["speed"] if "error" not in r]
+    rows = [r for r in res["speed"] if "error" not in r and r["train_len"] == L]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     width = 0.8 / len(PATHS)
     for ax, (what, key, label) in zip(axes, (("train", "tokens_per_s", "training tokens/s"),
@@ -365,6 +380,42 @@ def plot(json_file: Path, out_dir: Path) -> list[Path]:
         fig.savefig(tmp, format="png", metadata={"Software": "alibi-export"})
     plt.close(fig)
     return [fig1, fig2, losses]
+
+
+def tables(json_file: Path) -> str:
+    """The JSON's numbers as the Markdown tables of BENCHMARKS.md (pasted, never typed)."""
+    res = json.loads(json_file.read_text())["results"]
+    lengths = [int(n) for n in json.loads(res["args"]["lengths"].replace("'", '"'))]
+    out = [f"Recipe: {res['recipe']['shared']}.", "",
+           "| run | trained at | embed scale | final loss | train tok/s | peak GiB | "
+           + " | ".join(f"test ppl @ {n}" for n in lengths) + " |",
+           "|---" * (6 + len(lengths)) + "|"]
+    for r in res["runs"]:
+        ppl = [f"{r['test_ppl'][str(n)]['ppl']:.2f}" if str(n) in r["test_ppl"] else "-" for n in lengths]
+        peak = f"{r['peak_GiB']:.2f}" if r["peak_GiB"] else "-"
+        out.append(f"| {r['name']} | {r['train_len']} | {r['embed_scale']:.3g} | {r['final_loss']:.3f} | "
+                   f"{r['tokens_per_s']:,.0f} | {peak} | " + " | ".join(ppl) + " |")
+    out += ["", "| method | trained at | attention | fused kernel ran | train tok/s | train peak GiB | "
+                "inference tok/s | inference peak GiB |", "|---" * 8 + "|"]
+    for r in res["speed"]:
+        if "error" in r:
+            out.append(f"| {r['position']} | {r.get('train_len', '')} | {r['attention']} | | {r['error']} | | | |")
+            continue
+        gib = [f"{r[w]['peak_GiB']:.2f}" if r[w]["peak_GiB"] else "-" for w in ("train", "inference")]
+        out.append(f"| {r['position']} | {r['train_len']} | {r['attention']} | {r['fused_kernel']} | "
+                   f"{r['train']['tokens_per_s']:,.0f} | {gib[0]} | {r['inference']['tokens_per_s']:,.0f} | "
+                   f"{gib[1]} |")
+    if "train_short_claim" in res:
+        out += ["", "Train-short claim: " + json.dumps(res["train_short_claim"])]
+    if "retrain" in res:
+        rt = res["retrain"]["test_ppl"]
+        ns = sorted({int(n) for v in rt.values() for n in v})
+        out += ["", "| model | " + " | ".join(f"test ppl @ {n}" for n in ns) + " |", "|---" * (1 + len(ns)) + "|"]
+        out += [f"| {k} | " + " | ".join(f"{v[str(n)]:.2f}" if str(n) in v else "-" for n in ns) + " |"
+                for k, v in rt.items()]
+    if res.get("skipped"):
+        out += ["", "Skipped: " + "; ".join(res["skipped"])]
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -407,7 +458,7 @@ def main(argv=None):
     r.add_argument("--budget-s", type=float, default=540.0, help="skip a stage that would end past this")
     r.add_argument("--device", default=None)
     r.add_argument("--json", type=Path, default=None, help=f"default $OUT/{JSON_NAME}")
-    p = sub.add_parser("plot", help="the two PNGs from the JSON (needs matplotlib)")
+    p = sub.add_parser("plot", help="the PNGs from the JSON (needs matplotlib), and its Markdown tables")
     p.add_argument("json", type=Path)
     p.add_argument("--out-dir", type=Path, default=None, help="default: the JSON's folder")
     args = ap.parse_args(argv)
@@ -418,6 +469,7 @@ def main(argv=None):
     else:
         for f in plot(args.json, args.out_dir or args.json.parent):
             print("wrote", f)
+        print(tables(args.json))
 
 
 if __name__ == "__main__":
