@@ -205,6 +205,10 @@ def main(verbose: bool):
 @click.option("--save-every", default=500, show_default=True, type=click.IntRange(min=1),
               help="Steps between checkpoint saves (the last step is always saved).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the initialization and the batches.")
+@click.option("--embed-scale", default=None,
+              help="Factor on the token embeddings: sqrt-d (the paper's recipe, the default of a new run) or a "
+                   "number (1: the recipe of models trained before this option, the shipped alibi-small among "
+                   "them). Default with --resume: the checkpoint's.")
 @click.option("--device", default=None,
               help="cpu or cuda (default: cuda when available).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="Reuse this tokenizer.json.")
@@ -215,7 +219,8 @@ def main(verbose: bool):
 @click.option("--overwrite", is_flag=True, help="Replace the checkpoint stored in --out (only its own files).")
 @_one_line_errors
 def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_size, batch_size, steps, lr,
-          warmup, eval_every, save_every, seed, device, tokenizer, save_dtype, no_optimizer, resume, overwrite):
+          warmup, eval_every, save_every, seed, embed_scale, device, tokenizer, save_dtype, no_optimizer, resume,
+          overwrite):
     """Train an LM with the chosen position method; checkpoints are safetensors.
 
     Multi-GPU: `torchrun --nproc_per_node N -m alibi_export train ...` (data parallel; the batch
@@ -223,14 +228,18 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
     import torch
 
     from .distributed import dist_info
-    from .model import ModelConfig
+    from .model import PAPER_EMBED_SCALE, ModelConfig, embed_scale_of
     from .progress import progress
     from .sizes import check_fits
-    from .train import TrainConfig, checkpoint_step, preflight, train as run_training, training_bytes
+    from .train import (TrainConfig, checkpoint_embed_scale, checkpoint_step, preflight, train as run_training,
+                        training_bytes)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if embed_scale is None:  # a run begun before the option resumes with its own recipe
+        embed_scale = (checkpoint_embed_scale(out) if resume else None) or PAPER_EMBED_SCALE
     model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
-                            position=position, train_len=train_len, max_positions=train_len)
+                            position=position, train_len=train_len, max_positions=train_len,
+                            embed_scale=embed_scale_of(embed_scale, d_model))
     check_fits(training_bytes(model_cfg, batch_size), f"training {layers} layers of width {d_model} on batches of "
                f"{batch_size} x {train_len} tokens with a vocabulary of {vocab_size}",
                "choose a smaller model, batch or vocabulary")

@@ -18,13 +18,29 @@ from .alibi import SLOPE_RULES, alibi_bias, alibi_bias_bf16, slopes_for, token_p
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "AlibiLM", "POSITION_METHODS", "ATTENTION_IMPLS", "key_padding_mask", "KEY_MASK_VALUE",
-           "parameter_count"]
+           "parameter_count", "PAPER_EMBED_SCALE", "embed_scale_of"]
 
 log = logging.getLogger(__name__)
 
 POSITION_METHODS = ("alibi", "sinusoidal", "rotary", "learned", "t5")
 ATTENTION_IMPLS = ("auto", "eager", "sdpa", "triton")
 ACTIVATIONS = ("gelu", "gelu_tanh")
+# The recipe new training uses for ModelConfig.embed_scale: token embeddings times sqrt(d_model), as in the
+# paper's fairseq models, for every position method (one recipe for all, so that they compare fairly).
+PAPER_EMBED_SCALE = "sqrt-d"
+
+
+def embed_scale_of(recipe: str | float, d_model: int) -> float:
+    """``PAPER_EMBED_SCALE`` -> sqrt(d_model); a number (1: the recipe of models trained before the field) -> itself."""
+    if recipe == PAPER_EMBED_SCALE:
+        return math.sqrt(d_model)
+    try:
+        value = float(recipe)
+    except (TypeError, ValueError):
+        raise ConfigError(f"embed scale must be {PAPER_EMBED_SCALE!r} or a positive number, got {recipe!r}") from None
+    if not 0 < value < math.inf:
+        raise ConfigError(f"embed scale must be {PAPER_EMBED_SCALE!r} or a positive number, got {recipe!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,11 @@ class ModelConfig:
     alibi_bf16: bool = False  # Falcon: the bias is bf16(m * j) from absolute key positions; see alibi_bias_bf16
     tie_embeddings: bool = True  # False: a separate lm_head weight
     eos_token_id: int | None = None  # generation stops here (None: the tokenizer's <|endoftext|>)
+    # The factor on the token embeddings before the position method adds its vectors. 1 (the default) is
+    # what every config written before this field existed computes, the shipped models included; `train`
+    # writes sqrt(d_model), the paper's (fairseq's) recipe: sinusoidal's unit-amplitude position vectors
+    # otherwise outweigh N(0, 0.02) token embeddings about 35 to 1 after the first LayerNorm.
+    embed_scale: float = 1.0
 
     def __post_init__(self):
         if self.position not in POSITION_METHODS:
@@ -83,9 +104,10 @@ class ModelConfig:
             raise ConfigError(f"unknown activation {self.activation!r}. Note: expected one of {ACTIVATIONS}")
         if self.alibi_rule not in SLOPE_RULES:
             raise ConfigError(f"unknown alibi_rule {self.alibi_rule!r}. Note: expected one of {SLOPE_RULES}")
-        for name in ("clip_qkv", "softmax_scale", "alibi_bias_max"):
+        for name in ("clip_qkv", "softmax_scale", "alibi_bias_max", "embed_scale"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                      not 0 < value < math.inf):
                 raise ConfigError(f"config field {name!r} must be a positive number, got {value!r}")
         if self.alibi_rule == "paper" and self.alibi_bias_max != 8:
             raise ConfigError(f"alibi_bias_max {self.alibi_bias_max} needs alibi_rule 'mpt'. Note: the paper's "
@@ -534,7 +556,10 @@ class AlibiLM(nn.Module):
                 raise ValueError(f"attention_mask must have shape (batch, past + sequence) = ({input_ids.shape[0]}, "
                                  f"{past_len + input_ids.shape[1]}), got {tuple(attention_mask.shape)}")
             key_mask = key_padding_mask(attention_mask)  # (B, 1, 1, past + L)
-        x = self.pos.embed(self.wte(input_ids), past_len)  # (B, L, d)
+        x = self.wte(input_ids)  # (B, L, d)
+        if self.config.embed_scale != 1.0:  # no extra node in the graphs of models trained without it
+            x = x * self.config.embed_scale
+        x = self.pos.embed(x, past_len)
         if self.ln_emb is not None:
             x = self.ln_emb(x)
         x = self.drop(x)

@@ -213,7 +213,9 @@ def _check_resume_config(cfg: TrainConfig) -> None:
         raise CheckpointError(f"cannot resume from {cfg.out!r}: {e}. Note: resuming needs the "
                               f"{STATE} that `train` writes") from None
     now = {**asdict(cfg), "model": cfg.model.to_dict()}
-    pairs = [(f"model.{k}", saved.get("model", {}).get(k), v) for k, v in now["model"].items()]
+    # a field the checkpoint's config lacks was written before it existed: it holds the field's default
+    defaults = ModelConfig().to_dict()
+    pairs = [(f"model.{k}", saved.get("model", {}).get(k, defaults[k]), v) for k, v in now["model"].items()]
     pairs += [(k, saved.get(k), now[k]) for k in _RESUME_FIELDS]
     diff = [f"{name} (checkpoint {old!r}, now {new!r})" for name, old, new in pairs if old != new]
     if diff:
@@ -358,6 +360,16 @@ def checkpoint_step(out: str | Path) -> int | None:
     try:
         return int(json.loads((Path(out) / STATE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_embed_scale(out: str | Path) -> float | None:
+    """The embed_scale of the training checkpoint in ``out`` (1 where its config predates the field), or None
+    where there is no readable checkpoint (resuming then fails with its own message)."""
+    try:
+        model = json.loads((current_set(out) / STATE).read_text())["train_config"]["model"]
+        return float(model.get("embed_scale", ModelConfig().embed_scale))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
         return None
 
 

@@ -84,10 +84,11 @@ TINY_TRAIN = ["--layers", "1", "--heads", "2", "--d-model", "16", "--d-ff", "32"
 
 def _trained_run(out: Path, corpus: Path) -> Path:
     """A one-step run of the tiny training options above, to --resume."""
-    from alibi_export.model import ModelConfig
+    from alibi_export.model import PAPER_EMBED_SCALE, ModelConfig, embed_scale_of
     from alibi_export.train import TrainConfig, train
 
-    model = ModelConfig(vocab_size=300, n_layer=1, n_head=2, d_model=16, d_ff=32, train_len=16, max_positions=16)
+    model = ModelConfig(vocab_size=300, n_layer=1, n_head=2, d_model=16, d_ff=32, train_len=16, max_positions=16,
+                        embed_scale=embed_scale_of(PAPER_EMBED_SCALE, 16))  # train's default recipe
     train(TrainConfig(corpus=str(corpus), out=str(out), model=model, batch_size=2, steps=1, lr=1e-3, min_lr=1e-3 / 10,
                       device="cpu"))
     return out
@@ -293,6 +294,10 @@ TRAIN_ROWS = [
      "the config differs from the checkpoint's in model.n_head"),
     (["train", "--corpus", "{corpus}", "-o", "{run}", "--resume", *TINY_TRAIN, "--seed", "7"],
      "the config differs from the checkpoint's in seed"),
+    (["train", "--corpus", "{corpus}", "-o", "{run}", "--resume", *TINY_TRAIN, "--embed-scale", "1"],
+     "the config differs from the checkpoint's in model.embed_scale (checkpoint 4.0, now 1.0)"),
+    (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--embed-scale", "0"],
+     "embed scale must be 'sqrt-d' or a positive number"),
     (["train", "--corpus", "{corpus}", "-o", "{out}/m", "--resume", *TINY_TRAIN], "holds no training checkpoint"),
     (["train", "--corpus", "{corpus}", "-o", "{corpus}", *TINY_TRAIN], "is not empty and not a checkpoint"),
     (["train", "--corpus", "{corpus}", "-o", "{out}/m", *TINY_TRAIN, "--d-model", "20", "--heads", "8"],

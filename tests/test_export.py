@@ -282,6 +282,34 @@ def test_other_position_methods_export(tiny_tokenizer, tmp_path, position, seed)
     assert compare(res.path, TorchRunner(ck.model), [7, 64], seed=seed)
 
 
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_export_scales_the_token_embeddings(tiny_tokenizer, tmp_path, kv_cache, seed):
+    """A sinusoidal model trained with the paper's recipe (token embeddings x sqrt(d), ModelConfig.embed_scale):
+    the plain and the KV-cache graphs compute the model's logits (the KV form decoding past its prefill, where the
+    positions start at the past's length). Control: the same weights without the scale are told apart."""
+    import dataclasses
+    import math
+
+    from alibi_export.model import AlibiLM
+    from alibi_export.runtime.generate import GenerationSession
+    from tests.conftest import make_tiny
+
+    ck = load(make_tiny(tmp_path / "ck", tiny_tokenizer, position="sinusoidal", embed_scale=math.sqrt(48)))
+    unscaled = AlibiLM(dataclasses.replace(ck.model.config, embed_scale=1.0)).eval()
+    unscaled.load_state_dict(ck.model.state_dict())
+    res = export_onnx(ck, tmp_path / "m.onnx", kv_cache=kv_cache)
+    if not kv_cache:
+        assert compare(res.path, TorchRunner(ck.model), [7, 64], seed=seed)
+        assert not compare(res.path, TorchRunner(unscaled), [7, 64], seed=seed)
+        return
+    ids = np.random.default_rng(seed).integers(0, ck.model.config.vocab_size, (1, 24))
+    logits, _ = GenerationSession(res.path).step_pieces(ids, [16, 1, 7])
+    with torch.no_grad():
+        want, other = (m(torch.from_numpy(ids)).numpy() for m in (ck.model, unscaled))
+    np.testing.assert_allclose(logits, want, **TOLERANCES["float32"])
+    assert np.abs(logits - other).max() > 100 * TOLERANCES["float32"]["atol"]
+
+
 def test_large_models_use_external_data(tiny_dir, tmp_path, monkeypatch, seed):
     """Past protobuf's 2 GB limit the weights go to a side file; exercised here by lowering the limit."""
     import alibi_export.export.onnx as exp

@@ -101,3 +101,44 @@ def test_parameter_count_matches_a_real_model(rule, heads, bias_max):
                       train_len=64, max_positions=64, alibi_rule=rule, alibi_bias_max=bias_max)
     assert parameter_count(cfg) == AlibiLM(cfg).num_parameters()
     assert parameter_count(ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 4})) > parameter_count(cfg)
+
+
+def test_configs_without_embed_scale_compute_what_they_did(tiny_tokenizer, tmp_path, torch_rng):
+    """A config.json written before embed_scale existed (the shipped models' before their retraining) loads with 1,
+    and its logits are the old recipe's, token embeddings plus position vectors (computed here by hand). Control:
+    the same weights with embed_scale sqrt(d) in the config give other logits, the hand-made forward's with the
+    tokens scaled."""
+    import json
+    import math
+
+    from alibi_export import load
+    from tests.conftest import make_tiny
+
+    folder = make_tiny(tmp_path, tiny_tokenizer, position="sinusoidal")
+    config = json.loads((folder / "config.json").read_text())
+    del config["embed_scale"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load(folder).model
+    assert model.config.embed_scale == 1.0
+    (folder / "config.json").write_text(json.dumps({**config, "embed_scale": math.sqrt(config["d_model"])}))
+    scaled = load(folder).model
+    ids = torch.randint(0, config["vocab_size"], (2, 50), generator=torch_rng)
+
+    def by_hand(scale):
+        x = model.pos.embed(model.wte(ids) * scale, 0)
+        for block in model.blocks:
+            x, _ = block(x, model.pos)
+        return model.ln_f(x) @ model.wte.weight.T
+
+    with torch.no_grad():
+        old, new = model(ids), scaled(ids)
+        assert torch.equal(old, by_hand(1.0))
+        torch.testing.assert_close(new, by_hand(math.sqrt(config["d_model"])), atol=1e-4, rtol=1e-5)
+    assert (new - old).abs().max() > 1.0  # the field changes what the model computes
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "16"])
+def test_embed_scale_must_be_a_positive_number(bad):
+    with pytest.raises(ConfigError, match="embed_scale"):
+        ModelConfig(embed_scale=bad)
+    assert ModelConfig(embed_scale=16).embed_scale == 16

@@ -28,27 +28,45 @@ import torch
 from harness import out_path, write_record
 
 from alibi_export.data import corpus_split, encode_text, read_text, train_tokenizer  # noqa: E402
-from alibi_export.model import ModelConfig  # noqa: E402
+from alibi_export.model import PAPER_EMBED_SCALE, ModelConfig, embed_scale_of  # noqa: E402
 from alibi_export.train import TrainConfig, evaluate, train  # noqa: E402
 
 
-def train_one(args, position: str, train_len: int, tokenizer_file: Path, out: Path, device) -> dict:
-    model_cfg = ModelConfig(vocab_size=args.vocab_size, n_layer=args.layers, n_head=args.heads,
-                            d_model=args.d_model, d_ff=4 * args.d_model, position=position,
-                            train_len=train_len, max_positions=train_len)
+def model_config(args, position: str, train_len: int, embed_scale: float | None = None) -> ModelConfig:
+    """The architecture of every model here (``embed_scale`` default: the recipe of ``args.embed_scale``)."""
+    if embed_scale is None:
+        embed_scale = embed_scale_of(args.embed_scale, args.d_model)
+    return ModelConfig(vocab_size=args.vocab_size, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
+                       d_ff=4 * args.d_model, position=position, train_len=train_len, max_positions=train_len,
+                       embed_scale=embed_scale)
+
+
+def train_one(args, position: str, train_len: int, tokenizer_file: Path, out: Path, device, *,
+              embed_scale: float | None = None, name: str | None = None, curve_every: int = 0) -> dict:
+    """One model through alibi_export.train; its record and the trained model.
+
+    ``embed_scale``: default the recipe of ``args.embed_scale``; ``name``: the checkpoint's folder under
+    ``out`` (default the position); ``curve_every`` > 0 records the mean training loss of every block of
+    that many steps (the loss curve)."""
+    model_cfg = model_config(args, position, train_len, embed_scale)
+    embed_scale = model_cfg.embed_scale
     batch = args.tokens_per_step // train_len  # the same tokens per step for both models
-    cfg = TrainConfig(corpus=str(args.corpus), out=str(out / position), model=model_cfg,
+    cfg = TrainConfig(corpus=str(args.corpus), out=str(out / (name or position)), model=model_cfg,
                       batch_size=batch, steps=args.steps, lr=args.lr, min_lr=args.lr / 10,
                       warmup=args.steps // 20, eval_every=args.steps, save_every=args.steps,
                       seed=args.seed, device=str(device), tokenizer=str(tokenizer_file),
                       save_optimizer=False)
-    last, stamps = {}, {}
+    last, stamps, curve, block = {}, {}, [], []
 
     def on_progress(p):
         last["p"] = p
         stamps[p.step] = time.perf_counter()
+        block.append(p.loss)
+        if curve_every and (p.step % curve_every == 0 or p.step == p.steps):
+            curve.append([p.step, sum(block) / len(block)])
+            block.clear()
         if p.step % max(1, args.steps // 10) == 0 or p.step == p.steps:
-            print(f"  {position} step {p.step}/{p.steps} loss {p.loss:.3f} "
+            print(f"  {name or position} step {p.step}/{p.steps} loss {p.loss:.3f} "
                   f"{p.tokens_per_s:,.0f} tok/s", flush=True)
 
     if device.type == "cuda":
@@ -62,12 +80,16 @@ def train_one(args, position: str, train_len: int, tokenizer_file: Path, out: Pa
     # the last (whose callback comes after the final validation): the same for both models
     first, end = min(10, args.steps // 4), args.steps - 1
     step_s = (stamps[end] - stamps[first]) / max(1, end - first)
-    return {"position": position, "train_len": train_len, "batch_size": batch, "steps": args.steps,
-            "tokens": tokens, "step_ms": 1e3 * step_s, "loop_s": args.steps * step_s,
-            "tokens_per_s": batch * train_len / step_s, "train_call_s": wall, "final_loss": p.loss, "val_ppl_at_train_len": p.val_ppl,
-            "peak_GiB": (torch.cuda.max_memory_allocated(device) / 2**30
-                         if device.type == "cuda" else None),
-            "parameters": model.num_parameters()}, model
+    run = {"position": position, "train_len": train_len, "embed_scale": embed_scale, "batch_size": batch,
+           "steps": args.steps, "tokens": tokens, "step_ms": 1e3 * step_s, "loop_s": args.steps * step_s,
+           "tokens_per_s": batch * train_len / step_s, "train_call_s": wall, "final_loss": p.loss,
+           "val_ppl_at_train_len": p.val_ppl,
+           "peak_GiB": (torch.cuda.max_memory_allocated(device) / 2**30
+                        if device.type == "cuda" else None),
+           "parameters": model.num_parameters()}
+    if curve_every:
+        run["loss_curve"] = curve  # [step, mean training loss of the steps since the previous point]
+    return run, model
 
 
 def main():
@@ -82,6 +104,9 @@ def main():
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--embed-scale", default=PAPER_EMBED_SCALE,
+                    help="factor on the token embeddings: sqrt-d (the paper's recipe) or a number (1: the recipe "
+                         "of the run in BENCHMARKS, before the option)")
     ap.add_argument("--out", type=Path, default=None, help="keep the checkpoints here")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
