@@ -206,9 +206,9 @@ def main(verbose: bool):
               help="Steps between checkpoint saves (the last step is always saved).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the initialization and the batches.")
 @click.option("--embed-scale", default=None,
-              help="Factor on the token embeddings: sqrt-d (the paper's recipe, the default of a new run) or a "
-                   "number (1: the recipe of models trained before this option, the shipped alibi-small among "
-                   "them). Default with --resume: the checkpoint's.")
+              help="Factor on the token embeddings: sqrt-d (the paper's recipe; a new sinusoidal run's default) or "
+                   "a number (1: the default of the other methods, and the recipe of models trained before this "
+                   "option, the shipped ones among them). Default with --resume: the checkpoint's.")
 @click.option("--device", default=None,
               help="cpu or cuda (default: cuda when available).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False), help="Reuse this tokenizer.json.")
@@ -228,7 +228,7 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
     import torch
 
     from .distributed import dist_info
-    from .model import PAPER_EMBED_SCALE, ModelConfig, embed_scale_of
+    from .model import ModelConfig, default_embed_scale, embed_scale_of
     from .progress import progress
     from .sizes import check_fits
     from .train import (TrainConfig, checkpoint_embed_scale, checkpoint_step, preflight, train as run_training,
@@ -236,7 +236,7 @@ def train(corpus, out, position, train_len, layers, heads, d_model, d_ff, vocab_
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if embed_scale is None:  # a run begun before the option resumes with its own recipe
-        embed_scale = (checkpoint_embed_scale(out) if resume else None) or PAPER_EMBED_SCALE
+        embed_scale = (checkpoint_embed_scale(out) if resume else None) or default_embed_scale(position)
     model_cfg = ModelConfig(vocab_size=vocab_size, n_layer=layers, n_head=heads, d_model=d_model, d_ff=d_ff,
                             position=position, train_len=train_len, max_positions=train_len,
                             embed_scale=embed_scale_of(embed_scale, d_model))

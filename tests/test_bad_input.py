@@ -88,7 +88,7 @@ def _trained_run(out: Path, corpus: Path) -> Path:
     from alibi_export.train import TrainConfig, train
 
     model = ModelConfig(vocab_size=300, n_layer=1, n_head=2, d_model=16, d_ff=32, train_len=16, max_positions=16,
-                        embed_scale=embed_scale_of(PAPER_EMBED_SCALE, 16))  # train's default recipe
+                        embed_scale=embed_scale_of(PAPER_EMBED_SCALE, 16))  # the paper's recipe
     train(TrainConfig(corpus=str(corpus), out=str(out), model=model, batch_size=2, steps=1, lr=1e-3, min_lr=1e-3 / 10,
                       device="cpu"))
     return out
