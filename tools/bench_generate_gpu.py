@@ -359,15 +359,35 @@ def bench_anchor(model, cfg, args, clock, results, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------- ORT static cache
-def ort_static_session(path, device: str, cuda_graph: bool, arena: str):
+def ort_static_session(path, device: str, cuda_graph: bool, arena: str, optimized: Path | None = None):
+    """``optimized``: where ONNX Runtime saves the graph it runs (after partitioning: with any Memcpy nodes
+    it inserted between the providers, which its CUDA graphs refuse)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
     if device != "cuda":
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     cuda = {"use_tf32": "0", "arena_extend_strategy": ARENA[arena]}
     if cuda_graph:
         cuda["enable_cuda_graph"] = "1"
-    return ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", cuda)])
+    return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda)])
+
+
+def memcpy_nodes(optimized: Path) -> dict:
+    """The host-device copies ONNX Runtime put into the graph it runs, each with what it feeds: why a CUDA
+    graph cannot be captured (and a per-step synchronization) when there are any."""
+    import onnx
+
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    copies = [dict(op=n.op_type, input=n.input[0], feeds=sorted(set(consumers.get(n.output[0], []))))
+              for n in graph.node if n.op_type.startswith("Memcpy")]
+    return dict(nodes=len(graph.node), memcpy=len(copies), copies=copies[:12])
 
 
 class OrtStaticStep:
@@ -416,17 +436,22 @@ class OrtStaticStep:
         return self.b.get_outputs()[0].numpy()[:, -1].astype(np.float32)
 
 
-def bench_ort_static(name, path, cfg, args, clock, results, device, graph: bool):
+def bench_ort_static(name, path, cfg, args, clock, results, device, graph: bool, meta: dict):
     """ms/step of the static-cache export at every batch and context; one session per batch (with graphs,
-    one graph id per context)."""
+    one graph id per context). Without graphs, the first session saves the graph it runs and ``meta`` gets
+    its Memcpy nodes."""
     dtype = torch.float16 if device == "cuda" else torch.float32
     rng = np.random.default_rng(0)
     for batch in args.batches:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+        optimized = None if graph or "ort_static_placement" in meta else Path(path).with_suffix(".optimized.onnx")
         try:
-            session = ort_static_session(path, device, graph, args.ort_arena)
+            session = ort_static_session(path, device, graph, args.ort_arena, optimized)
+            if optimized is not None:
+                meta["ort_static_placement"] = memcpy_nodes(optimized)
+                log("ort static placement", json.dumps(meta["ort_static_placement"]))
         except Exception as e:
             for ctx in args.contexts:
                 results.append(dict(runtime=name, mode="decode", batch=batch, context=ctx,
@@ -535,7 +560,7 @@ def anchor_main(args, device: str, clock) -> None:
     del tmodel
     # ---- ONNX Runtime: the static-cache export (folded form), then the concatenating one
     lmax = max(args.contexts) + 1
-    exports = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", dtype=ort_dtype),
+    exports = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", ort_fusions=True, dtype=ort_dtype),
                "concat": dict(kv_cache=True, dtype="float16",
                               **(FORMS["onnx-fused"] if cuda else FORMS["decomposed"]))}
     paths = {}
@@ -551,10 +576,10 @@ def anchor_main(args, device: str, clock) -> None:
         meta["ort_static_parity"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     log("ort static parity", json.dumps(meta["ort_static_parity"]))
     prefix = "ort-cuda" if cuda else "ort-cpu"
-    bench_ort_static(f"{prefix}-static-iobinding", paths["static"], cfg, args, clock, results, device, graph=False)
+    bench_ort_static(f"{prefix}-static-iobinding", paths["static"], cfg, args, clock, results, device, False, meta)
     # on a CPU the same device-bound inputs and per-context run options, without the graph (a smoke test)
     bench_ort_static(f"{prefix}-static-cuda-graph" if cuda else f"{prefix}-static-bound-once", paths["static"], cfg,
-                     args, clock, results, device, graph=True)
+                     args, clock, results, device, True, meta)
     log(f"[{time.perf_counter() - t_start:.0f}s] done static")
     args.modes = ["decode"]
     bench_ort(f"{prefix}-concat-{'onnx-fused' if cuda else 'decomposed'}", paths["concat"], cfg, args, clock,
