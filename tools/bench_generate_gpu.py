@@ -322,8 +322,11 @@ def anchor_parity(model, cfg, batch, ctx, variants, dtype, device, graph) -> dic
     ref = ref[:, -1].float().cpu()
     out = dict(batch=batch, context=ctx, logits_max_abs=round(float(ref.abs().max()), 4))
     for variant in variants:
-        got = AnchorStep(model, buffers, batch, ctx, variant, graph)(ids)
-        out[variant] = float((got - ref).abs().max())
+        try:
+            got = AnchorStep(model, buffers, batch, ctx, variant, graph)(ids)
+            out[variant] = float((got - ref).abs().max())
+        except Exception as e:  # reported; bench_anchor reports the same variant as skipped
+            out[variant] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return out
 
 
@@ -529,7 +532,8 @@ def anchor_table(results, contexts, batches) -> tuple[str, list]:
 
 def anchor_main(args, device: str, clock) -> None:
     """Issue 23 §2 in one run: the anchor, ORT's static-cache export (IO binding; CUDA graphs), and ORT's
-    concatenating export for reference; parity of each against the eager model; one JSON under --out."""
+    concatenating export for reference; parity of each against the eager model; one JSON under --out, rewritten
+    after every section (a section that fails is recorded in meta.errors and the others still run)."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -546,51 +550,67 @@ def anchor_main(args, device: str, clock) -> None:
     meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, onnxruntime=ort.__version__, config=cfg.to_dict(),
                 parameters=model.num_parameters(), weights="random (torch.manual_seed(0))",
-                torch_dtype=str(dtype), ort_dtype=ort_dtype, argv=sys.argv[1:], exports={})
-    results = []
-    # ---- the anchor first: it needs no export
-    tmodel = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
-    variants = [v for v in args.anchor_variants if cuda or not v.endswith("triton")]
-    args.anchor_variants = variants
-    meta["anchor_parity"] = [anchor_parity(tmodel, cfg, b, args.contexts[0], variants, dtype, device, cuda)
-                             for b in args.batches]
-    log("anchor parity", json.dumps(meta["anchor_parity"]))
-    bench_anchor(tmodel, cfg, args, clock, results, device, dtype)
-    log(f"[{time.perf_counter() - t_start:.0f}s] done anchor")
-    del tmodel
-    # ---- ONNX Runtime: the static-cache export (folded form), then the concatenating one
-    lmax = max(args.contexts) + 1
-    exports = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", ort_fusions=True, dtype=ort_dtype),
-               "concat": dict(kv_cache=True, dtype="float16",
-                              **(FORMS["onnx-fused"] if cuda else FORMS["decomposed"]))}
-    paths = {}
-    for key, options in exports.items():
-        t0 = time.perf_counter()
-        paths[key] = export_onnx(load(work / "ckpt"), work / f"model-{key}.onnx", **options).path
-        meta["exports"][key] = dict(options, seconds=round(time.perf_counter() - t0, 1),
-                                    mb=round(paths[key].stat().st_size / 1e6, 1))
-        log(f"[{time.perf_counter() - t_start:.0f}s] exported {key}", json.dumps(meta["exports"][key]))
-    try:
-        meta["ort_static_parity"] = ort_static_parity(paths["static"], model, cfg, device)
-    except Exception as e:
-        meta["ort_static_parity"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    log("ort static parity", json.dumps(meta["ort_static_parity"]))
-    prefix = "ort-cuda" if cuda else "ort-cpu"
-    bench_ort_static(f"{prefix}-static-iobinding", paths["static"], cfg, args, clock, results, device, False, meta)
-    # on a CPU the same device-bound inputs and per-context run options, without the graph (a smoke test)
-    bench_ort_static(f"{prefix}-static-cuda-graph" if cuda else f"{prefix}-static-bound-once", paths["static"], cfg,
-                     args, clock, results, device, True, meta)
-    log(f"[{time.perf_counter() - t_start:.0f}s] done static")
+                torch_dtype=str(dtype), ort_dtype=ort_dtype, argv=sys.argv[1:], exports={}, errors={})
+    results, paths = [], {}
+    args.anchor_variants = [v for v in args.anchor_variants if cuda or not v.endswith("triton")]
     args.modes = ["decode"]
-    bench_ort(f"{prefix}-concat-{'onnx-fused' if cuda else 'decomposed'}", paths["concat"], cfg, args, clock,
-              results, device)
-    text, ratios = anchor_table(results, args.contexts, args.batches)
-    meta["total_s"] = round(time.perf_counter() - t_start, 1)
-    write_record(args.out / "bench_decode_anchor.json", dict(meta=meta, results=results, ratios=ratios))
-    (args.out / "bench_decode_anchor.md").write_text(text + "\n")
-    log(text)
-    log(f"total {meta['total_s']} s")
+    prefix = "ort-cuda" if cuda else "ort-cpu"
 
+    def save_record():
+        text, ratios = anchor_table(results, args.contexts, args.batches)
+        meta["total_s"] = round(time.perf_counter() - t_start, 1)
+        write_record(args.out / "bench_decode_anchor.json", dict(meta=meta, results=results, ratios=ratios))
+        (args.out / "bench_decode_anchor.md").write_text(text + "\n")
+        return text
+
+    def anchor():
+        tmodel = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        meta["anchor_parity"] = [anchor_parity(tmodel, cfg, b, args.contexts[0], args.anchor_variants, dtype,
+                                               device, cuda) for b in args.batches]
+        log("anchor parity", json.dumps(meta["anchor_parity"]))
+        bench_anchor(tmodel, cfg, args, clock, results, device, dtype)
+
+    def exports():
+        lmax = max(args.contexts) + 1
+        options = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", ort_fusions=True, dtype=ort_dtype),
+                   "concat": dict(kv_cache=True, dtype="float16",
+                                  **(FORMS["onnx-fused"] if cuda else FORMS["decomposed"]))}
+        for key, opts in options.items():
+            t0 = time.perf_counter()
+            paths[key] = export_onnx(load(work / "ckpt"), work / f"model-{key}.onnx", **opts).path
+            meta["exports"][key] = dict(opts, seconds=round(time.perf_counter() - t0, 1),
+                                        mb=round(paths[key].stat().st_size / 1e6, 1))
+            log(f"[{time.perf_counter() - t_start:.0f}s] exported {key}", json.dumps(meta["exports"][key]))
+
+    def static_parity():
+        meta["ort_static_parity"] = ort_static_parity(paths["static"], model, cfg, device)
+        log("ort static parity", json.dumps(meta["ort_static_parity"]))
+
+    sections = [
+        ("anchor", anchor), ("exports", exports), ("ort_static_parity", static_parity),
+        ("ort_static_iobinding", lambda: bench_ort_static(f"{prefix}-static-iobinding", paths["static"], cfg, args,
+                                                          clock, results, device, False, meta)),
+        # on a CPU the same device-bound inputs and per-context run options, without the graph (a smoke test)
+        ("ort_static_graph", lambda: bench_ort_static(f"{prefix}-static-cuda-graph" if cuda else
+                                                      f"{prefix}-static-bound-once", paths["static"], cfg, args,
+                                                      clock, results, device, True, meta)),
+        ("ort_concat", lambda: bench_ort(f"{prefix}-concat-{'onnx-fused' if cuda else 'decomposed'}",
+                                         paths["concat"], cfg, args, clock, results, device)),
+    ]
+    for name, section in sections:
+        try:
+            section()
+        except Exception as e:  # recorded; the next section still runs
+            meta["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"section {name} failed:", meta["errors"][name])
+        if cuda:
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.empty_cache()
+        save_record()
+        log(f"[{time.perf_counter() - t_start:.0f}s] done {name}")
+    log(save_record())
+    log(f"total {meta['total_s']} s")
 
 
 def try_optimizer(path: Path, cfg, out: Path, use_gpu: bool) -> dict:
