@@ -454,10 +454,16 @@ def bench_ort_static(name, path, cfg, args, clock, results, device, graph: bool,
             torch.cuda.empty_cache()
         optimized = None if graph or "ort_static_placement" in meta else Path(path).with_suffix(".optimized.onnx")
         try:
-            session = ort_static_session(path, device, graph, args.ort_arena, optimized)
             if optimized is not None:
-                meta["ort_static_placement"] = memcpy_nodes(optimized)
+                try:  # a diagnostic: its failure must not cost the timings
+                    session = ort_static_session(path, device, graph, args.ort_arena, optimized)
+                    meta["ort_static_placement"] = memcpy_nodes(optimized)
+                except Exception as e:
+                    meta["ort_static_placement"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    session = ort_static_session(path, device, graph, args.ort_arena)
                 log("ort static placement", json.dumps(meta["ort_static_placement"]))
+            else:
+                session = ort_static_session(path, device, graph, args.ort_arena)
         except Exception as e:
             for ctx in args.contexts:
                 results.append(dict(runtime=name, mode="decode", batch=batch, context=ctx,
