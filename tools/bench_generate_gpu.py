@@ -8,6 +8,10 @@ The model is RANDOMLY INITIALIZED (torch.manual_seed(0)); speed does not depend 
 
     python tools/bench_generate_gpu.py --out results/          # on the GPU machine
     python tools/bench_generate_gpu.py --quick --out /tmp/b    # CPU smoke test, tiny model
+    python tools/bench_generate_gpu.py --anchor --contexts 1024 4096 16384 --out results/   # issue 23 §2 only
+
+--anchor: decode against a strong PyTorch anchor (a static in-place KV cache, each step one CUDA graph) and ORT's
+static-cache export with and without ORT's CUDA graphs; see anchor_main and BENCHMARKS.md.
 
 prefill: batch 1, C random tokens, past 0, all C logits and the cache produced on the device; tokens/s. Inputs are
 ready before the clock starts on both sides: PyTorch's on the device, ORT's in one IO binding (ids and mask bound
@@ -588,7 +592,8 @@ def anchor_main(args, device: str, clock) -> None:
 
     def exports():
         lmax = max(args.contexts) + 1
-        options = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", ort_fusions=True, dtype=ort_dtype),
+        options = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", ort_fusions=True,
+                                  dtype=ort_dtype),
                    "concat": dict(kv_cache=True, dtype="float16",
                                   **(FORMS["onnx-fused"] if cuda else FORMS["decomposed"]))}
         for key, opts in options.items():

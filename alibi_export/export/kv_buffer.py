@@ -83,11 +83,11 @@ def folded_buffer_attention(model: AlibiLM):
     cache is head_dim + extra_dims wide. ``seqlens_k`` is computed from the mask's values (on the device) and
     ``total_sequence_length``, which the op reads on the host, from its shape alone: no host-device copy sits
     inside the graph, which ONNX Runtime's CUDA graphs require."""
-    from .attention_op import _folded_block_weights, _position_features, extra_dims
     from ._positions import shared_token_positions
+    from .attention_op import _folded_block_weights, _position_features
 
     cfg = model.config
-    H, KV, D, E = cfg.n_head, cfg.kv_heads, cfg.head_dim, extra_dims(cfg)
+    H, KV = cfg.n_head, cfg.kv_heads
     raw = model.pos.slopes.detach().float().cpu() if cfg.alibi_bf16 else None
     slopes = model.pos.head_slopes()
     slopes = (slopes if slopes is not None else torch.zeros(H)).detach().float().cpu()
