@@ -170,6 +170,7 @@ def folded_exports(tmp_path_factory, tiny_dir):
                             static_cache=LMAX).path for dt in ("float32", "float16")}
 
 
+@pytest.mark.slow  # two exports (~30-60 s on the 2-core machine)
 def test_folded_form_equals_concat_form(sessions, folded_exports, rng):
     import onnx
 
