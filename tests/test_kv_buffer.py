@@ -105,7 +105,7 @@ def test_prompt_and_generation_longer_than_lmax_is_refused(sessions):
 @pytest.mark.parametrize("options, message", [
     (dict(), "add --kv-cache"),
     (dict(kv_cache=True, dtype="float16"), "float32 only"),
-    (dict(kv_cache=True, attention="onnx"), "drop --attention onnx"),
+    (dict(kv_cache=True, attention="plugin"), "drop --attention plugin"),
     (dict(kv_cache=True, static_cache_value=0), "positive number"),
 ])
 def test_export_refusals(tiny_dir, tmp_path, options, message):
@@ -159,3 +159,28 @@ def test_a_rolling_window_is_refused_on_a_static_export(static_export, tiny_kv_e
         GenerationSession(static_export.path, kv_window=8)
     assert "\n" not in str(e.value)
     assert GenerationSession(tiny_kv_export.path, kv_window=8).kv_window == 8
+
+
+@pytest.fixture(scope="module")
+def folded_exports(tmp_path_factory, tiny_dir):
+    """The folded static form (--attention onnx: ALiBi in extra head columns, no attention_bias, the form ONNX
+    Runtime CUDA runs) in float32 (run here) and float16 (CUDA only: checked for its structure)."""
+    d = tmp_path_factory.mktemp("folded")
+    return {dt: export_onnx(load(tiny_dir), d / f"folded-{dt}.onnx", kv_cache=True, attention="onnx", dtype=dt,
+                            static_cache=LMAX).path for dt in ("float32", "float16")}
+
+
+@pytest.mark.slow  # two exports (~30-60 s on the 2-core machine)
+def test_folded_form_equals_concat_form(sessions, folded_exports, rng):
+    import onnx
+
+    concat, _ = sessions
+    rows = [rng.integers(0, concat.config.vocab_size, n).tolist() for n in LENGTHS]
+    expected = _greedy_logits(concat, rows)
+    folded = GenerationSession(folded_exports["float32"])
+    assert folded.cache_width == concat.cache_width + 8  # the ALiBi columns travel in the cache
+    assert _close(expected, _greedy_logits(folded, rows))
+    assert not _close(expected, _greedy_logits(folded, rows, shift=1))  # negative control: writes one column late
+    for path in folded_exports.values():  # no attention_bias: ONNX Runtime's CUDA GroupQueryAttention refuses one
+        nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "GroupQueryAttention"]
+        assert len(nodes) == 2 and all(len(n.input) == 7 for n in nodes)

@@ -8,6 +8,10 @@ The model is RANDOMLY INITIALIZED (torch.manual_seed(0)); speed does not depend 
 
     python tools/bench_generate_gpu.py --out results/          # on the GPU machine
     python tools/bench_generate_gpu.py --quick --out /tmp/b    # CPU smoke test, tiny model
+    python tools/bench_generate_gpu.py --anchor --contexts 1024 4096 16384 --out results/   # issue 23 §2 only
+
+--anchor: decode against a strong PyTorch anchor (a static in-place KV cache, each step one CUDA graph) and ORT's
+static-cache export with and without ORT's CUDA graphs; see anchor_main and BENCHMARKS.md.
 
 prefill: batch 1, C random tokens, past 0, all C logits and the cache produced on the device; tokens/s. Inputs are
 ready before the clock starts on both sides: PyTorch's on the device, ORT's in one IO binding (ids and mask bound
@@ -231,6 +235,406 @@ def bench_torch(name, model, cfg, args, clock, results, device):
     return results
 
 
+# ----------------------------------------------------------------------------------------- the anchor (issue 23 §2)
+# What a serious PyTorch deployment runs for decoding: the same model in fp16 with a STATIC KV cache (buffers of
+# (B, H, Lmax, D) allocated once; each step writes its column in place) and the whole step captured in one CUDA
+# graph, so the host launches nothing but the replay. Attention is the model's own attend (AlibiLM's eager,
+# sdpa or triton path, whose ALiBi bias comes from alibi.alibi_bias) over a view of the buffers: "sliced" reads
+# the first position + 1 columns (one graph per context, as the issue's measurement did), "masked" the whole
+# buffer (one graph could serve every position; alibi_bias masks the unwritten columns as the future).
+ANCHOR_VARIANTS = ("sliced-sdpa", "sliced-eager", "masked-sdpa", "sliced-triton")
+
+
+def static_attend(position: int, impl: str, sliced: bool):
+    """A block-level attend for AlibiLM.forward(past_key_values=buffers, past_len=position): writes the new
+    keys and values at column ``position`` of the block's buffers and attends with the model's ``impl``."""
+    from alibi_export.model import _ATTEND
+
+    attend = _ATTEND[impl]
+
+    def attend_block(attn, x, pos, past, key_mask=None):
+        B, S, C = x.shape
+        q, k, v = attn.project(x)
+        q = q.view(B, S, attn.n_head, attn.head_dim).transpose(1, 2)
+        k, v = (t.view(B, S, attn.n_kv_head, attn.head_dim).transpose(1, 2) for t in (k, v))
+        kb, vb = past
+        kb[:, :, position:position + S] = k  # in place: the cache never moves
+        vb[:, :, position:position + S] = v
+        n = position + S if sliced else kb.shape[2]
+        y = attend(q, kb[:, :, :n], vb[:, :, :n], pos, position)
+        return attn.proj(y.transpose(1, 2).reshape(B, S, C)), past
+
+    attend_block.owns_block = True
+    return attend_block
+
+
+class AnchorStep:
+    """One decode step (one token per row at ``position``) of ``model`` on the static buffers; ``graph``:
+    captured once in a CUDA graph, each call copies the ids in, replays, and copies the logits out."""
+
+    def __init__(self, model, buffers, batch: int, position: int, variant: str, graph: bool):
+        layout, impl = variant.split("-")
+        self.model, self.buffers, self.position = model, buffers, position
+        self.attend = static_attend(position, impl, layout == "sliced")
+        self.device = buffers[0][0].device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.graph = None
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # Triton compiles, cuBLAS picks its kernels, before the capture
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._forward()
+
+    def _forward(self):
+        saved = [b.attn.attend for b in self.model.blocks]
+        for b in self.model.blocks:
+            b.attn.attend = self.attend
+        try:
+            with torch.no_grad():
+                return self.model(self.ids, past_key_values=self.buffers, past_len=self.position)[0]
+        finally:
+            for b, fn in zip(self.model.blocks, saved):
+                b.attn.attend = fn
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` (B, 1) on the host -> the new token's logits (B, V) float32 on the host, as ORT's step."""
+        self.ids.copy_(ids)
+        if self.graph is None:
+            out = self._forward()
+        else:
+            self.graph.replay()
+            out = self.out
+        return out[:, -1].float().cpu()
+
+
+def anchor_parity(model, cfg, batch, ctx, variants, dtype, device, graph) -> dict:
+    """Max |logits| difference of each anchor variant's step against the eager model (attend_eager, the cache
+    concatenated) on the same random cache and ids, in the same dtype; and the logits' scale."""
+    buffers = pairs(random_cache(cfg, batch, ctx + 1, dtype, device))
+    ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(ctx))
+    saved = [b.attn.attend for b in model.blocks]
+    model.set_attention("eager")
+    with torch.no_grad():
+        ref = model(ids.to(device), past_key_values=[(k[:, :, :ctx], v[:, :, :ctx]) for k, v in buffers])[0]
+    for b, fn in zip(model.blocks, saved):
+        b.attn.attend = fn
+    ref = ref[:, -1].float().cpu()
+    out = dict(batch=batch, context=ctx, logits_max_abs=round(float(ref.abs().max()), 4))
+    for variant in variants:
+        try:
+            got = AnchorStep(model, buffers, batch, ctx, variant, graph)(ids)
+            out[variant] = float((got - ref).abs().max())
+        except Exception as e:  # reported; bench_anchor reports the same variant as skipped
+            out[variant] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return out
+
+
+def bench_anchor(model, cfg, args, clock, results, device, dtype, variants):
+    """ms/step of each anchor variant at every batch and context, variant by variant (a variant that breaks the
+    device runs after the others have been measured), and the first variant without the graph."""
+    cuda = device == "cuda"
+    for variant in variants:
+        rng = torch.Generator().manual_seed(0)  # the same ids for every variant: comparable logits sums
+        for batch in args.batches:
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            buffers = pairs(random_cache(cfg, batch, max(args.contexts) + 1, dtype, device))
+            for ctx in args.contexts:
+                ids = torch.randint(0, cfg.vocab_size, (batch, 1), generator=rng)
+                # the CPU smoke test runs the same step eagerly: the capture needs CUDA
+                for graph in ([True, False] if cuda and variant == ANCHOR_VARIANTS[0] else [cuda]):
+                    name = f"anchor-{variant}" + ("" if graph or not cuda else "-no-graph")
+                    try:
+                        step = AnchorStep(model, buffers, batch, ctx, variant, graph)
+                        sec, n = clock.time(lambda: step(ids), 3, args.decode_repeats)
+                        # every variant sees the same buffers and ids: the sums agree to fp16 rounding
+                        row = dict(ms_per_token=round(1e3 * sec, 3), repeats=n,
+                                   logits_l1=float(step(ids).abs().sum()))
+                    except Exception as e:  # a variant the device cannot run: say why, keep the others
+                        row = dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    step = None
+                    results.append(dict(runtime=name, mode="decode", batch=batch, context=ctx, **row))
+                    log(json.dumps(results[-1]))
+            del buffers
+    return results
+
+
+# ----------------------------------------------------------------------------------------- ORT static cache
+def ort_static_session(path, device: str, cuda_graph: bool, arena: str, optimized: Path | None = None):
+    """``optimized``: where ONNX Runtime saves the graph it runs (after partitioning: with any Memcpy nodes
+    it inserted between the providers, which its CUDA graphs refuse)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    if device != "cuda":
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    cuda = {"use_tf32": "0", "arena_extend_strategy": ARENA[arena]}
+    if cuda_graph:
+        cuda["enable_cuda_graph"] = "1"
+    return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda)])
+
+
+def memcpy_nodes(optimized: Path) -> dict:
+    """The host-device copies ONNX Runtime put into the graph it runs, each with what it feeds: why a CUDA
+    graph cannot be captured (and a per-step synchronization) when there are any."""
+    import onnx
+
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    copies = [dict(op=n.op_type, input=n.input[0], feeds=sorted(set(consumers.get(n.output[0], []))))
+              for n in graph.node if n.op_type.startswith("Memcpy")]
+    return dict(nodes=len(graph.node), memcpy=len(copies), copies=copies[:12])
+
+
+class OrtStaticStep:
+    """One decode step of the static-cache export through IO binding, the buffers bound as both past and
+    present (updated in place). ``graph``: ONNX Runtime's CUDA graph, one graph id per context (the mask's
+    width is fixed per graph): ids, mask and logits live in device OrtValues bound once; each call copies the
+    ids in, runs (a replay once captured) and copies the logits out."""
+
+    def __init__(self, session, buffers, ids: np.ndarray, ctx: int, device: str, graph_id: int | None,
+                 vocab_size: int):
+        import onnxruntime as ort
+
+        self.s, self.graph = session, graph_id is not None
+        B = ids.shape[0]
+        mask = self.mask = np.ones((B, ctx + 1), np.int64)  # kept alive with the binding
+        past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        present = [o.name for o in session.get_outputs() if o.name.startswith("present.")]
+        b = self.b = session.io_binding()
+        dt = np.float16 if buffers[0].dtype == torch.float16 else np.float32
+        self.run_options = None
+        if self.graph:
+            self.ids = ort.OrtValue.ortvalue_from_numpy(ids, device, 0)
+            b.bind_ortvalue_input("input_ids", self.ids)
+            self.mask_value = ort.OrtValue.ortvalue_from_numpy(mask, device, 0)
+            b.bind_ortvalue_input("attention_mask", self.mask_value)
+            vocab = int(self.s.get_outputs()[0].shape[-1]) if isinstance(self.s.get_outputs()[0].shape[-1], int) \
+                else vocab_size
+            self.logits = ort.OrtValue.ortvalue_from_shape_and_type([B, 1, vocab], dt, device, 0)
+            b.bind_ortvalue_output("logits", self.logits)
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        else:
+            b.bind_cpu_input("input_ids", ids)
+            b.bind_cpu_input("attention_mask", mask)
+            b.bind_output("logits", "cpu")  # bound first: get_outputs() lists the outputs in binding order
+        for pname, oname, t in zip(past, present, buffers):
+            b.bind_input(pname, device, 0, dt, list(t.shape), t.data_ptr())
+            b.bind_output(oname, device, 0, dt, list(t.shape), t.data_ptr())
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        if self.graph:
+            self.ids.update_inplace(ids)
+            self.s.run_with_iobinding(self.b, self.run_options)
+            return self.logits.numpy()[:, -1].astype(np.float32)
+        self.b.bind_cpu_input("input_ids", ids)
+        self.s.run_with_iobinding(self.b)
+        return self.b.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+
+
+def bench_ort_static(name, path, cfg, args, clock, results, device, graph: bool, meta: dict):
+    """ms/step of the static-cache export at every batch and context; one session per batch (with graphs,
+    one graph id per context). Without graphs, the first session saves the graph it runs and ``meta`` gets
+    its Memcpy nodes."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rng = np.random.default_rng(0)
+    for batch in args.batches:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        optimized = None if graph or "ort_static_placement" in meta else Path(path).with_suffix(".optimized.onnx")
+        try:
+            if optimized is not None:
+                try:  # a diagnostic: its failure must not cost the timings
+                    session = ort_static_session(path, device, graph, args.ort_arena, optimized)
+                    meta["ort_static_placement"] = memcpy_nodes(optimized)
+                except Exception as e:
+                    meta["ort_static_placement"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                    session = ort_static_session(path, device, graph, args.ort_arena)
+                log("ort static placement", json.dumps(meta["ort_static_placement"]))
+            else:
+                session = ort_static_session(path, device, graph, args.ort_arena)
+        except Exception as e:
+            for ctx in args.contexts:
+                results.append(dict(runtime=name, mode="decode", batch=batch, context=ctx,
+                                    skipped=f"session: {type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            log(json.dumps(results[-1]))
+            continue
+        width = session.get_inputs()[2].shape[-1]
+        buffers = random_cache(cfg, batch, max(args.contexts) + 1, dtype, device, width)
+        for i, ctx in enumerate(args.contexts):
+            ids = rng.integers(0, cfg.vocab_size, (batch, 1), dtype=np.int64)
+            try:
+                step = OrtStaticStep(session, buffers, ids, ctx, device, i + 1 if graph else None, cfg.vocab_size)
+                sec, n = clock.time(lambda: step(ids), 3, args.decode_repeats)
+                # the same buffers and ids in every sweep of this batch: equal sums say a replay computes the step
+                row = dict(ms_per_token=round(1e3 * sec, 3), repeats=n, logits_l1=float(np.abs(step(ids)).sum()))
+            except Exception as e:
+                row = dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            step = None
+            results.append(dict(runtime=name, mode="decode", batch=batch, context=ctx, **row))
+            log(json.dumps(results[-1]))
+        session = None
+        del buffers
+    return results
+
+
+def ort_static_parity(path, model, cfg, device, prompt: int = 300) -> dict:
+    """The static export against the eager model (float32 copy) on one real prompt: the prefill's last logits
+    and one decode step's, through GenerationSession (the buffers bound in place); max |difference|."""
+    from alibi_export.runtime.generate import GenerationSession
+
+    gs = GenerationSession(path, provider=device)
+    ids = np.random.default_rng(3).integers(1, cfg.vocab_size, (1, prompt + 1))
+    cache = gs.new_cache(1, prompt + 1)
+    first, cache = gs.step(ids[:, :prompt], np.ones((1, prompt), np.int64), cache)
+    second, _ = gs.step(ids[:, prompt:], np.ones((1, prompt + 1), np.int64), cache)
+    ref_model = copy.deepcopy(model).float().to(device).eval()
+    ref_model.set_attention("eager")
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(ids).to(device)).float().cpu().numpy()  # (1, L, V)
+    del ref_model
+    return dict(prompt=prompt, logits_max_abs=round(float(np.abs(ref).max()), 4),
+                prefill_last=float(np.abs(first[:, -1] - ref[:, prompt - 1]).max()),
+                decode_step=float(np.abs(second[:, -1] - ref[:, prompt]).max()))
+
+
+def anchor_table(results, contexts, batches) -> tuple[str, list]:
+    """Markdown: ms/step per runtime, and ORT / anchor (the best anchor variant with a graph, the best ORT)."""
+    lines, ratios = [], []
+    rts = list(dict.fromkeys(r["runtime"] for r in results))
+    head = "| runtime | " + " | ".join(f"{c // 1024}k" if c >= 1024 else str(c) for c in contexts) + " |"
+
+    def ms(rt, b, c):
+        r = next((r for r in results if r["runtime"] == rt and r["batch"] == b and r["context"] == c), None)
+        return None if r is None or "skipped" in r else r["ms_per_token"]
+
+    for b in batches:
+        lines += [f"\ndecode ms/step, batch {b}", head, "|---" * (len(contexts) + 1) + "|"]
+        for rt in rts:
+            lines.append(f"| {rt} | " + " | ".join("—" if ms(rt, b, c) is None else f"{ms(rt, b, c):g}"
+                                                   for c in contexts) + " |")
+        cells = []
+        for c in contexts:
+            anchors = [ms(rt, b, c) for rt in rts if rt.startswith("anchor-") and not rt.endswith("-no-graph")]
+            orts = [(ms(rt, b, c), rt) for rt in rts if rt.startswith("ort-")]
+            anchors, orts = [a for a in anchors if a], [o for o in orts if o[0]]
+            if anchors and orts:
+                best = min(orts)
+                ratios.append(dict(batch=b, context=c, anchor_ms=min(anchors), ort_ms=best[0], ort=best[1],
+                                   ratio=round(best[0] / min(anchors), 3)))
+                cells.append(f"{ratios[-1]['ratio']:.2f}x")
+            else:
+                cells.append("—")
+        lines.append("| **best ORT / best anchor** | " + " | ".join(cells) + " |")
+    return "\n".join(lines), ratios
+
+
+def anchor_main(args, device: str, clock) -> None:
+    """Issue 23 §2 in one run: the anchor, ORT's static-cache export (IO binding; CUDA graphs), and ORT's
+    concatenating export for reference; parity of each against the eager model; one JSON under --out, rewritten
+    after every section (a section that fails is recorded in meta.errors and the others still run)."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    t_start = time.perf_counter()
+    cuda = device == "cuda"
+    dtype = args.torch_dtype if cuda else torch.float32  # fp16 matmuls on a CPU are neither fast nor the point
+    if not cuda:  # the CPU run is a smoke test; a shared 2-core machine's spinning threads made its steps 50x slower
+        torch.set_num_threads(1)
+    cfg = ModelConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
+                      d_ff=4 * args.d_model, train_len=1024, max_positions=1024)
+    torch.manual_seed(0)
+    model = AlibiLM(cfg).eval()
+    work = Path(tempfile.mkdtemp(prefix="bench-anchor-"))
+    save(model, Tokenizer.from_file(str(default_model() / "tokenizer.json")), work / "ckpt")
+    ort_dtype = "float16" if cuda else "float32"  # the onnx form in fp16 runs on CUDA only
+    meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                torch=torch.__version__, onnxruntime=ort.__version__, config=cfg.to_dict(),
+                parameters=model.num_parameters(), weights="random (torch.manual_seed(0))",
+                torch_dtype=str(dtype), ort_dtype=ort_dtype, argv=sys.argv[1:], exports={}, errors={})
+    results, paths = [], {}
+    args.anchor_variants = [v for v in args.anchor_variants if cuda or not v.endswith("triton")]
+    args.modes = ["decode"]
+    prefix = "ort-cuda" if cuda else "ort-cpu"
+
+    def save_record():
+        text, ratios = anchor_table(results, args.contexts, args.batches)
+        meta["total_s"] = round(time.perf_counter() - t_start, 1)
+        write_record(args.out / "bench_decode_anchor.json", dict(meta=meta, results=results, ratios=ratios))
+        (args.out / "bench_decode_anchor.md").write_text(text + "\n")
+        return text
+
+    def anchor(variants):
+        if not variants:
+            return
+        tmodel = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        parity = [anchor_parity(tmodel, cfg, b, args.contexts[0], variants, dtype, device, cuda) for b in args.batches]
+        meta.setdefault("anchor_parity", []).extend(parity)
+        log("anchor parity", json.dumps(parity))
+        bench_anchor(tmodel, cfg, args, clock, results, device, dtype, variants)
+
+    # the fused Triton kernel's variant runs last: were its capture to break the device, everything else is measured
+    safe = [v for v in args.anchor_variants if not v.endswith("triton")]
+    risky = [v for v in args.anchor_variants if v.endswith("triton")]
+
+    def exports():
+        lmax = max(args.contexts) + 1
+        options = {"static": dict(kv_cache=True, static_cache=lmax, attention="onnx", ort_fusions=True,
+                                  dtype=ort_dtype),
+                   "concat": dict(kv_cache=True, dtype="float16",
+                                  **(FORMS["onnx-fused"] if cuda else FORMS["decomposed"]))}
+        for key, opts in options.items():
+            t0 = time.perf_counter()
+            paths[key] = export_onnx(load(work / "ckpt"), work / f"model-{key}.onnx", **opts).path
+            meta["exports"][key] = dict(opts, seconds=round(time.perf_counter() - t0, 1),
+                                        mb=round(paths[key].stat().st_size / 1e6, 1))
+            log(f"[{time.perf_counter() - t_start:.0f}s] exported {key}", json.dumps(meta["exports"][key]))
+
+    def static_parity():
+        meta["ort_static_parity"] = ort_static_parity(paths["static"], model, cfg, device)
+        log("ort static parity", json.dumps(meta["ort_static_parity"]))
+
+    sections = [
+        ("anchor", lambda: anchor(safe)), ("exports", exports), ("ort_static_parity", static_parity),
+        ("ort_static_iobinding", lambda: bench_ort_static(f"{prefix}-static-iobinding", paths["static"], cfg, args,
+                                                          clock, results, device, False, meta)),
+        ("ort_concat", lambda: bench_ort(f"{prefix}-concat-{'onnx-fused' if cuda else 'decomposed'}",
+                                         paths["concat"], cfg, args, clock, results, device)),
+        # on a CPU the same device-bound inputs and per-context run options, without the graph (a smoke test)
+        ("ort_static_graph", lambda: bench_ort_static(f"{prefix}-static-cuda-graph" if cuda else
+                                                      f"{prefix}-static-bound-once", paths["static"], cfg, args,
+                                                      clock, results, device, True, meta)),
+        ("anchor_triton", lambda: anchor(risky)),
+    ]
+    for name, section in sections:
+        try:
+            section()
+        except Exception as e:  # recorded; the next section still runs
+            meta["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"section {name} failed:", meta["errors"][name])
+        if cuda:
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.empty_cache()
+        save_record()
+        log(f"[{time.perf_counter() - t_start:.0f}s] done {name}")
+    log(save_record())
+    log(f"total {meta['total_s']} s")
+
+
 def try_optimizer(path: Path, cfg, out: Path, use_gpu: bool) -> dict:
     """onnxruntime.transformers optimizer on the export; returns what it fused and where it saved."""
     import onnx
@@ -308,6 +712,11 @@ def main(argv=None):
                         "head dimensions; onnx-fused: that with --ort-fusions)")
     p.add_argument("--ort-arena", default="next-power-of-two", choices=sorted(ARENA),
                    help="ORT CUDA arena_extend_strategy for the timed sessions (ORT's default: next-power-of-two)")
+    p.add_argument("--anchor", action="store_true",
+                   help="issue 23 §2 only: decode against the static-cache + CUDA-graph PyTorch anchor, ORT's "
+                        "static-cache export (IO binding, CUDA graphs) and its concatenating export; "
+                        "bench_decode_anchor.json")
+    p.add_argument("--anchor-variants", nargs="+", default=list(ANCHOR_VARIANTS), choices=ANCHOR_VARIANTS)
     args = p.parse_args(argv)
     args.torch_dtype = getattr(torch, args.torch_dtype)
     if args.quick:
@@ -324,6 +733,8 @@ def main(argv=None):
             ort.preload_dlls()
         except Exception as e:
             log("preload_dlls:", e)
+    if args.anchor:
+        return anchor_main(args, device, clock)
     t_start = time.perf_counter()
 
     # ---- the random model, saved as a checkpoint (shipped tokenizer) and exported fp16 with a KV cache

@@ -18,7 +18,7 @@ from ..model import AlibiLM, T5Bias, attend_eager
 from ._weights import detach_weights
 from ._positions import shared_token_positions
 from .attention_op import attention_op
-from .kv_buffer import BUFFER_FORM, buffer_attention
+from .kv_buffer import BUFFER_FORM, FOLDED_BUFFER_FORM, buffer_attention, folded_buffer_attention
 
 __all__ = ["dynamo_export", "node_slopes"]
 
@@ -65,7 +65,8 @@ def _export_attention(model: AlibiLM, form: str = "plugin"):
     if isinstance(model.pos, T5Bias):
         attend = attend_eager
     else:
-        attend = {"onnx": attention_op, BUFFER_FORM: buffer_attention}.get(form, _attention_node)(model)
+        attend = {"onnx": attention_op, BUFFER_FORM: buffer_attention,
+                  FOLDED_BUFFER_FORM: folded_buffer_attention}.get(form, _attention_node)(model)
     try:
         for b in model.blocks:
             b.attn.attend = attend

@@ -51,7 +51,8 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin",
     Traced with a past of a few tokens; the past dim is declared with min=0 so that the prefill
     (zero-size past tensors) runs the same graph. With ``buffer`` the static-cache form instead
     (:mod:`.kv_buffer`): the cache tensors are buffers of a dynamic length ``max_sequence`` that the
-    runtime allocates, the mask's length (past + sequence) is its own dim, and ``form`` is not used."""
+    runtime allocates, the mask's length (past + sequence) is its own dim; ``form`` "onnx" picks the folded
+    buffer form (kv_buffer.folded_buffer_attention), any other the bias form."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence", min=0)
@@ -61,13 +62,14 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin",
     from .attention_op import extra_dims
 
     # The onnx form's cache holds the ALiBi columns beside each head (see attention_op).
-    width = cfg.head_dim + (extra_dims(cfg) if form == "onnx" and not buffer else 0)
+    width = cfg.head_dim + (extra_dims(cfg) if form == "onnx" else 0)
     length = _TRACE_PAST + _TRACE_LEN + 4 if buffer else _TRACE_PAST  # a buffer has room beyond past + sequence
     cache = [torch.randn(_TRACE_BATCH, cfg.kv_heads, length, width, dtype=dtype) for _ in range(2 * cfg.n_layer)]
     if buffer:
-        from .kv_buffer import BUFFER_FORM
+        from .kv_buffer import BUFFER_FORM, FOLDED_BUFFER_FORM
 
-        form, past = BUFFER_FORM, torch.export.Dim("max_sequence")
+        # the onnx form's buffer carries its ALiBi columns (GroupQueryAttention without a bias: ONNX Runtime CUDA)
+        form, past = FOLDED_BUFFER_FORM if form == "onnx" else BUFFER_FORM, torch.export.Dim("max_sequence")
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, [{0: batch, 2: past} for _ in cache])
     proto, weights = dynamo_export(model, _Decoder(model, buffer), (ids, mask, cache), dynamic=dynamic, opset=opset,
                                    form=form, input_names=kv_input_names(cfg.n_layer),

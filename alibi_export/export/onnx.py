@@ -109,14 +109,15 @@ def _check_static_cache(length, *, kv_cache: bool, attention: str, dtype: str, p
         raise ExportError("--static-cache is a form of the KV cache. Note: add --kv-cache")
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ExportError(f"--static-cache must be a positive number of tokens, got {length!r}")
-    if attention != "decomposed":
+    if attention not in ("decomposed", "onnx"):
         raise ExportError(f"--static-cache has its own attention (ONNX Runtime's GroupQueryAttention). Note: drop "
                           f"--attention {attention}")
-    if dtype != "float32":
-        # The op takes its bias in the model's dtype: the ALiBi term reaches m*L, which fp16 cannot hold to the
-        # precision softmax needs (the other forms build it in float32 inside the graph).
-        raise ExportError("--static-cache is float32 only: the op takes the ALiBi bias in the model's dtype. "
-                          "Note: drop --dtype float16 (or --quantize int8|int4 for a smaller file)")
+    if dtype != "float32" and attention != "onnx":
+        # The bias form's op takes its bias in the model's dtype: the ALiBi term reaches m*L, which fp16 cannot
+        # hold to the precision softmax needs. The folded form (--attention onnx) sums it in the kernel's float32.
+        raise ExportError("--static-cache is float32 only in its default form: the op takes the ALiBi bias in the "
+                          "model's dtype. Note: add --attention onnx (ALiBi folded into the heads; ONNX Runtime "
+                          "CUDA) or drop --dtype float16")
     if position in ("rotary", "t5"):
         raise ExportError(f"--static-cache carries position biases only, not {position} positions. Note: use the "
                           "concatenating --kv-cache form")
