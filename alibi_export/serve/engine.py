@@ -201,12 +201,13 @@ class Engine:
         if params.max_tokens < 1:
             raise RequestRejected(f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens")
         limit = self.max_context
+        why = " (one cache slot: max_tokens_in_flight / max_batch)" if limit < cfg.max_context else ""
         if len(ids) >= limit:
             raise RequestRejected(f"the prompt has {len(ids)} tokens; this server allows at most {limit} "
-                                  "tokens of prompt and completion together", param="prompt")
+                                  f"tokens of prompt and completion together{why}", param="prompt")
         if len(ids) + params.max_tokens > limit:
             raise RequestRejected(f"max_tokens {params.max_tokens} with a prompt of {len(ids)} tokens is past the "
-                                  f"context this server allows ({limit} tokens). Note: ask for at most "
+                                  f"context this server allows ({limit} tokens{why}). Note: ask for at most "
                                   f"{limit - len(ids)}", param="max_tokens")
         if cfg.kv_need(len(ids) + params.max_tokens) > cfg.max_tokens_in_flight:
             raise RequestRejected(f"the request needs {cfg.kv_need(len(ids) + params.max_tokens)} KV-cache tokens; "

@@ -56,7 +56,7 @@ class SlotCache:
         self.width = 0  # T: the columns every row's next step attends
         self.slot_of: list[int] = []
         self.ops = DeviceOps(session, session.n_past)
-        self.packs = 0  # times the rows were packed (columns reclaimed)
+        self.packs = self.moves = 0  # times the rows were packed (columns reclaimed), rows moved into a hole
 
     @property
     def batch(self) -> int:
@@ -89,8 +89,9 @@ class SlotCache:
         T, L = self.width, mask.shape[1]
         free = sorted(set(range(self.slots)) - set(self.slot_of))
         for i, n, slot in zip(rows, owned, free):
+            dest = _join_columns(T, n)
             for buf, v in zip(self.buffers, values):
-                buf[slot, :, T - n:T].copy_(v.owner[i, :, L - n:L])
+                buf[slot, :, dest].copy_(v.owner[i, :, L - n:L])
             self.mask[slot] = 0
             self.mask[slot, T - n:T] = 1
             self.slot_of.append(slot)
@@ -131,6 +132,7 @@ class SlotCache:
                 buf[hole, :, first:self.width].copy_(buf[last, :, first:self.width])
             self.mask[hole], self.mask[last] = self.mask[last], 0
             self.slot_of[self.slot_of.index(last)] = hole
+            self.moves += 1
             moved = True
         if moved:
             self._sync()
@@ -182,3 +184,9 @@ class SlotCache:
             import torch
 
             torch.cuda.synchronize(self.device)
+
+
+def _join_columns(width: int, n: int) -> slice:
+    """Where a joining row's ``n`` columns go: the last ``n`` of the batch's ``width`` (its next step writes
+    column ``width``, as every other row's does)."""
+    return slice(width - n, width)
