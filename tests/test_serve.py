@@ -53,7 +53,7 @@ def static_path(tmp_path_factory, shipped):
     """The same model as a --static-cache export, which the engine serves from fixed cache slots."""
     from alibi_export.export.onnx import export_onnx
 
-    return export_onnx(shipped, tmp_path_factory.mktemp("serve-static") / f"{MODEL_ID}-static.onnx", kv_cache=True,
+    return export_onnx(shipped, tmp_path_factory.mktemp("serve-static") / f"{MODEL_ID}.onnx", kv_cache=True,
                        static_cache=STATIC_LMAX).path
 
 
@@ -315,13 +315,14 @@ def _decode_steps(session, monkeypatch, engine):
 
 
 def test_slots_pack_and_move_rows_and_each_prompt_still_equals_it_alone(static_session, rng, monkeypatch):
-    """Slots of 124 columns, 14 requests: the batch's width reaches the buffers' end (rows are packed), rows
-    leave from the middle (the last row moves into the hole), and every decode step runs the occupied rows
-    only, on the buffers allocated once (bound in place: no step copies the cache). Each greedy text still
-    equals the prompt alone."""
+    """Slots of 124 columns, 12 requests of 12-23 new tokens: the batch's width reaches the buffers' end (rows
+    are packed), rows leave from the middle (the last row moves into the hole), and every decode step runs the
+    occupied rows only, on the buffers allocated once (bound in place: no step copies the cache). Each greedy
+    text still equals the prompt alone. (The CUDA twin: tests/test_serve_cuda.py.)"""
     session = static_session
-    prompts, max_tokens, joins = _schedule(rng, session, n=14)  # prompts < 100 tokens, max_tokens < 24
-    engine = Engine(session, EngineConfig(max_batch=5, prefill_chunk=16, max_tokens_in_flight=5 * 124))
+    prompts, _, joins = _schedule(rng, session)  # prompts < 100 tokens
+    max_tokens = rng.integers(12, 24, len(prompts)).tolist()
+    engine = Engine(session, EngineConfig(max_batch=4, prefill_chunk=16, max_tokens_in_flight=4 * 124))
     assert engine.cache.columns == 124 and engine.max_context == 124
     steps = _decode_steps(session, monkeypatch, engine)
     got = _run_schedule(engine, prompts, max_tokens, joins)
@@ -492,6 +493,26 @@ def test_32_concurrent_clients_each_equal_the_prompt_alone(server, session, rng)
         "alibi_serve_inter_token_latency_seconds_count"] == generated - 32 + sum(
         1 for _, r, u in answers if r == "stop" and u.completion_tokens < 40)  # a stop token is a step too
     assert after["alibi_serve_running_requests"] == 0 and after["alibi_serve_kv_tokens_in_use"] == 0
+
+
+def test_a_static_export_is_served_from_fixed_slots(static_path, static_session, tmp_path, rng):
+    """`serve` on a --static-cache export: 8 concurrent clients of mixed lengths (chunked prefill at 32, slots of
+    160 columns), streamed and not, each equal to its prompt alone; the KV gauge is back to 0 after."""
+    srv = _Server(static_path, tmp_path, "--max-batch", 4, "--prefill-chunk", 32, "--max-tokens-in-flight", 4 * 160)
+    try:
+        prompts = [rng.integers(0, static_session.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 120, 8)]
+        max_tokens = rng.integers(1, 30, 8).tolist()
+        client = srv.client()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_complete, client, p, m, i % 2 == 1, 0.1 * i)
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            answers = [f.result(timeout=300) for f in futures]
+        for i, ((got, _, usage), p, m) in enumerate(zip(answers, prompts, max_tokens)):
+            alone = static_session.generate_ids([p], m)
+            assert got == alone.texts[0] and usage.completion_tokens == len(alone.token_ids[0]), i
+        assert srv.metrics()["alibi_serve_kv_tokens_in_use"] == 0
+    finally:
+        srv.stop()
 
 
 def test_models_health_and_metrics(server):

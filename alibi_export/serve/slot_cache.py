@@ -57,6 +57,8 @@ class SlotCache:
         self.slot_of: list[int] = []
         self.ops = DeviceOps(session, session.n_past)
         self.packs = self.moves = 0  # times the rows were packed (columns reclaimed), rows moved into a hole
+        self.move_rows = True  # False leaves holes in the prefix (stepped as padding rows): the benchmark's variant
+        self._sync()
 
     @property
     def batch(self) -> int:
@@ -73,8 +75,9 @@ class SlotCache:
         import torch
 
         shape = (batch, *self.buffers[0].shape[1:2], length, self.buffers[0].shape[3])
-        return [self._view(torch.zeros(shape, dtype=self._dtype, device=self.device))
-                for _ in self.buffers]
+        views = [self._view(torch.zeros(shape, dtype=self._dtype, device=self.device)) for _ in self.buffers]
+        self._sync()
+        return views
 
     def merge(self, values: list, mask: np.ndarray, rows: list[int] | None = None) -> None:
         """Rows ``rows`` of a finished prefill (scratch ``values``, left-padded ``mask``) join: each is copied
@@ -122,7 +125,7 @@ class SlotCache:
             self.width = 0
             return
         moved = False
-        while True:
+        while self.move_rows:
             hole = min(set(range(self.rows)) - set(self.slot_of), default=None)
             if hole is None:
                 break
