@@ -16,9 +16,12 @@ heads, columns, head width), allocated once, and one shared width ``T``:
   row's own columns are packed against the right end of a narrower ``T``: one copy of the cache, once every
   many steps.
 
-Copies (joins, moves, packing) are torch operations on the buffers' device (torch is this package's own
-dependency), and the graph sees the same memory through IO binding; on CUDA the copies are synchronized
-before the next run. The CPU runs the same code, so the CPU tests exercise it.
+The buffers are numpy arrays on the CPU and torch tensors on CUDA (torch is this package's own dependency;
+ONNX Runtime offers no copy into part of an OrtValue); the graph sees the same memory through IO binding.
+Both index and assign alike, so one code path copies on either device (``_Device`` holds the differences:
+allocation, address, gather, and on CUDA the synchronization before ONNX Runtime's next run). Not torch on
+the CPU: its OpenMP threads and ONNX Runtime's spinning pool fight over the cores, and a join of 300
+columns took 190 ms there against 0.8 ms single-threaded.
 """
 from __future__ import annotations
 
@@ -37,28 +40,24 @@ class SlotCache:
     Engine rows are numbered as the engine's running list; ``slot_of[i]`` is where row i lives."""
 
     def __init__(self, session, slots: int, columns: int):
-        import torch
-
         if session.static is None:
             raise AlibiExportError("fixed cache slots need a --static-cache export")
         if columns > session.static.limit:
             raise AlibiExportError(f"{columns} cache columns per slot exceed the file's static cache of "
                                    f"{session.static.limit}")
         self.session, self.slots, self.columns = session, slots, columns
-        self.device = torch.device("cuda", session.device_id) if session.device == "cuda" else torch.device("cpu")
-        self._dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[
-            np.dtype(session.cache_dtype)]
+        self.device = _Device(session)
         shape = (slots, session.config.kv_heads, columns, session.cache_width)
         # Zeros, not garbage: a masked column still enters the op's products (with weight exactly 0, which a
         # NaN bit pattern would turn into NaN).
-        self.buffers = [torch.zeros(shape, dtype=self._dtype, device=self.device) for _ in range(session.n_past)]
+        self.buffers = [self.device.zeros(shape) for _ in range(session.n_past)]
         self.mask = np.zeros((slots, columns), dtype=np.int64)  # which columns each slot's row owns
         self.width = 0  # T: the columns every row's next step attends
         self.slot_of: list[int] = []
         self.ops = DeviceOps(session, session.n_past)
         self.packs = self.moves = 0  # times the rows were packed (columns reclaimed), rows moved into a hole
         self.move_rows = True  # False leaves holes in the prefix (stepped as padding rows): the benchmark's variant
-        self._sync()
+        self.device.sync()
 
     @property
     def batch(self) -> int:
@@ -72,11 +71,9 @@ class SlotCache:
     # ------------------------------------------------------------------ the engine's interface
     def new_job(self, batch: int, length: int) -> list:
         """Scratch buffers (batch, heads, length, width) for a prefill on the slots' device."""
-        import torch
-
-        shape = (batch, *self.buffers[0].shape[1:2], length, self.buffers[0].shape[3])
-        views = [self._view(torch.zeros(shape, dtype=self._dtype, device=self.device)) for _ in self.buffers]
-        self._sync()
+        shape = (batch, self.buffers[0].shape[1], length, self.buffers[0].shape[3])
+        views = [self._view(self.device.zeros(shape)) for _ in self.buffers]
+        self.device.sync()
         return views
 
     def merge(self, values: list, mask: np.ndarray, rows: list[int] | None = None) -> None:
@@ -94,11 +91,11 @@ class SlotCache:
         for i, n, slot in zip(rows, owned, free):
             dest = _join_columns(T, n)
             for buf, v in zip(self.buffers, values):
-                buf[slot, :, dest].copy_(v.owner[i, :, L - n:L])
+                buf[slot, :, dest] = v.owner[i, :, L - n:L]
             self.mask[slot] = 0
             self.mask[slot, T - n:T] = 1
             self.slot_of.append(slot)
-        self._sync()
+        self.device.sync()
 
     def decode(self, ids: np.ndarray, window=None) -> np.ndarray:
         """One step of every row (``ids`` (n, 1) in the engine's order): the (n, V) logits of its token."""
@@ -132,13 +129,13 @@ class SlotCache:
             last = self.rows - 1
             first = int(self.mask[last, :self.width].argmax())  # the first column the row owns
             for buf in self.buffers:
-                buf[hole, :, first:self.width].copy_(buf[last, :, first:self.width])
+                buf[hole, :, first:self.width] = buf[last, :, first:self.width]
             self.mask[hole], self.mask[last] = self.mask[last], 0
             self.slot_of[self.slot_of.index(last)] = hole
             self.moves += 1
             moved = True
         if moved:
-            self._sync()
+            self.device.sync()
 
     def last_logits(self, logits) -> np.ndarray:
         return self.ops.last_logits(logits)
@@ -157,36 +154,52 @@ class SlotCache:
         for slot in self.slot_of:
             cols = np.flatnonzero(self.mask[slot, :T])
             index[slot, longest - len(cols):] = cols
-        self._gather(hi, index)
+        for buf in self.buffers:
+            buf[:hi, :, :longest] = self.device.gather(buf[:hi, :, :T], index)
         packed = np.zeros((hi, self.columns), dtype=np.int64)
         for slot in self.slot_of:
             packed[slot, longest - owned[slot]:longest] = 1
         self.mask[:hi] = packed
         self.width = longest
         self.packs += 1
-        self._sync()
+        self.device.sync()
 
-    def _gather(self, hi: int, index: np.ndarray) -> None:
-        import torch
-
-        idx = torch.from_numpy(index).to(self.device)
-        for buf in self.buffers:
-            part = buf[:hi]
-            heads, width = part.shape[1], part.shape[3]
-            moved = torch.gather(part, 2, idx[:, None, :, None].expand(hi, heads, index.shape[1], width))
-            part[:, :, :index.shape[1]].copy_(moved)
-
-    # ------------------------------------------------------------------ the device
-    def _view(self, tensor) -> BufferView:
+    def _view(self, array) -> BufferView:
         s = self.session
-        return BufferView(tensor, tensor.data_ptr(), tuple(tensor.shape), s.cache_dtype, s.device, s.device_id)
+        return BufferView(array, self.device.address(array), tuple(array.shape), s.cache_dtype, s.device, s.device_id)
 
-    def _sync(self) -> None:
-        """Torch's copies are queued on its own CUDA stream; ONNX Runtime's next run must see them done."""
-        if self.device.type == "cuda":
+
+class _Device:
+    """What differs between the slots' two homes: numpy on the CPU, torch on CUDA."""
+
+    def __init__(self, session):
+        self.dtype = np.dtype(session.cache_dtype)
+        self.cuda = session.device == "cuda"
+        if self.cuda:
             import torch
 
-            torch.cuda.synchronize(self.device)
+            self.torch, self.where = torch, torch.device("cuda", session.device_id)
+            self.torch_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[self.dtype]
+
+    def zeros(self, shape):
+        if self.cuda:
+            return self.torch.zeros(shape, dtype=self.torch_dtype, device=self.where)
+        return np.zeros(shape, dtype=self.dtype)  # lazily committed pages: unused columns cost no memory
+
+    def address(self, array) -> int:
+        return array.data_ptr() if self.cuda else array.ctypes.data
+
+    def gather(self, part, index: np.ndarray):
+        """``part`` (rows, heads, T, width) -> (rows, heads, K, width): row r's columns ``index[r]`` (rows, K)."""
+        if self.cuda:
+            idx = self.torch.from_numpy(index).to(self.where)[:, None, :, None]
+            return self.torch.gather(part, 2, idx.expand(part.shape[0], part.shape[1], index.shape[1], part.shape[3]))
+        return np.take_along_axis(part, index[:, None, :, None], axis=2)
+
+    def sync(self) -> None:
+        """Torch's copies are queued on its CUDA stream; ONNX Runtime's next run must find them done."""
+        if self.cuda:
+            self.torch.cuda.synchronize(self.where)
 
 
 def _join_columns(width: int, n: int) -> slice:
