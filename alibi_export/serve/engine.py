@@ -162,8 +162,6 @@ class Engine:
                 raise AlibiExportError(f"max_tokens_in_flight {config.max_tokens_in_flight} leaves fewer than 2 "
                                        f"cache columns to each of {config.max_batch} slots. Note: raise it to at "
                                        f"least {2 * config.max_batch}")
-            from .slot_cache import SlotCache
-
             self.cache = SlotCache(session, config.max_batch, columns)
             self.max_context = min(config.max_context, columns)
         else:
