@@ -50,7 +50,7 @@ class SlotCache:
         shape = (slots, session.config.kv_heads, columns, session.cache_width)
         # Zeros, not garbage: a masked column still enters the op's products (with weight exactly 0, which a
         # NaN bit pattern would turn into NaN).
-        self.buffers = [self.device.zeros(shape) for _ in range(session.n_past)]
+        self.buffers = [self.device.zeros(shape, commit=True) for _ in range(session.n_past)]
         self.mask = np.zeros((slots, columns), dtype=np.int64)  # which columns each slot's row owns
         self.width = 0  # T: the columns every row's next step attends
         self.slot_of: list[int] = []
@@ -181,10 +181,16 @@ class _Device:
             self.torch, self.where = torch, torch.device("cuda", session.device_id)
             self.torch_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[self.dtype]
 
-    def zeros(self, shape):
+    def zeros(self, shape, commit: bool = False):
+        """Zeroed memory; ``commit``: written now on the CPU, where numpy's zeros are pages the kernel maps on
+        first touch (the slots' first joins took 50-80 ms of page faults under load; a scratch is used once)."""
         if self.cuda:
             return self.torch.zeros(shape, dtype=self.torch_dtype, device=self.where)
-        return np.zeros(shape, dtype=self.dtype)  # lazily committed pages: unused columns cost no memory
+        if commit:
+            array = np.empty(shape, dtype=self.dtype)
+            array.fill(0)
+            return array
+        return np.zeros(shape, dtype=self.dtype)
 
     def address(self, array) -> int:
         return array.data_ptr() if self.cuda else array.ctypes.data
