@@ -304,13 +304,21 @@ def test_waiting_prompts_are_prefilled_together_within_the_chunk(form_session, r
 # ----------------------------------------------------------------------------- fixed slots (static-cache exports)
 def _decode_steps(session, monkeypatch, engine):
     """Record each decode step of ``engine``: (rows stepped, rows running, the first past's address)."""
-    steps, real = [], session.step
+    steps, real, decode, decoding = [], session.step, engine.cache.decode, []
 
     def step(ids, mask, cache, **options):
-        if ids.shape[1] == 1 and mask.shape[1] > 1 and ids.shape[0] == engine.cache.rows:
+        if decoding:
             steps.append((ids.shape[0], len(engine.running), cache[0].data_ptr()))
         return real(ids, mask, cache, **options)
+
+    def traced(*args, **options):
+        decoding.append(True)
+        try:
+            return decode(*args, **options)
+        finally:
+            decoding.clear()
     monkeypatch.setattr(session, "step", step)
+    monkeypatch.setattr(engine.cache, "decode", traced)
     return steps
 
 
