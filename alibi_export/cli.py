@@ -760,7 +760,8 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
               help="Requests decoded together in one step (1: one request at a time).")
 @click.option("--max-tokens-in-flight", default=32768, show_default=True, type=click.IntRange(min=1),
               help="KV-cache budget in tokens (batch rows x the longest prompt + max_tokens among them); a "
-                   "request waits until it fits, one that can never fit is refused.")
+                   "request waits until it fits, one that can never fit is refused. A --static-cache export "
+                   "allocates it up front: --max-batch slots of min(LMAX, budget / max-batch) columns.")
 @click.option("--max-context", default=2048, show_default=True, type=click.IntRange(min=2),
               help="Longest prompt + max_tokens of one request.")
 @click.option("--queue", "max_queue", default=64, show_default=True, type=click.IntRange(min=1),
@@ -778,7 +779,7 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
 @_one_line_errors
 def serve(path, host, port, provider, threads, max_batch, max_tokens_in_flight, max_context, max_queue,
           prefill_chunk, kv_window, grace, use_ray, replicas):
-    """Serve PATH (a --kv-cache export or a --genai folder; default: the shipped model) with an
+    """Serve PATH (a --kv-cache export, with or without --static-cache, or a --genai folder; default: the shipped model) with an
     OpenAI-compatible API and continuous batching: /v1/completions, /v1/models, /health, /metrics."""
     from .serve.engine import EngineConfig
 

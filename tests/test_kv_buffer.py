@@ -137,17 +137,19 @@ def test_variants_equal_concat_form(tmp_path, tiny_tokenizer, variant, rng):
     assert not _close(expected, _greedy_logits(static, rows, shift=1))  # negative control, as above
 
 
-def test_the_server_refuses_a_static_export_in_one_line(sessions):
-    """The server re-lays a concatenated cache when rows join and leave; a static buffer is refused, not
-    served wrongly. Control: the same model with a concatenated cache is accepted."""
+def test_the_server_serves_a_static_export_from_fixed_slots_but_refuses_a_window(sessions):
+    """The engine serves a static export from fixed slots (tests/test_serve.py checks its results); a rolling
+    window, which cuts cache columns, is refused for it in one line. Control: the concatenating export of the
+    same model takes the window and the padded cache."""
     from alibi_export.errors import AlibiExportError
-    from alibi_export.serve.engine import Engine
+    from alibi_export.serve.engine import Engine, EngineConfig
 
     concat, static = sessions
-    with pytest.raises(AlibiExportError, match="cannot be served yet") as e:
-        Engine(static)
+    assert type(Engine(static).cache).__name__ == "SlotCache"
+    with pytest.raises(AlibiExportError, match="--kv-window does not apply") as e:
+        Engine(static, EngineConfig(kv_window=8))
     assert "\n" not in str(e.value)
-    assert Engine(concat).running == []
+    assert type(Engine(concat, EngineConfig(kv_window=8)).cache).__name__ == "BatchCache"
 
 
 def test_a_rolling_window_is_refused_on_a_static_export(static_export, tiny_kv_export):

@@ -45,6 +45,29 @@ def session(kv_path):
     return GenerationSession(kv_path)
 
 
+STATIC_LMAX = 320  # the static export's buffer length: room for every schedule below (prompts < 250 + 40)
+
+
+@pytest.fixture(scope="module")
+def static_path(tmp_path_factory, shipped):
+    """The same model as a --static-cache export, which the engine serves from fixed cache slots."""
+    from alibi_export.export.onnx import export_onnx
+
+    return export_onnx(shipped, tmp_path_factory.mktemp("serve-static") / f"{MODEL_ID}.onnx", kv_cache=True,
+                       static_cache=STATIC_LMAX).path
+
+
+@pytest.fixture(scope="module")
+def static_session(static_path):
+    return GenerationSession(static_path)
+
+
+@pytest.fixture(params=["concat", "static"])
+def form_session(request):
+    """Each engine test runs on both export forms: the concatenated cache (BatchCache) and fixed slots (SlotCache)."""
+    return request.getfixturevalue("session" if request.param == "concat" else "static_session")
+
+
 def _prompts(rng, vocab, n, longest=100):
     return [rng.integers(0, vocab, int(k)).tolist() for k in rng.integers(1, longest, n)]
 
@@ -84,7 +107,8 @@ def _schedule(rng, session, n=12):
     return prompts, max_tokens, joins
 
 
-def test_engine_batches_equal_each_prompt_alone(session, rng):
+def test_engine_batches_equal_each_prompt_alone(form_session, rng):
+    session = form_session
     prompts, max_tokens, joins = _schedule(rng, session)
     engine = Engine(session, EngineConfig(max_batch=6, prefill_chunk=16, max_context=256))
     got = _run_schedule(engine, prompts, max_tokens, joins)
@@ -94,7 +118,7 @@ def test_engine_batches_equal_each_prompt_alone(session, rng):
         assert got.results[i].text == alone.texts[0], i
         assert got.results[i].completion_tokens == len(alone.token_ids[0])
         assert "".join(got.deltas.get(i, [])) == got.results[i].text  # the stream adds up to the text
-    assert engine.kv_tokens == 0 and engine.batch_size == 0 and engine.cache.values is None
+    assert engine.kv_tokens == 0 and engine.batch_size == 0 and engine.cache.batch == 0
 
 
 def test_engine_with_a_rolling_window_equals_each_prompt_alone_under_it(kv_path, session, rng):
@@ -146,7 +170,8 @@ def test_engine_onnx_form_fills_holes_with_padding_entries(tmp_path, shipped, rn
     assert [got.results[i].text for i in range(len(prompts))] != alone
 
 
-def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(session, rng):
+def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(form_session, rng):
+    session = form_session
     vocab = session.config.vocab_size
     prompt = rng.integers(0, vocab, 20).tolist()
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
@@ -162,8 +187,9 @@ def test_seeded_sampling_is_the_same_whatever_else_is_in_the_batch(session, rng)
     assert other_seed.results[0].text != alone.texts[0]  # control: the seed does choose the tokens
 
 
-def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(session, rng):
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(form_session, rng):
     """A running stream gets a token every iteration while a 200-token prompt goes through 16 at a time."""
+    session = form_session
     vocab = session.config.vocab_size
     engine = Engine(session, EngineConfig(max_batch=4, prefill_chunk=16, max_context=256))
     got = _Collector()
@@ -199,7 +225,8 @@ def test_kv_budget_waits_and_refuses(session, rng):
     assert len(got.results) == 2
 
 
-def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(session, rng, monkeypatch):
+def test_a_failed_forward_pass_fails_its_requests_and_the_engine_goes_on(form_session, rng, monkeypatch):
+    session = form_session
     engine = Engine(session, EngineConfig(max_batch=4))
     got = _Collector()
     real = session.step
@@ -253,9 +280,10 @@ def test_device_ops_lay_the_cache_out_as_the_host_would(session, rng):
     assert not np.array_equal(last, logits[:, 0])  # the control: another position differs
 
 
-def test_waiting_prompts_are_prefilled_together_within_the_chunk(session, rng, monkeypatch):
+def test_waiting_prompts_are_prefilled_together_within_the_chunk(form_session, rng, monkeypatch):
     """Prompts that arrive together go through one prefill pass while rows x padded length fits the chunk,
     and each still gives what it gives alone; with a chunk that holds one of them, they take one pass each."""
+    session = form_session
     vocab = session.config.vocab_size
     prompts = [rng.integers(0, vocab, int(n)).tolist() for n in [20, *rng.integers(11, 21, 5)]]  # left-padded
     alone = [session.generate_ids([p], 6).texts[0] for p in prompts]
@@ -271,6 +299,92 @@ def test_waiting_prompts_are_prefilled_together_within_the_chunk(session, rng, m
         assert len(prefills) == passes, shapes
         assert sum(rows for rows, _ in prefills) == 6
         assert [got.results[i].text for i in range(6)] == alone
+
+
+# ----------------------------------------------------------------------------- fixed slots (static-cache exports)
+def _decode_steps(session, monkeypatch, engine):
+    """Record each decode step of ``engine``: (rows stepped, rows running, the first past's address)."""
+    steps, real, decode, decoding = [], session.step, engine.cache.decode, []
+
+    def step(ids, mask, cache, **options):
+        if decoding:
+            steps.append((ids.shape[0], len(engine.running), cache[0].data_ptr()))
+        return real(ids, mask, cache, **options)
+
+    def traced(*args, **options):
+        decoding.append(True)
+        try:
+            return decode(*args, **options)
+        finally:
+            decoding.clear()
+    monkeypatch.setattr(session, "step", step)
+    monkeypatch.setattr(engine.cache, "decode", traced)
+    return steps
+
+
+def test_slots_pack_and_move_rows_and_each_prompt_still_equals_it_alone(static_session, rng, monkeypatch):
+    """Slots of 124 columns, 12 requests of 12-23 new tokens: the batch's width reaches the buffers' end (rows
+    are packed), rows leave from the middle (the last row moves into the hole), and every decode step runs the
+    occupied rows only, on the buffers allocated once (bound in place: no step copies the cache). Each greedy
+    text still equals the prompt alone. (The CUDA twin: tests/test_serve_cuda.py.)"""
+    session = static_session
+    prompts, _, joins = _schedule(rng, session)  # prompts < 100 tokens
+    max_tokens = rng.integers(12, 24, len(prompts)).tolist()
+    engine = Engine(session, EngineConfig(max_batch=4, prefill_chunk=16, max_tokens_in_flight=4 * 124))
+    assert engine.cache.columns == 124 and engine.max_context == 124
+    steps = _decode_steps(session, monkeypatch, engine)
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    monkeypatch.undo()
+    alone = [session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    assert [got.results[i].text for i in range(len(prompts))] == alone
+    assert engine.cache.packs > 0 and engine.cache.moves > 0 and engine.steps < sum(max_tokens)
+    assert len(steps) == engine.steps and all(rows == running for rows, running, _ in steps)
+    assert {ptr for _, _, ptr in steps} == {engine.cache.device.address(engine.cache.buffers[0])}
+
+
+def test_a_join_copied_into_the_wrong_columns_changes_the_tokens(static_session, rng, monkeypatch):
+    """Negative control for the slots: a joining row's keys and values copied one column left of the columns
+    its mask gives it (its last prompt token's entry missing, a stale column attended) change the tokens."""
+    from alibi_export.serve import slot_cache
+
+    prompts, max_tokens, joins = _schedule(rng, static_session)
+    alone = [static_session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    monkeypatch.setattr(slot_cache, "_join_columns",
+                        lambda width, n: slice(width - n, width) if n == width else slice(width - n - 1, width - 1))
+    engine = Engine(static_session, EngineConfig(max_batch=6, prefill_chunk=16, max_context=256))
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    assert [got.results[i].text for i in range(len(prompts))] != alone
+
+
+def test_slots_budget_waits_and_refuses(static_session, rng):
+    """The budget is the slots' memory: 2 slots of 64 columns. A request longer than a slot is refused (400);
+    a third request waits for a free slot; a rolling window and a budget of under 2 columns per slot are
+    refused in one line."""
+    from alibi_export.errors import AlibiExportError
+
+    vocab = static_session.config.vocab_size
+    engine = Engine(static_session, EngineConfig(max_batch=2, max_tokens_in_flight=128))
+    with pytest.raises(RequestRejected, match=r"allows \(64 tokens \(one cache slot") as e:
+        engine.submit([1] * 50, SamplingParams(max_tokens=20), lambda ev: None)
+    assert e.value.status == 400
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (30, 10, 20)]
+    got = _Collector()
+    for i, p in enumerate(prompts):
+        engine.submit(p, SamplingParams(max_tokens=30, temperature=0), got(i))
+    for _ in range(3):
+        engine.iterate()
+    assert engine.batch_size == 2 and engine.queue_depth == 1 and engine.kv_tokens <= 128
+    for _ in range(200):
+        if len(got.results) == 3:
+            break
+        engine.iterate()
+    assert [got.results[i].text for i in range(3)] == [static_session.generate_ids([p], 30).texts[0]
+                                                        for p in prompts]
+    for config, says in ((EngineConfig(kv_window=16), "--kv-window does not apply"),
+                         (EngineConfig(max_batch=8, max_tokens_in_flight=15), "fewer than 2 cache columns")):
+        with pytest.raises(AlibiExportError, match=says) as e:
+            Engine(static_session, config)
+        assert "\n" not in str(e.value)
 
 
 def test_engine_config_is_checked():
@@ -387,6 +501,26 @@ def test_32_concurrent_clients_each_equal_the_prompt_alone(server, session, rng)
         "alibi_serve_inter_token_latency_seconds_count"] == generated - 32 + sum(
         1 for _, r, u in answers if r == "stop" and u.completion_tokens < 40)  # a stop token is a step too
     assert after["alibi_serve_running_requests"] == 0 and after["alibi_serve_kv_tokens_in_use"] == 0
+
+
+def test_a_static_export_is_served_from_fixed_slots(static_path, static_session, tmp_path, rng):
+    """`serve` on a --static-cache export: 8 concurrent clients of mixed lengths (chunked prefill at 32, slots of
+    160 columns), streamed and not, each equal to its prompt alone; the KV gauge is back to 0 after."""
+    srv = _Server(static_path, tmp_path, "--max-batch", 4, "--prefill-chunk", 32, "--max-tokens-in-flight", 4 * 160)
+    try:
+        prompts = [rng.integers(0, static_session.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 120, 8)]
+        max_tokens = rng.integers(1, 30, 8).tolist()
+        client = srv.client()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_complete, client, p, m, i % 2 == 1, 0.1 * i)
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            answers = [f.result(timeout=300) for f in futures]
+        for i, ((got, _, usage), p, m) in enumerate(zip(answers, prompts, max_tokens)):
+            alone = static_session.generate_ids([p], m)
+            assert got == alone.texts[0] and usage.completion_tokens == len(alone.token_ids[0]), i
+        assert srv.metrics()["alibi_serve_kv_tokens_in_use"] == 0
+    finally:
+        srv.stop()
 
 
 def test_models_health_and_metrics(server):

@@ -1,5 +1,5 @@
-"""The serving engine on CUDAExecutionProvider: the cache's joins and leaves run on the GPU (DeviceOps) and
-change no result.
+"""The serving engine on CUDAExecutionProvider: the cache's joins and leaves run on the GPU (DeviceOps, and the
+fixed slots' torch copies for a static-cache export) and change no result.
 
 Skipped unless onnxruntime has CUDAExecutionProvider and torch sees a CUDA GPU (the GPU machine; CI has
 neither). The CPU twins of these tests are in tests/test_serve.py.
@@ -95,3 +95,40 @@ def _run_schedule(engine, prompts, max_tokens, joins, budget=2000):
             return results
         engine.iterate()
     raise AssertionError(f"only {len(results)} of {len(prompts)} requests finished in {budget} iterations")
+
+
+@pytest.fixture(scope="module")
+def static_form(tmp_path_factory, shipped):
+    """The shipped model as a --static-cache export (float32: the form's only dtype)."""
+    from alibi_export.export.onnx import export_onnx
+
+    return export_onnx(shipped, tmp_path_factory.mktemp("serve-cuda-static") / "kv-static.onnx", kv_cache=True,
+                       static_cache=256).path
+
+
+def test_slots_on_cuda_equal_each_prompt_alone(static_form, rng, monkeypatch):
+    """Fixed slots on the GPU: the buffers are torch tensors on the device, bound by address, and the joins,
+    moves and packs are torch copies synchronized before ONNX Runtime's next run. Slots of 124 columns force
+    packs and moves; each greedy text equals the prompt alone through GenerationSession on CUDA. Control: a
+    join copied one column off changes the tokens. (ONNX Runtime 1.31 has no float32 GroupQueryAttention CUDA
+    kernel, so it runs that node on the CPU with copies around it: this checks results, not speed.)"""
+    from alibi_export.runtime.generate import GenerationSession
+    from alibi_export.serve import slot_cache
+    from alibi_export.serve.engine import Engine, EngineConfig
+
+    session = GenerationSession(static_form, provider="cuda")
+    n = 12  # as the CPU twin (tests/test_serve.py): 12 to 23 tokens each, so the rows fill 124 columns
+    prompts = [rng.integers(0, session.config.vocab_size, int(k)).tolist() for k in rng.integers(1, 100, n)]
+    max_tokens = rng.integers(12, 24, n).tolist()
+    joins = np.sort(rng.integers(0, 30, n)).tolist()
+    alone = [session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    config = EngineConfig(max_batch=4, prefill_chunk=16, max_tokens_in_flight=4 * 124)
+    engine = Engine(session, config)
+    assert engine.cache.buffers[0].is_cuda
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    assert [got[i].text for i in range(n)] == alone
+    assert engine.cache.packs > 0 and engine.cache.moves > 0 and engine.steps < sum(max_tokens)
+    monkeypatch.setattr(slot_cache, "_join_columns",
+                        lambda width, k: slice(width - k, width) if k == width else slice(width - k - 1, width - 1))
+    got = _run_schedule(Engine(session, config), prompts, max_tokens, joins)
+    assert [got[i].text for i in range(n)] != alone

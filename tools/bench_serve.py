@@ -7,6 +7,11 @@ Three systems, the same prompts (books test split, mixed lengths) and the same m
               previous one has finished, and runs until its longest request is done
   engine      (only when named in --systems) the continuous-batching engine in process, without HTTP,
               closed loop: the server's own cost, and the engine's time per phase
+  engine-holes  (only when named) the engine on a static-cache export with its slots left where they are
+              when a row leaves (no move of the last row into the hole): what running free slots costs
+
+With --static-cache LMAX the same model is also exported with a static cache (GroupQueryAttention over buffers
+updated in place, served from fixed slots), and every system runs on both forms, one after the other.
 
 Two loads: closed loop (CLIENTS clients, each sending its next request when the last one finished) and,
 with --rate, open loop (Poisson arrivals at RATE requests/s). Reported per system: generated tokens/s,
@@ -18,7 +23,7 @@ With --provider cuda the servers and the static system run ONNX Runtime's CUDA p
 exports the cuda target's KV-cache form (onnx attention, ORT fusions, fp16), as issue 21's GPU figures need.
 The record goes through tools/harness.py (--json FILE, else $OUT/bench_serve.json on the GPU machine).
 
-usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--provider cpu|cuda] [--clients 16]
+usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--static-cache LMAX] [--provider cpu|cuda] [--clients 16]
                                    [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8] [--threads 2]
                                    [--books test.txt] [--prefill-chunk N] [--json out.json]
 """
@@ -81,7 +86,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str,
-                 prefill_chunk: int):
+                 prefill_chunk: int, budget: int):
         import httpx
 
         self.port = free_port()
@@ -95,7 +100,7 @@ class Server:
                                       "--prefill-chunk", str(prefill_chunk),
                                       # every admitted row may hold a full context: the batch, not the KV
                                       # budget, is what limits admission here
-                                      "--max-tokens-in-flight", str(max_batch * max_context)],
+                                      "--max-tokens-in-flight", str(budget)],
                                      stdout=self.log, stderr=self.log, env=env)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -193,7 +198,8 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
 
 
 # ----------------------------------------------------------------------------- the engine alone
-def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int):
+def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int, budget: int,
+                      move_rows: bool = True):
     """The continuous-batching engine without HTTP, closed loop of ``clients`` (closed loop only): what the
     server's own overhead costs, and where the engine's time goes (seconds per phase, wall-clock; ONNX
     Runtime's runs end synchronized, so a phase's time includes its device work)."""
@@ -202,9 +208,11 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
     from alibi_export.serve.engine import Delta, Engine, EngineConfig, Finished, SamplingParams
 
     max_context = max(len(p) for p in prompts) + max_tokens + 1
-    engine = Engine(session, EngineConfig(max_batch=clients, max_tokens_in_flight=clients * max_context,
+    engine = Engine(session, EngineConfig(max_batch=clients, max_tokens_in_flight=budget,
                                           max_queue=len(prompts) + clients, prefill_chunk=chunk,
                                           max_context=max_context))
+    if not move_rows:
+        engine.cache.move_rows = False
     phases = collections.Counter()
 
     def timed(name, fn):
@@ -216,9 +224,9 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
                 phases[name] += time.perf_counter() - t
         return run
 
-    ops = engine.cache.ops
-    ops.merge, ops.keep, ops.last_logits = (timed("join (merge)", ops.merge), timed("leave (keep)", ops.keep),
-                                            timed("last logits", ops.last_logits))
+    cache = engine.cache
+    cache.merge, cache.keep, cache.last_logits = (timed("join (merge)", cache.merge), timed("leave (keep)", cache.keep),
+                                                  timed("last logits", cache.last_logits))
     engine._prefill, engine._decode = timed("prefill pass", engine._prefill), timed("decode step", engine._decode)
     session.step = timed("model forward", session.step)  # an instance attribute over the method; removed below
     queue, done, records, batches = list(prompts), [], [], []
@@ -253,6 +261,7 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
     row = summary("engine", wall, records)
     row["iterations"], row["decode_steps"] = len(batches), engine.steps
     row["mean_batch"] = round(sum(batches) / max(len(batches), 1), 1)
+    row["packs"], row["moves"] = getattr(cache, "packs", None), getattr(cache, "moves", None)
     row["phases_s"] = {k: round(v, 3) for k, v in phases.most_common()}
     return row
 
@@ -276,6 +285,8 @@ def main():
                     help="The servers' and the engine's prompt tokens per prefill pass (rows x padded length; "
                          "default 256 on cpu, where 256 tokens of the shipped model take ~0.2 s, 16384 on cuda, "
                          "which prefills hundreds of thousands of tokens/s).")
+    ap.add_argument("--static-cache", type=int, metavar="LMAX",
+                    help="Also export the model with --static-cache LMAX and run every system on both forms.")
     ap.add_argument("--systems", default="continuous,naive,static")
     ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve.json if $OUT).")
     args = ap.parse_args()
@@ -293,52 +304,90 @@ def main():
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
         options = TARGETS["cuda"] if args.provider == "cuda" else {}
         t = time.perf_counter()
-        model = export_onnx(load(large_model(tmp / "ckpt", args.random)), tmp / f"random-{args.random}.onnx",
-                            kv_cache=True, **options).path
+        checkpoint = load(large_model(tmp / "ckpt", args.random))
+        model = export_onnx(checkpoint, tmp / f"random-{args.random}.onnx", kv_cache=True, **options).path
         print(f"exported {model.name} ({options or 'defaults'}) in {time.perf_counter() - t:.0f} s", flush=True)
     else:
         model = args.model or shipped_kv_export()
-    session = GenerationSession(model, provider=args.provider, threads=args.threads)
+    forms = [("concat", model)]
+    if args.static_cache:
+        from alibi_export import load
+        from alibi_export.artifacts import read_metadata
+        from alibi_export.export.onnx import export_onnx
+        from alibi_export.shipped import default_model
+
+        if args.random:
+            source = checkpoint  # float32: the static form's only dtype
+        elif args.model:
+            raise SystemExit("Error: --static-cache exports the shipped model or --random. Note: pass a static "
+                             "export's twin with --model only by exporting it yourself")
+        else:
+            source = load(default_model())
+        if read_metadata(model).static_cache:
+            raise SystemExit("Error: --model is already a static-cache export. Note: pass its --kv-cache twin")
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serve-static-"))
+        t = time.perf_counter()
+        static = export_onnx(source, tmp / f"{model.stem}-static.onnx", kv_cache=True,
+                             static_cache=args.static_cache).path
+        print(f"exported {static.name} (--static-cache {args.static_cache}) in {time.perf_counter() - t:.0f} s",
+              flush=True)
+        forms.append(("static", static))
+    sessions = {form: GenerationSession(path, provider=args.provider, threads=args.threads) for form, path in forms}
+    session = sessions["concat"]
     chunk = args.prefill_chunk or (16384 if args.provider == "cuda" else 256)
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.books, args.requests, low, high)
     max_context = high + args.max_tokens + 1
-    single = session.generate_ids([prompts[0]], args.max_tokens, stop_tokens=[])
-    step_ms = single.decode_ms_per_step
-    print(f"single-stream decode step: {step_ms:.2f} ms (batch 1, prompt {len(prompts[0])} tokens)")
+    steps_ms = {}
+    for form, s in sessions.items():
+        single = s.generate_ids([prompts[0]], args.max_tokens, stop_tokens=[])
+        steps_ms[form] = single.decode_ms_per_step
+        print(f"single-stream decode step, {form}: {steps_ms[form]:.2f} ms (batch 1, prompt {len(prompts[0])} tokens)")
     loads = [("closed", None)] + ([("poisson", args.rate)] if args.rate else [])
     rows = []
     for system in args.systems.split(","):
-        server = None
-        if system in ("continuous", "naive"):
-            server = Server(model, args.clients if system == "continuous" else 1, args.threads, max_context,
-                            args.provider, chunk)
-            asyncio.run(drive(server.url, prompts[:2], 4, 2, None))  # warm-up
-        try:
-            if system == "engine":
-                rows.append({"load": "closed", **engine_in_process(session, prompts, args.max_tokens, args.clients,
-                                                                   chunk)})
-                rows[-1]["itl_p99_over_single_step"] = round(rows[-1]["itl_p99_ms"] / step_ms, 2)
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            for load, rate in loads:
+        for form, path in forms:
+            session, step_ms = sessions[form], steps_ms[form]
+            # The padded cache is budgeted per row x width; the slots are allocated up front: LMAX columns each.
+            per_row = args.static_cache if form == "static" else max_context
+            server = None
+            if system in ("continuous", "naive"):
+                batch = args.clients if system == "continuous" else 1
+                server = Server(path, batch, args.threads, max_context, args.provider, chunk, batch * per_row)
+                asyncio.run(drive(server.url, prompts[:2], 4, 2, None))  # warm-up
+            try:
+                if system.startswith("engine"):
+                    if system == "engine-holes" and form != "static":
+                        continue
+                    row = {"load": "closed", "form": form, **engine_in_process(
+                        session, prompts, args.max_tokens, args.clients, chunk, args.clients * per_row,
+                        move_rows=system != "engine-holes")}
+                    row["system"] = system
+                    row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                for load, rate in loads:
+                    if server:
+                        records, wall = asyncio.run(drive(server.url, prompts, args.max_tokens, args.clients, rate))
+                    else:
+                        records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
+                    row = {"load": load, "form": form, **summary(system, wall, records)}
+                    row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            finally:
                 if server:
-                    records, wall = asyncio.run(drive(server.url, prompts, args.max_tokens, args.clients, rate))
-                else:
-                    records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
-                row = {"load": load, **summary(system, wall, records)}
-                row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        finally:
-            if server:
-                server.stop()
-    by = {(r["system"], r["load"]): r for r in rows}
-    ratios = {load: round(by[("continuous", load)]["tokens_per_s"] / by[("naive", load)]["tokens_per_s"], 2)
-              for load, _ in loads if ("continuous", load) in by and ("naive", load) in by}
+                    server.stop()
+    by = {(r["system"], r["form"], r["load"]): r for r in rows}
+    ratios = {f"{form}/{load}": round(by[("continuous", form, load)]["tokens_per_s"]
+                                      / by[("naive", form, load)]["tokens_per_s"], 2)
+              for form, _ in forms for load, _ in loads
+              if ("continuous", form, load) in by and ("naive", form, load) in by}
     print(f"continuous / naive tokens/s: {ratios}")
     results = {"provider": args.provider, "ort_providers": session.session.get_providers(), "model": str(model.name),
-               "random": args.random, "single_stream_step_ms": round(step_ms, 3), "clients": args.clients,
+               "random": args.random, "static_cache": args.static_cache,
+               "single_stream_step_ms": {f: round(v, 3) for f, v in steps_ms.items()}, "clients": args.clients,
                "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
                "threads": args.threads, "prefill_chunk": chunk,
                "rows": rows, "continuous_over_naive": ratios}

@@ -88,6 +88,11 @@ class GenerationSession:
             check_window_form(self.config, self.cache_width, repr(str(self.path)))
             self.kv_window = check_window(kv_window)
 
+    @property
+    def n_past(self) -> int:
+        """How many past_key_values.* tensors a step takes (keys and values of every layer)."""
+        return len(self._past_names)
+
     # ------------------------------------------------------------------ one forward pass
     def new_cache(self, batch: int, length: int = 0) -> list:
         """Zero-length past tensors (batch, heads, 0, width) on the session's device: the prefill's cache.
@@ -111,8 +116,11 @@ class GenerationSession:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        for name, value in zip(self._past_names, cache):
-            binding.bind_ortvalue_input(name, value)
+        if self.static is not None:
+            self.static.bind_pasts(binding, self._past_names, cache)  # OrtValues, or views of the server's slots
+        else:
+            for name, value in zip(self._past_names, cache):
+                binding.bind_ortvalue_input(name, value)
         if logits_on_device:
             binding.bind_output("logits", self.device, self.device_id)
         else:

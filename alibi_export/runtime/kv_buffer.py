@@ -12,7 +12,25 @@ import numpy as np
 
 from ..errors import AlibiExportError
 
-__all__ = ["StaticCache"]
+__all__ = ["StaticCache", "BufferView"]
+
+
+class BufferView:
+    """A static-cache buffer that lives in memory this module did not allocate (the server's slots: one tensor of
+    all rows, of which a step binds the first rows): bound by address, so the op updates that memory in place.
+    ``owner`` keeps the memory alive; ``shape()`` and ``data_ptr()`` answer as an OrtValue's do."""
+
+    __slots__ = ("owner", "ptr", "dims", "dtype", "device", "device_id")
+
+    def __init__(self, owner, ptr: int, dims: tuple, dtype, device: str, device_id: int = 0):
+        self.owner, self.ptr, self.dims, self.dtype = owner, ptr, tuple(dims), np.dtype(dtype)
+        self.device, self.device_id = device, device_id
+
+    def shape(self) -> list[int]:
+        return list(self.dims)
+
+    def data_ptr(self) -> int:
+        return self.ptr
 
 
 class StaticCache:
@@ -53,10 +71,21 @@ class StaticCache:
                 for _ in range(count)]
 
     @staticmethod
+    def bind_pasts(binding, past_names, cache) -> None:
+        for name, value in zip(past_names, cache):
+            if isinstance(value, BufferView):
+                binding.bind_input(name, value.device, value.device_id, value.dtype, value.dims, value.ptr)
+            else:
+                binding.bind_ortvalue_input(name, value)
+
+    @staticmethod
     def bind_presents(binding, present_names, cache) -> None:
         """Each present output into its past's buffer: the op updates the cache where it is."""
         for name, value in zip(present_names, cache):
-            binding.bind_ortvalue_output(name, value)
+            if isinstance(value, BufferView):
+                binding.bind_output(name, value.device, value.device_id, value.dtype, value.dims, value.ptr)
+            else:
+                binding.bind_ortvalue_output(name, value)
 
     @staticmethod
     def updated(cache, outputs) -> list:

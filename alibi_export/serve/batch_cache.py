@@ -190,6 +190,22 @@ class BatchCache:
         """Take a step's presents and the mask it ran with (one column longer)."""
         self.values, self.mask = values, mask
 
+    def new_job(self, batch: int, length: int) -> list:
+        """The empty cache a prefill of ``batch`` prompts starts from."""
+        return self.session.new_cache(batch)
+
+    def decode(self, ids: np.ndarray, window) -> np.ndarray:
+        """One step of every row (``ids`` (B, 1)), the cache first cut by ``window`` (values, mask) -> (values,
+        mask) for a rolling window: the (B, V) logits of each row's token."""
+        values, base = window(self.values, self.mask)
+        mask = np.concatenate([base, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, width + 1)
+        logits, values = self.session.step(ids, mask, values)
+        self.advance(values, mask)
+        return logits[:, -1]
+
+    def last_logits(self, logits) -> np.ndarray:
+        return self.ops.last_logits(logits)
+
     def merge(self, values: list, mask: np.ndarray, rows: list[int] | None = None) -> None:
         """Append rows (their cache ``values`` and ``mask``, from a prefill; only ``rows`` of them if given)
         below the running ones."""

@@ -7,10 +7,14 @@ so no request waits for another to finish and a long prompt stalls running strea
 time. Batching changes no result: each row keeps its own ALiBi positions (the export counts them over
 the row's mask), and each request samples with its own generator.
 
-Admission bounds memory by the padded cache: the running rows share one tensor as wide as the longest
-row, so the engine admits a request only while (admitted rows + 1) x (the longest prompt + max_tokens
-among them) stays within ``max_tokens_in_flight``. The engine knows nothing of HTTP: requests carry a
-callback that receives ``Delta`` and ``Finished`` events on the engine's thread.
+Two cache layouts, one per export form. A ``--kv-cache`` export (the graph concatenates past and new
+keys) runs on ``BatchCache``: the running rows share one tensor as wide as the longest row, re-laid on
+every join and leave, so the engine admits a request only while (admitted rows + 1) x (the longest
+prompt + max_tokens among them) stays within ``max_tokens_in_flight``. A ``--static-cache`` export runs
+on ``SlotCache``: ``max_batch`` fixed slots of min(LMAX, max_tokens_in_flight / max_batch) columns,
+allocated once and updated in place by the graph, so a request needs a free slot and fits if its prompt
+and max_tokens fit one slot. The engine knows nothing of HTTP: requests carry a callback that receives
+``Delta`` and ``Finished`` events on the engine's thread.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 from ..errors import AlibiExportError
 from ..runtime.generate import Sampler, TokenStream, left_pad
 from .batch_cache import BatchCache, padding_entries
+from .slot_cache import SlotCache
 
 __all__ = ["EngineConfig", "SamplingParams", "Engine", "EngineRequest", "Delta", "Finished", "RequestRejected"]
 
@@ -140,16 +145,27 @@ class Engine:
     daemon thread; ``submit`` is thread-safe."""
 
     def __init__(self, session, config: EngineConfig = EngineConfig(), observer: _Observer | None = None):
-        if getattr(session, "static", None) is not None:  # rows join and leave by re-laying a concatenated cache
-            raise AlibiExportError("a --static-cache export cannot be served yet: the server joins and leaves rows "
-                                   "of a concatenated cache. Note: serve the same model exported with --kv-cache "
-                                   "alone")
+        static = getattr(session, "static", None)
         if config.kv_window is not None:
+            if static is not None:  # a rolling window cuts cache columns; a static buffer keeps them in place
+                raise AlibiExportError(f"--kv-window does not apply to {str(session.path)!r}, a --static-cache "
+                                       "export. Note: serve the same model exported with --kv-cache alone")
             from ..runtime.window import check_window_form
 
             check_window_form(session.config, session.cache_width, repr(str(session.path)))
         self.session, self.config, self.observer = session, config, observer or _Observer()
-        self.cache = BatchCache(session, padding_entries(session))
+        self.max_context = config.max_context
+        if static is not None:
+            # Fixed slots, allocated once: max_batch rows of the budget's share of columns (at most LMAX).
+            columns = min(static.limit, config.max_tokens_in_flight // config.max_batch)
+            if columns < 2:
+                raise AlibiExportError(f"max_tokens_in_flight {config.max_tokens_in_flight} leaves fewer than 2 "
+                                       f"cache columns to each of {config.max_batch} slots. Note: raise it to at "
+                                       f"least {2 * config.max_batch}")
+            self.cache = SlotCache(session, config.max_batch, columns)
+            self.max_context = min(config.max_context, columns)
+        else:
+            self.cache = BatchCache(session, padding_entries(session))
         self.running: list[EngineRequest] = []
         self._job: _PrefillJob | None = None
         self._waiting: collections.deque[EngineRequest] = collections.deque()
@@ -182,13 +198,15 @@ class Engine:
         cfg = self.config
         if params.max_tokens < 1:
             raise RequestRejected(f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens")
-        if len(ids) >= cfg.max_context:
-            raise RequestRejected(f"the prompt has {len(ids)} tokens; this server allows at most {cfg.max_context} "
-                                  "tokens of prompt and completion together", param="prompt")
-        if len(ids) + params.max_tokens > cfg.max_context:
+        limit = self.max_context
+        why = " (one cache slot: max_tokens_in_flight / max_batch)" if limit < cfg.max_context else ""
+        if len(ids) >= limit:
+            raise RequestRejected(f"the prompt has {len(ids)} tokens; this server allows at most {limit} "
+                                  f"tokens of prompt and completion together{why}", param="prompt")
+        if len(ids) + params.max_tokens > limit:
             raise RequestRejected(f"max_tokens {params.max_tokens} with a prompt of {len(ids)} tokens is past the "
-                                  f"context this server allows ({cfg.max_context} tokens). Note: ask for at most "
-                                  f"{cfg.max_context - len(ids)}", param="max_tokens")
+                                  f"context this server allows ({limit} tokens{why}). Note: ask for at most "
+                                  f"{limit - len(ids)}", param="max_tokens")
         if cfg.kv_need(len(ids) + params.max_tokens) > cfg.max_tokens_in_flight:
             raise RequestRejected(f"the request needs {cfg.kv_need(len(ids) + params.max_tokens)} KV-cache tokens; "
                                   f"this server holds at most {cfg.max_tokens_in_flight}", param="max_tokens")
@@ -271,7 +289,7 @@ class Engine:
                 if taken and (n > cfg.prefill_chunk or (len(taken) + 1) * max(n, width) > cfg.prefill_chunk):
                     break
                 need = cfg.kv_need(r.final_len)
-                if rows + 1 > cfg.max_batch or (rows + 1) * max(longest, need) > cfg.max_tokens_in_flight:
+                if rows + 1 > cfg.max_batch or not self._fits(rows + 1, max(longest, need)):
                     break  # first come, first served: nothing overtakes a request that does not fit yet
                 self._waiting.popleft()
                 taken.append(r)
@@ -285,7 +303,11 @@ class Engine:
             self._prepare(r)
         ids, mask = left_pad([r.prompt_ids for r in taken])
         step = cfg.prefill_chunk if len(taken) == 1 else ids.shape[1]
-        return _PrefillJob(taken, ids, mask, step, cache=self.session.new_cache(len(taken)))
+        return _PrefillJob(taken, ids, mask, step, cache=self.cache.new_job(len(taken), ids.shape[1]))
+
+    def _fits(self, rows: int, longest: int) -> bool:
+        """The padded cache's budget; fixed slots hold their memory already (a free slot is all a row needs)."""
+        return isinstance(self.cache, SlotCache) or rows * longest <= self.config.max_tokens_in_flight
 
     def _prepare(self, r: EngineRequest) -> None:
         r.sampler = _sampler(r.params)
@@ -310,7 +332,7 @@ class Engine:
         if end < job.ids.shape[1]:
             return
         self._job = None
-        tokens = _next_tokens(job.requests, self.cache.ops.last_logits(logits))
+        tokens = _next_tokens(job.requests, self.cache.last_logits(logits))
         joining = []
         for i, (r, token) in enumerate(zip(job.requests, tokens)):
             if r.cancelled:
@@ -323,12 +345,9 @@ class Engine:
 
     def _decode(self) -> None:
         ids = np.array([[r.next_token] for r in self.running], dtype=np.int64)  # (B, 1)
-        values, base = self._window(self.cache.values, self.cache.mask)
-        mask = np.concatenate([base, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, width + 1)
-        logits, values = self.session.step(ids, mask, values)
-        self.cache.advance(values, mask)
+        logits = self.cache.decode(ids, self._window)  # (B, V)
         self.steps += 1
-        tokens = _next_tokens(self.running, logits[:, -1])
+        tokens = _next_tokens(self.running, logits)
         keep = [i for i, (r, token) in enumerate(zip(self.running, tokens)) if not self._push(r, token)]
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
