@@ -287,6 +287,8 @@ def timed_configs(files: dict) -> list[tuple[str, str, Path]]:
                     (f"llama-{kind}", "llama", files[f"llama-{kind}"]),
                     (f"ours-{name}-concat", "ours", files[f"ours-{name}-concat"]),
                     (f"llama-{kind}-fa", "llama-fa", files[f"llama-{kind}"])]
+        if f"prev-{name}-static" in files:
+            configs.append((f"prev-{name}-static", "ours", files[f"prev-{name}-static"]))
     return configs
 
 
@@ -313,6 +315,13 @@ def table(times: dict, sizes: dict, errors: dict, contexts: list[int], prefill: 
             err, kl = f"{o['max_abs']:.4f} / {t['max_abs']:.4f}", f"{o['kl']:.1e} / {t['kl']:.1e}"
         label = "f32" if name == "f32" else f"{name} vs {kind}"
         lines.append(f"| {label} | {size} | " + " | ".join(cells) + f" | {err} | {kl} |")
+        if f"prev-{name}-static" in times:  # the same precision from --compare-ours (static form only)
+            cells = [f"{min(times[f'llama-{kind}'][c], times[f'llama-{kind}-fa'][c]) / times[f'prev-{name}-static'][c]:.2f}x"
+                     f" ({times[f'prev-{name}-static'][c]:.1f} ms)" for c in cols]
+            o = errors[f"prev-{name}"]
+            lines.append(f"| {label} (--compare-ours) | {sizes[f'prev-{name}-static'] / sizes[f'llama-{kind}']:.2f}x "
+                         f"({sizes[f'prev-{name}-static']:.0f} MB) | " + " | ".join(cells)
+                         + f" | {o['max_abs']:.4f} | {o['kl']:.1e} |")
     return "\n".join(lines)
 
 
@@ -330,6 +339,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed at each context (median)")
     ap.add_argument("--profile", type=int, metavar="CONTEXT", help="also ONNX Runtime's profile of our static "
                     "files' decode step at this context (tools/bench_kv_buffer.py's profile)")
+    ap.add_argument("--compare-ours", type=Path, metavar="DIR", help="also time and check our static files of "
+                    "another build, DIR/ours-{f32,int8,int4}-static.onnx where present (e.g. exported by an earlier "
+                    "commit), as extra rows in the same interleaved rounds")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer d 64 BLOOM: checks the whole path in a minute")
     ap.add_argument("--json", default=None)
     # the stages' own arguments
@@ -360,17 +372,22 @@ def main() -> int:
     lmax = max(args.prefill, max(contexts) + args.steps + 1, ERROR_TOKENS)
     folder = build_model(work / "bloom", args.tiny)
     files = {**export_ours(folder, work, lmax), **convert_theirs(folder, work, args.llama_cpp, args.peer)}
+    for name, _, _ in PRECISIONS if args.compare_ours else ():
+        if (args.compare_ours / f"ours-{name}-static.onnx").is_file():
+            files[f"prev-{name}-static"] = args.compare_ours / f"ours-{name}-static.onnx"
     sizes = {k: file_mb(p) for k, p in files.items()}
+
+    import numpy as np
 
     logits = {}
     for name, _, kind in PRECISIONS:
-        for label, engine in ((f"ours-{name}", "ours"), (f"llama-{kind}", "llama")):
-            path = work / f"logits-{label}.npy"
-            run_child(args.peer, engine, files[f"{label}-static" if engine == "ours" else label], "logits", args, path)
-            import numpy as np
-
-            logits[label] = np.load(path)
-    errors = {k: logits_error(logits["ours-f32" if k.startswith("ours") else "llama-f32"], v)
+        for label, engine in ((f"ours-{name}", "ours"), (f"llama-{kind}", "llama"), (f"prev-{name}", "ours")):
+            key = f"{label}-static" if engine == "ours" else label
+            if key in files:
+                path = work / f"logits-{label}.npy"
+                run_child(args.peer, engine, files[key], "logits", args, path)
+                logits[label] = np.load(path)
+    errors = {k: logits_error(logits["llama-f32" if k.startswith("llama") else "ours-f32"], v)
               for k, v in logits.items() if k not in ("ours-f32", "llama-f32")}
     errors["ours-f32 vs llama-f32"] = logits_error(logits["llama-f32"], logits["ours-f32"])
     print("logits error:", json.dumps(errors), flush=True)
