@@ -279,10 +279,10 @@ def logits_error(reference, other) -> dict:
     return {"max_abs": float(np.abs(a - b).max()), "kl": float((np.exp(la) * (la - lb)).sum(-1).mean())}
 
 
-def timed_configs(files: dict) -> list[tuple[str, str, Path]]:
+def timed_configs(files: dict, names) -> list[tuple[str, str, Path]]:
     """(label, engine, file) for every timed process of a round, ours and theirs alternating per precision."""
     configs = []
-    for name, _, kind in PRECISIONS:
+    for name, _, kind in (p for p in PRECISIONS if p[0] in names):
         configs += [(f"ours-{name}-static", "ours", files[f"ours-{name}-static"]),
                     (f"llama-{kind}", "llama", files[f"llama-{kind}"]),
                     (f"ours-{name}-concat", "ours", files[f"ours-{name}-concat"]),
@@ -292,14 +292,14 @@ def timed_configs(files: dict) -> list[tuple[str, str, Path]]:
     return configs
 
 
-def table(times: dict, sizes: dict, errors: dict, contexts: list[int], prefill: int) -> str:
+def table(times: dict, sizes: dict, errors: dict, contexts: list[int], prefill: int, names) -> str:
     """The issue's table: ours over llama.cpp as speed ratios (their ms / our ms; > 1: ours faster)."""
     cols = ["prefill_ms"] + [f"decode_ms@{c}" for c in contexts]
     lines = [f"| precision (ours vs llama.cpp) | file size (ours / theirs) | prefill @{prefill} | "
              + " | ".join(f"decode @{c} context" for c in contexts)
              + " | logits error vs own f32: max abs (ours / theirs) | KL (ours / theirs) |",
              "|---" * (5 + len(contexts)) + "|"]
-    for name, _, kind in PRECISIONS:
+    for name, _, kind in (p for p in PRECISIONS if p[0] in names):
         cells = []
         for col in cols:
             ours = times[f"ours-{name}-static"][col]
@@ -342,6 +342,7 @@ def main() -> int:
     ap.add_argument("--compare-ours", type=Path, metavar="DIR", help="also time and check our static files of "
                     "another build, DIR/ours-{f32,int8,int4}-static.onnx where present (e.g. exported by an earlier "
                     "commit), as extra rows in the same interleaved rounds")
+    ap.add_argument("--only", default="f32,int8,int4", help="the precisions timed (the logits check runs all)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer d 64 BLOOM: checks the whole path in a minute")
     ap.add_argument("--json", default=None)
     # the stages' own arguments
@@ -393,16 +394,17 @@ def main() -> int:
     print("logits error:", json.dumps(errors), flush=True)
 
     load = [os.getloadavg()[0]]
-    samples = {label: [] for label, _, _ in timed_configs(files)}
+    names = args.only.split(",")
+    samples = {label: [] for label, _, _ in timed_configs(files, names)}
     for r in range(args.repeats):
-        for label, engine, path in timed_configs(files):
+        for label, engine, path in timed_configs(files, names):
             samples[label].append(run_child(args.peer, engine, path, "time", args))
             print(f"round {r + 1} {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in samples[label][-1].items()),
                   flush=True)
         load.append(os.getloadavg()[0])
     times = {label: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for label, runs in samples.items()}
     print(f"\nload average (1 min) at the start and after each round: {', '.join(f'{x:.1f}' for x in load)}")
-    print(table(times, sizes, errors, contexts, args.prefill))
+    print(table(times, sizes, errors, contexts, args.prefill, names))
     profiled = None
     if args.profile:
         sys.path.insert(0, str(ROOT / "tools"))
