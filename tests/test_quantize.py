@@ -154,6 +154,47 @@ def test_cli_target_prints_its_choice_and_exports_it(tmp_path, tiny_dir):
     assert (meta.attention, meta.dynamic_len) == ("onnx", True)
 
 
+def test_int8_embedding_reads_the_heads_blocks(tmp_path, tiny_tokenizer, rng):
+    """int8 keeps one table: the embedding Gather reads the tied LM head's 8-bit blocks (GatherBlockQuantized on
+    the head's own initializer), no float32 copy is left, and the logits stay those of the file that kept the
+    float32 table. Control: a head whose blocks are not the table (codes moved by the test) is not shared."""
+    from unittest import mock
+
+    from alibi_export import load
+    from alibi_export.runtime.onnxruntime import create_session
+    from tests.conftest import make_tiny
+
+    ckpt = load(make_tiny(tmp_path / "m", tiny_tokenizer, d_model=64, n_head=4, d_ff=128))  # 64 = 2 blocks of 32
+    vocab, width = ckpt.config.vocab_size, ckpt.config.d_model
+    tied = export_onnx(ckpt, tmp_path / "tied.onnx", quantize="int8").path
+    with mock.patch.object(quantize, "_embedding_from_head", lambda proto: 0):
+        kept = export_onnx(ckpt, tmp_path / "kept.onnx", quantize="int8").path
+    ops, inits = _ops(tied)
+    head = [n for n in ops if n.op_type == "MatMulNBits" and n.input[1] in inits and
+            any(a.name == "N" and a.i == vocab for a in n.attribute)]
+    gathers = [n for n in ops if n.op_type == "GatherBlockQuantized"]
+    assert len(head) == 1 and len(gathers) == 1 and gathers[0].input[0] == head[0].input[1], gathers
+    model = onnx.load(str(tied))
+    assert not [i.name for i in model.graph.initializer if list(i.dims) == [vocab, width]]  # no float32 table
+    saved = vocab * width * 4 - vocab * (width // 32) * 4  # the float32 table, less the gather's copy of the scales
+    assert tied.stat().st_size < kept.stat().st_size - 0.9 * saved, (tied.stat().st_size, kept.stat().st_size)
+    ids = rng.integers(0, vocab, (1, 48))
+    a, b = (create_session(p, threads=1).run(None, {"input_ids": ids})[0] for p in (tied, kept))
+    # Each embedding element moves by at most one 8-bit step (1/128 of its block's largest magnitude); through
+    # two post-LN blocks that stays well under 2% of the largest logit (measured: about 0.3%).
+    assert np.abs(a - b).max() < 0.02 * np.abs(b).max(), (np.abs(a - b).max(), np.abs(b).max())
+    # Control: the float32-table file with its head's codes moved by 2 steps in one row: not the table, not shared.
+    broken = onnx.load(str(kept))
+    inits = {i.name: i for i in broken.graph.initializer}
+    codes = numpy_helper.to_array(inits[head[0].input[1]]).copy()
+    codes[5] = np.clip(codes[5].astype(np.int16) + 2, 0, 255).astype(np.uint8)
+    inits[head[0].input[1]].CopyFrom(numpy_helper.from_array(codes, head[0].input[1]))
+    assert quantize._embedding_from_head(broken) == 0
+    assert [n.op_type for n in broken.graph.node if n.output[0] == gathers[0].output[0][:-len("_blocks")]] == \
+        ["Gather"]
+    assert quantize._embedding_from_head(onnx.load(str(kept))) == 1  # the unmoved codes are shared
+
+
 # ------------------------------------------------------------------ int8 arithmetic on every x86 kernel path
 INT16 = (-2 ** 15, 2 ** 15 - 1)  # VPMADDUBSW (AVX2, and AVX-512BW without VNNI) sums pairs of products into int16
 

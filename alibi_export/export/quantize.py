@@ -40,7 +40,8 @@ Why these choices (measured on 2 CPU cores, BENCHMARKS.md):
 - The tied LM head (``x @ wte.T``) is untied into its own constant first, so that the tools see a
   weight product (it is a quarter of the shipped model's work per token); the embedding table is
   quantized as well for int4 (``GatherBlockQuantized``, which ONNX Runtime's tool offers for 4 bits only),
-  which is what brings the file to ~0.16×.
+  which is what brings the file to ~0.16×. For int8 the embedding reads the LM head's own 8-bit blocks (one
+  table, see ``_embedding_from_head``), as llama.cpp's q8_0 does with its tied table.
 """
 from __future__ import annotations
 
@@ -146,8 +147,67 @@ def _sort_with_outer_scope(graph: onnx.GraphProto) -> None:
 
 
 def _int8(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
-    """8-bit ``MatMulNBits`` (the module's docstring says why not ``quantize_dynamic``'s u8 x s8 products)."""
-    return _nbits(proto, 8, block_size, INT8_ACCURACY_LEVEL, op_types=("MatMul",), quant_axes=(("MatMul", 0),))
+    """8-bit ``MatMulNBits`` (the module's docstring says why not ``quantize_dynamic``'s u8 x s8 products), the
+    embedding table read from the LM head's 8-bit blocks where the two were tied."""
+    out = _nbits(proto, 8, block_size, INT8_ACCURACY_LEVEL, op_types=("MatMul",), quant_axes=(("MatMul", 0),))
+    _embedding_from_head(out)
+    return out
+
+
+def _embedding_from_head(proto: onnx.ModelProto) -> int:
+    """Each float embedding Gather whose table the 8-bit LM head holds, to within one quantization step, reads
+    the head's blocks instead (``GatherBlockQuantized``, 8 bits, the same zero point 128): the file keeps one
+    int8 table where it kept a float32 one plus the head's int8 copy, as llama.cpp's q8_0 keeps its tied
+    ``token_embd`` (issue 23: the BLOOM of d 1024 and 32k tokens went from 1.7x q8_0's size to 1.1x). ONNX
+    Runtime's tool quantizes a Gather to 4 bits only, so the blocks are the tool's, shared, not re-made. The
+    Gather's output is (ids..., blocks, block) and a Reshape joins the last two axes. A table that is not the
+    head's (an untied model), or whose width is not a whole number of blocks, stays float32. Returns the count
+    of Gathers rewritten."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] in inits and n.input[2] in inits
+             and _attr(n, "bits") == 8]
+    done = 0
+    for gather in [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]:
+        table = inits[gather.input[0]]
+        if table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2 or _attr(gather, "axis", 0) != 0 \
+                or gather.input[1] not in ranks:
+            continue
+        rows, width = table.dims
+        for head in heads:
+            block = _attr(head, "block_size")
+            if (_attr(head, "N"), _attr(head, "K")) != (rows, width) or width % block or len(head.input) > 3:
+                continue
+            codes = numpy_helper.to_array(inits[head.input[1]])  # (rows, width / block, block) uint8
+            scales = numpy_helper.to_array(inits[head.input[2]]).reshape(rows, width // block, 1)
+            weights = numpy_helper.to_array(table).reshape(rows, width // block, block)
+            # Within one step: the tool's scale maps a block's largest magnitude to -128, so the opposite sign
+            # clamps at 127 (a rounding error up to one step there, half a step elsewhere).
+            if np.any(np.abs((codes.astype(np.float32) - 128) * scales - weights) > 1.001 * np.abs(scales) + 1e-12):
+                continue  # not this head's table
+            name = head.input[1] + "_gather_scales"
+            graph.initializer.extend([numpy_helper.from_array(scales, name), numpy_helper.from_array(
+                np.array([0] * ranks[gather.input[1]] + [width], dtype=np.int64), name + "_shape")])
+            blocks = gather.output[0] + "_blocks"
+            at = list(graph.node).index(gather)
+            graph.node.remove(gather)
+            graph.node.insert(at, onnx.helper.make_node("Reshape", [blocks, name + "_shape"], [gather.output[0]],
+                                                        name=(gather.name or blocks) + "_join"))
+            graph.node.insert(at, onnx.helper.make_node(
+                "GatherBlockQuantized", [head.input[1], gather.input[1], name], [blocks], domain="com.microsoft",
+                name=(gather.name or blocks) + "_Q8", gather_axis=0, quantize_axis=2, block_size=block, bits=8))
+            if not any(table.name in _outer_names(n) for n in graph.node):
+                graph.initializer.remove(table)
+            done += 1
+            break
+    if done and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _int4(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
