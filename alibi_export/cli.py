@@ -628,7 +628,7 @@ def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_pat
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", required=False, type=click.Path())
 @click.option("--context", type=click.IntRange(min=1),
               help="The row length the report is for: a head reaching it needs the full cache (default: 64x the "
                    "training length).")
@@ -637,13 +637,14 @@ def ppl(models, text, lengths, stride, max_tokens, provider, json_path, plot_pat
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report to this JSON file.")
 @_one_line_errors
 def reach(checkpoint, context, gap, json_path):
-    """How far back each ALiBi head can still matter, proved from CHECKPOINT's weights for every input: the
-    exact rolling window (--kv-window) and the heads that need the full context (docs/kv-window.md)."""
+    """How far back each ALiBi head can still matter, proved from CHECKPOINT's weights (default: the shipped
+    model) for every input: the exact rolling window (--kv-window) and the heads that need the full context
+    (docs/kv-window.md)."""
     from .perplexity import check_outputs
     from .reach import reach_of, write_reach_json
 
     check_outputs(json_path, None, kind="reach")  # before any work
-    result = reach_of(checkpoint, context=context, gap_bits=gap)
+    result = reach_of(_default_model(checkpoint), context=context, gap_bits=gap)
     click.echo(result.report())
     if json_path is not None:
         write_reach_json(result, json_path)
