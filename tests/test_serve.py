@@ -623,9 +623,11 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     m = _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 1)
     m = _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
     assert m["alibi_serve_queue_depth"] == 0
-    # Not streamed: the client gives up (its timeout closes the connection) while the answer is computed.
+    # Not streamed: the client gives up (its timeout closes the connection) while the answer is computed. The
+    # server notices within its 0.1 s poll; the 300 tokens take >= 0.6 s on an idle 2-core machine (a read
+    # timeout of 0.3 s with a 0.25 s poll once let them finish first there).
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.3))
+        httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.02))
     _wait_for(server, lambda m: m["alibi_serve_requests_total{cancelled}"] == before + 2)
     _wait_for(server, lambda m: m["alibi_serve_running_requests"] == 0 and m["alibi_serve_kv_tokens_in_use"] == 0)
 
