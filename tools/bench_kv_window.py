@@ -11,7 +11,7 @@ decode time and memory per token stay flat (issue 22, section 2).
   way up to ``--full-max`` tokens (its steps grow with the stream).
 
 Usage (repo root): PYTHONPATH=. python tools/bench_kv_window.py [ppl|decode|all] [--model DIR]
-  [--text FILE] [--tokens N] [--multiples 16,32,64] [--windows 1,2,4,8] [--probes 4096,...]
+  [--text FILE] [--tokens N | --spread K] [--multiples 16,32,64] [--windows 1,2,4,8] [--probes 4096,...]
   [--full-max 16384] [--rounds 15] [--threads 1] [--json FILE]
 Defaults: the shipped alibi-small; the books test split at ../shared (beside the repository, as for /work/main)
 when present, else the shipped excerpt (its opening, 55k tokens): pass --text for a worktree elsewhere.
@@ -42,29 +42,59 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_ppl(model_dir, tokens, train_len, multiples, windows) -> list[dict]:
+def run_ppl(model_dir, tokens, train_len, multiples, windows, segments=None, on_segment=None) -> list[dict]:
+    """Perplexity with the full context and with each window, per evaluation length. ``segments``: (start,
+    stop) token ranges scored separately and pooled (token-weighted mean log-likelihood), so that a sample
+    spread over the whole split costs a fraction of it; ``on_segment(rows)`` sees the pooled rows after each
+    segment, so an interrupted run keeps what it finished."""
     from alibi_export.checkpoint import load
     from alibi_export.perplexity import perplexity
     from alibi_export.runtime.pytorch import TorchRunner
 
     model = load(model_dir).model.set_attention("sdpa").eval()
+    segments = segments or [(0, len(tokens))]
+    pooled = {}  # (mult, "full" | W) -> [nll sum, tokens, windows, seconds]
     rows = []
-    for mult in multiples:
-        length = mult * train_len
-        t0 = time.perf_counter()
-        full = perplexity(TorchRunner(model), tokens, [length])[0]
-        row = {"length": length, "multiple": mult, "windows_scored": full.windows, "tokens_scored": full.tokens,
-               "ppl_full": full.ppl, "seconds_full": time.perf_counter() - t0, "window": {}}
-        for w in windows:
-            t0 = time.perf_counter()
-            got = perplexity(TorchRunner(model, kv_window=w * train_len), tokens, [length])[0].ppl
-            row["window"][f"{w}L"] = {"W": w * train_len, "ppl": got, "ratio": got / full.ppl,
-                                      "seconds": time.perf_counter() - t0}
-        rows.append(row)
-        print(f"{length:>6} full {full.ppl:8.3f} " + " ".join(
-            f"W={v['W']}: {v['ppl']:.3f} ({100 * (v['ratio'] - 1):+.2f}%)" for v in row["window"].values()),
-            flush=True)
+    for n, (start, stop) in enumerate(segments, 1):
+        part = tokens[start:stop]
+        for mult in multiples:
+            length = mult * train_len
+            for w in [None, *windows]:
+                t0 = time.perf_counter()
+                runner = TorchRunner(model) if w is None else TorchRunner(model, kv_window=w * train_len)
+                got = perplexity(runner, part, [length])[0]
+                acc = pooled.setdefault((mult, w), [0.0, 0, 0, 0.0])
+                acc[0] += float(np.log(got.ppl)) * got.tokens
+                acc[1] += got.tokens
+                acc[2] += got.windows
+                acc[3] += time.perf_counter() - t0
+        rows = []
+        for mult in multiples:
+            nll, count, wins, secs = pooled[(mult, None)]
+            full = float(np.exp(nll / count))
+            row = {"length": mult * train_len, "multiple": mult, "segments": n, "windows_scored": wins,
+                   "tokens_scored": count, "ppl_full": full, "seconds_full": secs, "window": {}}
+            for w in windows:
+                nll_w, count_w, _, secs_w = pooled[(mult, w)]
+                got = float(np.exp(nll_w / count_w))
+                row["window"][f"{w}L"] = {"W": w * train_len, "ppl": got, "ratio": got / full, "seconds": secs_w}
+            rows.append(row)
+            print(f"[{n}/{len(segments)} segments] {row['length']:>6} full {full:8.3f} " + " ".join(
+                f"W={v['W']}: {v['ppl']:.3f} ({100 * (v['ratio'] - 1):+.2f}%)" for v in row["window"].values()),
+                flush=True)
+        if on_segment is not None:
+            on_segment(rows)
     return rows
+
+
+def spread_segments(n_tokens: int, length: int, count: int) -> list[tuple[int, int]]:
+    """``count`` ranges of ``length + 1`` tokens (the +1 is the last target) evenly spaced over the text, never
+    overlapping: a sample of the whole split, not of its first book."""
+    if count * (length + 1) > n_tokens:
+        raise SystemExit(f"Error: {count} segments of {length} tokens need {count * (length + 1)} tokens; the text "
+                         f"has {n_tokens}")
+    step = (n_tokens - (length + 1)) // max(count - 1, 1)
+    return [(i * step, i * step + length + 1) for i in range(count)]
 
 
 def _feed(session, stream, probes, chunk):
@@ -143,6 +173,8 @@ def main():
     ap.add_argument("--model", default=str(shipped.default_model()))
     ap.add_argument("--text", default=str(BOOKS) if BOOKS.is_file() else str(shipped.default_text()))
     ap.add_argument("--tokens", type=int, default=65536, help="ppl: score the first N tokens of the text")
+    ap.add_argument("--spread", type=int, default=0,
+                    help="ppl: instead, score this many segments of the longest length spread over the whole text")
     ap.add_argument("--multiples", default="16,32,64", help="ppl: evaluation lengths, multiples of L")
     ap.add_argument("--windows", default="1,2,4,8", help="windows, multiples of L")
     ap.add_argument("--probes", default="4096,8192,16384,32768,65536", help="decode: stream lengths")
@@ -163,8 +195,20 @@ def main():
                "text_tokens": int(len(tokens))}
     print(f"{Path(args.text).name}: {len(tokens)} tokens", flush=True)
     if args.part in ("ppl", "all"):
-        results["ppl"] = run_ppl(args.model, tokens[: args.tokens + 1], train_len, ints(args.multiples),
-                                 ints(args.windows))
+        path = out_path("kv_window.json", args.json)
+
+        def partial(rows):  # each finished segment is on disk: a long run that is stopped keeps its sample
+            if path is not None and args.spread:
+                write_record(path, {**results, "ppl": rows, "spread": args.spread})
+
+        if args.spread:
+            segs = spread_segments(len(tokens), max(ints(args.multiples)) * train_len, args.spread)
+            results["segments"] = segs
+            results["ppl"] = run_ppl(args.model, tokens, train_len, ints(args.multiples), ints(args.windows),
+                                     segs, partial)
+        else:
+            results["ppl"] = run_ppl(args.model, tokens[: args.tokens + 1], train_len, ints(args.multiples),
+                                     ints(args.windows))
     if args.part in ("decode", "all"):
         results["decode"] = run_decode(args.model, tokens, train_len, ints(args.windows), ints(args.probes),
                                        args.full_max, args.rounds, args.threads, args.slack, args.onnx)
