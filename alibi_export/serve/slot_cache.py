@@ -103,7 +103,7 @@ class SlotCache:
         self.width = max(self.width, max(owned))  # wider: the running rows get masked columns, not copies
         T, L = self.width, mask.shape[1]
         free = sorted(set(range(self.slots)) - set(self.slot_of))
-        running = list(self.slot_of)
+        self._fill_holes(self.slot_of, before)  # the gap a wider batch opens in the running rows
         for i, n, slot in zip(rows, owned, free):
             dest = _join_columns(T, n)
             for buf, v in zip(self.buffers, values):
@@ -111,7 +111,7 @@ class SlotCache:
             self.mask[slot] = 0
             self.mask[slot, T - n:T] = 1
             self.slot_of.append(slot)
-        self._fill_holes(self.slot_of[len(running):] + (running if T > before else []))
+        self._fill_holes(free[:len(rows)])
         self.device.sync()
 
     def decode(self, ids: np.ndarray, window=None) -> np.ndarray:
@@ -183,15 +183,15 @@ class SlotCache:
         self.packs += 1
         self.device.sync()
 
-    def _fill_holes(self, slots: list[int]) -> None:
-        """The folded form: the padding entry into each column below the width that ``slots`` do not own
+    def _fill_holes(self, slots: list[int], start: int = 0) -> None:
+        """The folded form: the padding entry into each column in [start, width) that ``slots`` do not own
         (the only place a masked column is written; see the module's docstring)."""
-        if self.holes is None or not slots:
+        if self.holes is None or not slots or start >= self.width:
             return
-        rows, columns = np.nonzero(self.mask[slots, :self.width] == 0)
+        rows, columns = np.nonzero(self.mask[slots, start:self.width] == 0)
         if not len(rows):
             return
-        rows, columns = self.device.put(np.asarray(slots)[rows]), self.device.put(columns)
+        rows, columns = self.device.put(np.asarray(slots)[rows]), self.device.put(columns + start)
         for buf, hole in zip(self.buffers, self.holes):
             buf[rows, :, columns] = hole  # (k, heads, width) entries, each the (1, heads, width) padding entry
 
