@@ -550,7 +550,8 @@ def test_a_static_export_is_served_from_fixed_slots(slot_session, tmp_path, rng)
     """`serve` on a --static-cache export, either form: 8 concurrent clients of mixed lengths (chunked prefill at
     32, slots of 160 columns), streamed and not, each equal to its prompt alone; the KV gauge is back to 0 after."""
     static_session = slot_session
-    srv = _Server(static_session.path, tmp_path, "--max-batch", 4, "--prefill-chunk", 32, "--max-tokens-in-flight", 4 * 160)
+    srv = _Server(static_session.path, tmp_path, "--max-batch", 4, "--prefill-chunk", 32,
+                  "--max-tokens-in-flight", 4 * 160)
     try:
         prompts = [rng.integers(0, static_session.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 120, 8)]
         max_tokens = rng.integers(1, 30, 8).tolist()

@@ -23,9 +23,9 @@ travels in each cached key (export.attention_op), written when the key was. So a
 without owning it (left of a join, the gap a wider join opens, left of a moved or packed row) must hold
 what the model writes for a padding token (``batch_cache.padding_entries``, as the concatenating form's
 holes do); a stale key left there by an earlier row, or a zero key, is attended (without this fill, 8 of
-the 12 greedy answers of tests/test_serve.py's packing schedule differed from the prompt alone). ``_fill_holes`` writes them, once per change of
-layout, never per step. A row's ALiBi positions need nothing: the graph counts them over its mask's ones
-(the real tokens), whichever columns hold them.
+the 12 greedy answers of tests/test_serve.py's packing schedule differed from the prompt alone).
+``_fill_holes`` writes them, once per change of layout, never per step. A row's ALiBi positions need
+nothing: the graph counts them over its mask's ones (the real tokens), whichever columns hold them.
 
 The buffers are numpy arrays on the CPU and torch tensors on CUDA (torch is this package's own dependency;
 ONNX Runtime offers no copy into part of an OrtValue); the graph sees the same memory through IO binding.
