@@ -186,11 +186,15 @@ def test_folded_form_equals_concat_form(sessions, folded_exports, rng):
     for path in folded_exports.values():  # no attention_bias: ONNX Runtime's CUDA GroupQueryAttention refuses one
         nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "GroupQueryAttention"]
         assert len(nodes) == 2 and all(len(n.input) == 7 for n in nodes)
-    # The server's fixed slots move rows to other columns, which the folded form's stored positions do not follow:
-    # refused in one line (control: the default static form of the same model is served, test above).
-    from alibi_export.errors import AlibiExportError
+    # The server serves it from fixed slots, filling the masked columns a step reads with the model's padding
+    # entry, whose key carries the padding mark (PAD_SCORE against every query; tests/test_serve.py checks the
+    # answers). Control: the default static form masks by its bias and needs no fill.
+    from alibi_export.export.attention_op import _PAD, POS_BASE
     from alibi_export.serve.engine import Engine
 
-    with pytest.raises(AlibiExportError, match="folded static form") as e:
-        Engine(folded)
-    assert "\n" not in str(e.value)
+    cache = Engine(folded).cache
+    assert type(cache).__name__ == "SlotCache" and len(cache.holes) == len(cache.buffers)
+    D = folded.config.head_dim
+    key = cache.holes[0]  # (1, kv heads, width): the first layer's padding key
+    assert np.allclose(key[..., D + _PAD], POS_BASE)
+    assert Engine(sessions[1]).cache.holes is None

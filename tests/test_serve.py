@@ -62,10 +62,30 @@ def static_session(static_path):
     return GenerationSession(static_path)
 
 
-@pytest.fixture(params=["concat", "static"])
+@pytest.fixture(scope="module")
+def folded_session(tmp_path_factory, shipped):
+    """The folded static form (--static-cache --attention onnx: the ALiBi term and the padding mark in extra
+    cache columns, no attention bias; the form ONNX Runtime CUDA runs in float16), also served from slots."""
+    from alibi_export.export.onnx import export_onnx
+
+    return GenerationSession(export_onnx(shipped, tmp_path_factory.mktemp("serve-folded") / f"{MODEL_ID}.onnx",
+                                         kv_cache=True, static_cache=STATIC_LMAX, attention="onnx").path)
+
+
+FORMS = {"concat": "session", "static": "static_session", "folded": "folded_session"}
+
+
+@pytest.fixture(params=list(FORMS))
 def form_session(request):
-    """Each engine test runs on both export forms: the concatenated cache (BatchCache) and fixed slots (SlotCache)."""
-    return request.getfixturevalue("session" if request.param == "concat" else "static_session")
+    """Each engine test runs on every export form: the concatenated cache (BatchCache) and the two static forms'
+    fixed slots (SlotCache)."""
+    return request.getfixturevalue(FORMS[request.param])
+
+
+@pytest.fixture(params=["static", "folded"])
+def slot_session(request):
+    """The static forms, which the engine serves from fixed slots."""
+    return request.getfixturevalue(FORMS[request.param])
 
 
 def _prompts(rng, vocab, n, longest=100):
@@ -322,12 +342,12 @@ def _decode_steps(session, monkeypatch, engine):
     return steps
 
 
-def test_slots_pack_and_move_rows_and_each_prompt_still_equals_it_alone(static_session, rng, monkeypatch):
+def test_slots_pack_and_move_rows_and_each_prompt_still_equals_it_alone(slot_session, rng, monkeypatch):
     """Slots of 124 columns, 12 requests of 12-23 new tokens: the batch's width reaches the buffers' end (rows
     are packed), rows leave from the middle (the last row moves into the hole), and every decode step runs the
     occupied rows only, on the buffers allocated once (bound in place: no step copies the cache). Each greedy
-    text still equals the prompt alone. (The CUDA twin: tests/test_serve_cuda.py.)"""
-    session = static_session
+    text still equals the prompt alone, on both static forms. (The CUDA twin: tests/test_serve_cuda.py.)"""
+    session = slot_session
     prompts, _, joins = _schedule(rng, session)  # prompts < 100 tokens
     max_tokens = rng.integers(12, 24, len(prompts)).tolist()
     engine = Engine(session, EngineConfig(max_batch=4, prefill_chunk=16, max_tokens_in_flight=4 * 124))
@@ -354,6 +374,29 @@ def test_a_join_copied_into_the_wrong_columns_changes_the_tokens(static_session,
     engine = Engine(static_session, EngineConfig(max_batch=6, prefill_chunk=16, max_context=256))
     got = _run_schedule(engine, prompts, max_tokens, joins)
     assert [got.results[i].text for i in range(len(prompts))] != alone
+
+
+def test_folded_slots_attend_what_their_masked_columns_hold(folded_session, static_session, rng):
+    """The folded form masks a column by the padding mark its cached key carries, not by the attention mask: the
+    slots fill every masked column a step reads (left of a join, the gap a wider join opens, left of a moved or
+    packed row) with the model's padding entry. Controls, the same schedule as the test above: masked columns
+    left as they are (zeros, or an earlier row's keys: the behaviour before the fill), then filled with a zero
+    key, each change the tokens; the default static form's slots need no fill (their bias masks)."""
+    session = folded_session
+    prompts, _, joins = _schedule(rng, session)
+    max_tokens = rng.integers(12, 24, len(prompts)).tolist()
+    alone = [session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    config = EngineConfig(max_batch=4, prefill_chunk=16, max_tokens_in_flight=4 * 124)
+    engine = Engine(session, config)
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    assert [got.results[i].text for i in range(len(prompts))] == alone
+    assert engine.cache.packs > 0 and engine.cache.moves > 0
+    for holes in (None, [np.zeros_like(h) for h in engine.cache.holes]):
+        stale = Engine(session, config)
+        stale.cache.holes = holes
+        got = _run_schedule(stale, prompts, max_tokens, joins)
+        assert [got.results[i].text for i in range(len(prompts))] != alone
+    assert Engine(static_session, config).cache.holes is None
 
 
 def test_slots_budget_waits_and_refuses(static_session, rng):
@@ -503,10 +546,12 @@ def test_32_concurrent_clients_each_equal_the_prompt_alone(server, session, rng)
     assert after["alibi_serve_running_requests"] == 0 and after["alibi_serve_kv_tokens_in_use"] == 0
 
 
-def test_a_static_export_is_served_from_fixed_slots(static_path, static_session, tmp_path, rng):
-    """`serve` on a --static-cache export: 8 concurrent clients of mixed lengths (chunked prefill at 32, slots of
-    160 columns), streamed and not, each equal to its prompt alone; the KV gauge is back to 0 after."""
-    srv = _Server(static_path, tmp_path, "--max-batch", 4, "--prefill-chunk", 32, "--max-tokens-in-flight", 4 * 160)
+def test_a_static_export_is_served_from_fixed_slots(slot_session, tmp_path, rng):
+    """`serve` on a --static-cache export, either form: 8 concurrent clients of mixed lengths (chunked prefill at
+    32, slots of 160 columns), streamed and not, each equal to its prompt alone; the KV gauge is back to 0 after."""
+    static_session = slot_session
+    srv = _Server(static_session.path, tmp_path, "--max-batch", 4, "--prefill-chunk", 32,
+                  "--max-tokens-in-flight", 4 * 160)
     try:
         prompts = [rng.integers(0, static_session.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 120, 8)]
         max_tokens = rng.integers(1, 30, 8).tolist()

@@ -11,7 +11,9 @@ Three systems, the same prompts (books test split, mixed lengths) and the same m
               when a row leaves (no move of the last row into the hole): what running free slots costs
 
 With --static-cache LMAX the same model is also exported with a static cache (GroupQueryAttention over buffers
-updated in place, served from fixed slots), and every system runs on both forms, one after the other.
+updated in place, served from fixed slots), and every system runs on both forms, one after the other. With
+--random and --provider cuda the static export takes the cuda target's options too: the folded static form
+(--attention onnx, fp16), the one whose GroupQueryAttention runs on ONNX Runtime's CUDA kernel.
 
 Two loads: closed loop (CLIENTS clients, each sending its next request when the last one finished) and,
 with --rate, open loop (Poisson arrivals at RATE requests/s). Reported per system: generated tokens/s,
@@ -309,6 +311,7 @@ def main():
         print(f"exported {model.name} ({options or 'defaults'}) in {time.perf_counter() - t:.0f} s", flush=True)
     else:
         model = args.model or shipped_kv_export()
+        options = {}
     forms = [("concat", model)]
     if args.static_cache:
         from alibi_export import load
@@ -317,7 +320,7 @@ def main():
         from alibi_export.shipped import default_model
 
         if args.random:
-            source = checkpoint  # float32: the static form's only dtype
+            source = checkpoint  # with the concat export's options: on cuda the folded form in float16
         elif args.model:
             raise SystemExit("Error: --static-cache exports the shipped model or --random. Note: pass a static "
                              "export's twin with --model only by exporting it yourself")
@@ -328,9 +331,9 @@ def main():
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-static-"))
         t = time.perf_counter()
         static = export_onnx(source, tmp / f"{model.stem}-static.onnx", kv_cache=True,
-                             static_cache=args.static_cache).path
-        print(f"exported {static.name} (--static-cache {args.static_cache}) in {time.perf_counter() - t:.0f} s",
-              flush=True)
+                             static_cache=args.static_cache, **options).path
+        print(f"exported {static.name} (--static-cache {args.static_cache}, {options or 'defaults'}) in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
         forms.append(("static", static))
     sessions = {form: GenerationSession(path, provider=args.provider, threads=args.threads) for form, path in forms}
     session = sessions["concat"]

@@ -27,10 +27,11 @@ _ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}  # onnx.Tensor
 
 def padding_entries(session) -> list[np.ndarray]:
     """What the model writes into its cache for a padding token: one (1, kv heads, 1, width) array per
-    past input, taken from a prefill of [pad, token] whose first column is masked."""
+    past input, taken from a prefill of [pad, token] whose first column is masked (a static-cache file's
+    buffers are allocated for those 2 columns)."""
     ids = np.zeros((1, 2), dtype=np.int64)
     mask = np.array([[0, 1]], dtype=np.int64)
-    _, presents = session.step(ids, mask, session.new_cache(1))
+    _, presents = session.step(ids, mask, session.new_cache(1, 2))
     return [p.numpy()[:, :, :1, :].copy() for p in presents]
 
 

@@ -155,13 +155,6 @@ class Engine:
             check_window_form(session.config, session.cache_width, repr(str(session.path)))
         self.session, self.config, self.observer = session, config, observer or _Observer()
         self.max_context = config.max_context
-        if static is not None and session.cache_width != session.config.head_dim:
-            # The folded form (--attention onnx) keeps each key's position in its cache columns and takes the
-            # write column from the mask's width: a row copied into a slot at other columns keeps stale
-            # positions (measured: 5 of 10 greedy answers differ from the prompt alone).
-            raise AlibiExportError(f"{str(session.path)!r} is the folded static form (--attention onnx), which the "
-                                   "server's fixed slots do not serve yet. Note: serve the default static form "
-                                   "(--kv-cache --static-cache LMAX) or a --kv-cache export")
         if static is not None:
             # Fixed slots, allocated once: max_batch rows of the budget's share of columns (at most LMAX).
             columns = min(static.limit, config.max_tokens_in_flight // config.max_batch)

@@ -16,6 +16,17 @@ heads, columns, head width), allocated once, and one shared width ``T``:
   row's own columns are packed against the right end of a narrower ``T``: one copy of the cache, once every
   many steps.
 
+A step reads all ``T`` columns of every row, its own and the masked ones. The default static form masks by
+the attention mask (its bias), so what a masked column holds does not matter. The folded form (``--attention
+onnx``: no attention bias, which ONNX Runtime's CUDA GroupQueryAttention refuses) cannot: the padding mark
+travels in each cached key (export.attention_op), written when the key was. So a column a row attends
+without owning it (left of a join, the gap a wider join opens, left of a moved or packed row) must hold
+what the model writes for a padding token (``batch_cache.padding_entries``, as the concatenating form's
+holes do); a stale key left there by an earlier row, or a zero key, is attended (without this fill, 8 of
+the 12 greedy answers of tests/test_serve.py's packing schedule differed from the prompt alone).
+``_fill_holes`` writes them, once per change of layout, never per step. A row's ALiBi positions need
+nothing: the graph counts them over its mask's ones (the real tokens), whichever columns hold them.
+
 The buffers are numpy arrays on the CPU and torch tensors on CUDA (torch is this package's own dependency;
 ONNX Runtime offers no copy into part of an OrtValue); the graph sees the same memory through IO binding.
 Both index and assign alike, so one code path copies on either device (``_Device`` holds the differences:
@@ -29,7 +40,7 @@ import numpy as np
 
 from ..errors import AlibiExportError
 from ..runtime.kv_buffer import BufferView
-from .batch_cache import DeviceOps
+from .batch_cache import DeviceOps, padding_entries
 
 __all__ = ["SlotCache"]
 
@@ -55,6 +66,9 @@ class SlotCache:
         self.width = 0  # T: the columns every row's next step attends
         self.slot_of: list[int] = []
         self.ops = DeviceOps(session, session.n_past)
+        # The folded form's padding entry (1, heads, width) per buffer; None where the mask alone masks
+        self.holes = ([self.device.put(h[:, :, 0]) for h in padding_entries(session)]
+                      if session.cache_width != session.config.head_dim else None)
         self.packs = self.moves = 0  # times the rows were packed (columns reclaimed), rows moved into a hole
         self.move_rows = True  # False leaves holes in the prefix (stepped as padding rows): the benchmark's variant
         self.device.sync()
@@ -85,9 +99,11 @@ class SlotCache:
             raise AlibiExportError(f"{len(rows)} rows do not fit in {self.slots - len(self.slot_of)} free slots")
         if not self.slot_of:
             self.width = 0
+        before = self.width
         self.width = max(self.width, max(owned))  # wider: the running rows get masked columns, not copies
         T, L = self.width, mask.shape[1]
         free = sorted(set(range(self.slots)) - set(self.slot_of))
+        self._fill_holes(self.slot_of, before)  # the gap a wider batch opens in the running rows
         for i, n, slot in zip(rows, owned, free):
             dest = _join_columns(T, n)
             for buf, v in zip(self.buffers, values):
@@ -95,6 +111,7 @@ class SlotCache:
             self.mask[slot] = 0
             self.mask[slot, T - n:T] = 1
             self.slot_of.append(slot)
+        self._fill_holes(free[:len(rows)])
         self.device.sync()
 
     def decode(self, ids: np.ndarray, window=None) -> np.ndarray:
@@ -132,6 +149,7 @@ class SlotCache:
                 buf[hole, :, first:self.width] = buf[last, :, first:self.width]
             self.mask[hole], self.mask[last] = self.mask[last], 0
             self.slot_of[self.slot_of.index(last)] = hole
+            self._fill_holes([hole])
             self.moves += 1
             moved = True
         if moved:
@@ -161,8 +179,21 @@ class SlotCache:
             packed[slot, longest - owned[slot]:longest] = 1
         self.mask[:hi] = packed
         self.width = longest
+        self._fill_holes(self.slot_of)
         self.packs += 1
         self.device.sync()
+
+    def _fill_holes(self, slots: list[int], start: int = 0) -> None:
+        """The folded form: the padding entry into each column in [start, width) that ``slots`` do not own
+        (the only place a masked column is written; see the module's docstring)."""
+        if self.holes is None or not slots or start >= self.width:
+            return
+        rows, columns = np.nonzero(self.mask[slots, start:self.width] == 0)
+        if not len(rows):
+            return
+        rows, columns = self.device.put(np.asarray(slots)[rows]), self.device.put(columns + start)
+        for buf, hole in zip(self.buffers, self.holes):
+            buf[rows, :, columns] = hole  # (k, heads, width) entries, each the (1, heads, width) padding entry
 
     def _view(self, array) -> BufferView:
         s = self.session
@@ -191,6 +222,10 @@ class _Device:
             array.fill(0)
             return array
         return np.zeros(shape, dtype=self.dtype)
+
+    def put(self, array: np.ndarray):
+        """A host array (values or indices) on the slots' device."""
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.where) if self.cuda else array
 
     def address(self, array) -> int:
         return array.data_ptr() if self.cuda else array.ctypes.data
