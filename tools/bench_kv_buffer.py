@@ -37,8 +37,10 @@ def filled_caches(session, batch: int, context: int, rng) -> list:
     return [OrtValue.ortvalue_from_numpy(rng.standard_normal(shape, dtype=np.float32)) for _ in session._past_names]
 
 
-def profile(paths: dict, batch: int, context: int, threads: int, steps: int = 6) -> dict:
-    """ONNX Runtime's profile of ``steps`` decode steps of each form: kernel ms/step and each op type's share."""
+def profile(paths: dict, batch: int, context: int, threads: int, steps: int = 6, prefill: int = 0) -> dict:
+    """ONNX Runtime's profile of ``steps`` decode steps of each form: kernel ms/step and each op type's share.
+    With ``prefill`` > 0, ``steps`` prefills of that many tokens into an empty cache instead, and the share of
+    the largest single node (the LM head, whose (batch, prefill, vocab) logits a prefill computes in full)."""
     import collections
     import json
 
@@ -53,20 +55,31 @@ def profile(paths: dict, batch: int, context: int, threads: int, steps: int = 6)
         options.intra_op_num_threads, options.enable_profiling = threads, True
         options.profile_file_prefix = str(Path(path).with_suffix("")) + "-profile"
         session.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        cache = filled_caches(session, batch, context, np.random.default_rng(0))
-        ids, mask = np.ones((batch, 1), np.int64), np.ones((batch, context + 1), np.int64)
-        for _ in range(steps):
-            session.step(ids, mask, cache)
+        if prefill:
+            ids = np.random.default_rng(0).integers(3, 4000, (batch, prefill))
+            mask = np.ones((batch, prefill), np.int64)
+            for _ in range(steps):
+                session.step(ids, mask, session.new_cache(batch, prefill))
+        else:
+            cache = filled_caches(session, batch, context, np.random.default_rng(0))
+            ids, mask = np.ones((batch, 1), np.int64), np.ones((batch, context + 1), np.int64)
+            for _ in range(steps):
+                session.step(ids, mask, cache)
         events = json.loads(Path(session.session.end_profiling()).read_text())
-        ops = collections.Counter()
+        ops, nodes = collections.Counter(), collections.Counter()
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 ops[e["args"]["op_name"]] += e["dur"]
+                nodes[e["name"].removesuffix("_kernel_time")] += e["dur"]
         total = sum(ops.values())
+        (top, top_us), = nodes.most_common(1)
         out[name] = {"kernel_ms_per_step": total / steps / 1e3,
-                     "share": {op: t / total for op, t in ops.most_common(8)}}
-        print(f"profile {name}, batch {batch}, context {context}: kernels {total / steps / 1e3:.1f} ms/step: "
-              + ", ".join(f"{op} {100 * t / total:.0f}%" for op, t in ops.most_common(6)), flush=True)
+                     "share": {op: t / total for op, t in ops.most_common(8)},
+                     "largest_node": {"name": top, "ms_per_step": top_us / steps / 1e3, "share": top_us / total}}
+        where = f"prefill of {prefill}" if prefill else f"context {context}"
+        print(f"profile {name}, batch {batch}, {where}: kernels {total / steps / 1e3:.1f} ms/step: "
+              + ", ".join(f"{op} {100 * t / total:.0f}%" for op, t in ops.most_common(6))
+              + f"; largest node {top} {top_us / steps / 1e3:.1f} ms ({100 * top_us / total:.0f}%)", flush=True)
     return out
 
 

@@ -339,6 +339,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed at each context (median)")
     ap.add_argument("--profile", type=int, metavar="CONTEXT", help="also ONNX Runtime's profile of our static "
                     "files' decode step at this context (tools/bench_kv_buffer.py's profile)")
+    ap.add_argument("--profile-prefill", action="store_true", help="also ONNX Runtime's profile of our static "
+                    "files' prefill of --prefill tokens (op shares, and the LM head's share)")
     ap.add_argument("--compare-ours", type=Path, metavar="DIR", help="also time and check our static files of "
                     "another build, DIR/ours-{f32,int8,int4}-static.onnx where present (e.g. exported by an earlier "
                     "commit), as extra rows in the same interleaved rounds")
@@ -412,6 +414,13 @@ def main() -> int:
 
         profiled = profile({f"{name}-static": files[f"ours-{name}-static"] for name, _, _ in PRECISIONS}, 1,
                            args.profile, THREADS)
+    if args.profile_prefill:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from bench_kv_buffer import profile
+
+        profiled = {"decode": profiled, "prefill": profile(
+            {f"{name}-static": files[f"ours-{name}-static"] for name, _, _ in PRECISIONS}, 1, 0, THREADS, steps=3,
+            prefill=args.prefill)}
     path = out_path("bench_llamacpp.json", args.json)
     if path:
         write_record(path, {"sizes_mb": sizes, "errors": errors, "samples": samples, "medians": times,

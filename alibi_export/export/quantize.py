@@ -24,6 +24,7 @@ Why these choices (measured on 2 CPU cores, BENCHMARKS.md):
       + reduce_range (7-bit weights)       1.0010 1.0025 1.0016    1.048 1.052     0.972 0.964   1.018 1.017
       quantize_dynamic uint8 (U8U8)        1.0008 1.0016 1.0014    0.981 0.997     0.990 1.026   1.010 1.030
       MatMulNBits 8-bit, level 4 (chosen)  1.0005 1.0007 1.0004    1.003 0.993     1.000 1.015   0.989 1.013
+      (the same, blocks re-rounded as q8_0 since: the shipped model's gate 0.9995 0.9999 0.9998, BENCHMARKS.md)
 
   7-bit weights and U8U8 cannot saturate either, but lose more than the gate allows on the tiny random
   Hugging Face models (whose fp32 perplexity is ~1e8: quantization noise moves it a few percent); blocks
