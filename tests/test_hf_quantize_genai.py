@@ -60,16 +60,18 @@ def test_quantized_exports_run_and_pass_the_gate(models, tokens, tmp_path, varia
 
 
 def test_the_gate_refuses_an_int4_export_over_its_tolerance(models, tokens, tmp_path):
-    """BLOOM int4 on these random weights is over the default int4 gate (1.08) at 1x: measured ratio 1.086 with
-    block 32 (1.095 with block 16; 1.018 at 4x). Their logits are extreme (fp32 perplexity ~4e8 on English)
-    and int4 noise moves them more than a trained model's (shipped model: 1.03). The gate says so, and a
-    wider --ppl-tolerance lets it through: what the export command does with these numbers."""
+    """BLOOM int4 on these random weights is over the default int4 gate (1.08) at 1x: measured ratio 1.101 with
+    block 32 and the LM head at 8 bits (0.931 at 4x; 1.086 and 1.018 when the head was 4-bit too, 1.095 with
+    block 16). Their logits are extreme (fp32 perplexity ~4e8 on English) and quantization noise moves them
+    more than a trained model's (shipped model: 1.02). The gate says so, and a wider --ppl-tolerance lets it
+    through: what the export command does with these numbers. The bounds bracket the deterministic measured
+    value (fixed weights, fixed text); they say the file is over 1.08, not how far."""
     m = models(FAST[0])
     path = export_onnx(m.ckpt, tmp_path / "q.onnx", quantize="int4", kv_cache=True).path
     gate = perplexity_gate(path, m.ckpt.model, tokens, LENGTHS)
     worst = max(r.ratio for r in gate.rows)
-    assert not gate and gate.tolerance == 1.08 and 1.08 < worst < 1.10, [r.ratio for r in gate.rows]
-    assert perplexity_gate(path, m.ckpt.model, tokens, LENGTHS, tolerance=1.10)
+    assert not gate and gate.tolerance == 1.08 and 1.08 < worst < 1.12, [r.ratio for r in gate.rows]
+    assert perplexity_gate(path, m.ckpt.model, tokens, LENGTHS, tolerance=1.12)
 
 
 # ----------------------------------------------------------------------------------------- genai

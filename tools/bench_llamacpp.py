@@ -333,7 +333,8 @@ def main() -> int:
     ap.add_argument("--llama-cpp", type=Path,
                     default=Path("/work/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp"),
                     help="llama.cpp's source (the sdist's vendor/llama.cpp): its converter")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of fresh processes (medians over them)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of fresh processes (medians over them; 0: "
+                    "only the file sizes and the logits check)")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--steps", type=int, default=8, help="decode steps timed at each context (median)")
@@ -395,6 +396,11 @@ def main() -> int:
     errors["ours-f32 vs llama-f32"] = logits_error(logits["llama-f32"], logits["ours-f32"])
     print("logits error:", json.dumps(errors), flush=True)
 
+    if args.repeats == 0:  # the sizes and the logits check only
+        path = out_path("bench_llamacpp.json", args.json)
+        if path:
+            write_record(path, {"sizes_mb": sizes, "errors": errors, "work": str(work)})
+        return 0
     load = [os.getloadavg()[0]]
     names = args.only.split(",")
     samples = {label: [] for label, _, _ in timed_configs(files, names)}

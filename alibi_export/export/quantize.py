@@ -3,16 +3,15 @@
 options and records what was done in the file's metadata.
 
 Why these choices (measured on 2 CPU cores, BENCHMARKS.md):
-- int8 is 8-bit ``MatMulNBits`` (symmetric weights per block of 32 along K, rounded as llama.cpp's q8_0:
-  scale ``max|w| / 127``; ``accuracy_level`` 4: the kernel quantizes the activations to int8 per block of
-  32, ``max|x| / 127``), not ``quantize_dynamic``
+- int8 is 8-bit ``MatMulNBits`` (symmetric weights per block of 32 along K, ``accuracy_level`` 4: the
+  kernel quantizes the activations to int8 per block of 32, ``max|x| / 127``), not ``quantize_dynamic``
   (issue 19). ``quantize_dynamic`` multiplies u8 activations (0..255) by int8 weights: ONNX Runtime's AVX2
   kernel, and its AVX-512BW kernel on CPUs without VNNI, add each pair of products into int16 with
   saturation (VPMADDUBSW; 2 x 255 x 127 = 64,770 > 32,767), while VNNI and AMX accumulate int32. So a file
   gated on a VNNI machine lost accuracy on an AVX2 server: perplexity over float32 1.28-1.31 on a BLOOM
   post-LN model, 1.03-1.11 MPT, 1.04-1.044 Falcon multi-query (the gate is 1.02). Here the operands are
-  bounded by |a| <= 127 and |w - 128| <= 127 (weight codes centred on their zero point), so a pair is at
-  most 2 x 127 x 127 = 32,258 < 32,767: a path that sums pairs in int16 cannot saturate, and the VNNI paths
+  bounded by |a| <= 127 and |w - 128| <= 128 (weight codes centred on their zero point), so a pair is at
+  most 2 x 127 x 128 = 32,512 < 32,767: a path that sums pairs in int16 cannot saturate, and the VNNI paths
   (AVX-VNNI, AVX-512 VNNI) sum in int32. On this AVX2 CPU the kernel's output equals the exact integer
   product (tests/test_quantize.py emulates the arithmetic on the file's weights and real activations and
   compares ONNX Runtime's kernel with it). Not measured: the
@@ -24,7 +23,6 @@ Why these choices (measured on 2 CPU cores, BENCHMARKS.md):
       + reduce_range (7-bit weights)       1.0010 1.0025 1.0016    1.048 1.052     0.972 0.964   1.018 1.017
       quantize_dynamic uint8 (U8U8)        1.0008 1.0016 1.0014    0.981 0.997     0.990 1.026   1.010 1.030
       MatMulNBits 8-bit, level 4 (chosen)  1.0005 1.0007 1.0004    1.003 0.993     1.000 1.015   0.989 1.013
-      (the same, blocks re-rounded as q8_0 since: the shipped model's gate 0.9995 0.9999 0.9998, BENCHMARKS.md)
 
   7-bit weights and U8U8 cannot saturate either, but lose more than the gate allows on the tiny random
   Hugging Face models (whose fp32 perplexity is ~1e8: quantization noise moves it a few percent); blocks
@@ -152,52 +150,9 @@ def _sort_with_outer_scope(graph: onnx.GraphProto) -> None:
 def _int8(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
     """8-bit ``MatMulNBits`` (the module's docstring says why not ``quantize_dynamic``'s u8 x s8 products), the
     embedding table read from the LM head's 8-bit blocks where the two were tied."""
-    originals = _matmul_weights(proto)
     out = _nbits(proto, 8, block_size, INT8_ACCURACY_LEVEL, op_types=("MatMul",), quant_axes=(("MatMul", 0),))
-    _round_to_nearest(out, originals)
     _embedding_from_head(out)
     return out
-
-
-def _matmul_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The float weights of the graph's constant products, by name, before the tool replaces them."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    return {n.input[1]: numpy_helper.to_array(inits[n.input[1]]) for n in proto.graph.node
-            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-            and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT}
-
-
-def _round_to_nearest(proto: onnx.ModelProto, originals: dict[str, np.ndarray]) -> int:
-    """Re-round the tool's 8-bit blocks as llama.cpp's q8_0 does: scale max|w| / 127, codes rounded to the
-    nearest step (|error| <= half a step everywhere). The tool's symmetric scale is max|w| / 128 with the
-    largest magnitude's sign: that value is exact, but a weight of the opposite sign near it clamps at 127, a
-    full step off, and the shared table then carried that error into the embedding too (issue 23: logits
-    error 0.065 against q8_0's 0.059 on a BLOOM of d 1024). The graph stays the tool's; only the codes and
-    scales change. Returns the count of products re-rounded."""
-    inits = {i.name: i for i in proto.graph.initializer}
-    done = 0
-    for node in proto.graph.node:
-        if node.op_type != "MatMulNBits" or _attr(node, "bits") != 8 or len(node.input) != 3:
-            continue
-        weight = originals.get(node.input[1].removesuffix("_Q8"))
-        codes, scales = inits.get(node.input[1]), inits.get(node.input[2])
-        if weight is None or codes is None or scales is None:
-            continue
-        k, n = weight.shape
-        block = _attr(node, "block_size")
-        blocks = -(-k // block)
-        w = np.zeros((n, blocks * block), dtype=np.float32)
-        w[:, :k] = weight.T
-        w = w.reshape(n, blocks, block)
-        step = np.abs(w).max(-1, keepdims=True) / 127
-        q = np.rint(np.divide(w, step, out=np.zeros_like(w), where=step > 0))
-        new_codes = (np.clip(q, -127, 127) + 128).astype(np.uint8)
-        if tuple(codes.dims) != new_codes.shape or int(np.prod(scales.dims)) != n * blocks:
-            continue
-        codes.CopyFrom(numpy_helper.from_array(new_codes, codes.name))
-        scales.CopyFrom(numpy_helper.from_array(step.reshape(tuple(scales.dims)).astype(np.float32), scales.name))
-        done += 1
-    return done
 
 
 def _embedding_from_head(proto: onnx.ModelProto) -> int:
@@ -228,8 +183,8 @@ def _embedding_from_head(proto: onnx.ModelProto) -> int:
             codes = numpy_helper.to_array(inits[head.input[1]])  # (rows, width / block, block) uint8
             scales = numpy_helper.to_array(inits[head.input[2]]).reshape(rows, width // block, 1)
             weights = numpy_helper.to_array(table).reshape(rows, width // block, block)
-            # Within one step: half a step as ``_round_to_nearest`` leaves the blocks; one where the tool's own
-            # rounding clamps a block's opposite sign at 127.
+            # Within one step: the tool's scale maps a block's largest magnitude to -128, so the opposite sign
+            # clamps at 127 (a rounding error up to one step there, half a step elsewhere).
             if np.any(np.abs((codes.astype(np.float32) - 128) * scales - weights) > 1.001 * np.abs(scales) + 1e-12):
                 continue  # not this head's table
             name = head.input[1] + "_gather_scales"
@@ -257,13 +212,12 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def _int4(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
-    """4-bit blocks for the layers' products; the LM head keeps 8 bits (rounded as int8's), and a tied
+    """4-bit blocks for the layers' products; the LM head keeps 8 bits (int8's blocks), and a tied
     embedding reads the head's blocks. The head writes the logits directly, so its error is not averaged
     away by any later layer: with it at 4 bits, the logits error on a BLOOM of d 1024 was 0.73 against
     llama.cpp q4_0's 0.52, which keeps its output table at 6 bits (Q6_K) for the same reason (issue 23).
     Where the embedding is not the head's table it stays a 4-bit ``GatherBlockQuantized``, as before."""
     heads = _lm_heads(proto)
-    originals = _matmul_weights(proto)
     tied = {g.name for g in proto.graph.node if g.op_type == "Gather" and any(h[1] == g.input[0] for h in heads)}
     # accuracy_level 4: int8 activations in the kernel (ONNX Runtime's fast CPU path for MatMulNBits).
     out = _nbits(proto, 4, block_size, 4, op_types=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)),
@@ -271,7 +225,6 @@ def _int4(proto: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
     if heads:
         out = _nbits(out, 8, block_size, 4, op_types=("MatMul",), quant_axes=(("MatMul", 0),),
                      include=[h[0] for h in heads])
-        _round_to_nearest(out, originals)
         _embedding_from_head(out)
     return out
 
