@@ -51,7 +51,7 @@ def _ops(path):
 
 def test_int8_and_int4_pass_the_gate_on_real_weights(shipped, shipped_int8, shipped_int4_kv, excerpt_tokens):
     """Perplexity needs real weights: the shipped model on the shipped excerpt. Measured ratios (full CLI gate,
-    16k tokens, AVX2): int8 1.0004-1.0007, int4 1.029-1.031 (BENCHMARKS.md)."""
+    16k tokens, AVX2): int8 1.0004-1.0007, int4 1.016 (1.029-1.031 while its LM head was 4-bit; BENCHMARKS.md)."""
     for path, quantization in ((shipped_int8, "int8"), (shipped_int4_kv, "int4")):
         gate = perplexity_gate(path, shipped.model, excerpt_tokens, GATE_LENGTHS)
         assert gate.quantization == quantization and gate, [(r.length, r.ratio) for r in gate.rows]
