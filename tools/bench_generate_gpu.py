@@ -542,24 +542,31 @@ def anchor_table(results, contexts, batches) -> tuple[str, list]:
     return "\n".join(lines), ratios
 
 
+def random_checkpoint(args, prefix: str):
+    """(config, model, work folder) of the seeded random model both parts of the tool measure, saved as
+    ``work/ckpt`` with the shipped tokenizer (the exports are made from that folder)."""
+    from tokenizers import Tokenizer
+
+    cfg = ModelConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
+                      d_ff=4 * args.d_model, train_len=1024, max_positions=1024)
+    torch.manual_seed(0)
+    model = AlibiLM(cfg).eval()
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    save(model, Tokenizer.from_file(str(default_model() / "tokenizer.json")), work / "ckpt")
+    return cfg, model, work
+
+
 def anchor_main(args, device: str, clock) -> None:
     """Issue 23 §2 in one run: the anchor, ORT's static-cache export (IO binding; CUDA graphs), and ORT's
     concatenating export for reference; parity of each against the eager model; one JSON under --out, rewritten
     after every section (a section that fails is recorded in meta.errors and the others still run)."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
-
     t_start = time.perf_counter()
     cuda = device == "cuda"
     dtype = args.torch_dtype if cuda else torch.float32  # fp16 matmuls on a CPU are neither fast nor the point
     if not cuda:  # the CPU run is a smoke test; a shared 2-core machine's spinning threads made its steps 50x slower
         torch.set_num_threads(1)
-    cfg = ModelConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
-                      d_ff=4 * args.d_model, train_len=1024, max_positions=1024)
-    torch.manual_seed(0)
-    model = AlibiLM(cfg).eval()
-    work = Path(tempfile.mkdtemp(prefix="bench-anchor-"))
-    save(model, Tokenizer.from_file(str(default_model() / "tokenizer.json")), work / "ckpt")
+    cfg, model, work = random_checkpoint(args, "bench-anchor-")
     ort_dtype = "float16" if cuda else "float32"  # the onnx form in fp16 runs on CUDA only
     meta = dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                 torch=torch.__version__, onnxruntime=ort.__version__, config=cfg.to_dict(),
@@ -738,14 +745,7 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     # ---- the random model, saved as a checkpoint (shipped tokenizer) and exported fp16 with a KV cache
-    from tokenizers import Tokenizer
-
-    cfg = ModelConfig(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, d_model=args.d_model,
-                      d_ff=4 * args.d_model, train_len=1024, max_positions=1024)
-    torch.manual_seed(0)
-    model = AlibiLM(cfg).eval()
-    work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    save(model, Tokenizer.from_file(str(default_model() / "tokenizer.json")), work / "ckpt")
+    cfg, model, work = random_checkpoint(args, "bench-gen-")
     t0 = time.perf_counter()
     if device == "cpu" and set(args.forms) - {"decomposed"}:
         args.forms = [f for f in args.forms if f == "decomposed"]  # fp16 onnx form: float32 accumulation needed

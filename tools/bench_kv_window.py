@@ -194,9 +194,8 @@ def main():
     results = {"model": Path(args.model).name, "train_len": train_len, "text": Path(args.text).name,
                "text_tokens": int(len(tokens))}
     print(f"{Path(args.text).name}: {len(tokens)} tokens", flush=True)
+    path = out_path("kv_window.json", args.json)
     if args.part in ("ppl", "all"):
-        path = out_path("kv_window.json", args.json)
-
         def partial(rows):  # each finished segment is on disk: a long run that is stopped keeps its sample
             if path is not None and args.spread:
                 write_record(path, {**results, "ppl": rows, "spread": args.spread})
@@ -212,7 +211,6 @@ def main():
     if args.part in ("decode", "all"):
         results["decode"] = run_decode(args.model, tokens, train_len, ints(args.windows), ints(args.probes),
                                        args.full_max, args.rounds, args.threads, args.slack, args.onnx)
-    path = out_path("kv_window.json", args.json)
     if path is not None:
         write_record(path, results)
         print(f"wrote {path}")
