@@ -4,15 +4,17 @@ decode time and memory per token stay flat (issue 22, section 2).
 - ``ppl``: perplexity of the books test split at evaluation lengths of 16x, 32x, 64x the training length
   L, with the full context and with windows of W = 1, 2, 4, 8 x L (PyTorch, ``TorchRunner(kv_window=W)``:
   the banded blocks that tests/test_window.py proves equal to token-by-token decoding).
-- ``decode``: one ONNX Runtime CPU session over a KV-cache export; the stream (the same text) is fed through
+- ``decode``: one ONNX Runtime session (CPU, or CUDA with ``--provider cuda``) over a KV-cache export; the stream (the same text) is fed through
   the rolling cache, and at each probe length the cache and mask are kept. Then single-token steps (the
   window's cut included) are timed from every kept state in interleaved rounds (medians), and the
   process's resident memory is read at each probe while the stream grows. The full cache runs the same
-  way up to ``--full-max`` tokens (its steps grow with the stream).
+  way up to ``--full-max`` tokens (its steps grow with the stream). On CUDA the cache stays on the GPU (the
+  kept states too), and the memory read is the GPU's, the process's share that ``nvidia-smi`` reports (ONNX
+  Runtime's arena keeps what it once held, so it shows growth, never a fall).
 
 Usage (repo root): PYTHONPATH=. python tools/bench_kv_window.py [ppl|decode|all] [--model DIR]
   [--text FILE] [--tokens N | --spread K] [--multiples 16,32,64] [--windows 1,2,4,8] [--probes 4096,...]
-  [--full-max 16384] [--rounds 15] [--threads 1] [--json FILE]
+  [--full-max 16384] [--rounds 15] [--threads 1] [--provider cpu|cuda] [--dtype float32|float16] [--json FILE]
 Defaults: the shipped alibi-small; the books test split at ../shared (beside the repository, as for /work/main)
 when present, else the shipped excerpt (its opening, 55k tokens): pass --text for a worktree elsewhere.
 """
@@ -97,6 +99,17 @@ def spread_segments(n_tokens: int, length: int, count: int) -> list[tuple[int, i
     return [(i * step, i * step + length + 1) for i in range(count)]
 
 
+def gpu_mb() -> float | None:
+    """This process's GPU memory as ``nvidia-smi`` reports it (None where there is none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split(",") for line in out.splitlines() if line.strip()]
+    return sum(float(mb) for pid, mb in rows if int(pid) == os.getpid()) if rows else None
+
+
 def _feed(session, stream, probes, chunk):
     """Feed ``stream`` through the session's cache in chunks (the window's cut before each), keeping a copy of
     the cache and mask at each probe length, and the process's memory there."""
@@ -116,10 +129,12 @@ def _feed(session, stream, probes, chunk):
                 raise
             pos += n
         # rss_mb includes the copies kept at the earlier probes (snapshots_mb): subtract them for the stream's own.
-        memory[probe] = {"rss_mb": rss_mb(), "cache_mb": sum(v.tensor_size_in_bytes() for v in cache) / 2**20,
+        memory[probe] = {"rss_mb": rss_mb(), **({"gpu_mb": gpu_mb()} if session.device == "cuda" else {}),
+                         "cache_mb": sum(v.tensor_size_in_bytes() for v in cache) / 2**20,
                          "cache_columns": mask.shape[1],
                          "snapshots_mb": sum(v.tensor_size_in_bytes() for c, _ in kept.values() for v in c) / 2**20}
-        kept[probe] = ([OrtValue.ortvalue_from_numpy(v.numpy().copy()) for v in cache], mask.copy())
+        kept[probe] = ([OrtValue.ortvalue_from_numpy(v.numpy().copy(), session.device, session.device_id)
+                        for v in cache], mask.copy())
     return kept, memory
 
 
@@ -136,7 +151,8 @@ def _time_steps(session, kept, token, rounds) -> dict:
     return {p: 1e3 * statistics.median(s) for p, s in samples.items()}
 
 
-def run_decode(model_dir, tokens, train_len, windows, probes, full_max, rounds, threads, slack, onnx=None) -> dict:
+def run_decode(model_dir, tokens, train_len, windows, probes, full_max, rounds, threads, slack, onnx=None,
+               provider="cpu", dtype="float32") -> dict:
     from alibi_export.runtime.generate import GenerationSession
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,16 +160,18 @@ def run_decode(model_dir, tokens, train_len, windows, probes, full_max, rounds, 
         path = Path(onnx) if onnx else Path(tmp) / "kv.onnx"
         if not onnx:
             subprocess.run([sys.executable, "-m", "alibi_export", "onnx", str(model_dir), "--kv-cache", "--no-validate",
-                            "-o", str(path)], check=True, stdout=subprocess.DEVNULL)
+                            "--dtype", dtype, "-o", str(path)], check=True, stdout=subprocess.DEVNULL)
         if len(tokens) < max(probes):
             raise SystemExit(f"Error: the text has {len(tokens)} tokens, fewer than the longest probe {max(probes)}")
         stream = tokens[: max(probes)]
-        out = {"probes": probes, "threads": threads, "export": "onnx --kv-cache (decomposed attention, fp32)",
+        out = {"probes": probes, "threads": threads, "provider": provider,
+               "export": f"onnx --kv-cache --dtype {dtype} (decomposed attention)" if not onnx else str(onnx),
                "runs": {}}
         settings = [(f"W={w * train_len}" + (f" slack {slack}" if slack else ""), w * train_len) for w in windows]
         settings.append(("full", None))
         for label, w in settings:
-            session = GenerationSession(path, threads=threads, kv_window=w, window_slack=slack if w else 0)
+            session = GenerationSession(path, provider=provider, threads=threads, kv_window=w,
+                                        window_slack=slack if w else 0)
             reach = [p for p in probes if w is not None or p <= full_max]
             t0 = time.perf_counter()
             kept, memory = _feed(session, stream, reach, chunk=min(512, w // 2) if w else 512)
@@ -161,8 +179,9 @@ def run_decode(model_dir, tokens, train_len, windows, probes, full_max, rounds, 
             ms = _time_steps(session, kept, int(stream[-1]), rounds)
             out["runs"][label] = {"W": w, "fill_seconds": fill,
                                   "by_length": {p: {"decode_ms": ms[p], **memory[p]} for p in reach}}
-            print(f"{label:>14}: " + "  ".join(f"{p}: {ms[p]:.2f} ms, rss {memory[p]['rss_mb']:.0f} MB, cache "
-                                               f"{memory[p]['cache_mb']:.1f} MB" for p in reach), flush=True)
+            print(f"{label:>14}: " + "  ".join(f"{p}: {ms[p]:.2f} ms, rss {memory[p]['rss_mb']:.0f} MB, "
+                                               + (f"gpu {memory[p]['gpu_mb']} MB, " if "gpu_mb" in memory[p] else "")
+                                               + f"cache {memory[p]['cache_mb']:.1f} MB" for p in reach), flush=True)
             del kept, session
     return out
 
@@ -182,6 +201,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=15, help="decode: timed steps per probe (median)")
     ap.add_argument("--threads", type=int, default=1, help="decode: ONNX Runtime intra-op threads")
     ap.add_argument("--slack", type=int, default=0, help="decode: window_slack of the windowed sessions")
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="decode: ONNX Runtime's provider")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="decode: the export's dtype")
     ap.add_argument("--onnx", help="decode: an existing `onnx MODEL --kv-cache` export (default: export one)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -210,7 +231,8 @@ def main():
                                      ints(args.windows))
     if args.part in ("decode", "all"):
         results["decode"] = run_decode(args.model, tokens, train_len, ints(args.windows), ints(args.probes),
-                                       args.full_max, args.rounds, args.threads, args.slack, args.onnx)
+                                       args.full_max, args.rounds, args.threads, args.slack, args.onnx,
+                                       args.provider, args.dtype)
     if path is not None:
         write_record(path, results)
         print(f"wrote {path}")
