@@ -38,6 +38,28 @@ LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter converts scalars to Python ints with int(ndarray), which NumPy 2.4
+    refuses for 1-element arrays (loop bounds computed in the kernel, as the window's); .item() works
+    for both. Applied on import under TRITON_INTERPRET=1 only (CPU tests and dry runs)."""
+    import triton.runtime.interpreter as interp
+
+    if getattr(interp, "_alibi_index_patch", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interp._patch_lang_tensor = patched
+    interp._alibi_index_patch = True
+
+
+if _INTERPRET:
+    _patch_interpreter()
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
