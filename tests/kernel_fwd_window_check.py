@@ -130,6 +130,21 @@ def public_entry_case(seed=0):
     return res
 
 
+def predict_case(seed=0):
+    """tools/predict_fwd_window.py evaluates the window's bound in torch: on the same inputs (its draws,
+    fp32, 64x64 tiles) it must count the tiles the kernel keeps."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from predict_fwd_window import kept_share
+
+    H, L, D = 4, 512, 16
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(H, L, D, generator=g)[None] for _ in range(3))
+    m = torch.tensor(alibi_slopes(H))
+    off, on = run(q, k, v, m, window=False), run(q, k, v, m, window=True)
+    return {"case": "predict", "kernel": on[2] / off[2],
+            "predicted": kept_share(L, D, H, 1.0, tokens=L, seed=seed, blocks=(64, 64))}
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1")
@@ -153,6 +168,7 @@ def main() -> None:
     print(json.dumps(case("noncausal", 1, 2, 2, 130, 130, 16, slope_scale=64.0, causal=False)), flush=True)
     print(json.dumps(spike_case()), flush=True)
     print(json.dumps(public_entry_case()), flush=True)
+    print(json.dumps(predict_case()), flush=True)
 
 
 if __name__ == "__main__":
