@@ -267,9 +267,14 @@ def decode(H, D, kv_lens, batches, peers, flex, bw):
     return rows
 
 
-def window_bench(dims, lengths, scales, flex, H=16, tokens=16384, dev="cuda"):
+# --window: prefill configs also timed with the window on at the first scale (short programs, as at
+# L <= 2048, may prefer the 64x64 / 4-warp tiles that run 2 CTAs per SM)
+WINDOW_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
+
+
+def window_bench(dims, lengths, scales, flex, H=16, tokens=16384, dev="cuda", configs=()):
     """The forward's ALiBi window, on and off, at each q/k scale; Flex once per shape (its time does not
-    depend on the data)."""
+    depend on the data); ``configs`` timed with the window on at the first scale."""
     import triton
 
     cuda = dev == "cuda"
@@ -314,6 +319,22 @@ def window_bench(dims, lengths, scales, flex, H=16, tokens=16384, dev="cuda"):
                 out_off = runs["off"].float()
                 r[f"x{sc}_diff"] = ((runs["on"].float() - out_off).abs().max() / out_off.abs().max()).item()
                 del qs, ks, runs, out_off
+            qs, ks = q * scales[0], k * scales[0]
+            ref = ka.alibi_attention(qs, ks, v, m).float()
+            for cfg in configs:
+                ka._CONFIG_OVERRIDE = cfg
+                try:
+                    e = ((ka.alibi_attention(qs, ks, v, m, window=True).float() - ref).abs().max()
+                         / ref.abs().max()).item()
+                    t = tf(timer(lambda: ka.alibi_attention(qs, ks, v, m, window=True)))
+                    r[f"on_cfg{cfg}"] = t if e < 2e-2 else -1.0
+                    if e >= 2e-2:
+                        print("config", cfg, "WRONG with the window, max diff", e, flush=True)
+                except Exception as ex:  # noqa: BLE001
+                    print("config", cfg, "failed:", repr(ex)[:200], flush=True)
+                finally:
+                    ka._CONFIG_OVERRIDE = None
+            del qs, ks, ref
             rows.append(r)
             print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_)
                               for k_, v_ in r.items()}), flush=True)
@@ -330,12 +351,17 @@ def window_bench(dims, lengths, scales, flex, H=16, tokens=16384, dev="cuda"):
             print(f"{r['D']:>4} {r['L']:>6} {r['B']:>3} {sc:>4} {r['flex']:7.1f} {off:7.1f} {on:7.1f} "
                   f"{off / r['flex']:8.2f} {on / r['flex']:8.2f} {on / off:7.2f} {r[f'x{sc}_kept']:5.2f} "
                   f"{r[f'x{sc}_diff']:8.1e} {r['prepass_us']:7.1f}")
+        for key, val in r.items():
+            if key.startswith("on_cfg"):
+                print(f"{'':>20} window on, x{scales[0]}, config {key[6:]:<18} {val:7.1f} "
+                      f"({val / r['flex']:.2f} x flex, {val / r[f'x{scales[0]}_on']:.2f} x default)")
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="also time the CONFIGS list")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the CONFIGS list (with --window: WINDOW_CONFIGS, window on)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
@@ -360,7 +386,7 @@ def main():
         torch._dynamo.config.cache_size_limit = 64
         rows = window_bench([int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")],
                             [float(x) if "." in x else int(x) for x in a.scales.split(",")], flex,
-                            tokens=a.tokens, dev=a.device)
+                            tokens=a.tokens, dev=a.device, configs=WINDOW_CONFIGS if a.sweep else ())
         path = out_path("bench_fwd_window.json", a.json)
         if path:
             write_record(path, {"rows": rows})
