@@ -17,7 +17,9 @@ Two schedules:
   folded into the scale and the slopes. In causal mode the ALiBi term is applied per *column*,
   ``m_h * (j - i0)`` with ``i0`` the block's first query position: the dropped part
   ``-m_h * (i - i0)`` is constant along a row and cancels in the softmax; ``j - i0`` is an exact
-  integer before the single fp32 multiply, so no precision is lost for long sequences.
+  integer before the single fp32 multiply, so no precision is lost for long sequences. With
+  ``window=True`` (opt-in, causal) it runs a block's diagonal tiles first and then skips the far key
+  tiles whose share of the output is provably below 2^-32 of an ordinary value (``_launch_prefill``).
 * ``_alibi_split_kernel`` + ``_alibi_combine_kernel`` (decode / short queries): flash-decoding.
   The rows of one program are all (query head of the KV group) x (query) pairs, so K/V are read
   once per KV head under GQA/MQA; the key range is split over enough programs to fill the SMs;
@@ -216,7 +218,8 @@ def _fwd_window_lo(qn, m_i, row_ok, kn_ptr, vn_ptr, NB, slope, qk_scale, gap, q_
     ``m_i``: the rows' running max after the diagonal tiles (column form of the scores, as the
     tiles' ``s``): a lower bound of each row's final max, so of its log-sum-exp. Cauchy-Schwarz:
     s_ij - m_i <= |qk_scale| |q_i| max|k| - m_i + slope * (j - q_pos0). A NaN or inf in q, k or v, a
-    row with no key yet (m_i = -inf) or a slope <= 0 give w = cap: nothing skipped."""
+    row with no key yet (m_i = -inf: with a KV cache, a block whose first row sits just before a
+    key tile; safe, merely no skip) or a slope <= 0 give w = cap: nothing skipped."""
     a = tl.abs(qk_scale) * qn * _reduce_row(kn_ptr, NB, True) - m_i
     a = tl.where(a != a, float("inf"), a)  # NaN (q or m_i): off; tl.max need not propagate it
     a = tl.max(tl.where(row_ok, a, float("-inf")), 0)
