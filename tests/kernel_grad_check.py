@@ -203,17 +203,11 @@ def spike_check(B, H, Hk, Lq, Lk, D, dtype, causal=True, past_len=None, device="
 
 
 def _patch_interpreter() -> None:
-    """Triton 3.6's interpreter converts scalars to Python ints with int(ndarray), which NumPy 2.4
-    refuses for 1-element arrays (loop bounds computed in the kernel); .item() works for both."""
-    import triton.runtime.interpreter as interp
+    """The interpreter's NumPy 2.4 fix (triton_alibi._patch_interpreter, applied on its import under
+    TRITON_INTERPRET=1)."""
+    from alibi_export.kernels import triton_alibi
 
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interp._patch_lang_tensor = patched
+    triton_alibi._patch_interpreter()
 
 
 # Tiny shapes for the interpreter: GQA and MQA, causal and not, a KV cache (past_len), lengths

@@ -11,18 +11,29 @@ that the working set exceeds L2) and GB/s of K+V+q+out against a measured D2D co
 
 The peer side mirrors shared/device/peer_attention_bench.py (a project helper). Timing:
 triton.testing.do_bench, median, as one sample of tools/harness.py's timer. Usage: python tools/bench_attention.py [--sweep] [--json F]
+
+--window (issue 23): the forward's ALiBi window (``alibi_attention(..., window=True)``) against the
+same forward without it and FlexAttention, on the backward benchmark's inputs (bench_attention_train:
+randn q, k, v from a generator seeded L + D) and with q and k scaled x2 and x4 (larger scores: wider
+windows); TFLOP/s with the full causal count (2*B*H*L^2*D) for every peer, x Flex, the share of key
+tiles the window keeps, the window's pre-pass alone (us), and max |window - no window| / max |out|.
+Writes $OUT/bench_fwd_window.json when $OUT is set. ``--device cpu`` (with TRITON_INTERPRET=1, tiny
+--tokens) runs the same code on CPU through Triton's interpreter, wall-clock timed, without Flex: a
+dry run of the script, not a measurement.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import sys
 import time
 
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from harness import time_one, write_record
+from harness import out_path, time_one, write_record
 
 import triton.testing as tt  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -256,9 +267,101 @@ def decode(H, D, kv_lens, batches, peers, flex, bw):
     return rows
 
 
+# --window: prefill configs also timed with the window on at the first scale (short programs, as at
+# L <= 2048, may prefer the 64x64 / 4-warp tiles that run 2 CTAs per SM)
+WINDOW_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)]
+
+
+def window_bench(dims, lengths, scales, flex, H=16, tokens=16384, dev="cuda", configs=()):
+    """The forward's ALiBi window, on and off, at each q/k scale; Flex once per shape (its time does not
+    depend on the data); ``configs`` timed with the window on at the first scale."""
+    import triton
+
+    cuda = dev == "cuda"
+    timer = bench if cuda else (lambda fn: time_one(fn, warmup=0, repeats=1).ms)
+    m = torch.tensor(alibi_slopes(H), device=dev, dtype=torch.float32)
+    dt = DT if cuda else torch.float16  # the interpreter has no bfloat16 arithmetic
+    rows = []
+    for D in dims:
+        for L in lengths:
+            B = max(1, tokens // L)
+            g = torch.Generator(dev).manual_seed(L + D)  # as tools/bench_attention_train.py
+            q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=dt, generator=g) for _ in range(3))
+            flops = 2 * B * H * L * L * D
+            tf = lambda ms: flops / ms / 1e9  # noqa: E731
+            r = {"D": D, "L": L, "B": B, "flex": float("nan")}
+            if cuda:
+                def score_mod(score, b, h, qi, kv):
+                    return score + m[h] * (kv - qi)
+                bm = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, L, device=dev)
+                try:
+                    flex(q, k, v, score_mod=score_mod, block_mask=bm)
+                    r["flex"] = tf(timer(lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)))
+                except Exception as e:  # noqa: BLE001
+                    print("flex failed", repr(e)[:200])
+            nb = triton.cdiv(L, ka._BND_ROWS)
+            kn, vn = torch.empty((2, B * H, nb), device=dev, dtype=torch.float32)
+            r["prepass_us"] = 1e3 * timer(lambda: ka._kv_bound_kernel[(nb, B * H)](
+                k, v, kn, vn, *k.stride(), *v.stride(), H, L, nb, BLOCK=ka._BND_ROWS, HEAD_DIM=D,
+                num_warps=4))
+            for sc in scales:
+                qs, ks = q * sc, k * sc
+                runs = {}
+                for name, win in (("off", False), ("on", True)):
+                    ka._TILE_COUNTS = torch.zeros(1, dtype=torch.int32, device=dev)
+                    try:
+                        runs[name] = ka.alibi_attention(qs, ks, v, m, window=win)
+                        r[f"x{sc}_tiles_{name}"] = int(ka._TILE_COUNTS.item())
+                    finally:
+                        ka._TILE_COUNTS = None
+                    r[f"x{sc}_{name}"] = tf(timer(lambda: ka.alibi_attention(qs, ks, v, m, window=win)))
+                r[f"x{sc}_kept"] = r[f"x{sc}_tiles_on"] / r[f"x{sc}_tiles_off"]
+                out_off = runs["off"].float()
+                r[f"x{sc}_diff"] = ((runs["on"].float() - out_off).abs().max() / out_off.abs().max()).item()
+                del qs, ks, runs, out_off
+            qs, ks = q * scales[0], k * scales[0]
+            ref = ka.alibi_attention(qs, ks, v, m).float()
+            for cfg in configs:
+                ka._CONFIG_OVERRIDE = cfg
+                try:
+                    e = ((ka.alibi_attention(qs, ks, v, m, window=True).float() - ref).abs().max()
+                         / ref.abs().max()).item()
+                    t = tf(timer(lambda: ka.alibi_attention(qs, ks, v, m, window=True)))
+                    r[f"on_cfg{cfg}"] = t if e < 2e-2 else -1.0
+                    if e >= 2e-2:
+                        print("config", cfg, "WRONG with the window, max diff", e, flush=True)
+                except Exception as ex:  # noqa: BLE001
+                    print("config", cfg, "failed:", repr(ex)[:200], flush=True)
+                finally:
+                    ka._CONFIG_OVERRIDE = None
+            del qs, ks, ref
+            rows.append(r)
+            print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_)
+                              for k_, v_ in r.items()}), flush=True)
+            del q, k, v
+            if cuda:
+                torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter: not a measurement)"
+    print(f"\nforward, causal H={H} tokens/batch={tokens}, TFLOP/s (2*B*H*L^2*D), {name}")
+    print(f"{'D':>4} {'L':>6} {'B':>3} {'qk x':>4} {'flex':>7} {'off':>7} {'on':>7} {'off/flex':>8} "
+          f"{'on/flex':>8} {'on/off':>7} {'kept':>5} {'diff':>8} {'pre us':>7}")
+    for r in rows:
+        for sc in scales:
+            on, off = r[f"x{sc}_on"], r[f"x{sc}_off"]
+            print(f"{r['D']:>4} {r['L']:>6} {r['B']:>3} {sc:>4} {r['flex']:7.1f} {off:7.1f} {on:7.1f} "
+                  f"{off / r['flex']:8.2f} {on / r['flex']:8.2f} {on / off:7.2f} {r[f'x{sc}_kept']:5.2f} "
+                  f"{r[f'x{sc}_diff']:8.1e} {r['prepass_us']:7.1f}")
+        for key, val in r.items():
+            if key.startswith("on_cfg"):
+                print(f"{'':>20} window on, x{scales[0]}, config {key[6:]:<18} {val:7.1f} "
+                      f"({val / r['flex']:.2f} x flex, {val / r[f'x{scales[0]}_on']:.2f} x default)")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="also time the CONFIGS list")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the CONFIGS list (with --window: WINDOW_CONFIGS, window on)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
@@ -267,7 +370,29 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="time the VARIANTS candidates only (Flex at --flex-lengths)")
     ap.add_argument("--flex-lengths", default="2048")
+    ap.add_argument("--window", action="store_true",
+                    help="time the forward's ALiBi window on and off against Flex (see the docstring)")
+    ap.add_argument("--scales", default="1,2,4", help="--window: q and k multiplied by each")
+    ap.add_argument("--tokens", type=int, default=16384, help="--window: tokens per batch (B = tokens / L)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="--window only: cpu runs Triton's interpreter (TRITON_INTERPRET=1), a dry run")
     a = ap.parse_args()
+    if a.window:
+        if a.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("Error: --device cpu needs TRITON_INTERPRET=1 (set before Python starts)")
+        t0 = time.time()
+        flex = torch.compile(flex_attention, dynamic=False) if a.device == "cuda" else None
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.cache_size_limit = 64
+        rows = window_bench([int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")],
+                            [float(x) if "." in x else int(x) for x in a.scales.split(",")], flex,
+                            tokens=a.tokens, dev=a.device, configs=WINDOW_CONFIGS if a.sweep else ())
+        path = out_path("bench_fwd_window.json", a.json)
+        if path:
+            write_record(path, {"rows": rows})
+            print("wrote", path)
+        print(f"total {time.time() - t0:.0f} s")
+        return
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64  # one compile per (L, D) shape
     torch._dynamo.config.cache_size_limit = 64

@@ -51,18 +51,19 @@ def triton_available() -> bool:
 
 
 def alibi_attention(q, k, v, slopes, *, causal: bool = True, scale: float | None = None,
-                    past_len: int | None = None, out=None):
+                    past_len: int | None = None, out=None, window: bool = False):
     """Fused ALiBi attention, see :func:`alibi_export.kernels.triton_alibi.alibi_attention`.
 
     When autograd records (grad mode on, an input requires grad, no ``out``) it runs the
-    differentiable form, :func:`alibi_export.kernels.triton_alibi_bwd.alibi_attention_train`."""
+    differentiable form, :func:`alibi_export.kernels.triton_alibi_bwd.alibi_attention_train`.
+    ``window``: the forward's ALiBi window, opt-in (see triton_alibi._launch_prefill)."""
     needs_grad = torch.is_grad_enabled() and any(
         getattr(t, "requires_grad", False) for t in (q, k, v))
     if needs_grad and out is None:
         return _load(".triton_alibi_bwd").alibi_attention_train(
-            q, k, v, slopes, causal=causal, scale=scale, past_len=past_len)
+            q, k, v, slopes, causal=causal, scale=scale, past_len=past_len, window=window)
     return _load().alibi_attention(q, k, v, slopes, causal=causal, scale=scale,
-                                   past_len=past_len, out=out)
+                                   past_len=past_len, out=out, window=window)
 
 
 def launch_alibi_attention(q_ptr: int, k_ptr: int, v_ptr: int, out_ptr: int, slopes_ptr: int,

@@ -17,7 +17,9 @@ Two schedules:
   folded into the scale and the slopes. In causal mode the ALiBi term is applied per *column*,
   ``m_h * (j - i0)`` with ``i0`` the block's first query position: the dropped part
   ``-m_h * (i - i0)`` is constant along a row and cancels in the softmax; ``j - i0`` is an exact
-  integer before the single fp32 multiply, so no precision is lost for long sequences.
+  integer before the single fp32 multiply, so no precision is lost for long sequences. With
+  ``window=True`` (opt-in, causal) it runs a block's diagonal tiles first and then skips the far key
+  tiles whose share of the output is provably below 2^-32 of an ordinary value (``_launch_prefill``).
 * ``_alibi_split_kernel`` + ``_alibi_combine_kernel`` (decode / short queries): flash-decoding.
   The rows of one program are all (query head of the KV group) x (query) pairs, so K/V are read
   once per KV head under GQA/MQA; the key range is split over enough programs to fill the SMs;
@@ -38,9 +40,98 @@ LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter converts scalars to Python ints with int(ndarray), which NumPy 2.4
+    refuses for 1-element arrays (loop bounds computed in the kernel, as the window's); .item() works
+    for both. Applied on import under TRITON_INTERPRET=1 only (CPU tests and dry runs)."""
+    import triton.runtime.interpreter as interp
+
+    if getattr(interp, "_alibi_index_patch", False):
+        return
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interp._patch_lang_tensor = patched
+    interp._alibi_index_patch = True
+
+
+if _INTERPRET:
+    _patch_interpreter()
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+# The ALiBi window's bounds (the forward's below, the backward's in triton_alibi_bwd): row norms per
+# block, their reductions, the data's range in bits, and the distance beyond which a weight is negligible.
+@triton.jit
+def _block_norm(x):
+    """The largest row norm of a (rows, HEAD_DIM) fp32 block; inf if any row holds a NaN or an inf
+    (tl.max need not propagate NaN): the window bound then turns the window off."""
+    n2 = tl.sum(x * x, 1)
+    bad = tl.max(((n2 != n2) | (n2 == float("inf"))).to(tl.int32), 0)
+    return tl.where(bad > 0, float("inf"), tl.sqrt(tl.max(n2, 0)))
+
+
+@triton.jit
+def _reduce_row(ptr, n, MAX: tl.constexpr):
+    """max (MAX) or min of the n floats at ptr, 128 at a time."""
+    offs = tl.arange(0, 128)
+    if MAX:
+        acc = tl.max(tl.load(ptr + offs, mask=offs < n, other=0.0), 0)
+    else:
+        acc = tl.min(tl.load(ptr + offs, mask=offs < n, other=float("inf")), 0)
+    for c in range(128, n, 128):
+        if MAX:
+            acc = tl.maximum(acc, tl.max(tl.load(ptr + c + offs, mask=c + offs < n, other=0.0), 0))
+        else:
+            acc = tl.minimum(acc, tl.min(tl.load(ptr + c + offs, mask=c + offs < n,
+                                                 other=float("inf")), 0))
+    return acc
+
+
+@triton.jit
+def _floor_row(ptr, n):
+    """The smallest positive of the n floats at ptr (inf if none), 128 at a time."""
+    offs = tl.arange(0, 128)
+    x = tl.load(ptr + offs, mask=offs < n, other=float("inf"))
+    acc = tl.min(tl.where(x > 0, x, float("inf")), 0)
+    for c in range(128, n, 128):
+        x = tl.load(ptr + c + offs, mask=c + offs < n, other=float("inf"))
+        acc = tl.minimum(acc, tl.min(tl.where(x > 0, x, float("inf")), 0))
+    return acc
+
+
+@triton.jit
+def _range_bits(ptr, n):
+    """log2(max / floor) of one (batch, head)'s block maxima (0 for all zeros; inf for an inf)."""
+    mx = _reduce_row(ptr, n, True)
+    return tl.where(mx > 0, tl.log2(mx / _floor_row(ptr, n)), 0.0)
+
+
+@triton.jit
+def _trips(start, end, step):
+    """Iterations of range(start, end, step)."""
+    return tl.maximum(end - start + step - 1, 0) // step
+
+
+@triton.jit
+def _window(a, slope, gap, cap):
+    """How far from its query a key can sit and still get a P of 2^-gap or more: keys more than w
+    positions away have ``a - slope * |i - j| < -gap``. An integer in [0, cap].
+
+    ``a`` bounds ``s_ij - lse_i + slope * |i - j|`` (log2 units), i.e. the score without its bias
+    minus the row's log-sum-exp, by Cauchy-Schwarz: |qk_scale| * max|q_i| * max|k_j| - min lse_i.
+    Every row sees some key, so lse_i is finite. A slope <= 0, an infinite gap (skipping off) or
+    a NaN give ``cap`` (callers pass one beyond any distance): nothing is skipped."""
+    w = (a + gap) / slope
+    ok = (slope > 0) & (w < cap)  # False for NaN
+    return tl.where(ok, tl.ceil(tl.where(ok, w, 0.0)), cap.to(tl.float32)).to(tl.int32)
+
+
 @triton.jit
 def _softmax_step(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
     """Fold one tile of log2-unit scores ``s`` and its values ``v`` into the running softmax."""
@@ -106,19 +197,74 @@ def _fwd_tile_merged(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n, rowpos, 
     return _softmax_step(acc, l_i, m_i, s, v, DOT_PREC)
 
 
+@triton.jit
+def _kv_src(src, start_n, stride, USE_TMA: tl.constexpr):
+    """What _fwd_tile reads key tile ``start_n`` from: the TMA descriptor itself, or the pointer tile
+    moved to ``start_n``."""
+    if USE_TMA:
+        return src
+    else:
+        return src + start_n * stride
+
+
+@triton.jit
+def _fwd_window_lo(qn, m_i, row_ok, kn_ptr, vn_ptr, NB, slope, qk_scale, gap, q_pos0, cap,
+                   BLOCK_N: tl.constexpr, DATA_BOUND: tl.constexpr):
+    """The first key tile the window keeps (a multiple of BLOCK_N): every tile before it has, for
+    every row i of the block, ``s_ij - m_i < -(gap + E)`` (see _launch_prefill's docstring).
+
+    ``qn``: the rows' |q_i| (fp32; taken before the diagonal loop, where the q tile's fp32 copy costs
+    no registers: 249 -> 216 per thread at 128x128 / 8 warps, ptxas sm_90a, tools/compile_sm90.py).
+    ``m_i``: the rows' running max after the diagonal tiles (column form of the scores, as the
+    tiles' ``s``): a lower bound of each row's final max, so of its log-sum-exp. Cauchy-Schwarz:
+    s_ij - m_i <= |qk_scale| |q_i| max|k| - m_i + slope * (j - q_pos0). A NaN or inf in q, k or v, a
+    row with no key yet (m_i = -inf: with a KV cache, a block whose first row sits just before a
+    key tile; safe, merely no skip) or a slope <= 0 give w = cap: nothing skipped."""
+    a = tl.abs(qk_scale) * qn * _reduce_row(kn_ptr, NB, True) - m_i
+    a = tl.where(a != a, float("inf"), a)  # NaN (q or m_i): off; tl.max need not propagate it
+    a = tl.max(tl.where(row_ok, a, float("-inf")), 0)
+    if DATA_BOUND:  # E = 1 + log2(max|v| / floor|v|): the data priced in
+        a = a + 1.0 + _range_bits(vn_ptr, NB)
+    w = _window(a, slope, gap, cap)
+    return tl.maximum(q_pos0 - w, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit(do_not_specialize=["H_KV", "Lk", "NB"])
+def _kv_bound_kernel(K, V, KN, VN, skb, skh, skn, skd, svb, svh, svn, svd, H_KV, Lk, NB,
+                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The forward window's pre-pass: the largest |k_j| and |v_j| of each BLOCK rows of each
+    (batch, kv head), (B*H_KV, NB) fp32 each (rows past Lk: 0; a NaN or inf: inf). One read of K
+    and V."""
+    pid_m = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // H_KV).to(tl.int64)
+    hk = (pid_bk % H_KV).to(tl.int64)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = (offs_m < Lk)[:, None]
+    k = tl.load(K + b * skb + hk * skh + offs_m[:, None] * skn + offs_d[None, :] * skd, mask=ok,
+                other=0.0).to(tl.float32)
+    v = tl.load(V + b * svb + hk * svh + offs_m[:, None] * svn + offs_d[None, :] * svd, mask=ok,
+                other=0.0).to(tl.float32)
+    slot = pid_bk.to(tl.int64) * NB + pid_m
+    tl.store(KN + slot, _block_norm(k))
+    tl.store(VN + slot, _block_norm(v))
+
+
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "past_len", "num_m_blocks", "BH",
-                               "GROUP_BH"])
+                               "GROUP_BH", "NB"])
 def _alibi_fwd_kernel(
-    Q, K, V, O, Slopes, LSE,
+    Q, K, V, O, Slopes, LSE, KN, VN, CNT,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    H, GROUP, Lq, Lk, past_len, qk_scale, num_m_blocks, BH, GROUP_BH,
+    H, GROUP, Lq, Lk, past_len, qk_scale, num_m_blocks, BH, GROUP_BH, NB, gap,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr, ORDER: tl.constexpr, MERGE: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    STORE_LSE: tl.constexpr, WINDOW: tl.constexpr, DATA_BOUND: tl.constexpr,
+    COUNT: tl.constexpr,
 ):
     # 1-D grid of num_m_blocks * BH programs, launched in program-id order.
     pid = tl.program_id(0)
@@ -178,7 +324,34 @@ def _alibi_fwd_kernel(
     else:
         n_full = Lk // BLOCK_N * BLOCK_N
         hi = Lk
-    if USE_TMA and MERGE and CAUSAL:
+    if WINDOW:
+        # the ALiBi window (causal only, see _launch_prefill): the diagonal tiles first, so that
+        # each row's running max is a lower bound of its final one; then the off-diagonal tiles
+        # from the window's edge lo on (ascending: the loop stays one contiguous range)
+        if USE_TMA:
+            k_src = k_desc
+            v_src = v_desc
+        else:
+            k_src = k_ptrs
+            v_src = v_ptrs
+        qf = q.to(tl.float32)
+        qn = tl.sqrt(tl.sum(qf * qf, 1))  # |q_i|, for the bound (a NaN or inf: the window off)
+        for start_n in range(n_full, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, _kv_src(k_src, start_n, skn, USE_TMA),
+                                      _kv_src(v_src, start_n, svn, USE_TMA), start_n, offs_n,
+                                      rowpos, q_pos0, Lk, slope, qk_scale, CAUSAL, True, USE_TMA,
+                                      DOT_PREC)
+        pid_bk = (b64 * (H // GROUP) + hk) * NB
+        lo = _fwd_window_lo(qn, m_i, offs_m < Lq, KN + pid_bk, VN + pid_bk, NB, slope, qk_scale,
+                            gap, q_pos0, Lq + Lk + past_len, BLOCK_N, DATA_BOUND)
+        for start_n in tl.range(lo, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, _kv_src(k_src, start_n, skn, USE_TMA),
+                                      _kv_src(v_src, start_n, svn, USE_TMA), start_n, offs_n,
+                                      rowpos, q_pos0, Lk, slope, qk_scale, CAUSAL, False, USE_TMA,
+                                      DOT_PREC)
+        if COUNT:  # test / benchmark hook: key tiles computed
+            tl.atomic_add(CNT, _trips(n_full, hi, BLOCK_N) + _trips(lo, n_full, BLOCK_N))
+    elif USE_TMA and MERGE and CAUSAL:
         for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPEC):
             acc, l_i, m_i = _fwd_tile_merged(acc, l_i, m_i, q, k_desc, v_desc, start_n, offs_n,
                                              rowpos, q_pos0, Lk, n_full, slope, qk_scale,
@@ -200,6 +373,8 @@ def _alibi_fwd_kernel(
                                       v_ptrs + start_n * svn, start_n, offs_n, rowpos, q_pos0, Lk,
                                       slope, qk_scale, CAUSAL, True, False, DOT_PREC)
 
+    if COUNT and not WINDOW:
+        tl.atomic_add(CNT, _trips(0, hi, BLOCK_N))
     # one reciprocal per row, then multiplies: the per-element divide costs an MUFU op per output
     # element in the epilogue, which nothing overlaps (l_i >= 1: the row max contributes 1)
     out = acc * (1.0 / l_i)[:, None]
@@ -417,8 +592,9 @@ def _ensure_allocator() -> None:
 
 
 def _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
-            q_strides, k_strides, v_strides, o_strides, device):
-    """Pick a schedule and launch on torch's current stream. All checks done by callers."""
+            q_strides, k_strides, v_strides, o_strides, device, window=False):
+    """Pick a schedule and launch on torch's current stream. All checks done by callers.
+    ``window``: the prefill kernel's ALiBi window (see _launch_prefill); decode ignores it."""
     group = H // H_kv
     qk_scale = float(scale) * LOG2E
     use_tma = _tma_ok(k, k_strides, device) and _tma_ok(v, v_strides, device)
@@ -458,13 +634,38 @@ def _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale
             )
         return out
     return _launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
-                           q_strides, k_strides, v_strides, o_strides, device, use_tma=use_tma)
+                           q_strides, k_strides, v_strides, o_strides, device, use_tma=use_tma,
+                           window=window)
 
 
 def _launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
-                    q_strides, k_strides, v_strides, o_strides, device, *, use_tma, lse=None):
+                    q_strides, k_strides, v_strides, o_strides, device, *, use_tma, lse=None,
+                    window=False):
     """The FA2-style prefill kernel; with ``lse`` (B*H*Lq fp32) it also stores each row's log2
-    sum-exp2 of the scores, which the backward (triton_alibi_bwd) needs."""
+    sum-exp2 of the scores, which the backward (triton_alibi_bwd) needs.
+
+    ``window`` (causal only; opt-in until measured on a GPU): the ALiBi window. A key tile is not
+    computed when, for every row i of the query block, every score satisfies
+    ``s_ij - m_i < -(gap + E)`` (log2 units), with m_i the row's running max after its diagonal
+    tiles (computed first; a lower bound of its final max and so of its log-sum-exp lse_i), gap =
+    32 + log2(Lk) (window_gap) and E = 1 + log2(V / v_): V the largest |v_j| of the (batch, kv
+    head), v_ its floor, the smallest nonzero maximum over its 64-row blocks. Then each skipped
+    weight p_ij = 2^(s_ij - lse_i) < 2^-(gap + E), their sum l_i < Lk 2^-(gap + E) = 2^-(32 + E),
+    and with the weights normalized (the kept output o' = (o - sum_skipped p_ij v_j) / (1 - l_i)),
+    for every output element
+
+        |o'_id - o_id| <= 2 l_i V < 2^-31 2^-E V = 2^-32 v_          (2^-E = v_ / (2 V)):
+
+    less than 2^-32 of an ordinary value (v_), below the fp32 rounding (2^-24) of the accumulator
+    it would have gone into. The stored lse misses l_i < 2^-32 of its sum (the backward recomputes
+    P from it; every kept tile is computed exactly as without the window).
+    Large values far away widen the window (by E / slope positions) instead of hiding in it.
+    Cauchy-Schwarz bounds the scores: s_ij - m_i <= |qk_scale| |q_i| K - m_i + slope (j - i0), K
+    the largest |k_j| of the (batch, kv head). Since the ALiBi term falls with distance and the
+    other terms do not depend on j, the skipped tiles are a prefix [0, lo) of the key range: the
+    loop stays one contiguous range. K, V and v_ come from a pre-pass (_kv_bound_kernel: one read
+    of K and V, two (B*H_kv, cdiv(Lk, 64)) fp32 arrays). A slope <= 0, any NaN or inf in q, k or v
+    (or a norm that overflows fp32), or causal=False: every tile computed."""
     qk_scale = float(scale) * LOG2E
     prec = "tf32x3" if q.dtype == torch.float32 else "tf32"
     cfg = tuple(_CONFIG_OVERRIDE or _prefill_config(D, q.dtype, Lq, Lk, causal))
@@ -474,15 +675,46 @@ def _launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causa
     # ORDER 1: LPT inside groups of (batch, head) pairs holding about one wave of programs
     group_bh = max(1, -(-_sm_count(device) // num_m)) if order == 1 else 1
     extra = {"maxnreg": int(maxnreg)} if maxnreg else {}
+    window = bool(window) and bool(causal)
+    lse_arg = out if lse is None else lse
+    kn = vn = lse_arg  # unused without the window
+    nb = triton.cdiv(Lk, _BND_ROWS)
+    if window:
+        kn, vn = torch.empty((2, B * H_kv, nb), device=device, dtype=torch.float32)
+        _kv_bound_kernel[(nb, B * H_kv)](k, v, kn, vn, *k_strides, *v_strides, H_kv, Lk, nb,
+                                         BLOCK=_BND_ROWS, HEAD_DIM=D, num_warps=4)
+    count = _TILE_COUNTS is not None
     _alibi_fwd_kernel[(num_m * B * H,)](
-        q, k, v, out, slopes, out if lse is None else lse,
+        q, k, v, out, slopes, lse_arg, kn, vn, _TILE_COUNTS if count else lse_arg,
         *q_strides, *k_strides, *v_strides, *o_strides,
-        H, H // H_kv, Lq, Lk, past_len, qk_scale, num_m, B * H, group_bh,
+        H, H // H_kv, Lq, Lk, past_len, qk_scale, num_m, B * H, group_bh, nb, window_gap(Lk),
         CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, WARP_SPEC=bool(ws),
         USE_TMA=use_tma, DOT_PREC=prec, ORDER=int(order), MERGE=bool(merge),
-        STORE_LSE=lse is not None, num_warps=warps, num_stages=stages, **extra,
+        STORE_LSE=lse is not None, WINDOW=window, DATA_BOUND=_WINDOW_DATA_BOUND, COUNT=count,
+        num_warps=warps, num_stages=stages, **extra,
     )
     return out
+
+
+# Rows per block of the window's pre-pass maxima (|k|, |v|).
+_BND_ROWS = 64
+# Test / benchmark hook: the forward window's gap in log2 units (None: window_gap's rule).
+_SKIP_GAP: float | None = None
+# Test / benchmark hook: an int32 tensor of 1 to which the prefill kernel adds the key tiles it
+# computes (a constexpr branch: compiled out otherwise).
+_TILE_COUNTS: torch.Tensor | None = None
+# Test hook: False bounds the forward window by P alone, without the values' range E (the negative
+# control: a far value large enough makes a skipped P matter).
+_WINDOW_DATA_BOUND = True
+
+
+def window_gap(n_terms: int) -> float:
+    """The window skips a tile where every weight is below 2^-(gap + E); ``n_terms``: the most terms
+    one sum holds (keys per row in the forward; max(Lk, GROUP * Lq) in the backward). gap = 32 +
+    log2(n_terms): the skipped terms of a sum stay below 2^-32 of one ordinary term."""
+    if _SKIP_GAP is not None:
+        return float(_SKIP_GAP)
+    return 32.0 + math.ceil(math.log2(max(n_terms, 2)))
 
 
 def _check_head_dim(D: int) -> None:
@@ -492,13 +724,16 @@ def _check_head_dim(D: int) -> None:
 
 def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, *,
                     causal: bool = True, scale: float | None = None,
-                    past_len: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    past_len: int | None = None, out: torch.Tensor | None = None,
+                    window: bool = False) -> torch.Tensor:
     """Fused ALiBi attention. q: (B, H, Lq, D); k, v: (B, H_kv, Lk, D), any strides.
 
     ``slopes``: (H,) per-query-head slopes (e.g. ``torch.tensor(alibi_slopes(H))``), cast to fp32.
     Query i has absolute position ``past_len + i``; ``past_len`` defaults to ``Lk - Lq``.
     ``scale`` defaults to ``1/sqrt(D)``. Returns (B, H, Lq, D) in q's dtype (or writes ``out``).
     Forward only (no autograd graph); ``alibi_attention_train`` has the backward.
+    ``window=True`` (causal prefill only; off by default until timed on a GPU) skips the key tiles
+    whose contribution is provably below 2^-32 of an ordinary value (see ``_launch_prefill``).
     """
     slopes, past_len, scale = _check_inputs(q, k, v, slopes, past_len, scale)
     B, H, Lq, D = q.shape
@@ -511,7 +746,7 @@ def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: t
         return out
     with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullctx():
         _launch(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, bool(causal), scale,
-                q.stride(), k.stride(), v.stride(), out.stride(), q.device)
+                q.stride(), k.stride(), v.stride(), out.stride(), q.device, window=bool(window))
     return out
 
 

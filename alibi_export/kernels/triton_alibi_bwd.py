@@ -63,6 +63,8 @@ import triton
 import triton.language as tl
 
 from . import triton_alibi as fwd
+# the window's bound helpers, shared with the forward's window
+from .triton_alibi import _block_norm, _floor_row, _range_bits, _reduce_row, _trips, _window  # noqa: F401
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -313,15 +315,6 @@ def _bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=r_ok[:, None])
 
 
-@triton.jit
-def _block_norm(x):
-    """The largest row norm of a (rows, HEAD_DIM) fp32 block; inf if any row holds a NaN or an inf
-    (tl.max need not propagate NaN): the window bound then turns the window off."""
-    n2 = tl.sum(x * x, 1)
-    bad = tl.max(((n2 != n2) | (n2 == float("inf"))).to(tl.int32), 0)
-    return tl.where(bad > 0, float("inf"), tl.sqrt(tl.max(n2, 0)))
-
-
 @triton.jit(do_not_specialize=["H", "GROUP", "Lq", "Lk", "NB"])
 def _bwd_delta_kernel(O, DO, DELTA, Q, K, V, LSE, QN, LM, KN, VN, GN, sob, soh, som, sdob, sdoh, sdom,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, H, GROUP, Lq, Lk, NB,
@@ -365,65 +358,9 @@ def _bwd_delta_kernel(O, DO, DELTA, Q, K, V, LSE, QN, LM, KN, VN, GN, sob, soh, 
 
 
 @triton.jit
-def _reduce_row(ptr, n, MAX: tl.constexpr):
-    """max (MAX) or min of the n floats at ptr, 128 at a time."""
-    offs = tl.arange(0, 128)
-    if MAX:
-        acc = tl.max(tl.load(ptr + offs, mask=offs < n, other=0.0), 0)
-    else:
-        acc = tl.min(tl.load(ptr + offs, mask=offs < n, other=float("inf")), 0)
-    for c in range(128, n, 128):
-        if MAX:
-            acc = tl.maximum(acc, tl.max(tl.load(ptr + c + offs, mask=c + offs < n, other=0.0), 0))
-        else:
-            acc = tl.minimum(acc, tl.min(tl.load(ptr + c + offs, mask=c + offs < n,
-                                                 other=float("inf")), 0))
-    return acc
-
-
-@triton.jit
-def _floor_row(ptr, n):
-    """The smallest positive of the n floats at ptr (inf if none), 128 at a time."""
-    offs = tl.arange(0, 128)
-    x = tl.load(ptr + offs, mask=offs < n, other=float("inf"))
-    acc = tl.min(tl.where(x > 0, x, float("inf")), 0)
-    for c in range(128, n, 128):
-        x = tl.load(ptr + c + offs, mask=c + offs < n, other=float("inf"))
-        acc = tl.minimum(acc, tl.min(tl.where(x > 0, x, float("inf")), 0))
-    return acc
-
-
-@triton.jit
-def _range_bits(ptr, n):
-    """log2(max / floor) of one (batch, head)'s block maxima (0 for all zeros; inf for an inf)."""
-    mx = _reduce_row(ptr, n, True)
-    return tl.where(mx > 0, tl.log2(mx / _floor_row(ptr, n)), 0.0)
-
-
-@triton.jit
 def _data_bits(qn, gn, kn, vn, n):
     """E of the module docstring: 1 + the log2 ranges of |q|, |dO|, |k|, |v| in one (batch, head)."""
     return 1.0 + _range_bits(qn, n) + _range_bits(gn, n) + _range_bits(kn, n) + _range_bits(vn, n)
-
-
-@triton.jit
-def _trips(start, end, step):
-    """Iterations of range(start, end, step)."""
-    return tl.maximum(end - start + step - 1, 0) // step
-
-
-@triton.jit
-def _window(a, slope, gap, cap):
-    """How far from its query a key can sit and still get a P of 2^-gap or more: keys more than w
-    positions away have ``a - slope * |i - j| < -gap``. An integer in [0, cap].
-
-    ``a`` bounds ``s_ij - lse_i + slope * |i - j|`` (log2 units), i.e. the score without its bias
-    minus the row's log-sum-exp, by Cauchy-Schwarz: |qk_scale| * max|q_i| * max|k_j| - min lse_i.
-    Every row sees some key, so lse_i is finite. A slope <= 0, an infinite gap (skipping off) or
-    a NaN give ``cap`` (callers pass one beyond any distance): nothing is skipped."""
-    w = (a + gap) / slope
-    ok = (slope > 0) & (w < cap)  # False for NaN
-    return tl.where(ok, tl.ceil(tl.where(ok, w, 0.0)), cap.to(tl.float32)).to(tl.int32)
 
 
 # Test / benchmark hook: force (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel then of
@@ -550,7 +487,7 @@ class AlibiAttention(torch.autograd.Function):
     """The fused forward (which also keeps each row's log-sum-exp) and the backward above."""
 
     @staticmethod
-    def forward(ctx, q, k, v, slopes, causal: bool, scale: float, past_len: int):
+    def forward(ctx, q, k, v, slopes, causal: bool, scale: float, past_len: int, window: bool = False):
         B, H, Lq, D = q.shape
         H_kv, Lk = k.shape[1], k.shape[2]
         out = fwd.empty_in_layout_of(q, (B, H, Lq, D))
@@ -560,7 +497,7 @@ class AlibiAttention(torch.autograd.Function):
             fwd._ensure_allocator()
         fwd._launch_prefill(q, k, v, out, slopes, B, H, H_kv, Lq, Lk, D, past_len, causal, scale,
                             q.stride(), k.stride(), v.stride(), out.stride(), q.device,
-                            use_tma=use_tma, lse=lse)
+                            use_tma=use_tma, lse=lse, window=window)
         ctx.save_for_backward(q, k, v, out, lse, slopes)
         ctx.causal, ctx.scale, ctx.past_len = causal, scale, past_len
         return out
@@ -570,16 +507,17 @@ class AlibiAttention(torch.autograd.Function):
         q, k, v, out, lse, slopes = ctx.saved_tensors
         dq, dk, dv = alibi_attention_backward(do, q, k, v, out, lse, slopes, causal=ctx.causal,
                                               scale=ctx.scale, past_len=ctx.past_len)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def alibi_attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes, *,
                           causal: bool = True, scale: float | None = None,
-                          past_len: int | None = None) -> torch.Tensor:
+                          past_len: int | None = None, window: bool = False) -> torch.Tensor:
     """Differentiable fused ALiBi attention: the arguments and result of
-    :func:`.triton_alibi.alibi_attention`; gradients flow to q, k and v (not to the slopes)."""
+    :func:`.triton_alibi.alibi_attention`; gradients flow to q, k and v (not to the slopes).
+    ``window``: the forward's ALiBi window (opt-in; the backward's own window is always on)."""
     slopes, past_len, scale = fwd._check_inputs(q, k, v, slopes, past_len, scale)
     if q.numel() == 0 or k.numel() == 0:
         return fwd.alibi_attention(q, k, v, slopes, causal=causal, scale=scale, past_len=past_len)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else fwd._nullctx():
-        return AlibiAttention.apply(q, k, v, slopes, bool(causal), scale, past_len)
+        return AlibiAttention.apply(q, k, v, slopes, bool(causal), scale, past_len, bool(window))
