@@ -97,22 +97,22 @@ def _run_schedule(engine, prompts, max_tokens, joins, budget=2000):
     raise AssertionError(f"only {len(results)} of {len(prompts)} requests finished in {budget} iterations")
 
 
-@pytest.fixture(scope="module", params=["default", "folded"])
-def static_form(request, tmp_path_factory, shipped):
-    """The shipped model as a --static-cache export, float32 (exact comparisons): the default form, and the
-    folded one (--attention onnx, whose slots fill their masked columns with the padding entry on the GPU)."""
+@pytest.fixture(scope="module")
+def static_form(tmp_path_factory, shipped):
+    """The shipped model as a --static-cache export in the folded form (--attention onnx, whose slots fill their
+    masked columns with the padding entry on the GPU), float32 (exact comparisons). The default static form is
+    refused on CUDA (tests/test_kv_buffer.py): its first prefill stopped inside onnxruntime-gpu 1.31.1."""
     from alibi_export.export.onnx import export_onnx
 
-    folded = request.param == "folded"
-    return export_onnx(shipped, tmp_path_factory.mktemp("serve-cuda-static") / f"kv-static-{request.param}.onnx",
-                       kv_cache=True, static_cache=256, **({"attention": "onnx"} if folded else {})).path
+    return export_onnx(shipped, tmp_path_factory.mktemp("serve-cuda-static") / "kv-static-folded.onnx",
+                       kv_cache=True, static_cache=256, attention="onnx").path
 
 
 def test_slots_on_cuda_equal_each_prompt_alone(static_form, rng, monkeypatch):
     """Fixed slots on the GPU: the buffers are torch tensors on the device, bound by address, and the joins,
     moves and packs are torch copies synchronized before ONNX Runtime's next run. Slots of 124 columns force
     packs and moves; each greedy text equals the prompt alone through GenerationSession on CUDA. Control: a
-    join copied one column off changes the tokens; on the folded form, so do masked columns left unfilled.
+    join copied one column off changes the tokens, and so do masked columns left unfilled.
     (ONNX Runtime 1.31 has no float32 GroupQueryAttention CUDA kernel, so it runs that node on the CPU with
     copies around it: this checks results, not speed.)"""
     from alibi_export.runtime.generate import GenerationSession
@@ -131,12 +131,11 @@ def test_slots_on_cuda_equal_each_prompt_alone(static_form, rng, monkeypatch):
     got = _run_schedule(engine, prompts, max_tokens, joins)
     assert [got[i].text for i in range(n)] == alone
     assert engine.cache.packs > 0 and engine.cache.moves > 0 and engine.steps < sum(max_tokens)
-    if engine.cache.holes is not None:  # the folded form
-        assert engine.cache.holes[0].is_cuda
-        unfilled = Engine(session, config)
-        unfilled.cache.holes = None
-        got = _run_schedule(unfilled, prompts, max_tokens, joins)
-        assert [got[i].text for i in range(n)] != alone
+    assert engine.cache.holes[0].is_cuda
+    unfilled = Engine(session, config)
+    unfilled.cache.holes = None
+    got = _run_schedule(unfilled, prompts, max_tokens, joins)
+    assert [got[i].text for i in range(n)] != alone
     monkeypatch.setattr(slot_cache, "_join_columns",
                         lambda width, k: slice(width - k, width) if k == width else slice(width - k - 1, width - 1))
     got = _run_schedule(Engine(session, config), prompts, max_tokens, joins)

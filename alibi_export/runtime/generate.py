@@ -63,6 +63,14 @@ class GenerationSession:
         from .onnxruntime import create_session
 
         self.path = Path(path)
+        meta = read_metadata(self.path)
+        if provider == "cuda" and meta.static_cache and meta.attention != "onnx":
+            # Measured on an H200 with onnxruntime-gpu 1.31.1: the first prefill of this form stops inside ONNX
+            # Runtime (a Where whose condition has lost its batch dimension, next to the GroupQueryAttention node
+            # that its CUDA provider cannot take: float32, or an attention bias). The folded form runs there.
+            raise AlibiExportError(f"{str(self.path)!r} is the default --static-cache form, which does not run on "
+                                   "ONNX Runtime's CUDA provider. Note: for CUDA, export it with --static-cache "
+                                   "--attention onnx --dtype float16 (or serve the --kv-cache export)")
         self.session = create_session(self.path, provider=provider, threads=threads)
         self.device, self.device_id = ("cuda" if provider == "cuda" else "cpu"), device_id
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -75,7 +83,7 @@ class GenerationSession:
         self.tokenizer = tokenizer_of(self.path)
         self.cache_dtype = _DTYPES[inputs[self._past_names[0]].type]
         self.cache_width = inputs[self._past_names[0]].shape[-1]  # head_dim, or head_dim + 8 (onnx form)
-        static = read_metadata(self.path).static_cache  # the static-cache form: buffers updated in place
+        static = meta.static_cache  # the static-cache form: buffers updated in place
         self.static = StaticCache(static, self.config.kv_heads, self.cache_width, self.cache_dtype, self.device,
                                   device_id) if static else None
         self.kv_window, self.window_slack = None, window_slack
