@@ -10,17 +10,12 @@ runs the kernels on CPU under TRITON_INTERPRET=1 (tiny shapes).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.interpret import run_interpreted
 from tests.kernel_grad_check import NAMES, compare, window_check
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +173,11 @@ def test_grads_interpreted_on_cpu():
     rounded to 11-bit mantissas, measured 3.4e-4), fp32 1e-4 (tf32x3 dots, measured 4e-7). The
     last case runs the kernel with halved slopes and must miss the bound by far (measured 0.22)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_grad_check.py")], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = run_interpreted("kernel_grad_check.py")
     windows = [r for r in results if r.get("window")]
     nans = [r for r in results if r.get("nan")]
     results = [r for r in results if not (r.get("window") or r.get("nan"))]
-    assert len(results) == 8 and len(windows) == 3 and len(nans) == 1, proc.stdout
+    assert len(results) == 8 and len(windows) == 3 and len(nans) == 1, results
     for res in nans:  # a NaN in v and dO: the window is off (every tile computed), the gradients the full ones
         print("INTERPRET NAN", json.dumps(res))
         assert res["tiles"] == res["tiles_full"] and res["same"], res
@@ -214,11 +205,7 @@ def test_window_spikes_interpreted_on_cpu():
     bounded by P alone (the window of before, ``_WINDOW_DATA_BOUND = False``) skips tiles whose
     P * 1e12 matter, and changes a row by more than 1e-3 (measured 2.9e-3 to 3.1e-3 in dq)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_grad_check.py"), "--spikes"], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = next(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    res = run_interpreted("kernel_grad_check.py", "--spikes")[0]
     print("INTERPRET SPIKES", json.dumps(res))
     _assert_spike_result(res)
 

@@ -8,25 +8,17 @@ shapes, ~15 s on 2 cores); the GPU test (skipped without triton or a CUDA GPU) c
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.interpret import run_interpreted
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_fwd_window_check.py")], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    res = run_interpreted("kernel_fwd_window_check.py")
     for r in res:
         print("FWD WINDOW", json.dumps(r))
     return res
