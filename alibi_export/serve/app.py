@@ -2,21 +2,15 @@
 /health, /metrics, and a /v1/chat/completions that explains why it is refused.
 
 Handlers never block the event loop: the engine runs in its own thread and its events come back
-into an asyncio queue per HTTP request through one mailbox per event loop, which wakes the loop once per
-burst, not once per token: an iteration of 64 rows posts 64 events, and a wake-up per event (a write to
-the loop's self-pipe and a callback each) cost the loop more than the events themselves. A streamed
-answer then writes every event already waiting for it in one chunk. A client that goes away
+through ``loop.call_soon_threadsafe`` into an asyncio queue per HTTP request. A client that goes away
 (a closed stream, or a dropped connection while a non-streamed answer is computed) cancels its
 requests, which frees their batch slots and cache at the engine's next iteration.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time.
 import asyncio
-import collections
 import json
-import threading
 import time
 import uuid
-import weakref
 
 from ..errors import MissingDependencyError
 from .engine import Delta, Finished, RequestRejected
@@ -151,43 +145,13 @@ async def _body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class _Mailbox:
-    """Events from the engine's thread to one event loop's queues, in the order posted, with one wake-up of the
-    loop per burst: a post while a delivery is already scheduled only appends."""
-
-    def __init__(self, loop):
-        self.loop, self.items, self.lock, self.scheduled = loop, collections.deque(), threading.Lock(), False
-
-    def post(self, queue: asyncio.Queue, item) -> None:
-        with self.lock:
-            self.items.append((queue, item))
-            if self.scheduled:
-                return
-            self.scheduled = True
+def _to_loop(loop, events: asyncio.Queue, index: int):
+    """An engine callback that hands (index, event) to ``loop``; dropped if the loop has closed."""
+    def on_event(event):
         try:
-            self.loop.call_soon_threadsafe(self._deliver)
+            loop.call_soon_threadsafe(events.put_nowait, (index, event))
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             pass
-
-    def _deliver(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, collections.deque(), False
-        for queue, item in items:
-            queue.put_nowait(item)
-
-
-_MAILBOXES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # event loop -> its _Mailbox
-
-
-def _to_loop(loop, events: asyncio.Queue, index: int):
-    """An engine callback that hands (index, event) to ``loop``'s queue ``events``; dropped if the loop has
-    closed. Called on the loop (by the handler), so the mailbox is made there, never by two threads at once."""
-    box = _MAILBOXES.get(loop)
-    if box is None:
-        box = _MAILBOXES[loop] = _Mailbox(loop)
-
-    def on_event(event):
-        box.post(events, (index, event))
     return on_event
 
 
@@ -200,25 +164,21 @@ async def _stream(head: dict, events: asyncio.Queue, handles: list):
     def sse(payload) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
-    def chunk(i, event) -> str:
-        nonlocal waiting
-        if isinstance(event, Delta):
-            return sse({**head, "choices": [{"index": i, "text": event.text, "logprobs": None,
-                                             "finish_reason": None}]})
-        waiting -= 1  # Finished
-        usage[0], usage[1] = usage[0] + event.prompt_tokens, usage[1] + event.completion_tokens
-        if event.reason == "error":
-            return sse(ApiError(500, f"generation failed: {event.error}").body())
-        return sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                         "finish_reason": event.reason}]})
-
     waiting, usage = len(handles), [0, 0]
     try:
         while waiting:
-            parts = [chunk(*await events.get())]
-            while waiting and not events.empty():  # what else is already here goes out in the same write
-                parts.append(chunk(*events.get_nowait()))
-            yield "".join(parts)
+            i, event = await events.get()
+            if isinstance(event, Delta):
+                yield sse({**head, "choices": [{"index": i, "text": event.text, "logprobs": None,
+                                                "finish_reason": None}]})
+            elif isinstance(event, Finished):
+                waiting -= 1
+                usage[0], usage[1] = usage[0] + event.prompt_tokens, usage[1] + event.completion_tokens
+                if event.reason == "error":
+                    yield sse(ApiError(500, f"generation failed: {event.error}").body())
+                    continue
+                yield sse({**head, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                "finish_reason": event.reason}]})
         yield sse({**head, "choices": [], "usage": _usage(*usage)})
         yield "data: [DONE]\n\n"
     finally:  # also when the client disconnects: the response task is cancelled here
