@@ -26,13 +26,13 @@ LOG2E = 1.4426950408889634
 def kept_share(L: int, D: int, H: int = 16, scale: float = 1.0, tokens: int = 16384, seed: int = 0,
                blocks: tuple[int, int] | None = None) -> float:
     """Key tiles the window keeps / key tiles of the causal forward, one draw per (batch, head)."""
-    if blocks is None:
-        from alibi_export.kernels.triton_alibi import _prefill_config
+    from alibi_export.kernels.triton_alibi import _prefill_config, window_gap
 
+    if blocks is None:
         blocks = _prefill_config(D, torch.bfloat16, L, L, True)[:2]
     bm, bn = blocks
     B = max(1, tokens // L)
-    gap = 32 + math.ceil(math.log2(max(L, 2)))
+    gap = window_gap(L)
     qks = D ** -0.5 * LOG2E
     g = torch.Generator().manual_seed(seed)
     starts = torch.arange(0, L, bm)
