@@ -66,13 +66,19 @@ VARIANTS = {
 }
 
 
-def flex_alibi(flex, q, k, v, m, L, device):
-    """The FlexAttention peer of every prefill table: ALiBi as a score_mod over the causal block mask of
-    length L; a call runs it once."""
+def time_flex(flex, q, k, v, m, L, device, timer):
+    """The FlexAttention peer of every prefill table, ALiBi as a score_mod over the causal block mask of
+    length L: (its output, ms by ``timer``), or (None, nan) where Flex fails (printed)."""
     def score_mod(score, b, h, qi, kv):
         return score + m[h] * (kv - qi)
     bm = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, L, L, device=device)
-    return lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)
+    run = lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)  # noqa: E731
+    try:
+        out = run()
+        return out, timer(run)
+    except Exception as e:  # noqa: BLE001
+        print("flex failed", repr(e)[:200])
+        return None, float("nan")
 
 
 def variants(dims, lengths, flex_lengths, flex, H=16):
@@ -91,12 +97,7 @@ def variants(dims, lengths, flex_lengths, flex, H=16):
                                                                              is_causal=True)))
             r["flex"] = float("nan")
             if L in flex_lengths:
-                run_flex = flex_alibi(flex, q, k, v, m, L, DEV)
-                try:
-                    run_flex()
-                    r["flex"] = tf(bench(run_flex))
-                except Exception as e:  # noqa: BLE001
-                    print("flex failed", repr(e)[:200])
+                r["flex"] = tf(time_flex(flex, q, k, v, m, L, DEV, bench)[1])
             ka._CONFIG_OVERRIDE = None
             o = ka.alibi_attention(q, k, v, m)
             r["default"] = tf(bench(lambda: ka.alibi_attention(q, k, v, m)))
@@ -169,13 +170,8 @@ def prefill(D, lengths, H, sweep, peers, flex):
             except Exception:  # noqa: BLE001
                 r["sdpa_bias"] = float("nan")
             del bias
-            run_flex = flex_alibi(flex, q, k, v, m, L, DEV)
-            try:
-                o_flex = run_flex()
-                r["flex_alibi"] = tf(bench(run_flex))
-            except Exception as e:  # noqa: BLE001
-                print("flex failed", repr(e)[:200])
-                o_flex, r["flex_alibi"] = None, float("nan")
+            o_flex, ms = time_flex(flex, q, k, v, m, L, DEV, bench)
+            r["flex_alibi"] = tf(ms)
         else:
             o_flex = None
         # ours: default config, then the sweep
@@ -291,12 +287,7 @@ def window_bench(dims, lengths, scales, flex, H=16, tokens=16384, dev="cuda", co
             tf = lambda ms: flops / ms / 1e9  # noqa: E731
             r = {"D": D, "L": L, "B": B, "flex": float("nan")}
             if cuda:
-                run_flex = flex_alibi(flex, q, k, v, m, L, dev)
-                try:
-                    run_flex()
-                    r["flex"] = tf(timer(run_flex))
-                except Exception as e:  # noqa: BLE001
-                    print("flex failed", repr(e)[:200])
+                r["flex"] = tf(time_flex(flex, q, k, v, m, L, dev, timer)[1])
             nb = triton.cdiv(L, ka._BND_ROWS)
             kn, vn = torch.empty((2, B * H, nb), device=dev, dtype=torch.float32)
             r["prepass_us"] = 1e3 * timer(lambda: ka._kv_bound_kernel[(nb, B * H)](
