@@ -146,6 +146,28 @@ def test_reexport_replaces_the_pair_and_leaves_no_stale_data(tiny_dir, tmp_path,
     assert not [t for t in onnx.load(out).graph.initializer if t.external_data]
 
 
+def test_an_ort_fused_export_is_ours_to_replace(tiny_dir, tmp_path, monkeypatch):
+    """--ort-fusions runs ONNX Runtime's optimizer, which names itself the producer: the file must still say this
+    tool wrote it, or exporting it again (--target cuda twice) is refused and its old data file is left behind."""
+    import alibi_export.export.onnx as exp
+    from alibi_export.export.onnx_file import written_by_alibi_export
+
+    ck = load(tiny_dir)
+    out = tmp_path / "fused.onnx"
+    monkeypatch.setattr(exp, "_TWO_GB", 64 << 20)
+    export_onnx(ck, out, attention="onnx", ort_fusions=True)
+    assert written_by_alibi_export(out) and len(_data_files(tmp_path)) == 1
+    ck.model.wte.weight.data.mul_(2)
+    export_onnx(ck, out, attention="onnx", ort_fusions=True)  # replaced, its old data file removed
+    assert len(_data_files(tmp_path)) == 1 and sorted(p.name for p in tmp_path.iterdir())[0] == "fused.onnx"
+    # control: the same file stamped with the optimizer's own name is refused, as any foreign file is
+    proto = onnx.load(out, load_external_data=False)
+    proto.producer_name = "onnxruntime.transformers"
+    onnx.save(proto, out)
+    with pytest.raises(AlibiExportError, match="not written by alibi-export"):
+        export_onnx(ck, out, attention="onnx", ort_fusions=True)
+
+
 def test_export_never_replaces_a_foreign_file(tiny_dir, tmp_path, external):
     ck = load(tiny_dir)
     (tmp_path / "user.onnx").write_bytes(b"not an onnx file")

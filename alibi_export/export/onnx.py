@@ -214,6 +214,7 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         attach_weights(proto, weights)  # ONNX Runtime's optimizer reads them
         weights = {}
         proto, fused = fuse_for_onnxruntime(proto, n_head=cfg.n_head, d_model=cfg.d_model)
+        proto.producer_name = PRODUCER  # the optimizer writes its own; ours marks a file this tool may replace
         log.info("ONNX Runtime fusions: %s", fused)
     if quantize:
         attach_weights(proto, weights)  # ONNX Runtime's quantization tools read them
