@@ -278,6 +278,7 @@ TRT_ROWS = [
     (["trt", "{foreign}", "-o", "{out}/m.engine"], "not written by alibi-export"),
     (["trt", "{sinusoidal}", "-o", "{out}/m.engine"], "has no ALiBi attention"),
     (["trt", "{fused}", "-o", "{out}/m.engine"], "export without --ort-fusions"),
+    (["trt", "{kv}", "-o", "{out}/m.engine"], "is a KV-cache decoder (exported with --kv-cache)"),
     (["trt", "{escape}", "-o", "{out}/m.engine"], "outside its own folder"),
     (["trt", "{ours}", "-o", "{out}/no/dir/m.engine"], "does not exist"),
     (["trt", "{ours}", "-o", "{text}"], "exists and was not written by alibi-export"),

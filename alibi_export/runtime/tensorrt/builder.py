@@ -217,6 +217,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, min_len: int
         raise EngineBuildError(f"unknown backend {backend!r}. Note: expected one of {BACKENDS}")
     form = attention_form(onnx_path)
     meta = read_metadata(onnx_path)
+    if meta.kv_cache:
+        # TensorRT-RTX 1.7's parser: "TensorRT only supports Attention nodes with one output" (the onnx form's
+        # present outputs); the other forms' caches are not built either. An engine runs the plain export.
+        raise EngineBuildError(f"{onnx_path} is a KV-cache decoder (exported with --kv-cache), which TensorRT "
+                               "cannot build. Note: build engines from an export without --kv-cache "
+                               "(--attention onnx)")
     if meta.ort_fusions:
         raise EngineBuildError(f"{onnx_path} holds ONNX Runtime's fused operators (exported with --ort-fusions), "
                                "which TensorRT cannot parse. Note: export without --ort-fusions for TensorRT")
