@@ -30,8 +30,9 @@ PRODUCER = "alibi-export"  # the ONNX producer_name and the sidecar's created_by
 _OPTIONAL = {"kv_cache": "false", "ort_fusions": "false",  # absent from files of alibi-export 0.1.0
              "quantization": "", "quantization_block_size": "0",  # absent from float exports
              "quantization_gate": "{}",  # absent until a quantized export's gate has run
-             "static_cache": "0"}  # absent from concatenating KV-cache exports
-_ONLY_WHEN_SET = ("quantization", "quantization_block_size", "quantization_gate", "static_cache")
+             "static_cache": "0",  # absent from concatenating KV-cache exports
+             "logits_to_keep": "false"}  # absent unless the KV-cache file takes that input
+_ONLY_WHEN_SET = ("quantization", "quantization_block_size", "quantization_gate", "static_cache", "logits_to_keep")
 
 
 class NotOurArtifact(AlibiExportError):
@@ -68,6 +69,9 @@ class OnnxMetadata:
     # The static-cache KV form (export.kv_buffer): the longest prompt + generation it was exported for; its cache
     # is a buffer that the graph updates in place. 0: the concatenating form (or no KV cache).
     static_cache: int = 0
+    # The KV-cache file takes ``logits_to_keep`` (export.kv_cache.keep_last_logits): 0 = every position's logits,
+    # N = the last N's. Every caller must feed it (GenerationSession does).
+    logits_to_keep: bool = False
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` of the file, always in field order (so two exports are byte-identical)."""

@@ -331,6 +331,10 @@ def _read_text_option(text):
               help="With --kv-cache: the cache is a preallocated buffer of up to LMAX tokens (prompt + generation) "
                    "that the graph updates in place (ONNX Runtime's GroupQueryAttention), instead of a copy per "
                    "step: faster decoding on long contexts; float32, ONNX Runtime only.")
+@click.option("--logits-to-keep", is_flag=True,
+              help="With --kv-cache: the graph takes an int64 input logits_to_keep (0: every position's logits, "
+                   "N: the last N's), so a prefill computes only the position it samples from (generate and "
+                   "serve pass 1). Every caller must feed it.")
 @click.option("--ort-fusions", is_flag=True, help="With --attention onnx: fuse LayerNorm, residual and bias "
                                                    "tails into ONNX Runtime's SkipLayerNormalization and BiasGelu "
                                                    "(faster in ONNX Runtime CUDA; the file then runs in ONNX "
@@ -376,6 +380,8 @@ def onnx(ctx, model, out, target, opset, seq_len, batch, ppl_tolerance, validate
     genai = options.pop("genai", False)
     if genai and options["static_cache"]:
         raise click.ClickException("--genai writes the concatenating KV cache. Note: drop --static-cache")
+    if genai and options["logits_to_keep"]:
+        raise click.ClickException("onnxruntime-genai feeds no logits_to_keep input. Note: drop --logits-to-keep")
     out = Path(out or (f"{model.name}-genai" if genai else f"{model.name}.onnx"))
     check_writable_dir(out.parent)
     if not genai:  # a genai folder is checked by export_genai, which owns that format
@@ -481,6 +487,7 @@ def _export_line(model, out, result, options, seq_len, batch, seconds) -> str:
                       f", {options['quantize']} weights" if options["quantize"] else "",
                       ", KV cache" if options["kv_cache"] else "",
                       f" (static, up to {options['static_cache']} tokens)" if options.get("static_cache") else "",
+                      ", logits_to_keep input" if options.get("logits_to_keep") else "",
                       ", onnxruntime-genai folder" if out.is_dir() else ""])
     return (f"exported {model} -> {out} ({shape}, opset {result.opset}, {result.dtype}, {result.attention} "
             f"attention{extras}, {size:.1f} MB) in {seconds:.1f}s")

@@ -372,6 +372,25 @@ def test_kv_cache_greedy_generation_equals_transformers_and_padding_is_invisible
     assert session._stop_ids(None) == {0}  # the config's eos_token_id, not the tokenizer's <|endoftext|>
 
 
+@pytest.mark.parametrize("variant", [FAST[0], pytest.param(FAST[1], marks=SLOW), pytest.param(FAST[2], marks=SLOW)])
+def test_logits_to_keep_gives_the_last_positions_of_transformers(models, variant):
+    """--logits-to-keep on each family's head (BLOOM's tied one, MPT's, multi-query Falcon's): 1 gives the last
+    position's logits of transformers' forward, 0 every position's. Control: the last position is not the first."""
+    m = models(variant)
+    session = create_session(m.export("kv-keep", kv_cache=True, logits_to_keep=True))
+    ids = _ids(11, (2, LEN))
+    ref = m.logits(ids)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32)
+    last = session.run(["logits"], {**feeds, "logits_to_keep": np.array(1)})[0]
+    every = session.run(["logits"], {**feeds, "logits_to_keep": np.array(0)})[0]
+    assert last.shape == (2, 1, ref.shape[-1]) and every.shape == ref.shape
+    assert _rel(last, ref[:, -1:]) <= FP32_REL and _rel(every, ref) <= FP32_REL, variant
+    assert _rel(last, ref[:, :1]) > 1e-2  # the control: a first-position slice would be told apart
+
+
 # ----------------------------------------------------------------------------------------- validate --reference
 @pytest.mark.parametrize("variant", [FAST[0], FAST[2]])
 def test_cli_validate_against_transformers_passes_at_1x_and_16x(models, variant):

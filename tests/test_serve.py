@@ -34,10 +34,13 @@ MODEL_ID = "alibi-small-kv"  # the served id: the export's file stem
 @pytest.fixture(scope="module")
 def kv_path(tmp_path_factory, shipped):
     """The shipped model as a KV-cache export: a trained model, whose tokens depend on what it attends
-    (the tiny random model's greedy tokens hardly do, so a layout fault would go unseen there)."""
+    (the tiny random model's greedy tokens hardly do, so a layout fault would go unseen there). With
+    --logits-to-keep, as `serve` exports it: its prefills compute the last position's logits only (the
+    static forms below are without it, so the engine runs both kinds of file)."""
     from alibi_export.export.onnx import export_onnx
 
-    return export_onnx(shipped, tmp_path_factory.mktemp("serve") / f"{MODEL_ID}.onnx", kv_cache=True).path
+    return export_onnx(shipped, tmp_path_factory.mktemp("serve") / f"{MODEL_ID}.onnx", kv_cache=True,
+                       logits_to_keep=True).path
 
 
 @pytest.fixture(scope="module")

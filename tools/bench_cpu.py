@@ -165,13 +165,15 @@ QUANT_FORMS = {"ort": None, "ort-int8": "int8", "ort-int4": "int4"}
 
 
 def large_model(out_dir: Path, spec: str) -> str:
-    """A random-weights checkpoint of the shipped architecture, d_model x layers from ``spec`` ("1024x12")."""
+    """A random-weights checkpoint of the shipped architecture, d_model x layers from ``spec`` ("1024x12"), and
+    the vocabulary's size as a third field ("1024x24x250880": BLOOM-560m's shape; default 4096). Past the
+    tokenizer's 4096 words the extra rows are never produced by it, but they cost the LM head what they cost."""
     import torch
 
     from alibi_export import AlibiLM, ModelConfig, load, save
 
-    d, layers = (int(x) for x in spec.split("x"))
-    cfg = ModelConfig(vocab_size=4096, n_layer=layers, n_head=d // 64, d_model=d, d_ff=4 * d, train_len=256,
+    d, layers, *vocab = (int(x) for x in spec.split("x"))
+    cfg = ModelConfig(vocab_size=vocab[0] if vocab else 4096, n_layer=layers, n_head=d // 64, d_model=d, d_ff=4 * d, train_len=256,
                       max_positions=256)
     torch.manual_seed(0)
     from alibi_export.shipped import default_model

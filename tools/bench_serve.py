@@ -289,6 +289,9 @@ def main():
                          "which prefills hundreds of thousands of tokens/s).")
     ap.add_argument("--static-cache", type=int, metavar="LMAX",
                     help="Also export the model with --static-cache LMAX and run every system on both forms.")
+    ap.add_argument("--every-logits", action="store_true",
+                    help="Also the same model exported without --logits-to-keep (its prefill computes every "
+                         "position's logits) and run every system on both forms.")
     ap.add_argument("--systems", default="continuous,naive,static")
     ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve.json if $OUT).")
     args = ap.parse_args()
@@ -307,12 +310,24 @@ def main():
         options = TARGETS["cuda"] if args.provider == "cuda" else {}
         t = time.perf_counter()
         checkpoint = load(large_model(tmp / "ckpt", args.random))
-        model = export_onnx(checkpoint, tmp / f"random-{args.random}.onnx", kv_cache=True, **options).path
+        model = export_onnx(checkpoint, tmp / f"random-{args.random}.onnx", kv_cache=True, logits_to_keep=True,
+                            **options).path
         print(f"exported {model.name} ({options or 'defaults'}) in {time.perf_counter() - t:.0f} s", flush=True)
     else:
         model = args.model or shipped_kv_export()
         options = {}
     forms = [("concat", model)]
+    if args.every_logits:
+        from alibi_export import load
+        from alibi_export.export.onnx import export_onnx
+        from alibi_export.shipped import default_model
+
+        if args.model:
+            raise SystemExit("Error: --every-logits exports the shipped model or --random. Note: drop --model")
+        source = checkpoint if args.random else load(default_model())
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serve-every-"))
+        every = export_onnx(source, tmp / f"{model.stem}-every.onnx", kv_cache=True, **options).path
+        forms.append(("concat-every", every))
     if args.static_cache:
         from alibi_export import load
         from alibi_export.artifacts import read_metadata
@@ -330,7 +345,7 @@ def main():
             raise SystemExit("Error: --model is already a static-cache export. Note: pass its --kv-cache twin")
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-static-"))
         t = time.perf_counter()
-        static = export_onnx(source, tmp / f"{model.stem}-static.onnx", kv_cache=True,
+        static = export_onnx(source, tmp / f"{model.stem}-static.onnx", kv_cache=True, logits_to_keep=True,
                              static_cache=args.static_cache, **options).path
         print(f"exported {static.name} (--static-cache {args.static_cache}, {options or 'defaults'}) in "
               f"{time.perf_counter() - t:.0f} s", flush=True)

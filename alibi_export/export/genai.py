@@ -94,6 +94,8 @@ def export_genai(checkpoint, out_dir: str | Path, *, check=None, **export_option
                           f"or {_EOS!r} in the vocabulary")
     if not export_options.get("kv_cache"):
         raise ExportError("a genai folder holds the KV-cache decoder. Note: add --kv-cache --dynamic-len")
+    if export_options.get("logits_to_keep"):
+        raise ExportError("onnxruntime-genai feeds no logits_to_keep input. Note: drop --logits-to-keep")
     with _staged_folder(out_dir) as tmp:
         result = export_onnx(checkpoint, tmp / "model.onnx", **export_options)
         from .attention_op import extra_dims

@@ -5,16 +5,29 @@ left padding for prompts of different lengths) and ``past_key_values.{layer}.key
 kv heads (n_head, or 1 for multi-query), past_sequence, head_dim; head_dim + 8 (see attention_op.extra_dims) in the onnx attention form, whose cache carries the ALiBi
 columns). Outputs: ``logits`` and ``present.{layer}.key|value`` (the past for the next step). Each attention block is one ``AlibiAttentionMasked`` node whose function places query i at the
 absolute position past + i from the runtime shapes, and adds the key padding mask in float32.
+
+With ``logits_to_keep`` (:func:`keep_last_logits`) the graph also takes an int64 scalar of that name, as
+``transformers``' ``forward`` does: 0 computes the logits of every position, N those of the last N only.
+A prefill that samples one token needs one position's: the LM head is a quarter of the shipped model's work
+per token and nearly half of a BLOOM's (a 250,880-word vocabulary), and a 2,048-token BLOOM prompt's logits
+alone are 2 GB in float32.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import torch
 
 from ..model import AlibiLM
 from .dynamo import dynamo_export
 
-__all__ = ["kv_input_names", "kv_output_names", "trace_kv_cache"]
+__all__ = ["kv_input_names", "kv_output_names", "trace_kv_cache", "keep_last_logits", "LOGITS_TO_KEEP"]
+
+LOGITS_TO_KEEP = "logits_to_keep"
+_KEPT_DIM = "kept_sequence"  # the logits' positions: the last logits_to_keep of the input's, or all of them
+# Between the LM head's product and the logits output: a cast (float16 files) or a scale by a constant
+# (MPT's logit_scale).
+_PASS_THROUGH = {"Cast", "Identity", "Mul", "Div"}
 
 # Neither 0 nor 1 (torch.export specializes both) and different from the traced sequence length.
 _TRACE_PAST, _TRACE_LEN, _TRACE_BATCH = 5, 3, 2
@@ -78,3 +91,38 @@ def trace_kv_cache(model: AlibiLM, *, opset: int, form: str = "plugin",
         mask_len = proto.graph.input[1].type.tensor_type.shape.dim[1]
         mask_len.dim_param = "past_sequence + sequence"  # what torch.export could not declare
     return proto, weights
+
+
+def keep_last_logits(proto: onnx.ModelProto) -> None:
+    """Add the ``logits_to_keep`` input (in place): the LM head's input is sliced to its last N positions before
+    the product, so the positions not kept cost nothing. 0 keeps all (``Slice`` from -0 = 0), as does N past
+    the sequence's length. The input is required: ONNX Runtime treats an input with a default (an initializer)
+    as an overridable constant and warns about it at every load."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    made = {o: n for n in graph.node for o in n.output}
+    consts = {i.name for i in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    node = made.get("logits")
+    while node is not None and node.op_type in _PASS_THROUGH and (
+            node.op_type in ("Cast", "Identity") or node.input[1] in consts):
+        node = made.get(node.input[0])
+    if node is None or node.op_type != "MatMul":
+        raise ValueError("no LM head product found before the logits output")  # an exporter change: internal
+    hidden = node.input[0]
+    start, axes, end = (f"{LOGITS_TO_KEEP}_{n}" for n in ("start", "axes", "end"))
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], dtype=np.int64), axes),
+                              numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), end),
+                              numpy_helper.from_array(np.array([1], dtype=np.int64), f"{LOGITS_TO_KEEP}_shape")])
+    at = list(graph.node).index(node)
+    new = [helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{LOGITS_TO_KEEP}_neg"], name=f"{LOGITS_TO_KEEP}_neg"),
+           helper.make_node("Reshape", [f"{LOGITS_TO_KEEP}_neg", f"{LOGITS_TO_KEEP}_shape"], [start],
+                            name=f"{LOGITS_TO_KEEP}_start"),
+           helper.make_node("Slice", [hidden, start, end, axes], [f"{LOGITS_TO_KEEP}_hidden"],
+                            name=f"{LOGITS_TO_KEEP}_slice")]
+    for i, n in enumerate(new):
+        graph.node.insert(at + i, n)
+    node.input[0] = f"{LOGITS_TO_KEEP}_hidden"
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))  # last: positions kept
+    logits = next(o for o in graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = _KEPT_DIM

@@ -126,7 +126,7 @@ def _check_static_cache(length, *, kv_cache: bool, attention: str, dtype: str, p
 def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = True, opset: int | None = None,
                 dtype: str = "float32", attention: str = "decomposed", batch: int = 1, seq_len: int | None = None,
                 q_chunk: int = DEFAULT_Q_CHUNK, kv_cache: bool = False, static_cache: int | None = None,
-                ort_fusions: bool = False,
+                logits_to_keep: bool = False, ort_fusions: bool = False,
                 quantize: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                 external_data_threshold: int | None = None, check=None) -> ExportResult:
     """Export ``checkpoint`` to ``out``.
@@ -141,7 +141,9 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     18 for the other forms. ``kv_cache`` exports the decoder with ``attention_mask`` and past/present
     tensors (see :mod:`alibi_export.export.kv_cache`); it needs ``dynamic_len``. ``static_cache`` (with
     ``kv_cache``: the longest prompt + generation) makes the cache a buffer the graph updates in place instead of
-    concatenating it each step (see :mod:`alibi_export.export.kv_buffer`). ``ort_fusions`` (onnx
+    concatenating it each step (see :mod:`alibi_export.export.kv_buffer`). ``logits_to_keep`` (with ``kv_cache``)
+    adds that int64 scalar input: 0 computes every position's logits, N the last N's only (a prefill samples
+    from one; see :func:`.kv_cache.keep_last_logits`). ``ort_fusions`` (onnx
     form only) rewrites the LayerNorm, residual and bias tails into ONNX Runtime's fused operators (see
     :mod:`alibi_export.export.ort_fusions`): faster in ONNX Runtime, loadable nowhere else. ``quantize``
     ("int8" or "int4", CPU forms only; ``block_size`` for both) quantizes the weight products with ONNX
@@ -169,6 +171,8 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         raise ExportError("--ort-fusions applies to the onnx attention form. Note: add --attention onnx")
     if kv_cache and not dynamic_len:
         raise ExportError("a KV-cache export needs a dynamic length. Note: add --dynamic-len")
+    if logits_to_keep and not kv_cache:
+        raise ExportError("--logits-to-keep applies to the KV-cache decoder. Note: add --kv-cache")
     check_quantize_options(quantize, block_size, attention=attention, dtype=dtype)
     if static_cache is not None:
         _check_static_cache(static_cache, kv_cache=kv_cache, attention=attention, dtype=dtype,
@@ -189,10 +193,10 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
     # Trace at a length that is neither 1 nor a size the model has, so no dimension is specialized.
     trace_len = seq_len if not dynamic_len else max(2, min(seq_len, 17))
     if kv_cache:
-        from .kv_cache import kv_input_names, kv_output_names, trace_kv_cache
+        from .kv_cache import LOGITS_TO_KEEP, kv_input_names, kv_output_names, trace_kv_cache
 
         proto, weights = trace_kv_cache(model, opset=opset, form=attention, buffer=static_cache is not None)
-        names = kv_input_names(cfg.n_layer), kv_output_names(cfg.n_layer)
+        names = kv_input_names(cfg.n_layer) + ([LOGITS_TO_KEEP] if logits_to_keep else []), kv_output_names(cfg.n_layer)
     else:
         proto, weights = _trace(model, dynamic_len=dynamic_len, batch=batch if not dynamic_len else 2, seq_len=trace_len,
                        opset=opset, form=attention)
@@ -205,9 +209,13 @@ def export_onnx(checkpoint: Checkpoint, out: str | Path, *, dynamic_len: bool = 
         dtype=dtype, attention=attention, kv_cache=kv_cache, ort_fusions=ort_fusions, config=cfg.to_dict(),
         tokenizer=checkpoint.tokenizer.to_str(),  # the tokenizer travels inside: a served file needs nothing else
         quantization=quantize or "", quantization_block_size=block_size if quantize else 0,
-        static_cache=static_cache or 0)
+        static_cache=static_cache or 0, logits_to_keep=logits_to_keep)
     proto = _finish(proto, opset=opset, inline=attention == "decomposed", q_chunk=q_chunk,
                     metadata=metadata.to_props())
+    if logits_to_keep:
+        from .kv_cache import keep_last_logits
+
+        keep_last_logits(proto)  # before fusions and quantization: they see the head's product as it will run
     if ort_fusions:
         from .ort_fusions import fuse_for_onnxruntime
 

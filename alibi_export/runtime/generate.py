@@ -79,6 +79,8 @@ class GenerationSession:
             raise AlibiExportError(f"{str(self.path)!r} has no KV-cache inputs (attention_mask, past_key_values.*). "
                                    "Note: export it with `alibi-export onnx MODEL --dynamic-len --kv-cache`")
         self._present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        # --logits-to-keep (export.kv_cache.keep_last_logits): a prefill computes its last position's logits only
+        self.keeps_logits = "logits_to_keep" in inputs
         self.config = model_config_of(self.path)
         self.tokenizer = tokenizer_of(self.path)
         self.cache_dtype = _DTYPES[inputs[self._past_names[0]].type]
@@ -113,17 +115,21 @@ class GenerationSession:
         return [OrtValue.ortvalue_from_numpy(empty, self.device, self.device_id) for _ in self._past_names]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list, *,
-             logits_on_device: bool = False) -> tuple[np.ndarray, list]:
+             logits_on_device: bool = False, last_only: bool = False) -> tuple[np.ndarray, list]:
         """Logits (B, L, V) as float32 on the host, and the new cache (``OrtValue``s left on the device).
 
         ``attention_mask`` is (B, past + L); ``cache`` is what ``new_cache`` or the previous step returned.
         ``logits_on_device``: the logits as an ``OrtValue`` left on the device in the model's dtype (the
-        server takes the last position's from it, not all L positions' through the host)."""
+        server takes the last position's from it, not all L positions' through the host). ``last_only``: the
+        caller reads the last position's logits only; a ``--logits-to-keep`` file then computes only those,
+        (B, 1, V), and any other file all L as before."""
         if self.static is not None:
             self.static.check_step(*input_ids.shape, attention_mask.shape[1], cache)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        if self.keeps_logits:
+            binding.bind_cpu_input("logits_to_keep", np.array(1 if last_only else 0, dtype=np.int64))
         if self.static is not None:
             self.static.bind_pasts(binding, self._past_names, cache)  # OrtValues, or views of the server's slots
         else:
@@ -233,18 +239,19 @@ class GenerationSession:
                            device=self.device, device_id=self.device_id)
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, total: int = 0) -> tuple[np.ndarray, list, np.ndarray]:
-        """Logits, cache and mask after the left-padded prompts ``ids``: one pass, or with a window shorter than the
-        prompts one pass over its first ``kv_window`` columns and one step per column after, so that every
-        prompt token also sees its last ``kv_window`` tokens only (exact, and slower for such long prompts).
+        """Logits (the last position's at least), cache and mask after the left-padded prompts ``ids``: one pass,
+        or with a window shorter than the prompts one pass over its first ``kv_window`` columns and one step per
+        column after, so that every prompt token also sees its last ``kv_window`` tokens only (exact, and slower
+        for such long prompts).
         ``total``: the prompt and generation's length, the columns a static-cache file's buffers get."""
         first = ids.shape[1] if self.kv_window is None else min(ids.shape[1], self.kv_window)
         cache = self.new_cache(len(ids), max(total, ids.shape[1]))
-        logits, cache = self.step(ids[:, :first], mask[:, :first], cache)
+        logits, cache = self.step(ids[:, :first], mask[:, :first], cache, last_only=True)
         seen = mask[:, :first]
         for c in range(first, ids.shape[1]):
             cache, seen = self.window(cache, seen, 1)
             seen = np.concatenate([seen, mask[:, c:c + 1]], axis=1)
-            logits, cache = self.step(ids[:, c:c + 1], seen, cache)
+            logits, cache = self.step(ids[:, c:c + 1], seen, cache, last_only=True)
         return logits, cache, seen
 
     def check_ids(self, prompt_ids) -> list[list[int]]:

@@ -325,9 +325,11 @@ class Engine:
         else:
             end = min(job.done + job.step, job.ids.shape[1], window or job.ids.shape[1])
             mask = job.mask[:, :end]
-        # The logits stay on the device: a pass of b rows x L tokens makes b x L x vocab of them, and only
-        # the last position's of the last pass are sampled (copying them all down cost more than the pass).
-        logits, job.cache = self.session.step(job.ids[:, job.done:end], mask, job.cache, logits_on_device=True)
+        # Only the last position's logits of the last pass are sampled: a --logits-to-keep file computes those
+        # alone; any other makes b rows x L tokens x vocab of them, left on the device (copying them all down
+        # cost more than the pass).
+        logits, job.cache = self.session.step(job.ids[:, job.done:end], mask, job.cache, logits_on_device=True,
+                                              last_only=True)
         job.done, job.seen = end, mask
         if end < job.ids.shape[1]:
             return
