@@ -167,6 +167,45 @@ async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | 
         return list(records), time.perf_counter() - t0
 
 
+def _client_process(url, prompts, max_tokens, clients, rate, seed, ready, start, results):
+    __import__("httpx")  # imported before the start: a process's import time is not load
+
+    ready.release()
+    start.wait()
+    results.put(asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed)))
+
+
+def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | None, procs: int = 1,
+             seed: int = 1):
+    """``drive`` from ``procs`` processes, each with its share of the prompts and clients (open loop: a Poisson
+    process of rate / procs each, whose sum is Poisson at ``rate``); the records and the wall time.
+
+    Why processes: one Python process parsing the streamed chunks of many clients is itself a limit. Measured
+    with tools/bench_serve_frontend.py on the 2-core CPU: at 64 streams the load generator's process used
+    0.96 CPU-seconds per second (saturated) while the server used 0.3, at about 3,800 tokens/s."""
+    if procs <= 1:
+        return asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed))
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=_client_process, daemon=True,
+                           args=(url, list(prompts[k::procs]), max_tokens, max(1, clients // procs),
+                                 rate / procs if rate else None, seed + k, ready, start, results))
+               for k in range(procs)]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.acquire()
+    start.set()
+    t0 = time.perf_counter()
+    parts = [results.get() for _ in workers]
+    wall = time.perf_counter() - t0
+    for w in workers:
+        w.join()
+    return [r for records, _ in parts for r in records], wall
+
+
 # ----------------------------------------------------------------------------- static batching
 def static_batching(session, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1):
     """Batches of arrivals through GenerationSession.generate_ids: closed loop, ``clients`` prompts per batch;
@@ -292,6 +331,9 @@ def main():
     ap.add_argument("--every-logits", action="store_true",
                     help="Also the same model exported without --logits-to-keep (its prefill computes every "
                          "position's logits) and run every system on both forms.")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="Load-generator processes the clients are split over (one Python process saturates at a "
+                         "few thousand streamed tokens/s: tools/bench_serve_frontend.py).")
     ap.add_argument("--systems", default="continuous,naive,static")
     ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve.json if $OUT).")
     args = ap.parse_args()
@@ -372,7 +414,7 @@ def main():
             if system in ("continuous", "naive"):
                 batch = args.clients if system == "continuous" else 1
                 server = Server(path, batch, args.threads, max_context, args.provider, chunk, batch * per_row)
-                asyncio.run(drive(server.url, prompts[:2], 4, 2, None))  # warm-up
+                run_load(server.url, prompts[:2], 4, 2, None)  # warm-up
             try:
                 if system.startswith("engine"):
                     if system == "engine-holes" and form != "static":
@@ -387,7 +429,8 @@ def main():
                     continue
                 for load, rate in loads:
                     if server:
-                        records, wall = asyncio.run(drive(server.url, prompts, args.max_tokens, args.clients, rate))
+                        records, wall = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
+                                                 args.client_procs)
                     else:
                         records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
                     row = {"load": load, "form": form, **summary(system, wall, records)}
@@ -407,7 +450,7 @@ def main():
                "random": args.random, "static_cache": args.static_cache,
                "single_stream_step_ms": {f: round(v, 3) for f, v in steps_ms.items()}, "clients": args.clients,
                "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
-               "threads": args.threads, "prefill_chunk": chunk,
+               "threads": args.threads, "prefill_chunk": chunk, "client_procs": args.client_procs,
                "rows": rows, "continuous_over_naive": ratios}
     path = out_path("bench_serve.json", args.json)
     if path:
