@@ -86,11 +86,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc, url: str, log: str, seconds: float = 120) -> None:
+    """Return once the server process answers /health with 200; exit with its log if it dies or never does."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {Path(log).read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit("the server did not start")
+
+
 class Server:
     def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str,
                  prefill_chunk: int, budget: int):
-        import httpx
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
@@ -104,16 +118,7 @@ class Server:
                                       # budget, is what limits admission here
                                       "--max-tokens-in-flight", str(budget)],
                                      stdout=self.log, stderr=self.log, env=env)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited: {Path(self.log.name).read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise SystemExit("the server did not start")
+        wait_until_healthy(self.proc, self.url, self.log.name)
 
     def stop(self):
         self.proc.terminate()
@@ -427,13 +432,13 @@ def main():
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     continue
-                for load, rate in loads:
+                for kind, rate in loads:
                     if server:
                         records, wall = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
                                                  args.client_procs)
                     else:
                         records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
-                    row = {"load": load, "form": form, **summary(system, wall, records)}
+                    row = {"load": kind, "form": form, **summary(system, wall, records)}
                     row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
                     rows.append(row)
                     print(json.dumps(row), flush=True)

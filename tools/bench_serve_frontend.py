@@ -113,8 +113,7 @@ def _children_and_self() -> float:
 
 
 def measure(stack: str, procs: int, args) -> dict:
-    import httpx
-    from bench_serve import free_port, run_load, summary
+    from bench_serve import free_port, run_load, summary, wait_until_healthy
 
     http, loop = STACKS[stack]
     port = free_port()
@@ -126,14 +125,7 @@ def measure(stack: str, procs: int, args) -> dict:
                             stdout=log, stderr=log, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited: {Path(log.name).read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_healthy(proc, url, log.name)
         prompts = ["It was a dark and stormy night"] * args.requests
         run_load(url, prompts[:8], 4, 8, None)  # warm-up
         server0, client0 = _cpu_seconds(proc.pid), _children_and_self()
