@@ -177,19 +177,24 @@ def _client_process(url, prompts, max_tokens, clients, rate, seed, ready, start,
 
     ready.release()
     start.wait()
-    results.put(asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed)))
+    cpu = time.process_time()
+    records, wall = asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed))
+    results.put((records, wall, time.process_time() - cpu))
 
 
 def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | None, procs: int = 1,
              seed: int = 1):
     """``drive`` from ``procs`` processes, each with its share of the prompts and clients (open loop: a Poisson
-    process of rate / procs each, whose sum is Poisson at ``rate``); the records and the wall time.
+    process of rate / procs each, whose sum is Poisson at ``rate``); the records, the wall time, and the CPU
+    seconds the load generator spent meanwhile (all its processes, their start-up excluded).
 
     Why processes: one Python process parsing the streamed chunks of many clients is itself a limit. Measured
     with tools/bench_serve_frontend.py on the 2-core CPU: at 64 streams the load generator's process used
-    0.96 CPU-seconds per second (saturated) while the server used 0.3, at about 3,800 tokens/s."""
+    0.97-0.98 CPU-seconds per second (saturated) while the server used 0.2-0.3, at 2,800-3,300 tokens/s."""
     if procs <= 1:
-        return asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed))
+        cpu = time.process_time()
+        records, wall = asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed))
+        return records, wall, time.process_time() - cpu
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -208,7 +213,7 @@ def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | Non
     wall = time.perf_counter() - t0
     for w in workers:
         w.join()
-    return [r for records, _ in parts for r in records], wall
+    return [r for records, _, _ in parts for r in records], wall, sum(cpu for _, _, cpu in parts)
 
 
 # ----------------------------------------------------------------------------- static batching
@@ -434,8 +439,8 @@ def main():
                     continue
                 for kind, rate in loads:
                     if server:
-                        records, wall = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
-                                                 args.client_procs)
+                        records, wall, _ = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
+                                                    args.client_procs)
                     else:
                         records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
                     row = {"load": kind, "form": form, **summary(system, wall, records)}

@@ -104,14 +104,6 @@ def serve(port: int, http: str, loop: str, step_ms: float, max_batch: int) -> No
                 access_log=False)
 
 
-def _children_and_self() -> float:
-    """CPU seconds of this process and its finished children (the load generator's processes)."""
-    import resource
-
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
 def measure(stack: str, procs: int, args) -> dict:
     from bench_serve import free_port, run_load, summary, wait_until_healthy
 
@@ -128,15 +120,24 @@ def measure(stack: str, procs: int, args) -> dict:
         wait_until_healthy(proc, url, log.name)
         prompts = ["It was a dark and stormy night"] * args.requests
         run_load(url, prompts[:8], 4, 8, None)  # warm-up
-        server0, client0 = _cpu_seconds(proc.pid), _children_and_self()
-        records, wall = run_load(url, prompts, args.max_tokens, args.clients, None, procs)
+        server0 = _cpu_seconds(proc.pid)
+        records, wall, client = run_load(url, prompts, args.max_tokens, args.clients, None, procs)
         # which side was busy: a process near 1 CPU-second per second is a limit (one Python thread at a time)
         cpu = {"server_cpu_per_s": round((_cpu_seconds(proc.pid) - server0) / wall, 2),
-               "client_cpu_per_s": round((_children_and_self() - client0) / wall, 2)}
+               "client_cpu_per_s": round(client / wall, 2)}
         return {"stack": stack, "client_procs": procs, **summary(stack, wall, records), **cpu}
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses the name
+        return False
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -163,9 +164,12 @@ def main():
         return serve(args.serve, args.http, args.loop, args.step_ms, args.clients)
     ceiling = 1e3 / args.step_ms * args.clients
     print(f"the stand-in engine's ceiling: {ceiling:,.0f} tokens/s ({args.clients} rows every {args.step_ms} ms)")
+    stacks = [k for k, (http, loop) in STACKS.items() if all(map(_installed, (http, loop)))]
+    for k in STACKS.keys() - set(stacks):
+        print(f"skipped {k}: not installed")
     rows = []
     for r in range(args.rounds):
-        for stack, procs in itertools.product(STACKS, map(int, args.client_procs.split(","))):
+        for stack, procs in itertools.product(stacks, map(int, args.client_procs.split(","))):
             row = {"round": r, **measure(stack, procs, args)}
             rows.append(row)
             print(f"round {r} {stack}, {procs} client process(es): {row['tokens_per_s']:,.0f} tokens/s, TTFT p99 {row['ttft_p99_ms']} ms, "
