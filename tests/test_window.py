@@ -156,3 +156,23 @@ def test_cli(tiny_dir, tiny_kv_export, tmp_path):
     assert gen.exit_code == 0, gen.output
     bad = runner.invoke(main, ["generate", str(tiny_kv_export.path), "-p", "The king", "--kv-window", "0"])
     assert bad.exit_code != 0 and "kv-window" in bad.output
+
+
+def test_the_cut_on_the_device_equals_the_cut_through_the_host(tiny_kv_export, rng):
+    """GenerationSession and the engine cut the window with DeviceOps.cut (a Slice graph on the session's provider,
+    so on CUDA the cache stays on the GPU): the same columns as the host path's copy, bit for bit."""
+    from alibi_export.runtime.device_ops import DeviceOps
+
+    session = GenerationSession(tiny_kv_export.path)
+    ids = _ids(rng, 30)
+    _, cache, mask = session.prefill(ids, np.ones_like(ids))
+    ops = DeviceOps(session, session.n_past)
+    host, host_mask = trim_window(cache, mask, 12, incoming=1)
+    device, device_mask = trim_window(cache, mask, 12, incoming=1, cut=ops.cut)
+    assert np.array_equal(host_mask, device_mask) and host_mask.shape == (1, 11)
+    for h, d in zip(host, device):
+        assert d.shape() == h.shape() == [1, h.shape()[1], 11, h.shape()[3]]
+        assert np.array_equal(d.numpy(), h.numpy())
+    # control: a cut one column later keeps other columns, and is told apart
+    late = ops.cut(list(cache), 30 - 11 + 1)
+    assert late[0].shape()[2] == 10 and not np.array_equal(late[0].numpy(), host[0].numpy()[:, :, :10])

@@ -89,6 +89,7 @@ class GenerationSession:
         self.static = StaticCache(static, self.config.kv_heads, self.cache_width, self.cache_dtype, self.device,
                                   device_id) if static else None
         self.kv_window, self.window_slack = None, window_slack
+        self._ops = None
         if kv_window is not None:
             from .window import check_window, check_window_form
 
@@ -236,7 +237,15 @@ class GenerationSession:
         from .window import trim_window
 
         return trim_window(cache, mask, self.kv_window, incoming=incoming, slack=self.window_slack,
-                           device=self.device, device_id=self.device_id)
+                           device=self.device, device_id=self.device_id, cut=self._device_ops().cut)
+
+    def _device_ops(self):
+        """The cache's operations on the session's device (made once; runtime.device_ops)."""
+        if self._ops is None:
+            from .device_ops import DeviceOps
+
+            self._ops = DeviceOps(self, self.n_past)
+        return self._ops
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray, total: int = 0) -> tuple[np.ndarray, list, np.ndarray]:
         """Logits (the last position's at least), cache and mask after the left-padded prompts ``ids``: one pass,

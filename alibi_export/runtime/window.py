@@ -56,21 +56,26 @@ def window_mask(mask: np.ndarray, window: int, incoming: int = 1) -> np.ndarray:
 
 
 def trim_window(cache: Sequence, mask: np.ndarray, window: int, *, incoming: int = 1, slack: int = 0,
-                device: str = "cpu", device_id: int = 0) -> tuple[list, np.ndarray]:
+                device: str = "cpu", device_id: int = 0, cut=None) -> tuple[list, np.ndarray]:
     """The cache and mask for a step of ``incoming`` new tokens under a rolling window of ``window`` tokens.
 
     Columns older than the window are masked (:func:`window_mask`); once more than ``slack`` such columns
     are held they are cut from the cache and the mask together, so the cache never exceeds
     ``window - incoming + slack`` columns. ``slack`` > 0 trades that many columns of memory for copying
     the cache once every ``slack`` steps instead of at every step. ``cache``: arrays or ``OrtValue``s
-    (batch, heads, past, width); cut ``OrtValue``s are made anew on ``device`` (the session's; through
-    host memory on CUDA). Call it before each step; the step's mask is the returned one with ``incoming`` ones appended.
+    (batch, heads, past, width); cut ``OrtValue``s are made anew on ``device`` (the session's), through host
+    memory unless ``cut(values, first)`` does it where they are (``DeviceOps.cut``: GenerationSession and the
+    serving engine pass it, so on CUDA the cache stays on the GPU). Call it before each step; the step's mask is
+    the returned one with ``incoming`` ones appended.
     """
     mask = window_mask(mask, window, incoming)
     keep = window - incoming
     if mask.shape[1] <= keep + slack:
         return list(cache), mask
-    return [_last_columns(v, keep, device, device_id) for v in cache], mask[:, mask.shape[1] - keep:]
+    first = mask.shape[1] - keep
+    if cut is not None:
+        return cut(list(cache), first), mask[:, first:]
+    return [_last_columns(v, keep, device, device_id) for v in cache], mask[:, first:]
 
 
 def _last_columns(value, keep: int, device: str, device_id: int):

@@ -363,7 +363,7 @@ class Engine:
         from ..runtime.window import trim_window
 
         return trim_window(values, mask, window, incoming=1, slack=self.config.window_slack,
-                           device=self.session.device, device_id=self.session.device_id)
+                           device=self.session.device, device_id=self.session.device_id, cut=self.cache.ops.cut)
 
     def _push(self, r: EngineRequest, token: int) -> bool:
         """Add ``token`` to ``r`` and send what text is ready; True when ``r`` has finished (and was told)."""
