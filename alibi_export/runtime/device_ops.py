@@ -24,10 +24,10 @@ class DeviceOps:
         self.device, self.device_id = session.device, session.device_id
         dtype = self._dtype = _ONNX_TYPES[np.dtype(session.cache_dtype)]
         # The wider side is copied once, the narrower one widened then copied (at most one side is narrower)
-        self._merge = {side: self._session(_merge_graph(n_past, dtype, side), session) for side in "ab"}
-        self._keep = self._session(_keep_graph(n_past, dtype), session)
+        self._merge = {side: self._session(_merge_graph(n_past, dtype, side)) for side in "ab"}
+        self._keep = self._session(_keep_graph(n_past, dtype))
         self._cut = None  # made on first use: only a rolling window cuts columns
-        self._last = self._session(_last_graph(dtype), session)
+        self._last = self._session(_last_graph(dtype))
 
     def merge(self, a: list, b: list, holes: list, width: int) -> list:
         """Rows ``a`` above rows ``b`` (OrtValues (rows, heads, w, d)), each side widened to ``width``
@@ -45,7 +45,7 @@ class DeviceOps:
     def cut(self, values: list, first: int) -> list:
         """Every row of ``values`` from column ``first`` on: the rolling window's cut (one copy, no gather)."""
         if self._cut is None:
-            self._cut = self._session(_cut_graph(len(values), self._dtype), None)
+            self._cut = self._session(_cut_graph(len(values), self._dtype))
         return self._run(self._cut, {"first": np.array([first], dtype=np.int64)}, _named("a", values), len(values))
 
     def last_logits(self, logits) -> np.ndarray:
@@ -58,7 +58,7 @@ class DeviceOps:
         return binding.get_outputs()[0].numpy()
 
     # ------------------------------------------------------------------ running a graph
-    def _session(self, model, session):
+    def _session(self, model):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
