@@ -369,32 +369,22 @@ def main():
         model = args.model or shipped_kv_export()
         options = {}
     forms = [("concat", model)]
-    if args.every_logits:
+    if (args.every_logits or args.static_cache) and args.model:
+        raise SystemExit("Error: --every-logits and --static-cache export the shipped model or --random. Note: drop "
+                         "--model, or export the twins yourself")
+    if args.every_logits or args.static_cache:
         from alibi_export import load
         from alibi_export.export.onnx import export_onnx
         from alibi_export.shipped import default_model
 
-        if args.model:
-            raise SystemExit("Error: --every-logits exports the shipped model or --random. Note: drop --model")
+        # the twins' weights: the random checkpoint (with the concat export's options: on cuda the folded form in
+        # float16) or the shipped model, loaded once
         source = checkpoint if args.random else load(default_model())
+    if args.every_logits:
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-every-"))
         every = export_onnx(source, tmp / f"{model.stem}-every.onnx", kv_cache=True, **options).path
         forms.append(("concat-every", every))
     if args.static_cache:
-        from alibi_export import load
-        from alibi_export.artifacts import read_metadata
-        from alibi_export.export.onnx import export_onnx
-        from alibi_export.shipped import default_model
-
-        if args.random:
-            source = checkpoint  # with the concat export's options: on cuda the folded form in float16
-        elif args.model:
-            raise SystemExit("Error: --static-cache exports the shipped model or --random. Note: pass a static "
-                             "export's twin with --model only by exporting it yourself")
-        else:
-            source = load(default_model())
-        if read_metadata(model).static_cache:
-            raise SystemExit("Error: --model is already a static-cache export. Note: pass its --kv-cache twin")
         tmp = Path(tempfile.mkdtemp(prefix="bench-serve-static-"))
         t = time.perf_counter()
         static = export_onnx(source, tmp / f"{model.stem}-static.onnx", kv_cache=True, logits_to_keep=True,
