@@ -107,6 +107,12 @@ def runs_of(args) -> list[dict]:
     if args.control:
         runs.append({"name": "alibi, embeddings x 1", "position": "alibi", "train_len": args.train_len,
                      "recipe": "1"})
+    if args.only:  # a later call finishing what a budget cut off, e.g. --only learned,t5 --steps 2400
+        names = {r["name"] for r in runs}
+        unknown = sorted(set(args.only) - names)
+        if unknown:
+            raise SystemExit(f"Error: --only {','.join(unknown)}: not a run of this call ({', '.join(sorted(names))})")
+        runs = [r for r in runs if r["name"] in args.only]
     return runs
 
 
@@ -286,7 +292,8 @@ def run(args) -> None:
         print("train-short claim:", json.dumps(res["train_short_claim"]), flush=True)
     save()
     # every method at L, then sinusoidal at 2L: the train-short claim's speed and memory on each path
-    for position, train_len in [(m, args.train_len) for m in METHODS] + [("sinusoidal", 2 * args.train_len)]:
+    speed_runs = [(m, args.train_len) for m in METHODS] + [("sinusoidal", 2 * args.train_len)]
+    for position, train_len in speed_runs if args.speed else []:
         for path in PATHS:
             if path == "fused" and position == "t5" and device.type == "cuda":
                 continue  # a learned bias per bucket: the kernel takes slopes only (the JSON has its sdpa row)
@@ -340,10 +347,11 @@ def plot(json_file: Path, out_dir: Path) -> list[Path]:
     curves = {r["name"]: [PerplexityRow(int(k), v["ppl"], v["tokens"], v["tokens"] // int(k))
                           for k, v in r["test_ppl"].items()]
               for r in res["runs"] if r["train_len"] == L}
-    fig1 = out_dir / "fair_baselines_figure1.png"
+    stem = json_file.stem  # fair_baselines.json -> fair_baselines_figure1.png; other runs keep their own names
+    fig1 = out_dir / f"{stem}_figure1.png"
     plot_perplexity(curves, fig1, train_len=L, title=f"Books test split, all trained at L = {L} "
                                                      f"({res['runs'][0]['tokens'] / 1e6:.1f}M tokens each)")
-    losses = out_dir / "fair_baselines_loss.png"  # whether each curve has flattened
+    losses = out_dir / f"{stem}_loss.png"  # whether each curve has flattened
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for r in res["runs"]:
         ax.plot(*zip(*r["loss_curve"]), label=f"{r['name']} (L = {r['train_len']})")
@@ -356,7 +364,7 @@ def plot(json_file: Path, out_dir: Path) -> list[Path]:
     with atomic_path(losses) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": "alibi-export"})
     plt.close(fig)
-    fig2 = out_dir / "fair_baselines_figure2.png"
+    fig2 = out_dir / f"{stem}_figure2.png"
     rows = [r for r in res["speed"] if "error" not in r and r["train_len"] == L]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     width = 0.8 / len(PATHS)
@@ -446,6 +454,10 @@ def main(argv=None):
                    "embeddings: sqrt-d or a number")
     r.add_argument("--no-control", dest="control", action="store_false",
                    help="skip the ALiBi run with embeddings x 1")
+    r.add_argument("--only", type=lambda t: [n.strip() for n in t.split(",") if n.strip()], default=None,
+                   help="train only these runs (comma-separated names: alibi, sinusoidal, rotary, learned, t5, "
+                        "sinusoidal@2L as e.g. sinusoidal@1024)")
+    r.add_argument("--no-speed", dest="speed", action="store_false", help="skip the speed and memory stage")
     r.add_argument("--lengths", type=lengths_arg, default=[512, 1024, 2048, 4096, 8192, 16384])
     r.add_argument("--curve-points", type=int, default=50, help="loss-curve points per run")
     r.add_argument("--speed-steps", type=int, default=10)
