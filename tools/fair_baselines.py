@@ -456,7 +456,8 @@ def main(argv=None):
                    help="skip the ALiBi run with embeddings x 1")
     r.add_argument("--only", type=lambda t: [n.strip() for n in t.split(",") if n.strip()], default=None,
                    help="train only these runs (comma-separated names: alibi, sinusoidal, rotary, learned, t5, "
-                        "sinusoidal@2L as e.g. sinusoidal@1024)")
+                        "sinusoidal@2L as e.g. sinusoidal@1024; the 'alibi, embeddings x 1' control cannot be "
+                        "named here and is left out)")
     r.add_argument("--no-speed", dest="speed", action="store_false", help="skip the speed and memory stage")
     r.add_argument("--lengths", type=lengths_arg, default=[512, 1024, 2048, 4096, 8192, 16384])
     r.add_argument("--curve-points", type=int, default=50, help="loss-curve points per run")
