@@ -364,8 +364,10 @@ def plot(json_file: Path, out_dir: Path) -> list[Path]:
     with atomic_path(losses) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": "alibi-export"})
     plt.close(fig)
-    fig2 = out_dir / f"{stem}_figure2.png"
     rows = [r for r in res["speed"] if "error" not in r and r["train_len"] == L]
+    if not rows:  # a --no-speed run: no Figure 2 rather than empty axes
+        return [fig1, losses]
+    fig2 = out_dir / f"{stem}_figure2.png"
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), dpi=110)
     width = 0.8 / len(PATHS)
     for ax, (what, key, label) in zip(axes, (("train", "tokens_per_s", "training tokens/s"),
@@ -403,8 +405,9 @@ def tables(json_file: Path) -> str:
         peak = f"{r['peak_GiB']:.2f}" if r["peak_GiB"] else "-"
         out.append(f"| {r['name']} | {r['train_len']} | {r['embed_scale']:.3g} | {r['final_loss']:.3f} | "
                    f"{r['tokens_per_s']:,.0f} | {peak} | " + " | ".join(ppl) + " |")
-    out += ["", "| method | trained at | attention | fused kernel ran | train tok/s | train peak GiB | "
-                "inference tok/s | inference peak GiB |", "|---" * 8 + "|"]
+    if res["speed"]:
+        out += ["", "| method | trained at | attention | fused kernel ran | train tok/s | train peak GiB | "
+                    "inference tok/s | inference peak GiB |", "|---" * 8 + "|"]
     for r in res["speed"]:
         if "error" in r:
             out.append(f"| {r['position']} | {r.get('train_len', '')} | {r['attention']} | | {r['error']} | | | |")
