@@ -40,7 +40,8 @@ def filled_caches(session, batch: int, context: int, rng) -> list:
 def profile(paths: dict, batch: int, context: int, threads: int, steps: int = 6, prefill: int = 0) -> dict:
     """ONNX Runtime's profile of ``steps`` decode steps of each form: kernel ms/step and each op type's share.
     With ``prefill`` > 0, ``steps`` prefills of that many tokens into an empty cache instead, and the share of
-    the largest single node (the LM head, whose (batch, prefill, vocab) logits a prefill computes in full)."""
+    the largest single node (the LM head, whose (batch, prefill, vocab) logits a prefill computes in full, unless
+    the file was exported with ``--logits-to-keep``: the prefills ask for the last position's only)."""
     import collections
     import json
 
@@ -59,7 +60,7 @@ def profile(paths: dict, batch: int, context: int, threads: int, steps: int = 6,
             ids = np.random.default_rng(0).integers(3, 4000, (batch, prefill))
             mask = np.ones((batch, prefill), np.int64)
             for _ in range(steps):
-                session.step(ids, mask, session.new_cache(batch, prefill))
+                session.step(ids, mask, session.new_cache(batch, prefill), last_only=True)
         else:
             cache = filled_caches(session, batch, context, np.random.default_rng(0))
             ids, mask = np.ones((batch, 1), np.int64), np.ones((batch, context + 1), np.int64)

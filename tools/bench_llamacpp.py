@@ -12,7 +12,9 @@ each once), and each number is the median over rounds. What one timing process d
   decode    a pass to 128 tokens, 8 single-token steps (median ms/step); a second pass to 1024 tokens, 8 more
 
 llama.cpp computes the last position's logits in a prefill (its default); our graph returns every position's
-logits (1 x 512 x 32,000 floats) and they are copied to the host: a real cost of our file, counted.
+logits (1 x 512 x 32,000 floats) and they are copied to the host: a real cost of our file, counted. With
+--logits-to-keep our static files are exported with that option (what `alibi-export serve` exports), and a
+timed pass asks for the last position's logits only, as llama.cpp's does.
 
 Logits error: each file alone, 128 random tokens in one pass, every position's logits; a quantized file against
 its own engine's f32 (max |difference| and the mean over positions of KL(f32 || quantized)), and our f32 against
@@ -84,12 +86,17 @@ def build_model(folder: Path, tiny: bool) -> Path:
     return folder
 
 
-def export_ours(folder: Path, work: Path, lmax: int) -> dict:
-    """Our six files through the CLI (no validation: a random model has no perplexity to hold)."""
+def export_ours(folder: Path, work: Path, lmax: int, keep_last: bool = False) -> dict:
+    """Our six files through the CLI (no validation: a random model has no perplexity to hold). ``keep_last``:
+    the static files with ``--logits-to-keep`` (a prefill computes the last position's logits only, as llama.cpp's
+    does by default), named ``-static-last`` so that the all-logits files of an earlier run stay beside them."""
     files = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    forms = [("static", ["--static-cache", str(lmax)]), ("concat", [])]
+    if keep_last:  # the timed static file; the one without the option stays as a row of its own
+        forms.append(("static-last", ["--static-cache", str(lmax), "--logits-to-keep"]))
     for name, quantize, _ in PRECISIONS:
-        for form, extra in (("static", ["--static-cache", str(lmax)]), ("concat", [])):
+        for form, extra in forms:
             out = work / f"ours-{name}-{form}.onnx"
             if not out.is_file():
                 cmd = [sys.executable, "-m", "alibi_export", "onnx", str(folder), "-o", str(out), "--kv-cache",
@@ -97,6 +104,9 @@ def export_ours(folder: Path, work: Path, lmax: int) -> dict:
                 print("$", " ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, env=env, check=True)
             files[f"ours-{name}-{form}"] = out
+        if keep_last:  # the table's "ours" is the static file with the option; the other is compared beside it
+            files[f"prev-{name}-static"], files[f"ours-{name}-static"] = files[f"ours-{name}-static"], \
+                files.pop(f"ours-{name}-static-last")
     return files
 
 
@@ -172,7 +182,7 @@ class LlamaEngine:
     def fresh(self, total: int) -> None:
         self.llm.reset()  # the next eval drops every cached position past n_tokens (0)
 
-    def feed(self, ids):
+    def feed(self, ids, last_only: bool = False):  # last_only: set by all_logits at construction
         self.llm.eval([int(t) for t in ids])
         return self.llm.scores[self.llm.n_tokens - len(ids):self.llm.n_tokens] if self.llm._logits_all else None
 
@@ -190,11 +200,14 @@ class OurEngine:
 
         self.cache, self.mask = self.session.new_cache(1, total), np.zeros((1, 0), dtype=np.int64)
 
-    def feed(self, ids):
+    def feed(self, ids, last_only: bool = False):
+        """``last_only``: the timed passes read the last position's logits only (a ``--logits-to-keep`` file then
+        computes only those; any other file all of them, as before)."""
         import numpy as np
 
         self.mask = np.ones((1, self.mask.shape[1] + len(ids)), dtype=np.int64)
-        logits, self.cache = self.session.step(np.asarray(ids, dtype=np.int64)[None], self.mask, self.cache)
+        logits, self.cache = self.session.step(np.asarray(ids, dtype=np.int64)[None], self.mask, self.cache,
+                                               last_only=last_only)
         return logits[0]
 
 
@@ -215,21 +228,21 @@ def child(engine: str, path: Path, task: str, args) -> dict:
         np.save(args.out, np.asarray(eng.feed(ids[:ERROR_TOKENS]), dtype=np.float32))
         return {}
     eng.fresh(WARMUP_TOKENS + 2)
-    eng.feed(ids[:WARMUP_TOKENS])
+    eng.feed(ids[:WARMUP_TOKENS], last_only=True)
     for t in ids[WARMUP_TOKENS:WARMUP_TOKENS + 2]:
-        eng.feed([t])
+        eng.feed([t], last_only=True)
     eng.fresh(args.prefill)
     t0 = time.perf_counter()
-    eng.feed(ids[:args.prefill])
+    eng.feed(ids[:args.prefill], last_only=True)
     out = {"prefill_ms": 1e3 * (time.perf_counter() - t0)}
     eng.fresh(n_ctx)
     done = 0
     for c in contexts:
-        eng.feed(ids[done:c])
+        eng.feed(ids[done:c], last_only=True)
         steps = []
         for t in ids[c:c + args.steps]:
             t0 = time.perf_counter()
-            eng.feed([t])
+            eng.feed([t], last_only=True)
             steps.append(time.perf_counter() - t0)
         done = c + args.steps
         out[f"decode_ms@{c}"] = 1e3 * statistics.median(steps)
@@ -292,7 +305,8 @@ def timed_configs(files: dict, names) -> list[tuple[str, str, Path]]:
     return configs
 
 
-def table(times: dict, sizes: dict, errors: dict, contexts: list[int], prefill: int, names) -> str:
+def table(times: dict, sizes: dict, errors: dict, contexts: list[int], prefill: int, names,
+          prev_note: str = "--compare-ours") -> str:
     """The issue's table: ours over llama.cpp as speed ratios (their ms / our ms; > 1: ours faster)."""
     cols = ["prefill_ms"] + [f"decode_ms@{c}" for c in contexts]
     lines = [f"| precision (ours vs llama.cpp) | file size (ours / theirs) | prefill @{prefill} | "
@@ -319,7 +333,7 @@ def table(times: dict, sizes: dict, errors: dict, contexts: list[int], prefill: 
             cells = [f"{min(times[f'llama-{kind}'][c], times[f'llama-{kind}-fa'][c]) / times[f'prev-{name}-static'][c]:.2f}x"
                      f" ({times[f'prev-{name}-static'][c]:.1f} ms)" for c in cols]
             o = errors[f"prev-{name}"]
-            lines.append(f"| {label} (--compare-ours) | {sizes[f'prev-{name}-static'] / sizes[f'llama-{kind}']:.2f}x "
+            lines.append(f"| {label} ({prev_note}) | {sizes[f'prev-{name}-static'] / sizes[f'llama-{kind}']:.2f}x "
                          f"({sizes[f'prev-{name}-static']:.0f} MB) | " + " | ".join(cells)
                          + f" | {o['max_abs']:.4f} | {o['kl']:.1e} |")
     return "\n".join(lines)
@@ -345,6 +359,9 @@ def main() -> int:
     ap.add_argument("--compare-ours", type=Path, metavar="DIR", help="also time and check our static files of "
                     "another build, DIR/ours-{f32,int8,int4}-static.onnx where present (e.g. exported by an earlier "
                     "commit), as extra rows in the same interleaved rounds")
+    ap.add_argument("--logits-to-keep", action="store_true", help="our static files exported with --logits-to-keep "
+                    "(ours-*-static-last.onnx): a prefill computes the last position's logits only, as llama.cpp's "
+                    "does; the static files without it are timed beside, as the --compare-ours rows")
     ap.add_argument("--only", default="f32,int8,int4", help="the precisions timed (the logits check runs all)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer d 64 BLOOM: checks the whole path in a minute")
     ap.add_argument("--json", default=None)
@@ -375,7 +392,9 @@ def main() -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     lmax = max(args.prefill, max(contexts) + args.steps + 1, ERROR_TOKENS)
     folder = build_model(work / "bloom", args.tiny)
-    files = {**export_ours(folder, work, lmax), **convert_theirs(folder, work, args.llama_cpp, args.peer)}
+    files = {**export_ours(folder, work, lmax, args.logits_to_keep), **convert_theirs(folder, work, args.llama_cpp, args.peer)}
+    if args.logits_to_keep and args.compare_ours:
+        sys.exit("Error: --logits-to-keep already times the all-logits static files beside; drop --compare-ours")
     for name, _, _ in PRECISIONS if args.compare_ours else ():
         if (args.compare_ours / f"ours-{name}-static.onnx").is_file():
             files[f"prev-{name}-static"] = args.compare_ours / f"ours-{name}-static.onnx"
@@ -412,7 +431,8 @@ def main() -> int:
         load.append(os.getloadavg()[0])
     times = {label: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for label, runs in samples.items()}
     print(f"\nload average (1 min) at the start and after each round: {', '.join(f'{x:.1f}' for x in load)}")
-    print(table(times, sizes, errors, contexts, args.prefill, names))
+    prev_note = "all logits: without --logits-to-keep" if args.logits_to_keep else "--compare-ours"
+    print(table(times, sizes, errors, contexts, args.prefill, names, prev_note))
     profiled = None
     if args.profile:
         sys.path.insert(0, str(ROOT / "tools"))
