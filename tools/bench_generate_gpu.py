@@ -366,9 +366,11 @@ def bench_anchor(model, cfg, args, clock, results, device, dtype, variants):
 
 
 # ----------------------------------------------------------------------------------------- ORT static cache
-def ort_static_session(path, device: str, cuda_graph: bool, arena: str, optimized: Path | None = None):
+def ort_static_session(path, device: str, cuda_graph: bool, arena: str, optimized: Path | None = None,
+                       sdpa_kernel: int = 0):
     """``optimized``: where ONNX Runtime saves the graph it runs (after partitioning: with any Memcpy nodes
-    it inserted between the providers, which its CUDA graphs refuse)."""
+    it inserted between the providers, which its CUDA graphs refuse). ``sdpa_kernel``: the CUDA EP's attention
+    kernel bitmask (0: ONNX Runtime's choice)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -379,6 +381,8 @@ def ort_static_session(path, device: str, cuda_graph: bool, arena: str, optimize
     cuda = {"use_tf32": "0", "arena_extend_strategy": ARENA[arena]}
     if cuda_graph:
         cuda["enable_cuda_graph"] = "1"
+    if sdpa_kernel:
+        cuda["sdpa_kernel"] = str(sdpa_kernel)
     return ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda)])
 
 
