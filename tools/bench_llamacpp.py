@@ -387,14 +387,15 @@ def main() -> int:
         sys.exit(f"Error: no llama-cpp-python venv at {args.peer}. Note: make it as this script's docstring says")
     if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         sys.exit(f"Error: no convert_hf_to_gguf.py in {args.llama_cpp}. Note: pass --llama-cpp SDIST/vendor/llama.cpp")
+    if args.logits_to_keep and args.compare_ours:
+        sys.exit("Error: --logits-to-keep already times the all-logits static files beside; drop --compare-ours")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     work.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",")]
     lmax = max(args.prefill, max(contexts) + args.steps + 1, ERROR_TOKENS)
     folder = build_model(work / "bloom", args.tiny)
-    files = {**export_ours(folder, work, lmax, args.logits_to_keep), **convert_theirs(folder, work, args.llama_cpp, args.peer)}
-    if args.logits_to_keep and args.compare_ours:
-        sys.exit("Error: --logits-to-keep already times the all-logits static files beside; drop --compare-ours")
+    files = {**export_ours(folder, work, lmax, args.logits_to_keep),
+             **convert_theirs(folder, work, args.llama_cpp, args.peer)}
     for name, _, _ in PRECISIONS if args.compare_ours else ():
         if (args.compare_ours / f"ours-{name}-static.onnx").is_file():
             files[f"prev-{name}-static"] = args.compare_ours / f"ours-{name}-static.onnx"
