@@ -91,6 +91,27 @@ def time_one(fn: Callable[[], object], **kwargs) -> Timing:
     return time_peers({"fn": fn}, **kwargs)["fn"]
 
 
+def cuda_kernel_times(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[dict, dict]:
+    """One call of ``fn`` (after one unprofiled call) under CUPTI, through torch.profiler: {kernel name: device
+    µs} and {kernel name: launches}, kernels of a CUDA-graph replay included. The profile tools' one way to say
+    where a step's GPU time goes."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    total, count = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            total[e.name[:120]] += e.device_time
+            count[e.name[:120]] += 1
+    return dict(total), dict(count)
+
+
 # ------------------------------------------------------------------------------------------------ record
 def git_state(root: Path = ROOT) -> tuple[str | None, bool | None]:
     """(commit, dirty): dirty when a tracked file differs from the commit (untracked files do not count)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from bench_generate_gpu import (AnchorStep, Clock, OrtStaticStep, ort_static_session, pairs, random_cache,
                                 random_checkpoint)
-from harness import write_record
+from harness import cuda_kernel_times, write_record
 
 from alibi_export import load  # noqa: E402
 from alibi_export.export.onnx import export_onnx  # noqa: E402
@@ -52,25 +52,14 @@ def category(kernel: str) -> str:
 
 def kernel_profile(fn, sync) -> dict:
     """One call of ``fn`` under CUPTI: per-kernel device time (us) and count, and the sums per category."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        fn()
-        sync()
-    total, count = collections.Counter(), collections.Counter()
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            total[e.name[:120]] += e.device_time
-            count[e.name[:120]] += 1
+    total, count = cuda_kernel_times(fn, sync)
     cats = collections.Counter()
     for k, us in total.items():
         cats[category(k)] += us
     return dict(kernel_us=round(sum(total.values()), 1), kernels=sum(count.values()),
                 by_category={k: round(v, 1) for k, v in cats.most_common()},
                 top=[dict(kernel=k, us=round(us, 1), count=count[k], category=category(k))
-                     for k, us in total.most_common(12)])
+                     for k, us in sorted(total.items(), key=lambda kv: -kv[1])[:12]])
 
 
 def main(argv=None) -> None:

@@ -8,14 +8,12 @@ the fused Triton ALiBi kernel, in one process. Same random 12-layer model as too
 from __future__ import annotations
 
 import argparse
-import collections
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import time_one
-from torch.profiler import ProfilerActivity, profile
+from harness import cuda_kernel_times, time_one
 
 from alibi_export import AlibiLM, ModelConfig, load, save  # noqa: E402
 from alibi_export.export.onnx import export_onnx  # noqa: E402
@@ -24,16 +22,9 @@ from alibi_export.shipped import default_model  # noqa: E402
 
 def report(name: str, fn, top: int = 14) -> None:
     wall = time_one(fn, warmup=3, repeats=1, sync=torch.cuda.synchronize).ms
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    total, count = collections.Counter(), collections.Counter()
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            total[e.name[:90]] += e.device_time
-            count[e.name[:90]] += 1
+    total, count = cuda_kernel_times(fn, torch.cuda.synchronize)
     print(f"== {name}: wall {wall:.2f} ms, GPU kernel sum {sum(total.values()) / 1000:.2f} ms")
-    for kernel, us in total.most_common(top):
+    for kernel, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {us / 1000:7.2f} ms {count[kernel]:4d}x  {kernel}")
 
 
