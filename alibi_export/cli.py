@@ -774,8 +774,9 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
               help="Longest prompt + max_tokens of one request.")
 @click.option("--queue", "max_queue", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests waiting for a batch slot; more are answered 429 with Retry-After.")
-@click.option("--prefill-chunk", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Prompt tokens per prefill pass: a long prompt stalls running streams one chunk at a time.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1),
+              help="Prompt tokens per prefill pass: a long prompt stalls running streams one chunk at a time. "
+                   "[default: 64 on cpu, 256 on cuda] Smaller: steadier streams, later first tokens.")
 @click.option("--kv-window", type=click.IntRange(min=1),
               help="Each request keeps its last W tokens' keys and values (a rolling window; docs/kv-window.md): its "
                    "cache holds at most W + 64 columns however long it runs. Raise --max-context for long streams.")

@@ -228,6 +228,28 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(form_session, r
     assert len(engine.running) == 2 and "long" not in got.results
 
 
+@pytest.mark.parametrize("chunk, passes", [(None, [64, 64, 22]), (256, [150])])  # 256: the control
+def test_unset_prefill_chunk_is_the_devices_default(session, rng, monkeypatch, chunk, passes):
+    """On the CPU an unset --prefill-chunk is 64 tokens a pass (PREFILL_CHUNK: a pass is a stall in every running
+    stream); a chunk set by the caller is kept. The passes are counted at the session: a 150-token prompt alone."""
+    widths, real = [], session.step
+
+    def step(ids, *a, **k):
+        widths.append(ids.shape[1])
+        return real(ids, *a, **k)
+
+    monkeypatch.setattr(session, "step", step)
+    engine = Engine(session, EngineConfig(max_batch=2, prefill_chunk=chunk))
+    widths.clear()  # the engine's own start-up pass (the padding entry the cache layout writes into holes)
+    got = _Collector()
+    engine.submit(rng.integers(0, session.config.vocab_size, 150).tolist(),
+                  SamplingParams(max_tokens=1, temperature=0), got(0))
+    while 0 not in got.results:
+        engine.iterate()
+    assert engine.prefill_chunk == (chunk or 64)
+    assert widths == passes  # max_tokens 1: the prefill's own token ends it, no decode step
+
+
 def test_kv_budget_waits_and_refuses(session, rng):
     vocab = session.config.vocab_size
     engine = Engine(session, EngineConfig(max_batch=4, max_tokens_in_flight=90, max_context=256))

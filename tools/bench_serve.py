@@ -25,9 +25,15 @@ With --provider cuda the servers and the static system run ONNX Runtime's CUDA p
 exports the cuda target's KV-cache form (onnx attention, ORT fusions, fp16), as issue 21's GPU figures need.
 The record goes through tools/harness.py (--json FILE, else $OUT/bench_serve.json on the GPU machine).
 
+The load generator is a bare asyncio HTTP/1.1 client by default (``--client raw``): on a small machine it shares
+the cores with the server it measures, and httpx (``--client httpx``) costs about four times its CPU per streamed
+token (tools/bench_serve_frontend.py). ``--max-batch`` sets the continuous server's rows apart from --clients
+(tools/bench_serve_sweep.py maps the whole grid in process).
+
 usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--static-cache LMAX] [--provider cpu|cuda] [--clients 16]
-                                   [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8] [--threads 2]
-                                   [--books test.txt] [--prefill-chunk N] [--json out.json]
+                                   [--max-batch B] [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8]
+                                   [--threads 2] [--books test.txt] [--prefill-chunk N] [--client raw|httpx]
+                                   [--json out.json]
 """
 from __future__ import annotations
 
@@ -126,30 +132,98 @@ class Server:
 
 
 async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed completion through httpx (``--client httpx``): the reference client."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     stamps, tokens = [], 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
+            got = _server_event(line, stamps)
+            tokens = tokens if got is None else got
+    return _request_record(t0, stamps, tokens)
+
+
+def _server_event(event: str | bytes, stamps: list) -> int | None:
+    """One server-sent event of a streamed completion: a time stamp for a chunk that carries text; the completion
+    tokens of the closing usage chunk (None for any other event)."""
+    prefix = "data: " if isinstance(event, str) else b"data: "
+    if not event.startswith(prefix) or event[6:] in ("[DONE]", b"[DONE]"):
+        return None
+    chunk = json.loads(event[6:])
+    if chunk.get("usage"):
+        return chunk["usage"]["completion_tokens"]
+    if chunk["choices"] and chunk["choices"][0]["text"]:
+        stamps.append(time.perf_counter())
+    return None
+
+
+def _request_record(t0: float, stamps: list, tokens: int) -> dict:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": (stamps[0] if stamps else time.perf_counter()) - t0, "gaps": gaps, "tokens": tokens}
 
 
-async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1):
+async def one_request_raw(url: str, prompt: list[int], max_tokens: int) -> dict:
+    """The same request over a bare asyncio connection (``--client raw``, the default): HTTP/1.1 written and
+    its chunked answer read by hand, each server-sent event parsed as httpx's path parses it.
+
+    Why: on a 2-core machine the load generator shares the cores with the server it measures, and httpx's
+    layers cost it about a core at 3,000 streamed tokens/s (tools/bench_serve_frontend.py); what the client
+    spends is taken from the server. Same answers, same time stamps (one per chunk that carries text)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    t0 = time.perf_counter()
+    stamps, tokens = [], 0
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {(await reader.read(2000)).decode(errors='replace')[:300]}")
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        pending = b""
+        while True:
+            if chunked:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    break
+                data = (await reader.readexactly(size + 2))[:-2]
+            else:
+                data = await reader.read(65536)
+                if not data:
+                    break
+            pending += data
+            while b"\n\n" in pending:
+                event, pending = pending.split(b"\n\n", 1)
+                got = _server_event(event, stamps)
+                tokens = tokens if got is None else got
+    finally:
+        writer.close()
+    return _request_record(t0, stamps, tokens)
+
+
+async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1,
+                client: str = "raw"):
     """Closed loop (``clients`` workers) or, with ``rate``, Poisson arrivals; the records and the wall time."""
-    import httpx
+    import contextlib
+
     import numpy as np
 
-    limits = httpx.Limits(max_connections=len(prompts) + clients)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        if client == "httpx":
+            import httpx
+
+            limits = httpx.Limits(max_connections=len(prompts) + clients)
+            http = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+
+            def one(prompt):
+                return one_request(http, url, prompt, max_tokens)
+        else:
+            def one(prompt):
+                return one_request_raw(url, prompt, max_tokens)
         t0 = time.perf_counter()
         if rate is None:
             queue = list(prompts)
@@ -157,7 +231,7 @@ async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | 
             async def worker():
                 out = []
                 while queue:
-                    out.append(await one_request(client, url, queue.pop(0), max_tokens))
+                    out.append(await one(queue.pop(0)))
                 return out
 
             records = [r for rs in await asyncio.gather(*(worker() for _ in range(clients))) for r in rs]
@@ -166,24 +240,24 @@ async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | 
 
             async def later(delay, prompt):
                 await asyncio.sleep(delay)
-                return await one_request(client, url, prompt, max_tokens)
+                return await one(prompt)
 
             records = await asyncio.gather(*(later(float(d), p) for d, p in zip(np.cumsum(gaps), prompts)))
         return list(records), time.perf_counter() - t0
 
 
-def _client_process(url, prompts, max_tokens, clients, rate, seed, ready, start, results):
-    __import__("httpx")  # imported before the start: a process's import time is not load
+def _client_process(url, prompts, max_tokens, clients, rate, seed, client, ready, start, results):
+    __import__("httpx" if client == "httpx" else "asyncio")  # imported before the start: import time is not load
 
     ready.release()
     start.wait()
     cpu = time.process_time()
-    records, wall = asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed))
+    records, wall = asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed, client))
     results.put((records, wall, time.process_time() - cpu))
 
 
 def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | None, procs: int = 1,
-             seed: int = 1):
+             seed: int = 1, client: str = "raw"):
     """``drive`` from ``procs`` processes, each with its share of the prompts and clients (open loop: a Poisson
     process of rate / procs each, whose sum is Poisson at ``rate``); the records, the wall time, and the CPU
     seconds the load generator spent meanwhile (all its processes, their start-up excluded).
@@ -193,7 +267,7 @@ def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | Non
     0.97-0.98 CPU-seconds per second (saturated) while the server used 0.2-0.3, at 2,800-3,300 tokens/s."""
     if procs <= 1:
         cpu = time.process_time()
-        records, wall = asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed))
+        records, wall = asyncio.run(drive(url, prompts, max_tokens, clients, rate, seed, client))
         return records, wall, time.process_time() - cpu
     import multiprocessing
 
@@ -201,7 +275,7 @@ def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | Non
     ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     workers = [ctx.Process(target=_client_process, daemon=True,
                            args=(url, list(prompts[k::procs]), max_tokens, max(1, clients // procs),
-                                 rate / procs if rate else None, seed + k, ready, start, results))
+                                 rate / procs if rate else None, seed + k, client, ready, start, results))
                for k in range(procs)]
     for w in workers:
         w.start()
@@ -250,7 +324,7 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
 
 # ----------------------------------------------------------------------------- the engine alone
 def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int, budget: int,
-                      move_rows: bool = True):
+                      move_rows: bool = True, max_batch: int | None = None):
     """The continuous-batching engine without HTTP, closed loop of ``clients`` (closed loop only): what the
     server's own overhead costs, and where the engine's time goes (seconds per phase, wall-clock; ONNX
     Runtime's runs end synchronized, so a phase's time includes its device work)."""
@@ -259,7 +333,7 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
     from alibi_export.serve.engine import Delta, Engine, EngineConfig, Finished, SamplingParams
 
     max_context = max(len(p) for p in prompts) + max_tokens + 1
-    engine = Engine(session, EngineConfig(max_batch=clients, max_tokens_in_flight=budget,
+    engine = Engine(session, EngineConfig(max_batch=max_batch or clients, max_tokens_in_flight=budget,
                                           max_queue=len(prompts) + clients, prefill_chunk=chunk,
                                           max_context=max_context))
     if not move_rows:
@@ -324,6 +398,9 @@ def main():
                                                     "d_model x layers (e.g. 1024x12), exported to a temp folder.")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=48, help="Requests per system and load.")
+    ap.add_argument("--max-batch", type=int,
+                    help="The continuous server's and the engine's --max-batch (default: --clients): fewer rows per "
+                         "step than clients trade throughput for inter-token latency; the others wait in the queue.")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--lengths", default="16:512", help="Prompt lengths in tokens, LOW:HIGH (uniform).")
     ap.add_argument("--rate", type=float, help="Also an open loop of Poisson arrivals at RATE requests/s.")
@@ -334,8 +411,8 @@ def main():
     ap.add_argument("--books", type=Path, default=BOOKS, help="Plain text the prompts are cut from.")
     ap.add_argument("--prefill-chunk", type=int,
                     help="The servers' and the engine's prompt tokens per prefill pass (rows x padded length; "
-                         "default 256 on cpu, where 256 tokens of the shipped model take ~0.2 s, 16384 on cuda, "
-                         "which prefills hundreds of thousands of tokens/s).")
+                         "default: the server's own on cpu, 64 (serve.engine.PREFILL_CHUNK); 16384 on cuda, which "
+                         "prefills hundreds of thousands of tokens/s: 32 prompts of 512 in one pass).")
     ap.add_argument("--static-cache", type=int, metavar="LMAX",
                     help="Also export the model with --static-cache LMAX and run every system on both forms.")
     ap.add_argument("--every-logits", action="store_true",
@@ -344,6 +421,9 @@ def main():
     ap.add_argument("--client-procs", type=int, default=1,
                     help="Load-generator processes the clients are split over (one Python process saturates at a "
                          "few thousand streamed tokens/s: tools/bench_serve_frontend.py).")
+    ap.add_argument("--client", default="raw", choices=["raw", "httpx"],
+                    help="The load generator's HTTP client: raw asyncio streams (lean: it shares the cores with the "
+                         "server) or httpx (the reference; about a core at 3,000 streamed tokens/s).")
     ap.add_argument("--systems", default="continuous,naive,static")
     ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve.json if $OUT).")
     args = ap.parse_args()
@@ -394,7 +474,9 @@ def main():
         forms.append(("static", static))
     sessions = {form: GenerationSession(path, provider=args.provider, threads=args.threads) for form, path in forms}
     session = sessions["concat"]
-    chunk = args.prefill_chunk or (16384 if args.provider == "cuda" else 256)
+    from alibi_export.serve.engine import PREFILL_CHUNK
+
+    chunk = args.prefill_chunk or (16384 if args.provider == "cuda" else PREFILL_CHUNK["cpu"])
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.books, args.requests, low, high)
     max_context = high + args.max_tokens + 1
@@ -412,16 +494,16 @@ def main():
             per_row = args.static_cache if form == "static" else max_context
             server = None
             if system in ("continuous", "naive"):
-                batch = args.clients if system == "continuous" else 1
+                batch = (args.max_batch or args.clients) if system == "continuous" else 1
                 server = Server(path, batch, args.threads, max_context, args.provider, chunk, batch * per_row)
-                run_load(server.url, prompts[:2], 4, 2, None)  # warm-up
+                run_load(server.url, prompts[:2], 4, 2, None, client=args.client)  # warm-up
             try:
                 if system.startswith("engine"):
                     if system == "engine-holes" and form != "static":
                         continue
                     row = {"load": "closed", "form": form, **engine_in_process(
                         session, prompts, args.max_tokens, args.clients, chunk, args.clients * per_row,
-                        move_rows=system != "engine-holes")}
+                        move_rows=system != "engine-holes", max_batch=args.max_batch)}
                     row["system"] = system
                     row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
                     rows.append(row)
@@ -429,11 +511,14 @@ def main():
                     continue
                 for kind, rate in loads:
                     if server:
-                        records, wall, _ = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
-                                                    args.client_procs)
+                        records, wall, cpu = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
+                                                      args.client_procs, client=args.client)
                     else:
-                        records, wall = static_batching(session, prompts, args.max_tokens, args.clients, rate)
+                        (records, wall), cpu = static_batching(session, prompts, args.max_tokens, args.clients,
+                                                               rate), None
                     row = {"load": kind, "form": form, **summary(system, wall, records)}
+                    if cpu is not None:  # what the load generator took from the cores it shares with the server
+                        row["load_generator_cpu_s_per_s"] = round(cpu / wall, 3)
                     row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -449,8 +534,9 @@ def main():
     results = {"provider": args.provider, "ort_providers": session.session.get_providers(), "model": str(model.name),
                "random": args.random, "static_cache": args.static_cache,
                "single_stream_step_ms": {f: round(v, 3) for f, v in steps_ms.items()}, "clients": args.clients,
+               "max_batch": args.max_batch or args.clients,
                "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
-               "threads": args.threads, "prefill_chunk": chunk, "client_procs": args.client_procs,
+               "threads": args.threads, "prefill_chunk": chunk, "client_procs": args.client_procs, "client": args.client,
                "rows": rows, "continuous_over_naive": ratios}
     path = out_path("bench_serve.json", args.json)
     if path:

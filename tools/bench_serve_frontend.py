@@ -104,7 +104,7 @@ def serve(port: int, http: str, loop: str, step_ms: float, max_batch: int) -> No
                 access_log=False)
 
 
-def measure(stack: str, procs: int, args) -> dict:
+def measure(stack: str, procs: int, client: str, args) -> dict:
     from bench_serve import free_port, run_load, summary, wait_until_healthy
 
     http, loop = STACKS[stack]
@@ -119,13 +119,13 @@ def measure(stack: str, procs: int, args) -> dict:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(proc, url, log.name)
         prompts = ["It was a dark and stormy night"] * args.requests
-        run_load(url, prompts[:8], 4, 8, None)  # warm-up
+        run_load(url, prompts[:8], 4, 8, None, client=client)  # warm-up
         server0 = _cpu_seconds(proc.pid)
-        records, wall, client = run_load(url, prompts, args.max_tokens, args.clients, None, procs)
+        records, wall, spent = run_load(url, prompts, args.max_tokens, args.clients, None, procs, client=client)
         # which side was busy: a process near 1 CPU-second per second is a limit (one Python thread at a time)
         cpu = {"server_cpu_per_s": round((_cpu_seconds(proc.pid) - server0) / wall, 2),
-               "client_cpu_per_s": round(client / wall, 2)}
-        return {"stack": stack, "client_procs": procs, **summary(stack, wall, records), **cpu}
+               "client_cpu_per_s": round(spent / wall, 2)}
+        return {"stack": stack, "client_procs": procs, "client": client, **summary(stack, wall, records), **cpu}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -158,6 +158,8 @@ def main():
                     help="The stand-in engine's step (6 ms: the H200 engine's 10,370 tokens/s at 64 rows).")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--client-procs", default="1,2", help="Load-generator process counts to measure (comma list).")
+    ap.add_argument("--client", default="raw,httpx",
+                    help="Load-generator HTTP clients to measure (comma list of raw, httpx: tools/bench_serve.py).")
     ap.add_argument("--json", type=Path, help="Write the record here (default: $OUT/bench_serve_frontend.json).")
     args = ap.parse_args()
     if args.serve:
@@ -169,10 +171,11 @@ def main():
         print(f"skipped {k}: not installed")
     rows = []
     for r in range(args.rounds):
-        for stack, procs in itertools.product(stacks, map(int, args.client_procs.split(","))):
-            row = {"round": r, **measure(stack, procs, args)}
+        for stack, procs, client in itertools.product(stacks, map(int, args.client_procs.split(",")),
+                                                      args.client.split(",")):
+            row = {"round": r, **measure(stack, procs, client, args)}
             rows.append(row)
-            print(f"round {r} {stack}, {procs} client process(es): {row['tokens_per_s']:,.0f} tokens/s, TTFT p99 {row['ttft_p99_ms']} ms, "
+            print(f"round {r} {stack}, {procs} {client} client process(es): {row['tokens_per_s']:,.0f} tokens/s, TTFT p99 {row['ttft_p99_ms']} ms, "
                   f"ITL p50 {row['itl_p50_ms']} ms, p99 {row['itl_p99_ms']} ms; CPU-s per s: server "
                   f"{row['server_cpu_per_s']}, client {row['client_cpu_per_s']}", flush=True)
     path = out_path("bench_serve_frontend.json", args.json)

@@ -33,9 +33,17 @@ from ..runtime.generate import Sampler, TokenStream, left_pad
 from .batch_cache import BatchCache, padding_entries
 from .slot_cache import SlotCache
 
-__all__ = ["EngineConfig", "SamplingParams", "Engine", "EngineRequest", "Delta", "Finished", "RequestRejected"]
+__all__ = ["EngineConfig", "SamplingParams", "Engine", "EngineRequest", "Delta", "Finished", "RequestRejected",
+           "PREFILL_CHUNK"]
 
 log = logging.getLogger(__name__)
+
+# The prompt tokens of one prefill pass when EngineConfig leaves it unset, by the session's device. A pass runs
+# between two decode steps, so it is a stall in every running stream. On a 2-core CPU a 256-token pass of the
+# shipped model is ~20x a decode step; 64 tokens halved the server's inter-token latency p99 against 256 at
+# equal tokens/s (-1% and +9% over two prompt mixes; BENCHMARKS.md, "Throughput against inter-token latency").
+# A GPU prefills hundreds of thousands of tokens/s, where a pass of 256 costs about one step.
+PREFILL_CHUNK = {"cpu": 64, "cuda": 256}
 
 
 @dataclass(frozen=True)
@@ -43,14 +51,15 @@ class EngineConfig:
     max_batch: int = 16  # requests decoded together
     max_tokens_in_flight: int = 32768  # KV-cache slots (rows x columns of the padded cache)
     max_queue: int = 64  # requests waiting for admission; more are refused (HTTP 429)
-    prefill_chunk: int = 256  # tokens of prompt per prefill pass
+    prefill_chunk: int | None = None  # tokens of prompt per prefill pass (None: PREFILL_CHUNK of the device)
     max_context: int = 2048  # prompt + max_tokens of one request
     kv_window: int | None = None  # each row keeps its last kv_window tokens' keys and values (runtime.window)
     window_slack: int = 64  # masked columns held past the window before the cache is cut (one cut per slack steps)
 
     def __post_init__(self):
-        names = ("max_batch", "max_tokens_in_flight", "max_queue", "prefill_chunk", "max_context")
-        for name in names + (("kv_window",) if self.kv_window is not None else ()):
+        names = ("max_batch", "max_tokens_in_flight", "max_queue", "max_context")
+        optional = tuple(n for n in ("prefill_chunk", "kv_window") if getattr(self, n) is not None)
+        for name in names + optional:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AlibiExportError(f"{name} must be a positive integer, got {value!r}")
@@ -154,6 +163,7 @@ class Engine:
 
             check_window_form(session.config, session.cache_width, repr(str(session.path)))
         self.session, self.config, self.observer = session, config, observer or _Observer()
+        self.prefill_chunk = config.prefill_chunk or PREFILL_CHUNK.get(getattr(session, "device", "cpu"), 256)
         self.max_context = config.max_context
         if static is not None:
             # Fixed slots, allocated once: max_batch rows of the budget's share of columns (at most LMAX).
@@ -286,7 +296,7 @@ class Engine:
             while self._waiting:
                 r = self._waiting[0]
                 n = len(r.prompt_ids)
-                if taken and (n > cfg.prefill_chunk or (len(taken) + 1) * max(n, width) > cfg.prefill_chunk):
+                if taken and (n > self.prefill_chunk or (len(taken) + 1) * max(n, width) > self.prefill_chunk):
                     break
                 need = cfg.kv_need(r.final_len)
                 if rows + 1 > cfg.max_batch or not self._fits(rows + 1, max(longest, need)):
@@ -295,14 +305,14 @@ class Engine:
                 taken.append(r)
                 rows, longest = rows + 1, max(longest, need)
                 width = max(len(t.prompt_ids) for t in taken)
-                if n > cfg.prefill_chunk:
+                if n > self.prefill_chunk:
                     break  # a long prompt goes through alone, chunk by chunk
         if not taken:
             return None
         for r in taken:
             self._prepare(r)
         ids, mask = left_pad([r.prompt_ids for r in taken])
-        step = cfg.prefill_chunk if len(taken) == 1 else ids.shape[1]
+        step = self.prefill_chunk if len(taken) == 1 else ids.shape[1]
         return _PrefillJob(taken, ids, mask, step, cache=self.cache.new_job(len(taken), ids.shape[1]))
 
     def _fits(self, rows: int, longest: int) -> bool:
