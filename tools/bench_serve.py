@@ -26,7 +26,7 @@ exports the cuda target's KV-cache form (onnx attention, ORT fusions, fp16), as 
 The record goes through tools/harness.py (--json FILE, else $OUT/bench_serve.json on the GPU machine).
 
 The load generator is a bare asyncio HTTP/1.1 client by default (``--client raw``): on a small machine it shares
-the cores with the server it measures, and httpx (``--client httpx``) costs about four times its CPU per streamed
+the cores with the server it measures, and httpx (``--client httpx``) costs about six times its CPU per streamed
 token (tools/bench_serve_frontend.py). ``--max-batch`` sets the continuous server's rows apart from --clients
 (tools/bench_serve_sweep.py maps the whole grid in process).
 

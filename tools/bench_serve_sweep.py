@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
+    import numpy as np
+
     from alibi_export import load
     from alibi_export.export.onnx import export_onnx
     from alibi_export.runtime.generate import GenerationSession
@@ -121,7 +123,6 @@ def main():
             print(json.dumps({k: row[k] for k in ("round", "max_batch", "prefill_chunk", "tokens_per_s", "ttft_p50_ms",
                                                   "itl_p50_over_single_step", "itl_p99_over_single_step",
                                                   "mean_batch")}), flush=True)
-    import numpy as np
 
     def median(setting, key):
         return round(float(np.median([row[key] for row in runs[setting]])), 2)
@@ -138,9 +139,10 @@ def main():
                "rounds": args.rounds, "decode_steps": steps, "rows": rows,
                "runs": [row for setting in grid for row in runs[setting]]}
     print("max_batch chunk  tokens/s  x naive  ITL p50 x  ITL p99 x  TTFT p50 ms")
-    for r in rows:
-        print(f"{r['max_batch']:9d} {r['prefill_chunk']:5d} {r['tokens_per_s']:9.1f} {r['over_naive']:8.2f} "
-              f"{r['itl_p50_over_single_step']:10.2f} {r['itl_p99_over_single_step']:10.2f} {r['ttft_p50_ms']:12.0f}")
+    for row in rows:
+        print(f"{row['max_batch']:9d} {row['prefill_chunk']:5d} {row['tokens_per_s']:9.1f} {row['over_naive']:8.2f} "
+              f"{row['itl_p50_over_single_step']:10.2f} {row['itl_p99_over_single_step']:10.2f} "
+              f"{row['ttft_p50_ms']:12.0f}")
     out = out_path("bench_serve_sweep.json", args.json)
     if out:
         write_record(out, results, tool="bench_serve_sweep.py")
