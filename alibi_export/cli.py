@@ -777,6 +777,10 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
 @click.option("--prefill-chunk", type=click.IntRange(min=1),
               help="Prompt tokens per prefill pass: a long prompt stalls running streams one chunk at a time. "
                    "[default: 64 on cpu, 256 on cuda] Smaller: steadier streams, later first tokens.")
+@click.option("--prefill-in-decode", is_flag=True,
+              help="Prompts go through the decode steps, one token a step beside the running requests, instead of "
+                   "prefill passes between steps: a stream's gap is one step whatever arrives, a prompt of n tokens "
+                   "takes n steps to its first token. --static-cache exports only.")
 @click.option("--kv-window", type=click.IntRange(min=1),
               help="Each request keeps its last W tokens' keys and values (a rolling window; docs/kv-window.md): its "
                    "cache holds at most W + 64 columns however long it runs. Raise --max-context for long streams.")
@@ -787,13 +791,14 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
               help="With --ray: replicas of the server, each with its own engine.")
 @_one_line_errors
 def serve(path, host, port, provider, threads, max_batch, max_tokens_in_flight, max_context, max_queue,
-          prefill_chunk, kv_window, grace, use_ray, replicas):
+          prefill_chunk, prefill_in_decode, kv_window, grace, use_ray, replicas):
     """Serve PATH (a --kv-cache export, with or without --static-cache, or a --genai folder; default: the shipped model) with an
     OpenAI-compatible API and continuous batching: /v1/completions, /v1/models, /health, /metrics."""
     from .serve.engine import EngineConfig
 
     config = EngineConfig(max_batch=max_batch, max_tokens_in_flight=max_tokens_in_flight, max_queue=max_queue,
-                          prefill_chunk=prefill_chunk, max_context=max_context, kv_window=kv_window)
+                          prefill_chunk=prefill_chunk, max_context=max_context, kv_window=kv_window,
+                          prefill_in_decode=prefill_in_decode)
     if use_ray:
         from .serve.ray_app import serve_on_ray
 

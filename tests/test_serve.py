@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from alibi_export.errors import AlibiExportError
 from alibi_export.runtime.generate import GenerationSession
 from alibi_export.serve import batch_cache
 from alibi_export.serve.engine import Engine, EngineConfig, Finished, RequestRejected, SamplingParams
@@ -142,6 +143,45 @@ def test_engine_batches_equal_each_prompt_alone(form_session, rng):
         assert got.results[i].completion_tokens == len(alone.token_ids[0])
         assert "".join(got.deltas.get(i, [])) == got.results[i].text  # the stream adds up to the text
     assert engine.kv_tokens == 0 and engine.batch_size == 0 and engine.cache.batch == 0
+
+
+def test_prefill_in_decode_equals_each_prompt_alone(slot_session, rng, monkeypatch):
+    """serve --prefill-in-decode: prompts go through the decode steps one token a step, beside running rows, and
+    every greedy text still equals the prompt alone, and every forward pass is a one-token step (no prefill pass
+    pauses the running rows). Control: a variant that feeds each prompt from its second token (the first token
+    lost, as a join one column off would) changes the texts."""
+    session = slot_session
+    prompts, max_tokens, joins = _schedule(rng, session, n=8)
+    config = EngineConfig(max_batch=4, max_context=256, prefill_in_decode=True)
+    engine = Engine(session, config)
+    passes = []
+    real = session.step
+    monkeypatch.setattr(session, "step", lambda ids, *a, **k: passes.append(ids.shape[1]) or real(ids, *a, **k))
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    assert set(passes) == {1}  # only decode steps: no prefill pass
+    for i, p in enumerate(prompts):
+        alone = session.generate_ids([p], max_tokens[i])
+        assert got.results[i].text == alone.texts[0], i
+        assert got.results[i].completion_tokens == len(alone.token_ids[0])
+    assert engine.batch_size == 0 and engine.cache.batch == 0
+
+    broken = Engine(session, config)
+    join = broken._join_unfed
+
+    def join_one_off():
+        before = list(broken.running)
+        join()
+        for r in broken.running:
+            if r not in before and len(r.pending) > 1:
+                r.pending.pop(0)
+    broken._join_unfed = join_one_off
+    wrong = _run_schedule(broken, prompts, max_tokens, joins)
+    assert [wrong.results[i].text for i in range(len(prompts))] != [got.results[i].text for i in range(len(prompts))]
+
+
+def test_prefill_in_decode_refuses_a_concatenating_export(session):
+    with pytest.raises(AlibiExportError, match="needs fixed cache slots"):
+        Engine(session, EngineConfig(prefill_in_decode=True))
 
 
 def test_engine_with_a_rolling_window_equals_each_prompt_alone_under_it(kv_path, session, rng):

@@ -324,7 +324,7 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
 
 # ----------------------------------------------------------------------------- the engine alone
 def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int, budget: int,
-                      move_rows: bool = True, max_batch: int | None = None):
+                      move_rows: bool = True, max_batch: int | None = None, prefill_in_decode: bool = False):
     """The continuous-batching engine without HTTP, closed loop of ``clients`` (closed loop only): what the
     server's own overhead costs, and where the engine's time goes (seconds per phase, wall-clock; ONNX
     Runtime's runs end synchronized, so a phase's time includes its device work)."""
@@ -335,7 +335,7 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
     max_context = max(len(p) for p in prompts) + max_tokens + 1
     engine = Engine(session, EngineConfig(max_batch=max_batch or clients, max_tokens_in_flight=budget,
                                           max_queue=len(prompts) + clients, prefill_chunk=chunk,
-                                          max_context=max_context))
+                                          max_context=max_context, prefill_in_decode=prefill_in_decode))
     if not move_rows:
         engine.cache.move_rows = False
     phases = collections.Counter()

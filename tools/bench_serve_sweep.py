@@ -14,7 +14,7 @@ prefills can bring ITL p99 under 2x at B running streams.
 
 usage: python tools/bench_serve_sweep.py [--random 1024x12] [--static-cache LMAX] [--lengths 16:512]
            [--max-tokens 64] [--requests 64] [--clients 16] [--max-batch 1,4,8,16] [--prefill-chunk 32,64,256]
-           [--contexts 48,300] [--rounds 2] [--threads 2] [--books test.txt] [--json out.json]
+           [--prefill-in-decode] [--contexts 48,300] [--rounds 2] [--threads 2] [--books test.txt] [--json out.json]
 """
 from __future__ import annotations
 
@@ -77,6 +77,9 @@ def main():
     ap.add_argument("--clients", type=int, default=16, help="Closed-loop clients (requests in the system).")
     ap.add_argument("--max-batch", type=_ints, default=[4, 8, 16], help="Engine batch sizes (1 always runs).")
     ap.add_argument("--prefill-chunk", type=_ints, default=[32, 64, 256], help="Prompt tokens per prefill pass.")
+    ap.add_argument("--prefill-in-decode", action="store_true",
+                    help="Also each --max-batch with serve --prefill-in-decode (rows with prefill_chunk 0): prompts go "
+                         "through the decode steps, one token a step, and no prefill pass runs between steps.")
     ap.add_argument("--contexts", type=_ints, default=[48, 300], help="Contexts of the decode-step timing.")
     ap.add_argument("--rounds", type=int, default=2, help="Passes over the grid, alternately forwards and backwards; "
                                                           "the rows report each setting's median.")
@@ -109,13 +112,15 @@ def main():
     steps = step_times(session, args.static_cache, sorted({1, *args.max_batch}), args.contexts)
     budget = args.clients * args.static_cache
     grid = [(1, max(args.prefill_chunk))] + [(b, c) for b in args.max_batch if b > 1 for c in args.prefill_chunk]
+    if args.prefill_in_decode:  # chunk 0 in the rows: serve --prefill-in-decode (prompts through the steps)
+        grid += [(b, 0) for b in args.max_batch if b > 1]
     runs = {setting: [] for setting in grid}
     for r in range(args.rounds):
         # Odd rounds run the grid backwards: this 2-core VM's speed drifts by tens of percent over minutes, which
         # one pass in a fixed order would charge to the settings that come last.
         for max_batch, chunk in (grid if r % 2 == 0 else grid[::-1]):
-            row = engine_in_process(session, prompts, args.max_tokens, args.clients, chunk, budget,
-                                    max_batch=max_batch)
+            row = engine_in_process(session, prompts, args.max_tokens, args.clients, chunk or 64, budget,
+                                    max_batch=max_batch, prefill_in_decode=chunk == 0)
             row.update(round=r, max_batch=max_batch, prefill_chunk=chunk,
                        itl_p50_over_single_step=round(row["itl_p50_ms"] / single, 2),
                        itl_p99_over_single_step=round(row["itl_p99_ms"] / single, 2))

@@ -4,7 +4,9 @@ Each iteration runs at most one prefill pass (a chunk of at most ``prefill_chunk
 prompts) and one decode step of every running request. A request joins the running batch as soon as
 its prompt is through (``BatchCache.merge``) and leaves as soon as it finishes (``BatchCache.keep``),
 so no request waits for another to finish and a long prompt stalls running streams by one chunk at a
-time. Batching changes no result: each row keeps its own ALiBi positions (the export counts them over
+time. With ``prefill_in_decode`` (fixed slots only) there are no prefill passes at all: a request joins with no
+cache columns and its prompt goes through the decode steps one token a step, so a running stream's gap is one
+step whatever arrives, at the price of a prompt token costing a row of a step. Batching changes no result: each row keeps its own ALiBi positions (the export counts them over
 the row's mask), and each request samples with its own generator.
 
 Two cache layouts, one per export form. A ``--kv-cache`` export (the graph concatenates past and new
@@ -55,6 +57,7 @@ class EngineConfig:
     max_context: int = 2048  # prompt + max_tokens of one request
     kv_window: int | None = None  # each row keeps its last kv_window tokens' keys and values (runtime.window)
     window_slack: int = 64  # masked columns held past the window before the cache is cut (one cut per slack steps)
+    prefill_in_decode: bool = False  # prompts go through the decode steps, one token a step (fixed slots only)
 
     def __post_init__(self):
         names = ("max_batch", "max_tokens_in_flight", "max_queue", "max_context")
@@ -123,6 +126,7 @@ class EngineRequest:
         self.sampler: Sampler | None = None
         self.stream: TokenStream | None = None
         self.stops: set[int] = set()
+        self.pending: list[int] = []  # prompt tokens not fed yet (EngineConfig.prefill_in_decode)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -175,6 +179,10 @@ class Engine:
             self.cache = SlotCache(session, config.max_batch, columns)
             self.max_context = min(config.max_context, columns)
         else:
+            if config.prefill_in_decode:
+                raise AlibiExportError(f"prefill in the decode steps needs fixed cache slots; {str(session.path)!r} "
+                                       "is a --kv-cache export. Note: serve the same model exported with "
+                                       "--kv-cache --static-cache LMAX")
             self.cache = BatchCache(session, padding_entries(session))
         self.running: list[EngineRequest] = []
         self._job: _PrefillJob | None = None
@@ -274,7 +282,9 @@ class Engine:
     def iterate(self) -> None:
         """One iteration: drop cancelled requests, admit, one prefill pass, one decode step."""
         self._drop_cancelled()
-        if self._job is None:
+        if self.config.prefill_in_decode:
+            self._join_unfed()
+        elif self._job is None:
             self._job = self._admit()
         if self._job is not None:
             self._prefill()
@@ -314,6 +324,22 @@ class Engine:
         ids, mask = left_pad([r.prompt_ids for r in taken])
         step = self.prefill_chunk if len(taken) == 1 else ids.shape[1]
         return _PrefillJob(taken, ids, mask, step, cache=self.cache.new_job(len(taken), ids.shape[1]))
+
+    def _join_unfed(self) -> None:
+        """Prefill in the decode steps: waiting requests take free slots with no cache columns, and their prompts
+        go through the next steps one token a step, beside the running rows' tokens. No prefill pass ever runs
+        between two steps, so a running stream's gap is one step, whatever arrives; a prompt of n tokens takes n
+        steps to its first token, each costing one row of a step."""
+        joined = []
+        with self._wake:
+            while self._waiting and len(self.running) + len(joined) < self.config.max_batch:
+                joined.append(self._waiting.popleft())
+        for r in joined:
+            self._prepare(r)
+            r.pending = list(r.prompt_ids)
+        if joined:
+            self.cache.join_empty(len(joined))
+            self.running += joined
 
     def _fits(self, rows: int, longest: int) -> bool:
         """The padded cache's budget; fixed slots hold their memory already (a free slot is all a row needs)."""
@@ -356,11 +382,13 @@ class Engine:
             self.running += [job.requests[i] for i in joining]
 
     def _decode(self) -> None:
-        ids = np.array([[r.next_token] for r in self.running], dtype=np.int64)  # (B, 1)
+        ids = np.array([[r.pending.pop(0) if r.pending else r.next_token] for r in self.running], dtype=np.int64)
         logits = self.cache.decode(ids, self._window)  # (B, V)
         self.steps += 1
-        tokens = _next_tokens(self.running, logits)
-        keep = [i for i, (r, token) in enumerate(zip(self.running, tokens)) if not self._push(r, token)]
+        # A row still feeding its prompt samples nothing; the step that feeds its last prompt token gives its first.
+        ready = [i for i, r in enumerate(self.running) if not r.pending]
+        tokens = dict(zip(ready, _next_tokens([self.running[i] for i in ready], logits[ready])))
+        keep = [i for i, r in enumerate(self.running) if i not in tokens or not self._push(r, tokens[i])]
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
             self.cache.keep(keep)

@@ -63,8 +63,10 @@ def application(path: str | None, config: EngineConfig = EngineConfig(), *, repl
 
 def app(args: dict):
     """The builder `serve run alibi_export.serve.ray_app:app path=... replicas=...` calls (values are strings)."""
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    config = EngineConfig(**{k: int(v) for k, v in args.items() if k in fields})
+    flags = {f.name for f in dataclasses.fields(EngineConfig) if f.type in ("bool", bool)}
+    fields = {f.name for f in dataclasses.fields(EngineConfig)} - flags
+    config = EngineConfig(**{k: int(v) for k, v in args.items() if k in fields},
+                          **{k: str(v).lower() in ("1", "true", "yes") for k, v in args.items() if k in flags})
     return application(args.get("path"), config, replicas=int(args.get("replicas", 1)),
                        provider=args.get("provider", "cpu"),
                        threads=int(args["threads"]) if args.get("threads") else None)

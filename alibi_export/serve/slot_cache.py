@@ -114,6 +114,20 @@ class SlotCache:
         self._fill_holes(free[:len(rows)])
         self.device.sync()
 
+    def join_empty(self, count: int) -> None:
+        """``count`` rows join with no cache columns (their prompts go through the decode steps): each takes a free
+        slot, masked everywhere left of the batch's next column, which its first token writes."""
+        free = sorted(set(range(self.slots)) - set(self.slot_of))[:count]
+        if len(free) < count:
+            raise AlibiExportError(f"{count} rows do not fit in {len(free)} free slots")
+        if not self.slot_of:
+            self.width = 0
+        for slot in free:
+            self.mask[slot] = 0
+            self.slot_of.append(slot)
+        self._fill_holes(free)
+        self.device.sync()
+
     def decode(self, ids: np.ndarray, window=None) -> np.ndarray:
         """One step of every row (``ids`` (n, 1) in the engine's order): the (n, V) logits of its token."""
         self._make_room()
