@@ -4,10 +4,11 @@ Each iteration runs at most one prefill pass (a chunk of at most ``prefill_chunk
 prompts) and one decode step of every running request. A request joins the running batch as soon as
 its prompt is through (``BatchCache.merge``) and leaves as soon as it finishes (``BatchCache.keep``),
 so no request waits for another to finish and a long prompt stalls running streams by one chunk at a
-time. With ``prefill_in_decode`` (fixed slots only) there are no prefill passes at all: a request joins with no
-cache columns and its prompt goes through the decode steps one token a step, so a running stream's gap is one
-step whatever arrives, at the price of a prompt token costing a row of a step. Batching changes no result: each row keeps its own ALiBi positions (the export counts them over
-the row's mask), and each request samples with its own generator.
+time. With ``prefill_in_decode`` (fixed slots only) there are no prefill passes at all: a request joins
+with no cache columns and its prompt goes through the decode steps one token a step, so a running stream's
+gap is one step whatever arrives, at the price of a prompt token costing a row of a step. Batching changes no
+result: each row keeps its own ALiBi positions (the export counts them over the row's mask), and each request
+samples with its own generator.
 
 Two cache layouts, one per export form. A ``--kv-cache`` export (the graph concatenates past and new
 keys) runs on ``BatchCache``: the running rows share one tensor as wide as the longest row, re-laid on
@@ -387,7 +388,9 @@ class Engine:
         self.steps += 1
         # A row still feeding its prompt samples nothing; the step that feeds its last prompt token gives its first.
         ready = [i for i, r in enumerate(self.running) if not r.pending]
-        tokens = dict(zip(ready, _next_tokens([self.running[i] for i in ready], logits[ready])))
+        if len(ready) < len(self.running):  # only then: a copy of (B, V) logits costs per step with a large vocabulary
+            logits = logits[ready]
+        tokens = dict(zip(ready, _next_tokens([self.running[i] for i in ready], logits)))
         keep = [i for i, r in enumerate(self.running) if i not in tokens or not self._push(r, tokens[i])]
         if len(keep) < len(self.running):
             self.running = [self.running[i] for i in keep]
