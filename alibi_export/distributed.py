@@ -9,6 +9,7 @@ error on each rank and never a hang.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -80,9 +81,17 @@ def start(info: DistInfo, device: torch.device) -> torch.device:
 
 
 def stop(info: DistInfo) -> None:
+    """Leave the process group while the interpreter is whole.
+
+    The DDP wrapper's reducer holds the group. A reference cycle can keep the wrapper alive (one
+    that torch.optim's constructor leaves keeps the training function's frame, and the wrapper in
+    it); it then lived until the cycle collector ran, and at the interpreter's exit gloo's teardown
+    aborted a finished rank ("terminate called without an active exception", SIGABRT), now and
+    then. The caller drops its wrapper first; this collects what a cycle still holds."""
     if info.enabled:
         import torch.distributed as dist
 
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -324,33 +324,36 @@ def _train(cfg: TrainConfig, resume: bool, on_progress, info: DistInfo, device):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    tick, tokens_seen = time.perf_counter(), 0
-    for step in range(start_step, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = _batch(train_tokens, step, cfg, device, info.shard(cfg.batch_size))
-        with autocast():
-            logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP: gradients averaged over the ranks = the global batch's gradient
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        loss = mean_over_ranks(loss, info)
-        tokens_seen += x.numel() * info.world
-        last = step + 1 == cfg.steps
-        if not info.is_main:
-            continue
-        val_ppl = None
-        if (step + 1) % cfg.eval_every == 0 or last:
-            val_ppl = evaluate(model, valid_tokens, cfg.model.train_len, device, autocast)
-            log.info("step %d: val ppl %.2f", step + 1, val_ppl)
-        if on_progress:
-            elapsed = time.perf_counter() - tick
-            on_progress(TrainProgress(step + 1, cfg.steps, loss.item(), lr_at(step, cfg),
-                                      tokens_seen / max(elapsed, 1e-9), val_ppl))
-        if (step + 1) % cfg.save_every == 0 or last:
-            _save(model, tokenizer, optimizer, step + 1, cfg)
+    try:
+        tick, tokens_seen = time.perf_counter(), 0
+        for step in range(start_step, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            x, y = _batch(train_tokens, step, cfg, device, info.shard(cfg.batch_size))
+            with autocast():
+                logits = net(x)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP: gradients averaged over the ranks = the global batch's gradient
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss = mean_over_ranks(loss, info)
+            tokens_seen += x.numel() * info.world
+            last = step + 1 == cfg.steps
+            if not info.is_main:
+                continue
+            val_ppl = None
+            if (step + 1) % cfg.eval_every == 0 or last:
+                val_ppl = evaluate(model, valid_tokens, cfg.model.train_len, device, autocast)
+                log.info("step %d: val ppl %.2f", step + 1, val_ppl)
+            if on_progress:
+                elapsed = time.perf_counter() - tick
+                on_progress(TrainProgress(step + 1, cfg.steps, loss.item(), lr_at(step, cfg),
+                                          tokens_seen / max(elapsed, 1e-9), val_ppl))
+            if (step + 1) % cfg.save_every == 0 or last:
+                _save(model, tokenizer, optimizer, step + 1, cfg)
+    finally:
+        del net  # not kept alive by a traceback: distributed.stop() must be able to free it
     return model.eval(), tokenizer
 
 
