@@ -9,6 +9,7 @@ each control shows that a real layout fault changes the tokens.
 """
 import concurrent.futures
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from alibi_export.errors import AlibiExportError
+from alibi_export.errors import AlibiExportError, ConfigError
 from alibi_export.runtime.generate import GenerationSession
 from alibi_export.serve import batch_cache
 from alibi_export.serve.engine import Engine, EngineConfig, Finished, RequestRejected, SamplingParams
@@ -805,6 +806,28 @@ def test_shipped_model_is_exported_once_into_the_user_cache(tmp_path, monkeypatc
     assert shipped_kv_export() == path and path.stat().st_mtime_ns == stamp  # not exported again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_serve_run_arguments_are_parsed_strictly():
+    """`serve run alibi_export.serve.ray_app:app key=value ...` hands strings over: each becomes its type, and a
+    misspelt key or a bad value is an error naming it (it was ignored, or a traceback, before). Controls: the
+    same flag given as false is False, and an unset setting keeps EngineConfig's default."""
+    from alibi_export.serve.ray_app import parse_app_arguments
+
+    config, options = parse_app_arguments({"path": "m.onnx", "replicas": "3", "max_batch": "12",
+                                           "prefill_in_decode": "true", "window_slack": "0", "threads": "2"})
+    assert (config.max_batch, config.prefill_in_decode, config.window_slack) == (12, True, 0)
+    assert config.max_queue == EngineConfig().max_queue
+    assert options == {"path": "m.onnx", "replicas": 3, "provider": "cpu", "threads": 2}
+    assert parse_app_arguments({"prefill_in_decode": "False"})[0].prefill_in_decode is False
+    for args, message in [({"max_bacth": "4"}, "unknown argument max_bacth"),
+                          ({"prefill_in_decode": "maybe"}, "prefill_in_decode='maybe': expected true or false"),
+                          ({"max_batch": "four"}, "max_batch='four': expected an integer >= 1"),
+                          ({"max_batch": "0"}, "max_batch='0': expected an integer >= 1"),
+                          ({"replicas": "two"}, "replicas='two'"),
+                          ({"provider": "tpu"}, "provider='tpu': expected cpu or cuda")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_app_arguments(args)
 
 
 @pytest.mark.slow  # a local Ray instance and two replicas: about a minute on 2 cores

@@ -15,10 +15,10 @@ import dataclasses
 import os
 import signal
 
-from ..errors import MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
 from .engine import EngineConfig
 
-__all__ = ["application", "app", "serve_on_ray", "REPLICA_HEADER"]
+__all__ = ["application", "app", "parse_app_arguments", "serve_on_ray", "REPLICA_HEADER", "APP_ARGUMENTS"]
 
 REPLICA_HEADER = "X-Replica-Id"
 
@@ -61,15 +61,49 @@ def application(path: str | None, config: EngineConfig = EngineConfig(), *, repl
     return deployment.bind(str(onnx_path.resolve()), model_id, options, provider, threads)
 
 
+APP_ARGUMENTS = ("path", "replicas", "provider", "threads")
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
 def app(args: dict):
     """The builder `serve run alibi_export.serve.ray_app:app path=... replicas=...` calls (values are strings)."""
-    flags = {f.name for f in dataclasses.fields(EngineConfig) if f.type in ("bool", bool)}
-    fields = {f.name for f in dataclasses.fields(EngineConfig)} - flags
-    config = EngineConfig(**{k: int(v) for k, v in args.items() if k in fields},
-                          **{k: str(v).lower() in ("1", "true", "yes") for k, v in args.items() if k in flags})
-    return application(args.get("path"), config, replicas=int(args.get("replicas", 1)),
-                       provider=args.get("provider", "cpu"),
-                       threads=int(args["threads"]) if args.get("threads") else None)
+    config, options = parse_app_arguments(args)
+    return application(options["path"], config, replicas=options["replicas"], provider=options["provider"],
+                       threads=options["threads"])
+
+
+def parse_app_arguments(args: dict) -> tuple[EngineConfig, dict]:
+    """``serve run``'s ``key=value`` strings as an EngineConfig and the application's options. A misspelt key
+    or a value that is not one is an error naming it: a typo must not serve with a default in its place."""
+    kinds = {f.name: "bool" if f.type in ("bool", bool) else "int" for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(args) - set(kinds) - set(APP_ARGUMENTS))
+    if unknown:
+        raise ConfigError(f"unknown argument {', '.join(unknown)} for alibi_export.serve.ray_app:app. Note: expected "
+                          f"{', '.join(APP_ARGUMENTS)} or an engine setting ({', '.join(kinds)})")
+
+    def integer(key, value, low=1):
+        try:
+            number = int(str(value))
+        except ValueError:
+            number = None
+        if number is None or number < low:
+            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+        return number
+
+    def flag(key, value):
+        text = str(value).lower()
+        if text not in _TRUE + _FALSE:
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return text in _TRUE
+
+    engine = {k: flag(k, v) if kinds[k] == "bool" else integer(k, v, 0 if k == "window_slack" else 1)
+              for k, v in args.items() if k in kinds}
+    provider = str(args.get("provider", "cpu"))
+    if provider not in ("cpu", "cuda"):
+        raise ConfigError(f"provider={provider!r}: expected cpu or cuda")
+    options = {"path": args.get("path"), "replicas": integer("replicas", args.get("replicas", 1)),
+               "provider": provider, "threads": integer("threads", args["threads"]) if args.get("threads") else None}
+    return EngineConfig(**engine), options
 
 
 def serve_on_ray(path, config: EngineConfig, *, provider: str = "cpu", threads: int | None = None,
