@@ -12,7 +12,7 @@ Beside the grid it times the decode step alone at each batch size (the engine's 
 the same context): when a step of B rows already costs more than 2x a step of one, no scheduling of
 prefills can bring ITL p99 under 2x at B running streams.
 
-usage: python tools/bench_serve_sweep.py [--random 1024x12] [--static-cache LMAX] [--lengths 16:512]
+usage: python tools/bench_serve_sweep.py [--random 1024x12] [--quantize int8] [--static-cache LMAX] [--lengths 16:512]
            [--max-tokens 64] [--requests 64] [--clients 16] [--max-batch 1,4,8,16] [--prefill-chunk 32,64,256]
            [--prefill-in-decode] [--contexts 48,300] [--rounds 2] [--threads 2] [--books test.txt] [--json out.json]
 """
@@ -83,6 +83,11 @@ def main():
     ap.add_argument("--contexts", type=_ints, default=[48, 300], help="Contexts of the decode-step timing.")
     ap.add_argument("--rounds", type=int, default=2, help="Passes over the grid, alternately forwards and backwards; "
                                                           "the rows report each setting's median.")
+    ap.add_argument("--quantize", choices=["int8", "int4", "dynamic-u8s8", "dynamic-u8u8"],
+                    help="Serve a quantized file: int8/int4 are the export's forms (MatMulNBits); dynamic-u8s8 and "
+                         "dynamic-u8u8 are ONNX Runtime's quantize_dynamic over the float32 export (MatMulInteger), "
+                         "NOT export forms (issue 19 rejected them for accuracy on AVX2 CPUs), measured for the "
+                         "record: on AMX CPUs their batched products are far cheaper.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--books", type=Path, default=BOOKS)
     ap.add_argument("--json", type=Path)
@@ -102,8 +107,16 @@ def main():
         checkpoint = load(large_model(tmp / "ckpt", args.random))
     else:
         checkpoint = load(default_model())
+    shipped_form = args.quantize in ("int8", "int4")
     path = export_onnx(checkpoint, tmp / "model-static.onnx", kv_cache=True, logits_to_keep=True,
-                       static_cache=args.static_cache).path
+                       static_cache=args.static_cache, quantize=args.quantize if shipped_form else None).path
+    if args.quantize and not shipped_form:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        weights = QuantType.QInt8 if args.quantize == "dynamic-u8s8" else QuantType.QUInt8
+        quantize_dynamic(str(path), str(tmp / "model-dynamic.onnx"), weight_type=weights,
+                         op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+        path = tmp / "model-dynamic.onnx"
     session = GenerationSession(path, threads=args.threads)
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.books, args.requests, low, high)
@@ -138,7 +151,8 @@ def main():
     for row in rows:  # medians over the rounds; each round's own rows are kept under "runs"
         row["over_naive"] = round(row["tokens_per_s"] / naive, 2)
         row["meets_both"] = row["over_naive"] >= 3 and row["itl_p99_over_single_step"] <= 2
-    results = {"model": args.random or "alibi-small (shipped)", "static_cache": args.static_cache,
+    results = {"model": args.random or "alibi-small (shipped)", "quantize": args.quantize,
+               "static_cache": args.static_cache,
                "lengths": args.lengths, "max_tokens": args.max_tokens, "requests": args.requests,
                "clients": args.clients, "threads": args.threads, "single_stream_step_ms": round(single, 3),
                "rounds": args.rounds, "decode_steps": steps, "rows": rows,
