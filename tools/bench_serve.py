@@ -32,7 +32,7 @@ token (tools/bench_serve_frontend.py). ``--max-batch`` sets the continuous serve
 
 usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--static-cache LMAX] [--provider cpu|cuda] [--clients 16]
                                    [--max-batch B] [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8]
-                                   [--threads 2] [--books test.txt] [--prefill-chunk N] [--client raw|httpx]
+                                   [--threads 2] [--books test.txt] [--prefill-chunk N] [--prefill-in-decode] [--client raw|httpx]
                                    [--json out.json]
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def wait_until_healthy(proc, url: str, log: str, seconds: float = 120) -> None:
 
 class Server:
     def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str,
-                 prefill_chunk: int, budget: int):
+                 prefill_chunk: int, budget: int, prefill_in_decode: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
@@ -122,7 +122,8 @@ class Server:
                                       "--prefill-chunk", str(prefill_chunk),
                                       # every admitted row may hold a full context: the batch, not the KV
                                       # budget, is what limits admission here
-                                      "--max-tokens-in-flight", str(budget)],
+                                      "--max-tokens-in-flight", str(budget),
+                                      *(["--prefill-in-decode"] if prefill_in_decode else [])],
                                      stdout=self.log, stderr=self.log, env=env)
         wait_until_healthy(self.proc, self.url, self.log.name)
 
@@ -413,6 +414,9 @@ def main():
                     help="The servers' and the engine's prompt tokens per prefill pass (rows x padded length; "
                          "default: the server's own on cpu, 64 (serve.engine.PREFILL_CHUNK); 16384 on cuda, which "
                          "prefills hundreds of thousands of tokens/s: 32 prompts of 512 in one pass).")
+    ap.add_argument("--prefill-in-decode", action="store_true",
+                    help="The continuous server and the engine feed prompts through the decode steps (serve "
+                         "--prefill-in-decode); needs --static-cache, and runs that form only.")
     ap.add_argument("--static-cache", type=int, metavar="LMAX",
                     help="Also export the model with --static-cache LMAX and run every system on both forms.")
     ap.add_argument("--every-logits", action="store_true",
@@ -472,8 +476,12 @@ def main():
         print(f"exported {static.name} (--static-cache {args.static_cache}, {options or 'defaults'}) in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         forms.append(("static", static))
+    if args.prefill_in_decode:
+        if not args.static_cache:
+            raise SystemExit("Error: --prefill-in-decode serves fixed slots. Note: add --static-cache LMAX")
+        forms = [(form, path) for form, path in forms if form == "static"]
     sessions = {form: GenerationSession(path, provider=args.provider, threads=args.threads) for form, path in forms}
-    session = sessions["concat"]
+    session = sessions[forms[0][0]]
     from alibi_export.serve.engine import PREFILL_CHUNK
 
     chunk = args.prefill_chunk or (16384 if args.provider == "cuda" else PREFILL_CHUNK["cpu"])
@@ -495,7 +503,8 @@ def main():
             server = None
             if system in ("continuous", "naive"):
                 batch = (args.max_batch or args.clients) if system == "continuous" else 1
-                server = Server(path, batch, args.threads, max_context, args.provider, chunk, batch * per_row)
+                server = Server(path, batch, args.threads, max_context, args.provider, chunk, batch * per_row,
+                                prefill_in_decode=args.prefill_in_decode and system == "continuous")
                 run_load(server.url, prompts[:2], 4, 2, None, client=args.client)  # warm-up
             try:
                 if system.startswith("engine"):
@@ -503,7 +512,8 @@ def main():
                         continue
                     row = {"load": "closed", "form": form, **engine_in_process(
                         session, prompts, args.max_tokens, args.clients, chunk, args.clients * per_row,
-                        move_rows=system != "engine-holes", max_batch=args.max_batch)}
+                        move_rows=system != "engine-holes", max_batch=args.max_batch,
+                        prefill_in_decode=args.prefill_in_decode)}
                     row["system"] = system
                     row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
                     rows.append(row)
@@ -536,7 +546,8 @@ def main():
                "single_stream_step_ms": {f: round(v, 3) for f, v in steps_ms.items()}, "clients": args.clients,
                "max_batch": args.max_batch or args.clients,
                "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
-               "threads": args.threads, "prefill_chunk": chunk, "client_procs": args.client_procs, "client": args.client,
+               "threads": args.threads, "prefill_chunk": chunk, "prefill_in_decode": args.prefill_in_decode,
+               "client_procs": args.client_procs, "client": args.client,
                "rows": rows, "continuous_over_naive": ratios}
     path = out_path("bench_serve.json", args.json)
     if path:
