@@ -830,6 +830,18 @@ def test_serve_run_arguments_are_parsed_strictly():
             parse_app_arguments(args)
 
 
+def test_ray_application_refuses_a_setting_the_export_rules_out_on_the_driver(kv_path):
+    """On Ray, a replica that fails in its constructor is started again and again; the settings an export's form
+    rules out are refused once, on the driver, before any replica (no Ray instance runs here). Control: the same
+    export with a setting it allows builds its application."""
+    pytest.importorskip("ray")
+    from alibi_export.serve.ray_app import application
+
+    with pytest.raises(AlibiExportError, match="prefill in the decode steps needs fixed cache slots"):
+        application(str(kv_path), EngineConfig(prefill_in_decode=True))
+    assert application(str(kv_path), EngineConfig(max_batch=2)) is not None
+
+
 @pytest.mark.slow  # a local Ray instance and two replicas: about a minute on 2 cores
 def test_ray_serve_spreads_requests_over_two_replicas(kv_path, session, rng):
     """Two CPU replicas behind Ray Serve's proxy on loopback: both serve (their ids in X-Replica-Id), and

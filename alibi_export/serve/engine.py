@@ -37,7 +37,7 @@ from .batch_cache import BatchCache, padding_entries
 from .slot_cache import SlotCache
 
 __all__ = ["EngineConfig", "SamplingParams", "Engine", "EngineRequest", "Delta", "Finished", "RequestRejected",
-           "PREFILL_CHUNK"]
+           "PREFILL_CHUNK", "check_form"]
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,8 @@ class Engine:
 
     def __init__(self, session, config: EngineConfig = EngineConfig(), observer: _Observer | None = None):
         static = getattr(session, "static", None)
+        check_form(config, static.limit if static is not None else 0, session.path)
         if config.kv_window is not None:
-            if static is not None:  # a rolling window cuts cache columns; a static buffer keeps them in place
-                raise AlibiExportError(f"--kv-window does not apply to {str(session.path)!r}, a --static-cache "
-                                       "export. Note: serve the same model exported with --kv-cache alone")
             from ..runtime.window import check_window_form
 
             check_window_form(session.config, session.cache_width, repr(str(session.path)))
@@ -173,17 +171,9 @@ class Engine:
         if static is not None:
             # Fixed slots, allocated once: max_batch rows of the budget's share of columns (at most LMAX).
             columns = min(static.limit, config.max_tokens_in_flight // config.max_batch)
-            if columns < 2:
-                raise AlibiExportError(f"max_tokens_in_flight {config.max_tokens_in_flight} leaves fewer than 2 "
-                                       f"cache columns to each of {config.max_batch} slots. Note: raise it to at "
-                                       f"least {2 * config.max_batch}")
             self.cache = SlotCache(session, config.max_batch, columns)
             self.max_context = min(config.max_context, columns)
         else:
-            if config.prefill_in_decode:
-                raise AlibiExportError(f"prefill in the decode steps needs fixed cache slots; {str(session.path)!r} "
-                                       "is a --kv-cache export. Note: serve the same model exported with "
-                                       "--kv-cache --static-cache LMAX")
             self.cache = BatchCache(session, padding_entries(session))
         self.running: list[EngineRequest] = []
         self._job: _PrefillJob | None = None
@@ -470,6 +460,21 @@ class Engine:
         for r in requests:
             self._finish(r, "error", message)
         self._account()
+
+
+def check_form(config: EngineConfig, static_cache: int, path) -> None:
+    """The settings that the export's cache form rules out (``static_cache``: its LMAX, 0 for a concatenating
+    export), refused before any model is loaded: on Ray Serve the driver calls this, because a replica that fails
+    in its constructor is started again and again instead of reporting once."""
+    if config.kv_window is not None and static_cache:  # a rolling window cuts columns; static buffers keep them
+        raise AlibiExportError(f"--kv-window does not apply to {str(path)!r}, a --static-cache export. Note: serve "
+                               "the same model exported with --kv-cache alone")
+    if config.prefill_in_decode and not static_cache:
+        raise AlibiExportError(f"prefill in the decode steps needs fixed cache slots; {str(path)!r} is a --kv-cache "
+                               "export. Note: serve the same model exported with --kv-cache --static-cache LMAX")
+    if static_cache and min(static_cache, config.max_tokens_in_flight // config.max_batch) < 2:
+        raise AlibiExportError(f"max_tokens_in_flight {config.max_tokens_in_flight} leaves fewer than 2 cache columns "
+                               f"to each of {config.max_batch} slots. Note: raise it to at least {2 * config.max_batch}")
 
 
 def _next_tokens(requests: list[EngineRequest], logits: np.ndarray) -> list[int]:

@@ -36,9 +36,12 @@ def application(path: str | None, config: EngineConfig = EngineConfig(), *, repl
     """A bound Ray Serve application of ``replicas`` copies of the server over ``path`` (resolved here,
     on the driver: the shipped model is exported once, before any replica starts)."""
     serve = _ray_serve()
+    from ..artifacts import read_metadata
+    from .engine import check_form
     from .server import resolve_model
 
     onnx_path, model_id = resolve_model(path)
+    check_form(config, read_metadata(onnx_path).static_cache, onnx_path)  # here once, not in every replica
     options = dataclasses.asdict(config)
 
     @serve.ingress()
