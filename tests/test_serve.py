@@ -789,6 +789,14 @@ def test_cli_serve_refuses_bad_options_in_one_line(tmp_path, args, says):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_cli_serve_refuses_a_setting_its_export_rules_out_in_one_line(kv_path):
+    """What `alibi-export serve X --prefill-in-decode` prints for a concatenating export: one line, before it
+    listens. (The same export serves without the flag in every server test here.)"""
+    proc = _cli("serve", kv_path, "--prefill-in-decode", "--port", _free_port())
+    assert proc.returncode != 0 and proc.stderr.startswith("Error"), proc.stderr
+    assert "needs fixed cache slots" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_cli_serve_refuses_a_folder_without_a_model(tmp_path):
     proc = _cli("serve", tmp_path)
     assert proc.returncode == 1 and "without model.onnx" in proc.stderr
