@@ -134,7 +134,7 @@ def test_two_processes_match_one_and_resume_in_one(corpus, tokenizer_file, tmp_p
 def test_ranks_free_the_process_group_before_they_exit(corpus, tokenizer_file, tmp_path):
     """A DDP wrapper kept alive by a reference cycle until the interpreter's exit takes gloo's group
     down mid-teardown: a finished rank died of SIGABRT ("terminate called without an active
-    exception"), once in CI, 2 of 26 runs here with the collector off. Checked without waiting for
+    exception"), once in CI, 2 of 25 runs here with the collector off. Checked without waiting for
     that race: after train() returns, with the automatic collector off, no wrapper is alive on any
     rank. Control: a wrapper in a cycle, with the collection switched off, is seen alive on both."""
     for broken in (False, True):
