@@ -140,3 +140,42 @@ def test_slots_on_cuda_equal_each_prompt_alone(static_form, rng, monkeypatch):
                         lambda width, k: slice(width - k, width) if k == width else slice(width - k - 1, width - 1))
     got = _run_schedule(Engine(session, config), prompts, max_tokens, joins)
     assert [got[i].text for i in range(n)] != alone
+
+
+def test_prefill_in_decode_on_cuda_equals_each_prompt_alone(static_form, rng, monkeypatch):
+    """serve --prefill-in-decode on the GPU: prompts join free slots with no columns and go through the decode steps
+    one token a step (the joins fill the slots' masked columns with the padding entry on the device); every pass
+    is a one-token step and each greedy text equals the prompt alone. Control: a variant that loses each joining
+    prompt's first token changes the texts."""
+    from alibi_export.runtime.generate import GenerationSession
+    from alibi_export.serve.engine import Engine, EngineConfig
+
+    session = GenerationSession(static_form, provider="cuda")
+    n = 8
+    prompts = [rng.integers(0, session.config.vocab_size, int(k)).tolist() for k in rng.integers(1, 60, n)]
+    max_tokens = rng.integers(4, 20, n).tolist()
+    joins = np.sort(rng.integers(0, 40, n)).tolist()
+    alone = [session.generate_ids([p], m).texts[0] for p, m in zip(prompts, max_tokens)]
+    config = EngineConfig(max_batch=4, max_context=256, prefill_in_decode=True)
+    engine = Engine(session, config)
+    assert engine.cache.buffers[0].is_cuda
+    passes = []
+    real = session.step
+    monkeypatch.setattr(session, "step", lambda ids, *a, **k: passes.append(ids.shape[1]) or real(ids, *a, **k))
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    assert set(passes) == {1}  # only decode steps: no prefill pass
+    assert [got[i].text for i in range(n)] == alone
+    assert engine.batch_size == 0 and engine.cache.batch == 0
+
+    broken = Engine(session, config)
+    join = broken._join_unfed
+
+    def join_one_off():
+        before = list(broken.running)
+        join()
+        for r in broken.running:
+            if r not in before and len(r.pending) > 1:
+                r.pending.pop(0)
+    broken._join_unfed = join_one_off
+    wrong = _run_schedule(broken, prompts, max_tokens, joins)
+    assert [wrong[i].text for i in range(n)] != alone
