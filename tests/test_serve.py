@@ -180,6 +180,56 @@ def test_prefill_in_decode_equals_each_prompt_alone(slot_session, rng, monkeypat
     assert [wrong.results[i].text for i in range(len(prompts))] != [got.results[i].text for i in range(len(prompts))]
 
 
+def _admissions(engine):
+    """Each prefill job the engine admits: (running rows, requests admitted, decode steps since the last job)."""
+    log, real, last = [], engine._admit, [0]
+
+    def admit():
+        running, job = len(engine.running), real()
+        if job is not None:
+            log.append((running, len(job.requests), engine.steps - last[0]))
+            last[0] = engine.steps
+        return job
+    engine._admit = admit
+    return log
+
+
+@pytest.mark.parametrize("ratio,wait", [(1.0, None), (1.0, 6), (0.7, None)])
+def test_waiting_served_ratio_holds_prefill_passes_back_while_rows_run(form_session, rng, ratio, wait):
+    """serve --waiting-served-ratio R: while rows run, a prefill pass (a stall in each of them) starts only when it
+    admits at least floor(R x running) requests, or (--max-waiting-steps N) at least N decode steps after the
+    previous one; every greedy text still equals the prompt alone. Control: the default (R 0) on the same schedule
+    stalls running rows for fewer requests than that, and so does the wait bound, which must come into play."""
+    session = form_session
+    n = 10
+    prompts = _prompts(rng, session.config.vocab_size, n, longest=40)
+    # Distinct lengths, and half the prompts there at the start: when the first of the 4 rows finishes, 3 run
+    # and some wait, where the default admits one (the control's stall); the others join while rows run.
+    max_tokens = rng.permutation(np.arange(4, 24))[:n].tolist()
+    joins = sorted([0] * (n // 2) + rng.integers(0, 20, n - n // 2).tolist())
+    config = dict(max_batch=4, prefill_chunk=256, max_context=256, max_tokens_in_flight=4 * 256)
+    engine = Engine(session, EngineConfig(**config, waiting_served_ratio=ratio, max_waiting_steps=wait))
+    log = _admissions(engine)
+    got = _run_schedule(engine, prompts, max_tokens, joins)
+    for i, p in enumerate(prompts):
+        assert got.results[i].text == session.generate_ids([p], max_tokens[i]).texts[0], i
+
+    def short(entries):  # passes that stalled running rows for fewer requests than the ratio asks
+        return [e for e in entries if e[0] and e[1] < int(e[0] * ratio)]
+    if wait is None:
+        assert not short(log), log
+    else:
+        assert short(log) and all(since >= wait for _, _, since in short(log)), log
+    default = Engine(session, EngineConfig(**config))
+    assert short(_admissions_of(default, prompts, max_tokens, joins)), "the control stalls no more than R allows"
+
+
+def _admissions_of(engine, prompts, max_tokens, joins):
+    log = _admissions(engine)
+    _run_schedule(engine, prompts, max_tokens, joins)
+    return log
+
+
 def test_prefill_in_decode_refuses_a_concatenating_export(session):
     with pytest.raises(AlibiExportError, match="needs fixed cache slots"):
         Engine(session, EngineConfig(prefill_in_decode=True))
@@ -496,9 +546,19 @@ def test_slots_budget_waits_and_refuses(static_session, rng):
         assert "\n" not in str(e.value)
 
 
-def test_engine_config_is_checked():
-    with pytest.raises(Exception, match="max_batch must be a positive integer"):
-        EngineConfig(max_batch=0)
+@pytest.mark.parametrize("options,says", [
+    ({"max_batch": 0}, "max_batch must be a positive integer"),
+    ({"waiting_served_ratio": -0.5}, "waiting_served_ratio must be a finite number"),
+    ({"waiting_served_ratio": float("nan")}, "waiting_served_ratio must be a finite number"),
+    ({"waiting_served_ratio": True}, "waiting_served_ratio must be a finite number"),
+    ({"max_waiting_steps": 8}, "needs waiting_served_ratio > 0"),
+    ({"waiting_served_ratio": 1.0, "max_waiting_steps": 0}, "max_waiting_steps must be a positive integer"),
+    ({"waiting_served_ratio": 1.0, "prefill_in_decode": True}, "with prefill_in_decode there are none"),
+])
+def test_engine_config_is_checked(options, says):
+    with pytest.raises(AlibiExportError, match=says):
+        EngineConfig(**options)
+    EngineConfig(waiting_served_ratio=1.2, max_waiting_steps=8)  # and the settings that go together pass
 
 
 # ----------------------------------------------------------------------------- the server, as a process
@@ -632,6 +692,30 @@ def test_a_static_export_is_served_from_fixed_slots(slot_session, tmp_path, rng)
         assert srv.metrics()["alibi_serve_kv_tokens_in_use"] == 0
     finally:
         srv.stop()
+
+
+def test_the_server_lets_onnx_runtime_threads_sleep_unless_asked_to_spin(kv_path):
+    """The served session's intra-op threads sleep between operators (spinning ones held the cores the HTTP thread
+    streams from: BENCHMARKS.md, "Spinning threads and the inter-token tail"); spin=True, and any session
+    outside the server, keep ONNX Runtime's default (the control: the entry is what build sets, nothing else)."""
+    from alibi_export.serve.server import build
+
+    def spinning(session):
+        return session.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    for spin, expected in ((False, "0"), (True, None)):
+        served = build(kv_path, EngineConfig(max_batch=2), spin=spin)
+        try:
+            options = served.engine.session.session.get_session_options()
+            entry = options.get_session_config_entry("session.intra_op.allow_spinning") if expected else None
+            assert entry == expected
+            if not expected:  # ONNX Runtime raises for an entry that was never set
+                with pytest.raises(Exception):
+                    options.get_session_config_entry("session.intra_op.allow_spinning")
+        finally:
+            served.engine.stop(timeout=30)
+    with pytest.raises(Exception):
+        spinning(GenerationSession(kv_path))
 
 
 def test_models_health_and_metrics(server):
@@ -782,6 +866,9 @@ def _cli(*args, env=None):
     (["serve", "--replicas", "2", "x.onnx"], "--replicas applies to --ray"),
     (["serve", "--max-batch", "0", "x.onnx"], "--max-batch"),
     (["serve", "--kv-window", "0", "x.onnx"], "--kv-window"),
+    (["serve", "--waiting-served-ratio", "-1", "x.onnx"], "--waiting-served-ratio"),
+    (["serve", "--max-waiting-steps", "8", "x.onnx"], "needs waiting_served_ratio > 0"),
+    (["serve", "--waiting-served-ratio", "1", "--prefill-in-decode", "x.onnx"], "with prefill_in_decode there are none"),
 ])
 def test_cli_serve_refuses_bad_options_in_one_line(tmp_path, args, says):
     proc = _cli(*args)
@@ -823,17 +910,24 @@ def test_serve_run_arguments_are_parsed_strictly():
     from alibi_export.serve.ray_app import parse_app_arguments
 
     config, options = parse_app_arguments({"path": "m.onnx", "replicas": "3", "max_batch": "12",
-                                           "prefill_in_decode": "true", "window_slack": "0", "threads": "2"})
+                                           "prefill_in_decode": "true", "window_slack": "0", "threads": "2",
+                                           "spin": "yes"})
     assert (config.max_batch, config.prefill_in_decode, config.window_slack) == (12, True, 0)
     assert config.max_queue == EngineConfig().max_queue
-    assert options == {"path": "m.onnx", "replicas": 3, "provider": "cpu", "threads": 2}
+    assert options == {"path": "m.onnx", "replicas": 3, "provider": "cpu", "threads": 2, "spin": True}
     assert parse_app_arguments({"prefill_in_decode": "False"})[0].prefill_in_decode is False
+    assert parse_app_arguments({})[1]["spin"] is False  # the server's default: threads that sleep
+    config, _ = parse_app_arguments({"waiting_served_ratio": "1.5", "max_waiting_steps": "64"})
+    assert (config.waiting_served_ratio, config.max_waiting_steps) == (1.5, 64)
     for args, message in [({"max_bacth": "4"}, "unknown argument max_bacth"),
                           ({"prefill_in_decode": "maybe"}, "prefill_in_decode='maybe': expected true or false"),
                           ({"max_batch": "four"}, "max_batch='four': expected an integer >= 1"),
                           ({"max_batch": "0"}, "max_batch='0': expected an integer >= 1"),
                           ({"replicas": "two"}, "replicas='two'"),
-                          ({"provider": "tpu"}, "provider='tpu': expected cpu or cuda")]:
+                          ({"provider": "tpu"}, "provider='tpu': expected cpu or cuda"),
+                          ({"spin": "sometimes"}, "spin='sometimes': expected true or false"),
+                          ({"waiting_served_ratio": "-1"}, "waiting_served_ratio='-1': expected a finite number"),
+                          ({"waiting_served_ratio": "inf"}, "waiting_served_ratio='inf': expected a finite number")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_app_arguments(args)
 

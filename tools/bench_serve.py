@@ -33,7 +33,7 @@ token (tools/bench_serve_frontend.py). ``--max-batch`` sets the continuous serve
 usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--static-cache LMAX] [--provider cpu|cuda] [--clients 16]
                                    [--max-batch B] [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8]
                                    [--threads 2] [--books test.txt] [--prefill-chunk N] [--prefill-in-decode] [--client raw|httpx]
-                                   [--json out.json]
+                                   [--waiting-served-ratio R] [--max-waiting-steps N] [--spin] [--json out.json]
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def wait_until_healthy(proc, url: str, log: str, seconds: float = 120) -> None:
 
 class Server:
     def __init__(self, model: Path, max_batch: int, threads: int, max_context: int, provider: str,
-                 prefill_chunk: int, budget: int, prefill_in_decode: bool = False):
+                 prefill_chunk: int, budget: int, prefill_in_decode: bool = False, waiting_served_ratio: float = 0.0,
+                 max_waiting_steps: int | None = None, spin: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
@@ -123,7 +124,11 @@ class Server:
                                       # every admitted row may hold a full context: the batch, not the KV
                                       # budget, is what limits admission here
                                       "--max-tokens-in-flight", str(budget),
-                                      *(["--prefill-in-decode"] if prefill_in_decode else [])],
+                                      *(["--prefill-in-decode"] if prefill_in_decode else []),
+                                      *(["--waiting-served-ratio", str(waiting_served_ratio)]
+                                        if waiting_served_ratio else []),
+                                      *(["--max-waiting-steps", str(max_waiting_steps)] if max_waiting_steps else []),
+                                      *(["--spin"] if spin else [])],
                                      stdout=self.log, stderr=self.log, env=env)
         wait_until_healthy(self.proc, self.url, self.log.name)
 
@@ -325,7 +330,8 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
 
 # ----------------------------------------------------------------------------- the engine alone
 def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int, budget: int,
-                      move_rows: bool = True, max_batch: int | None = None, prefill_in_decode: bool = False):
+                      move_rows: bool = True, max_batch: int | None = None, prefill_in_decode: bool = False,
+                      waiting_served_ratio: float = 0.0, max_waiting_steps: int | None = None):
     """The continuous-batching engine without HTTP, closed loop of ``clients`` (closed loop only): what the
     server's own overhead costs, and where the engine's time goes (seconds per phase, wall-clock; ONNX
     Runtime's runs end synchronized, so a phase's time includes its device work)."""
@@ -336,7 +342,9 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
     max_context = max(len(p) for p in prompts) + max_tokens + 1
     engine = Engine(session, EngineConfig(max_batch=max_batch or clients, max_tokens_in_flight=budget,
                                           max_queue=len(prompts) + clients, prefill_chunk=chunk,
-                                          max_context=max_context, prefill_in_decode=prefill_in_decode))
+                                          max_context=max_context, prefill_in_decode=prefill_in_decode,
+                                          waiting_served_ratio=waiting_served_ratio,
+                                          max_waiting_steps=max_waiting_steps))
     if not move_rows:
         engine.cache.move_rows = False
     phases = collections.Counter()
@@ -417,6 +425,13 @@ def main():
     ap.add_argument("--prefill-in-decode", action="store_true",
                     help="The continuous server and the engine feed prompts through the decode steps (serve "
                          "--prefill-in-decode); needs --static-cache, and runs that form only.")
+    ap.add_argument("--waiting-served-ratio", type=float, default=0.0,
+                    help="The continuous server's and the engine's serve --waiting-served-ratio: while rows run, a "
+                         "prefill pass starts only when it admits at least R x the running requests.")
+    ap.add_argument("--max-waiting-steps", type=int, help="Their serve --max-waiting-steps.")
+    ap.add_argument("--spin", action="store_true",
+                    help="Both servers with serve --spin (ONNX Runtime's threads spin-wait; the servers' default is "
+                         "threads that sleep). The in-process systems keep ONNX Runtime's default, spinning.")
     ap.add_argument("--static-cache", type=int, metavar="LMAX",
                     help="Also export the model with --static-cache LMAX and run every system on both forms.")
     ap.add_argument("--every-logits", action="store_true",
@@ -494,6 +509,7 @@ def main():
         steps_ms[form] = single.decode_ms_per_step
         print(f"single-stream decode step, {form}: {steps_ms[form]:.2f} ms (batch 1, prompt {len(prompts[0])} tokens)")
     loads = [("closed", None)] + ([("poisson", args.rate)] if args.rate else [])
+    schedule = {"waiting_served_ratio": args.waiting_served_ratio, "max_waiting_steps": args.max_waiting_steps}
     rows = []
     for system in args.systems.split(","):
         for form, path in forms:
@@ -504,7 +520,8 @@ def main():
             if system in ("continuous", "naive"):
                 batch = (args.max_batch or args.clients) if system == "continuous" else 1
                 server = Server(path, batch, args.threads, max_context, args.provider, chunk, batch * per_row,
-                                prefill_in_decode=args.prefill_in_decode and system == "continuous")
+                                prefill_in_decode=args.prefill_in_decode and system == "continuous",
+                                spin=args.spin, **(schedule if system == "continuous" else {}))
                 run_load(server.url, prompts[:2], 4, 2, None, client=args.client)  # warm-up
             try:
                 if system.startswith("engine"):
@@ -513,7 +530,7 @@ def main():
                     row = {"load": "closed", "form": form, **engine_in_process(
                         session, prompts, args.max_tokens, args.clients, chunk, args.clients * per_row,
                         move_rows=system != "engine-holes", max_batch=args.max_batch,
-                        prefill_in_decode=args.prefill_in_decode)}
+                        prefill_in_decode=args.prefill_in_decode, **schedule)}
                     row["system"] = system
                     row["itl_p99_over_single_step"] = round(row["itl_p99_ms"] / step_ms, 2)
                     rows.append(row)
@@ -547,6 +564,7 @@ def main():
                "max_batch": args.max_batch or args.clients,
                "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
                "threads": args.threads, "prefill_chunk": chunk, "prefill_in_decode": args.prefill_in_decode,
+               **schedule, "spin": args.spin,
                "client_procs": args.client_procs, "client": args.client,
                "rows": rows, "continuous_over_naive": ratios}
     path = out_path("bench_serve.json", args.json)

@@ -14,7 +14,8 @@ prefills can bring ITL p99 under 2x at B running streams.
 
 usage: python tools/bench_serve_sweep.py [--random 1024x12] [--quantize int8] [--static-cache LMAX] [--lengths 16:512]
            [--max-tokens 64] [--requests 64] [--clients 16] [--max-batch 1,4,8,16] [--prefill-chunk 32,64,256]
-           [--prefill-in-decode] [--contexts 48,300] [--rounds 2] [--threads 2] [--books test.txt] [--json out.json]
+           [--prefill-in-decode] [--waiting-served-ratio 0,1] [--max-waiting-steps N] [--contexts 48,300] [--rounds 2]
+           [--threads 2] [--books test.txt] [--json out.json]
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not 0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
     return values
 
 
@@ -88,6 +99,9 @@ def main():
                          "dynamic-u8u8 are ONNX Runtime's quantize_dynamic over the float32 export (MatMulInteger), "
                          "NOT export forms (issue 19 rejected them for accuracy on AVX2 CPUs), measured for the "
                          "record: on AMX CPUs their batched products are far cheaper.")
+    ap.add_argument("--waiting-served-ratio", type=_floats, default=[0.0],
+                    help="serve --waiting-served-ratio values, a grid axis (0: a prefill pass whenever one fits).")
+    ap.add_argument("--max-waiting-steps", type=int, help="serve --max-waiting-steps, with the ratios above 0.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--books", type=Path, default=BOOKS)
     ap.add_argument("--json", type=Path)
@@ -124,21 +138,24 @@ def main():
     print(f"single-stream decode step: {single:.2f} ms (GenerationSession, batch 1)", flush=True)
     steps = step_times(session, args.static_cache, sorted({1, *args.max_batch}), args.contexts)
     budget = args.clients * args.static_cache
-    grid = [(1, max(args.prefill_chunk))] + [(b, c) for b in args.max_batch if b > 1 for c in args.prefill_chunk]
+    grid = [(1, max(args.prefill_chunk), 0.0)] + [(b, c, w) for b in args.max_batch if b > 1
+                                                   for c in args.prefill_chunk for w in args.waiting_served_ratio]
     if args.prefill_in_decode:  # chunk 0 in the rows: serve --prefill-in-decode (prompts through the steps)
-        grid += [(b, 0) for b in args.max_batch if b > 1]
+        grid += [(b, 0, 0.0) for b in args.max_batch if b > 1]
     runs = {setting: [] for setting in grid}
     for r in range(args.rounds):
         # Odd rounds run the grid backwards: this 2-core VM's speed drifts by tens of percent over minutes, which
         # one pass in a fixed order would charge to the settings that come last.
-        for max_batch, chunk in (grid if r % 2 == 0 else grid[::-1]):
+        for max_batch, chunk, ratio in (grid if r % 2 == 0 else grid[::-1]):
             row = engine_in_process(session, prompts, args.max_tokens, args.clients, chunk or 64, budget,
-                                    max_batch=max_batch, prefill_in_decode=chunk == 0)
-            row.update(round=r, max_batch=max_batch, prefill_chunk=chunk,
+                                    max_batch=max_batch, prefill_in_decode=chunk == 0, waiting_served_ratio=ratio,
+                                    max_waiting_steps=args.max_waiting_steps if ratio else None)
+            row.update(round=r, max_batch=max_batch, prefill_chunk=chunk, waiting_served_ratio=ratio,
                        itl_p50_over_single_step=round(row["itl_p50_ms"] / single, 2),
                        itl_p99_over_single_step=round(row["itl_p99_ms"] / single, 2))
-            runs[(max_batch, chunk)].append(row)
-            print(json.dumps({k: row[k] for k in ("round", "max_batch", "prefill_chunk", "tokens_per_s", "ttft_p50_ms",
+            runs[(max_batch, chunk, ratio)].append(row)
+            print(json.dumps({k: row[k] for k in ("round", "max_batch", "prefill_chunk", "waiting_served_ratio",
+                                                  "tokens_per_s", "ttft_p50_ms",
                                                   "itl_p50_over_single_step", "itl_p99_over_single_step",
                                                   "mean_batch")}), flush=True)
 
@@ -146,7 +163,8 @@ def main():
         return round(float(np.median([row[key] for row in runs[setting]])), 2)
 
     keys = ("tokens_per_s", "ttft_p50_ms", "itl_p50_over_single_step", "itl_p99_over_single_step")
-    rows = [{"max_batch": b, "prefill_chunk": c, **{k: median((b, c), k) for k in keys}} for b, c in grid]
+    rows = [{"max_batch": b, "prefill_chunk": c, "waiting_served_ratio": w, **{k: median((b, c, w), k) for k in keys}}
+            for b, c, w in grid]
     naive = rows[0]["tokens_per_s"]
     for row in rows:  # medians over the rounds; each round's own rows are kept under "runs"
         row["over_naive"] = round(row["tokens_per_s"] / naive, 2)
@@ -155,11 +173,12 @@ def main():
                "static_cache": args.static_cache,
                "lengths": args.lengths, "max_tokens": args.max_tokens, "requests": args.requests,
                "clients": args.clients, "threads": args.threads, "single_stream_step_ms": round(single, 3),
-               "rounds": args.rounds, "decode_steps": steps, "rows": rows,
+               "max_waiting_steps": args.max_waiting_steps, "rounds": args.rounds, "decode_steps": steps, "rows": rows,
                "runs": [row for setting in grid for row in runs[setting]]}
-    print("max_batch chunk  tokens/s  x naive  ITL p50 x  ITL p99 x  TTFT p50 ms")
+    print("max_batch chunk ratio  tokens/s  x naive  ITL p50 x  ITL p99 x  TTFT p50 ms")
     for row in rows:
-        print(f"{row['max_batch']:9d} {row['prefill_chunk']:5d} {row['tokens_per_s']:9.1f} {row['over_naive']:8.2f} "
+        print(f"{row['max_batch']:9d} {row['prefill_chunk']:5d} {row['waiting_served_ratio']:5.2f} "
+              f"{row['tokens_per_s']:9.1f} {row['over_naive']:8.2f} "
               f"{row['itl_p50_over_single_step']:10.2f} {row['itl_p99_over_single_step']:10.2f} "
               f"{row['ttft_p50_ms']:12.0f}")
     out = out_path("bench_serve_sweep.json", args.json)

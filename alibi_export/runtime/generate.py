@@ -58,7 +58,7 @@ class GenerationSession:
     """
 
     def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None, device_id: int = 0,
-                 kv_window: int | None = None, window_slack: int = 0):
+                 kv_window: int | None = None, window_slack: int = 0, spin: bool = True):
         from ..artifacts import model_config_of, read_metadata, tokenizer_of
         from .onnxruntime import create_session
 
@@ -71,7 +71,7 @@ class GenerationSession:
             raise AlibiExportError(f"{str(self.path)!r} is the default --static-cache form, which does not run on "
                                    "ONNX Runtime's CUDA provider. Note: for CUDA, export it with --static-cache "
                                    "--attention onnx --dtype float16 (or serve the --kv-cache export)")
-        self.session = create_session(self.path, provider=provider, threads=threads)
+        self.session = create_session(self.path, provider=provider, threads=threads, spin=spin)
         self.device, self.device_id = ("cuda" if provider == "cuda" else "cpu"), device_id
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._past_names = [n for n in inputs if n.startswith("past_key_values.")]

@@ -39,9 +39,12 @@ def cpu_kernel_path(flags: str | None = None) -> str:
     return "x86-sse"
 
 
-def create_session(path: str | Path, *, provider: str = "cpu", threads: int | None = None, tf32: bool = False):
+def create_session(path: str | Path, *, provider: str = "cpu", threads: int | None = None, tf32: bool = False,
+                   spin: bool = True):
     """An InferenceSession on ``provider`` (cpu or cuda). CUDA runs with TF32 off unless asked:
-    ONNX Runtime enables it by default, which costs parity with a float32 reference."""
+    ONNX Runtime enables it by default, which costs parity with a float32 reference. ``spin=False``: the
+    intra-op threads sleep between operators instead of spin-waiting, which leaves the cores to the process's
+    other threads (a server's HTTP thread, on a machine of few cores)."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -60,6 +63,8 @@ def create_session(path: str | Path, *, provider: str = "cpu", threads: int | No
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = [(name, {"use_tf32": int(tf32)})] if provider == "cuda" else [name]
     if provider == "cuda" and hasattr(ort, "preload_dlls"):
         try:  # CUDA and cuDNN from pip packages (torch's), for a process that has not imported torch

@@ -59,16 +59,30 @@ class EngineConfig:
     kv_window: int | None = None  # each row keeps its last kv_window tokens' keys and values (runtime.window)
     window_slack: int = 64  # masked columns held past the window before the cache is cut (one cut per slack steps)
     prefill_in_decode: bool = False  # prompts go through the decode steps, one token a step (fixed slots only)
+    # A prefill pass stalls every running row, so while rows run one starts only when it admits at least
+    # floor(waiting_served_ratio x running) requests (0: whenever one fits), or once max_waiting_steps decode
+    # steps have passed since the last one: fewer, larger passes, fewer stalled gaps (TGI's knobs of these names)
+    waiting_served_ratio: float = 0.0
+    max_waiting_steps: int | None = None
 
     def __post_init__(self):
         names = ("max_batch", "max_tokens_in_flight", "max_queue", "max_context")
-        optional = tuple(n for n in ("prefill_chunk", "kv_window") if getattr(self, n) is not None)
+        optional = tuple(n for n in ("prefill_chunk", "kv_window", "max_waiting_steps") if getattr(self, n) is not None)
         for name in names + optional:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AlibiExportError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.window_slack, int) or self.window_slack < 0:
             raise AlibiExportError(f"window_slack must be a non-negative integer, got {self.window_slack!r}")
+        ratio = self.waiting_served_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < float("inf"):
+            raise AlibiExportError(f"waiting_served_ratio must be a finite number >= 0, got {ratio!r}")
+        if ratio and self.prefill_in_decode:
+            raise AlibiExportError("waiting_served_ratio holds back prefill passes; with prefill_in_decode there are "
+                                   "none. Note: use one or the other")
+        if self.max_waiting_steps is not None and not ratio:
+            raise AlibiExportError("max_waiting_steps bounds how long waiting_served_ratio holds requests back; it "
+                                   "needs waiting_served_ratio > 0")
 
     def kv_need(self, final_len: int) -> int:
         """The cache columns a request of ``final_len`` tokens (prompt + max_tokens) holds at most."""
@@ -182,6 +196,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0  # decode steps so far
+        self._steps_at_admission = 0  # self.steps when the last prefill job was admitted
         self.kv_tokens = 0  # cache slots in use (running rows x width, plus the prefill's)
 
     # ------------------------------------------------------------------ other threads
@@ -289,32 +304,43 @@ class Engine:
         self.kv_tokens = self.cache.batch * self.cache.width + (len(job.requests) * held if job else 0)
 
     def _admit(self) -> _PrefillJob | None:
-        """The next prefill job: the oldest waiting request, and the ones behind it while they fit."""
+        """The next prefill job: the oldest waiting request, and the ones behind it while they fit; none while the
+        job would stall running rows for fewer requests than the waiting-served ratio asks."""
         cfg, taken, width = self.config, [], 0
         rows = len(self.running)
         longest = max((cfg.kv_need(r.final_len) for r in self.running), default=0)
         with self._wake:
-            while self._waiting:
-                r = self._waiting[0]
+            for r in self._waiting:
                 n = len(r.prompt_ids)
                 if taken and (n > self.prefill_chunk or (len(taken) + 1) * max(n, width) > self.prefill_chunk):
                     break
                 need = cfg.kv_need(r.final_len)
                 if rows + 1 > cfg.max_batch or not self._fits(rows + 1, max(longest, need)):
                     break  # first come, first served: nothing overtakes a request that does not fit yet
-                self._waiting.popleft()
                 taken.append(r)
                 rows, longest = rows + 1, max(longest, need)
                 width = max(len(t.prompt_ids) for t in taken)
                 if n > self.prefill_chunk:
                     break  # a long prompt goes through alone, chunk by chunk
-        if not taken:
-            return None
+            if not taken or len(taken) < self._fewest_to_admit():
+                return None
+            for _ in taken:
+                self._waiting.popleft()
+        self._steps_at_admission = self.steps
         for r in taken:
             self._prepare(r)
         ids, mask = left_pad([r.prompt_ids for r in taken])
         step = self.prefill_chunk if len(taken) == 1 else ids.shape[1]
         return _PrefillJob(taken, ids, mask, step, cache=self.cache.new_job(len(taken), ids.shape[1]))
+
+    def _fewest_to_admit(self) -> int:
+        """The requests a prefill pass must admit to start now (EngineConfig.waiting_served_ratio)."""
+        cfg = self.config
+        if not self.running or not cfg.waiting_served_ratio:
+            return 1
+        if cfg.max_waiting_steps is not None and self.steps - self._steps_at_admission >= cfg.max_waiting_steps:
+            return 1
+        return max(1, int(len(self.running) * cfg.waiting_served_ratio))
 
     def _join_unfed(self) -> None:
         """Prefill in the decode steps: waiting requests take free slots with no cache columns, and their prompts

@@ -32,7 +32,7 @@ def _ray_serve():
 
 
 def application(path: str | None, config: EngineConfig = EngineConfig(), *, replicas: int = 1,
-                provider: str = "cpu", threads: int | None = None, cpus_per_replica: float = 1.0):
+                provider: str = "cpu", threads: int | None = None, cpus_per_replica: float = 1.0, spin: bool = False):
     """A bound Ray Serve application of ``replicas`` copies of the server over ``path`` (resolved here,
     on the driver: the shipped model is exported once, before any replica starts)."""
     serve = _ray_serve()
@@ -46,12 +46,13 @@ def application(path: str | None, config: EngineConfig = EngineConfig(), *, repl
 
     @serve.ingress()
     class AlibiServer:
-        def __init__(self, onnx_path: str, model_id: str, options: dict, provider: str, threads: int | None):
+        def __init__(self, onnx_path: str, model_id: str, options: dict, provider: str, threads: int | None,
+                     spin: bool):
             from .server import build
 
             replica = serve.get_replica_context().replica_id.unique_id
             self.served = build(onnx_path, EngineConfig(**options), provider=provider, threads=threads,
-                                headers={REPLICA_HEADER: replica}, model_id=model_id)
+                                headers={REPLICA_HEADER: replica}, model_id=model_id, spin=spin)
 
         def __serve_build_asgi_app__(self):
             return self.served.app
@@ -61,10 +62,10 @@ def application(path: str | None, config: EngineConfig = EngineConfig(), *, repl
 
     deployment = serve.deployment(AlibiServer, name="alibi-export", num_replicas=replicas,
                                   ray_actor_options={"num_cpus": cpus_per_replica})
-    return deployment.bind(str(onnx_path.resolve()), model_id, options, provider, threads)
+    return deployment.bind(str(onnx_path.resolve()), model_id, options, provider, threads, spin)
 
 
-APP_ARGUMENTS = ("path", "replicas", "provider", "threads")
+APP_ARGUMENTS = ("path", "replicas", "provider", "threads", "spin")
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
@@ -72,13 +73,14 @@ def app(args: dict):
     """The builder `serve run alibi_export.serve.ray_app:app path=... replicas=...` calls (values are strings)."""
     config, options = parse_app_arguments(args)
     return application(options["path"], config, replicas=options["replicas"], provider=options["provider"],
-                       threads=options["threads"])
+                       threads=options["threads"], spin=options["spin"])
 
 
 def parse_app_arguments(args: dict) -> tuple[EngineConfig, dict]:
     """``serve run``'s ``key=value`` strings as an EngineConfig and the application's options. A misspelt key
     or a value that is not one is an error naming it: a typo must not serve with a default in its place."""
-    kinds = {f.name: "bool" if f.type in ("bool", bool) else "int" for f in dataclasses.fields(EngineConfig)}
+    kinds = {f.name: {"bool": "bool", "float": "float"}.get(str(getattr(f.type, "__name__", f.type)), "int")
+             for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(args) - set(kinds) - set(APP_ARGUMENTS))
     if unknown:
         raise ConfigError(f"unknown argument {', '.join(unknown)} for alibi_export.serve.ray_app:app. Note: expected "
@@ -99,18 +101,29 @@ def parse_app_arguments(args: dict) -> tuple[EngineConfig, dict]:
             raise ConfigError(f"{key}={value!r}: expected true or false")
         return text in _TRUE
 
-    engine = {k: flag(k, v) if kinds[k] == "bool" else integer(k, v, 0 if k == "window_slack" else 1)
+    def number(key, value):
+        try:
+            x = float(str(value))
+        except ValueError:
+            x = None
+        if x is None or not 0 <= x < float("inf"):
+            raise ConfigError(f"{key}={value!r}: expected a finite number >= 0")
+        return x
+
+    parse = {"bool": flag, "float": number}
+    engine = {k: parse[kinds[k]](k, v) if kinds[k] in parse else integer(k, v, 0 if k == "window_slack" else 1)
               for k, v in args.items() if k in kinds}
     provider = str(args.get("provider", "cpu"))
     if provider not in ("cpu", "cuda"):
         raise ConfigError(f"provider={provider!r}: expected cpu or cuda")
     options = {"path": args.get("path"), "replicas": integer("replicas", args.get("replicas", 1)),
-               "provider": provider, "threads": integer("threads", args["threads"]) if args.get("threads") else None}
+               "provider": provider, "threads": integer("threads", args["threads"]) if args.get("threads") else None,
+               "spin": flag("spin", args["spin"]) if "spin" in args else False}
     return EngineConfig(**engine), options
 
 
 def serve_on_ray(path, config: EngineConfig, *, provider: str = "cpu", threads: int | None = None,
-                 host: str = "127.0.0.1", port: int = 8000, replicas: int = 1) -> None:
+                 host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, spin: bool = False) -> None:
     """Deploy on the Ray cluster named by RAY_ADDRESS (else a local one) and serve until interrupted."""
     serve = _ray_serve()
     import ray
@@ -124,7 +137,7 @@ def serve_on_ray(path, config: EngineConfig, *, provider: str = "cpu", threads: 
     # deployment down and exits 0.
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        serve.run(application(path, config, replicas=replicas, provider=provider, threads=threads),
+        serve.run(application(path, config, replicas=replicas, provider=provider, threads=threads, spin=spin),
                   name="alibi-export", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass

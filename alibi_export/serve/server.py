@@ -49,9 +49,12 @@ class Served:
 
 
 def build(path: str | Path | None, config: EngineConfig = EngineConfig(), *, provider: str = "cpu",
-          threads: int | None = None, headers: dict | None = None, model_id: str | None = None) -> Served:
+          threads: int | None = None, headers: dict | None = None, model_id: str | None = None,
+          spin: bool = False) -> Served:
     """Load the model, start the engine, and make the app (not yet listening). ``model_id``: the name
-    clients use (default: the export's file stem or folder name)."""
+    clients use (default: the export's file stem or folder name). ``spin``: ONNX Runtime's intra-op threads
+    spin-wait between operators; off by default, because spinning threads hold the cores that the event loop
+    needs to stream each token (BENCHMARKS.md, "Spinning threads and the inter-token tail")."""
     from ..runtime.generate import GenerationSession
     from .app import create_app
     from .metrics import ServeMetrics
@@ -59,7 +62,7 @@ def build(path: str | Path | None, config: EngineConfig = EngineConfig(), *, pro
     metrics = ServeMetrics()  # first: a missing [serve] extra is reported before the model loads
     onnx_path, default_id = resolve_model(path)
     model_id = model_id or default_id
-    session = GenerationSession(onnx_path, provider=provider, threads=threads)
+    session = GenerationSession(onnx_path, provider=provider, threads=threads, spin=spin)
     engine = Engine(session, config, observer=metrics).start()
     metrics.bind(engine)
     return Served(create_app(engine, model_id, metrics, headers=headers), engine, metrics, model_id)
