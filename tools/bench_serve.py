@@ -31,7 +31,7 @@ token (tools/bench_serve_frontend.py). ``--max-batch`` sets the continuous serve
 (tools/bench_serve_sweep.py maps the whole grid in process).
 
 usage: python tools/bench_serve.py [--model X.onnx | --random 1024x12] [--static-cache LMAX] [--provider cpu|cuda] [--clients 16]
-                                   [--max-batch B] [--requests 48] [--max-tokens 64] [--lengths 16:512] [--rate 8]
+                                   [--max-batch B] [--requests 48] [--max-tokens 64|16:48] [--lengths 16:512] [--rate 8]
                                    [--threads 2] [--books test.txt] [--prefill-chunk N] [--prefill-in-decode] [--client raw|httpx]
                                    [--waiting-served-ratio R] [--max-waiting-steps N] [--spin] [--json out.json]
 """
@@ -211,9 +211,26 @@ async def one_request_raw(url: str, prompt: list[int], max_tokens: int) -> dict:
     return _request_record(t0, stamps, tokens)
 
 
-async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1,
+def per_request(max_tokens, n: int) -> list[int]:
+    """``max_tokens`` for each of ``n`` requests: one number for all, or a list of each one's own."""
+    return [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+
+
+def mixed_max_tokens(spec: str, n: int, seed: int = 2) -> int | list[int]:
+    """``--max-tokens``: "N" for every request, or "LOW:HIGH", each request's own, uniform and seeded (the same
+    list for every system of a run)."""
+    if ":" not in spec:
+        return int(spec)
+    import numpy as np
+
+    low, high = map(int, spec.split(":"))
+    return np.random.default_rng(seed).integers(low, high + 1, n).tolist()
+
+
+async def drive(url: str, prompts, max_tokens, clients: int, rate: float | None, seed: int = 1,
                 client: str = "raw"):
-    """Closed loop (``clients`` workers) or, with ``rate``, Poisson arrivals; the records and the wall time."""
+    """Closed loop (``clients`` workers) or, with ``rate``, Poisson arrivals; the records and the wall time.
+    ``max_tokens``: one number, or each prompt's own (``per_request``)."""
     import contextlib
 
     import numpy as np
@@ -225,14 +242,15 @@ async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | 
             limits = httpx.Limits(max_connections=len(prompts) + clients)
             http = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
 
-            def one(prompt):
-                return one_request(http, url, prompt, max_tokens)
+            def one(request):
+                return one_request(http, url, *request)
         else:
-            def one(prompt):
-                return one_request_raw(url, prompt, max_tokens)
+            def one(request):
+                return one_request_raw(url, *request)
+        requests = list(zip(prompts, per_request(max_tokens, len(prompts))))
         t0 = time.perf_counter()
         if rate is None:
-            queue = list(prompts)
+            queue = list(requests)
 
             async def worker():
                 out = []
@@ -244,11 +262,11 @@ async def drive(url: str, prompts, max_tokens: int, clients: int, rate: float | 
         else:
             gaps = np.random.default_rng(seed).exponential(1 / rate, len(prompts))
 
-            async def later(delay, prompt):
+            async def later(delay, request):
                 await asyncio.sleep(delay)
-                return await one(prompt)
+                return await one(request)
 
-            records = await asyncio.gather(*(later(float(d), p) for d, p in zip(np.cumsum(gaps), prompts)))
+            records = await asyncio.gather(*(later(float(d), r) for d, r in zip(np.cumsum(gaps), requests)))
         return list(records), time.perf_counter() - t0
 
 
@@ -262,7 +280,7 @@ def _client_process(url, prompts, max_tokens, clients, rate, seed, client, ready
     results.put((records, wall, time.process_time() - cpu))
 
 
-def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | None, procs: int = 1,
+def run_load(url: str, prompts, max_tokens, clients: int, rate: float | None, procs: int = 1,
              seed: int = 1, client: str = "raw"):
     """``drive`` from ``procs`` processes, each with its share of the prompts and clients (open loop: a Poisson
     process of rate / procs each, whose sum is Poisson at ``rate``); the records, the wall time, and the CPU
@@ -280,7 +298,8 @@ def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | Non
     ctx = multiprocessing.get_context("spawn")
     ready, start, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     workers = [ctx.Process(target=_client_process, daemon=True,
-                           args=(url, list(prompts[k::procs]), max_tokens, max(1, clients // procs),
+                           args=(url, list(prompts[k::procs]), per_request(max_tokens, len(prompts))[k::procs],
+                                 max(1, clients // procs),
                                  rate / procs if rate else None, seed + k, client, ready, start, results))
                for k in range(procs)]
     for w in workers:
@@ -297,9 +316,11 @@ def run_load(url: str, prompts, max_tokens: int, clients: int, rate: float | Non
 
 
 # ----------------------------------------------------------------------------- static batching
-def static_batching(session, prompts, max_tokens: int, clients: int, rate: float | None, seed: int = 1):
+def static_batching(session, prompts, max_tokens, clients: int, rate: float | None, seed: int = 1):
     """Batches of arrivals through GenerationSession.generate_ids: closed loop, ``clients`` prompts per batch;
-    open loop, whatever has arrived when the previous batch ends (at most ``clients``)."""
+    open loop, whatever has arrived when the previous batch ends (at most ``clients``). With each request's own
+    max_tokens a batch runs to its longest; a row's tokens past its own count are computed and not counted."""
+    limits = per_request(max_tokens, len(prompts))
     import numpy as np
 
     arrivals = (np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(prompts))) if rate
@@ -317,19 +338,19 @@ def static_batching(session, prompts, max_tokens: int, clients: int, rate: float
             j = min(i + clients, len(prompts))
         stamps = {k: [] for k in range(j - i)}
         start = time.perf_counter()
-        result = session.generate_ids(prompts[i:j], max_tokens,
+        result = session.generate_ids(prompts[i:j], max(limits[i:j]),
                                       on_token=lambda row, tok, text: stamps[row].append(time.perf_counter()))
         for k in range(j - i):
-            s = stamps[k]
+            s = stamps[k][:limits[i + k]]
             waited = start - t0 - arrivals[i + k] if rate else start - t0 - 0  # closed loop: all queued at 0
             records.append({"ttft": waited + (s[0] - start if s else 0.0), "gaps": [b - a for a, b in zip(s, s[1:])],
-                            "tokens": len(result.token_ids[k])})
+                            "tokens": min(len(result.token_ids[k]), limits[i + k])})
         i = j
     return records, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- the engine alone
-def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: int, budget: int,
+def engine_in_process(session, prompts, max_tokens, clients: int, chunk: int, budget: int,
                       move_rows: bool = True, max_batch: int | None = None, prefill_in_decode: bool = False,
                       waiting_served_ratio: float = 0.0, max_waiting_steps: int | None = None):
     """The continuous-batching engine without HTTP, closed loop of ``clients`` (closed loop only): what the
@@ -339,7 +360,8 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
 
     from alibi_export.serve.engine import Delta, Engine, EngineConfig, Finished, SamplingParams
 
-    max_context = max(len(p) for p in prompts) + max_tokens + 1
+    limits = per_request(max_tokens, len(prompts))
+    max_context = max(len(p) for p in prompts) + max(limits) + 1
     engine = Engine(session, EngineConfig(max_batch=max_batch or clients, max_tokens_in_flight=budget,
                                           max_queue=len(prompts) + clients, prefill_chunk=chunk,
                                           max_context=max_context, prefill_in_decode=prefill_in_decode,
@@ -363,9 +385,10 @@ def engine_in_process(session, prompts, max_tokens: int, clients: int, chunk: in
                                                   timed("last logits", cache.last_logits))
     engine._prefill, engine._decode = timed("prefill pass", engine._prefill), timed("decode step", engine._decode)
     session.step = timed("model forward", session.step)  # an instance attribute over the method; removed below
-    queue, done, records, batches = list(prompts), [], [], []
+    queue, done, records, batches = list(zip(prompts, limits)), [], [], []
 
-    def submit(prompt):
+    def submit(request):
+        prompt, max_tokens = request
         rec = {"t0": time.perf_counter(), "stamps": [], "tokens": 0}
 
         def on_event(event):
@@ -410,7 +433,8 @@ def main():
     ap.add_argument("--max-batch", type=int,
                     help="The continuous server's and the engine's --max-batch (default: --clients): fewer rows per "
                          "step than clients trade throughput for inter-token latency; the others wait in the queue.")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", default="64",
+                    help="New tokens per request: N, or LOW:HIGH for each request its own (uniform, seeded).")
     ap.add_argument("--lengths", default="16:512", help="Prompt lengths in tokens, LOW:HIGH (uniform).")
     ap.add_argument("--rate", type=float, help="Also an open loop of Poisson arrivals at RATE requests/s.")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (servers and static).")
@@ -502,10 +526,12 @@ def main():
     chunk = args.prefill_chunk or (16384 if args.provider == "cuda" else PREFILL_CHUNK["cpu"])
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.books, args.requests, low, high)
-    max_context = high + args.max_tokens + 1
+    max_tokens = mixed_max_tokens(args.max_tokens, args.requests)
+    longest = max(per_request(max_tokens, args.requests))
+    max_context = high + longest + 1
     steps_ms = {}
     for form, s in sessions.items():
-        single = s.generate_ids([prompts[0]], args.max_tokens, stop_tokens=[])
+        single = s.generate_ids([prompts[0]], longest, stop_tokens=[])
         steps_ms[form] = single.decode_ms_per_step
         print(f"single-stream decode step, {form}: {steps_ms[form]:.2f} ms (batch 1, prompt {len(prompts[0])} tokens)")
     loads = [("closed", None)] + ([("poisson", args.rate)] if args.rate else [])
@@ -528,7 +554,7 @@ def main():
                     if system == "engine-holes" and form != "static":
                         continue
                     row = {"load": "closed", "form": form, **engine_in_process(
-                        session, prompts, args.max_tokens, args.clients, chunk, args.clients * per_row,
+                        session, prompts, max_tokens, args.clients, chunk, args.clients * per_row,
                         move_rows=system != "engine-holes", max_batch=args.max_batch,
                         prefill_in_decode=args.prefill_in_decode, **schedule)}
                     row["system"] = system
@@ -538,10 +564,10 @@ def main():
                     continue
                 for kind, rate in loads:
                     if server:
-                        records, wall, cpu = run_load(server.url, prompts, args.max_tokens, args.clients, rate,
+                        records, wall, cpu = run_load(server.url, prompts, max_tokens, args.clients, rate,
                                                       args.client_procs, client=args.client)
                     else:
-                        (records, wall), cpu = static_batching(session, prompts, args.max_tokens, args.clients,
+                        (records, wall), cpu = static_batching(session, prompts, max_tokens, args.clients,
                                                                rate), None
                     row = {"load": kind, "form": form, **summary(system, wall, records)}
                     if cpu is not None:  # what the load generator took from the cores it shares with the server
@@ -562,7 +588,8 @@ def main():
                "random": args.random, "static_cache": args.static_cache,
                "single_stream_step_ms": {f: round(v, 3) for f, v in steps_ms.items()}, "clients": args.clients,
                "max_batch": args.max_batch or args.clients,
-               "requests": args.requests, "max_tokens": args.max_tokens, "lengths": args.lengths, "rate": args.rate,
+               "requests": args.requests, "max_tokens": max_tokens if isinstance(max_tokens, int) else args.max_tokens,
+               "lengths": args.lengths, "rate": args.rate,
                "threads": args.threads, "prefill_chunk": chunk, "prefill_in_decode": args.prefill_in_decode,
                **schedule, "spin": args.spin,
                "client_procs": args.client_procs, "client": args.client,

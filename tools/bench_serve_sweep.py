@@ -13,7 +13,7 @@ the same context): when a step of B rows already costs more than 2x a step of on
 prefills can bring ITL p99 under 2x at B running streams.
 
 usage: python tools/bench_serve_sweep.py [--random 1024x12] [--quantize int8] [--static-cache LMAX] [--lengths 16:512]
-           [--max-tokens 64] [--requests 64] [--clients 16] [--max-batch 1,4,8,16] [--prefill-chunk 32,64,256]
+           [--max-tokens 64|16:48] [--requests 64] [--clients 16] [--max-batch 1,4,8,16] [--prefill-chunk 32,64,256]
            [--prefill-in-decode] [--waiting-served-ratio 0,1] [--max-waiting-steps N] [--contexts 48,300] [--rounds 2]
            [--threads 2] [--books test.txt] [--json out.json]
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from harness import out_path, write_record  # noqa: E402  (harness puts this checkout first on the path)
 
-from bench_serve import BOOKS, engine_in_process, prompts_from_books
+from bench_serve import BOOKS, engine_in_process, mixed_max_tokens, per_request, prompts_from_books
 
 
 def _ints(text: str) -> list[int]:
@@ -83,7 +83,8 @@ def main():
     ap.add_argument("--static-cache", type=int, default=2048, metavar="LMAX",
                     help="The export's static cache (the engine runs it from fixed slots).")
     ap.add_argument("--lengths", default="16:512", help="Prompt lengths in tokens, LOW:HIGH (uniform).")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", default="64",
+                    help="New tokens per request: N, or LOW:HIGH for each request its own (uniform, seeded).")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=16, help="Closed-loop clients (requests in the system).")
     ap.add_argument("--max-batch", type=_ints, default=[4, 8, 16], help="Engine batch sizes (1 always runs).")
@@ -134,7 +135,9 @@ def main():
     session = GenerationSession(path, threads=args.threads)
     low, high = map(int, args.lengths.split(":"))
     prompts = prompts_from_books(session, args.books, args.requests, low, high)
-    single = session.generate_ids([prompts[0]], args.max_tokens, stop_tokens=[]).decode_ms_per_step
+    max_tokens = mixed_max_tokens(args.max_tokens, args.requests)
+    single = session.generate_ids([prompts[0]], max(per_request(max_tokens, args.requests)),
+                                  stop_tokens=[]).decode_ms_per_step
     print(f"single-stream decode step: {single:.2f} ms (GenerationSession, batch 1)", flush=True)
     steps = step_times(session, args.static_cache, sorted({1, *args.max_batch}), args.contexts)
     budget = args.clients * args.static_cache
@@ -147,7 +150,7 @@ def main():
         # Odd rounds run the grid backwards: this 2-core VM's speed drifts by tens of percent over minutes, which
         # one pass in a fixed order would charge to the settings that come last.
         for max_batch, chunk, ratio in (grid if r % 2 == 0 else grid[::-1]):
-            row = engine_in_process(session, prompts, args.max_tokens, args.clients, chunk or 64, budget,
+            row = engine_in_process(session, prompts, max_tokens, args.clients, chunk or 64, budget,
                                     max_batch=max_batch, prefill_in_decode=chunk == 0, waiting_served_ratio=ratio,
                                     max_waiting_steps=args.max_waiting_steps if ratio else None)
             row.update(round=r, max_batch=max_batch, prefill_chunk=chunk, waiting_served_ratio=ratio,

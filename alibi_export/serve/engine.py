@@ -4,7 +4,10 @@ Each iteration runs at most one prefill pass (a chunk of at most ``prefill_chunk
 prompts) and one decode step of every running request. A request joins the running batch as soon as
 its prompt is through (``BatchCache.merge``) and leaves as soon as it finishes (``BatchCache.keep``),
 so no request waits for another to finish and a long prompt stalls running streams by one chunk at a
-time. With ``prefill_in_decode`` (fixed slots only) there are no prefill passes at all: a request joins
+time. Every pass between two steps is a gap in every running stream; with ``waiting_served_ratio`` (TGI's knob of
+that name) a pass waits while rows run until it admits enough requests to be worth their gap, so the passes
+become few and large (with requests of equal lengths: waves, each prefilled while nothing streams). With
+``prefill_in_decode`` (fixed slots only) there are no prefill passes at all: a request joins
 with no cache columns and its prompt goes through the decode steps one token a step, so a running stream's
 gap is one step whatever arrives, at the price of a prompt token costing a row of a step. Batching changes no
 result: each row keeps its own ALiBi positions (the export counts them over the row's mask), and each request
