@@ -77,6 +77,21 @@ def pytest_runtest_setup(item):
         pytest.skip("gpu test: needs a CUDA GPU (run tools/run_gpu_tests.sh on a GPU machine)")
 
 
+def losing_first_prompt_tokens(engine):
+    """A broken variant of a serving engine with prefill in the decode steps (the tests' control): each request that
+    joins is fed its prompt from the second token, as a join one column off would be."""
+    join = engine._join_unfed
+
+    def join_one_off():
+        before = list(engine.running)
+        join()
+        for r in engine.running:
+            if r not in before and len(r.pending) > 1:
+                r.pending.pop(0)
+    engine._join_unfed = join_one_off
+    return engine
+
+
 @pytest.fixture(scope="session")
 def shipped():
     return load(SHIPPED)
