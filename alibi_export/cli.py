@@ -767,7 +767,7 @@ def generate(onnx_file, prompts, max_new_tokens, temperature, top_k, top_p, seed
 @click.option("--spin", is_flag=True,
               help="Let ONNX Runtime's intra-op threads spin-wait between operators. Off by default: spinning "
                    "threads hold the cores that the HTTP thread needs to stream each token (on 2 cores the "
-                   "no-batching server's inter-token p99 was 2.4-2.8x higher with them).")
+                   "no-batching server's inter-token p99 was 2.6-3.6x higher with them).")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="Requests decoded together in one step (1: one request at a time).")
 @click.option("--max-tokens-in-flight", default=32768, show_default=True, type=click.IntRange(min=1),
